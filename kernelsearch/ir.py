@@ -1,0 +1,159 @@
+"""The dataflow IR: a networkx DiGraph of op nodes, each knowing its named dims and dtype.
+
+Every value has a set of *named* dims - b, h, i, j (batch, head, query, key) and feature or table
+dims such as d or n - kept in one canonical order (`Graph.dim_order`). Elementwise ops broadcast
+by name, so `s + mask` with s: [b, h, i, j] and mask: [b, j] needs no reshaping in the spec.
+
+Passes (kernelsearch/passes/) are pure functions Graph -> Graph; they copy before changing.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator
+
+import networkx as nx
+
+from .errors import SourceLocation
+
+# ops and what they are (see exprs.OPS for the user-facing call signatures)
+LEAF_OPS = ("input", "param", "const", "index", "size", "absent")
+BINARY_OPS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "mod": "%", "pow": "**",
+              "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "and": "&", "or": "|"}
+COMPARE_OPS = ("lt", "le", "gt", "ge", "eq", "ne")
+LOGIC_OPS = ("and", "or", "not")
+UNARY_OPS = ("neg", "not", "exp", "log", "sqrt", "rsqrt", "abs", "sigmoid", "tanh")
+ELEMENTWISE_OPS = tuple(BINARY_OPS) + UNARY_OPS + ("minimum", "maximum", "where")
+ROW_TRANSFORM_OPS = ("l2norm", "rmsnorm", "rotary", "xpos")  # act along the feature dim, per row
+STAGES = ("constant", "q_prologue", "k_prologue", "score", "keep", "softmax", "post_softmax", "epilogue")
+
+
+@dataclass(frozen=True)
+class Node:
+    op: str
+    args: tuple[str, ...] = ()
+    attrs: dict = field(default_factory=dict)
+    location: SourceLocation | None = None
+    name: str | None = None          # the spec's name for it (graph entry or input), if any
+    dims: tuple[str, ...] = ()
+    dtype: str = "float"             # float | int | bool
+    stage: str | None = None
+    order: int = 0                   # creation order, for deterministic output
+
+    def with_(self, **changes) -> "Node":
+        return replace(self, **changes)
+
+    def describe(self) -> str:
+        label = self.name or self.op
+        attrs = ", ".join(f"{k}={v!r}" for k, v in self.attrs.items() if not k.startswith("_"))
+        return f"{label} = {self.op}({', '.join(self.args)}{', ' if attrs and self.args else ''}{attrs})"
+
+
+@dataclass(frozen=True)
+class KeyBlockBounds:
+    """Which keys a block of query rows [i_start, i_end) can keep, from the keep-predicates.
+
+    `lower`/`upper` are expressions (ast, over sizes, params and the placeholder `i`) giving the
+    smallest / largest kept key of row i; both are non-decreasing in i, so a query block needs keys
+    lower(i_start) .. upper(i_end - 1). None means unbounded on that side.
+    """
+    lower: Any = None
+    upper: Any = None
+    conjuncts_used: tuple[str, ...] = ()
+
+    @property
+    def skips_blocks(self) -> bool:
+        return self.lower is not None or self.upper is not None
+
+
+@dataclass
+class Graph:
+    nx_graph: nx.DiGraph
+    spec: Any                        # the Spec it came from
+    output: str                      # node id of the output
+    params: dict                     # param name -> value (literal) after specialisation
+    present: frozenset               # optional inputs present in this specialisation
+    dim_order: tuple[str, ...] = ()
+    schedule: str | None = None      # one_pass | heads_in_tile | two_pass
+    key_bounds: KeyBlockBounds | None = None
+    notes: dict = field(default_factory=dict)   # facts passes learned (e.g. logit bounds)
+
+    # -- access
+    def node(self, node_id: str) -> Node:
+        return self.nx_graph.nodes[node_id]["node"]
+
+    def __contains__(self, node_id: str) -> bool:
+        return node_id in self.nx_graph
+
+    def ids(self) -> list[str]:
+        """Node ids in a deterministic topological order (arguments before users)."""
+        return list(nx.lexicographical_topological_sort(
+            self.nx_graph, key=lambda n: (self.node(n).order, n)))
+
+    def nodes(self) -> Iterator[tuple[str, Node]]:
+        for node_id in self.ids():
+            yield node_id, self.node(node_id)
+
+    def users(self, node_id: str) -> list[str]:
+        return sorted(self.nx_graph.successors(node_id), key=lambda n: self.node(n).order)
+
+    def find(self, op: str) -> list[str]:
+        return [n for n, node in self.nodes() if node.op == op]
+
+    def upstream(self, node_id: str) -> set[str]:
+        return nx.ancestors(self.nx_graph, node_id) | {node_id}
+
+    def downstream(self, node_id: str) -> set[str]:
+        return nx.descendants(self.nx_graph, node_id) | {node_id}
+
+    # -- building (used by passes on their own copy)
+    def copy(self) -> "Graph":
+        clone = copy.copy(self)
+        clone.nx_graph = self.nx_graph.copy()
+        clone.notes = dict(self.notes)
+        return clone
+
+    def set(self, node_id: str, node: Node) -> None:
+        """Add or replace a node; its incoming edges follow its args."""
+        if node_id in self.nx_graph:
+            for pred in list(self.nx_graph.predecessors(node_id)):
+                self.nx_graph.remove_edge(pred, node_id)
+        self.nx_graph.add_node(node_id, node=node)
+        for arg in node.args:
+            self.nx_graph.add_edge(arg, node_id)
+
+    def replace_uses(self, old: str, new: str) -> None:
+        """Point every user of `old` at `new` (and the output too)."""
+        for user in self.users(old):
+            node = self.node(user)
+            self.set(user, node.with_(args=tuple(new if a == old else a for a in node.args)))
+        if self.output == old:
+            self.output = new
+
+    def remove_dead(self) -> None:
+        live = self.upstream(self.output)
+        self.nx_graph.remove_nodes_from([n for n in list(self.nx_graph) if n not in live])
+
+    def dump(self) -> str:
+        lines = []
+        for node_id, node in self.nodes():
+            dims = f"[{', '.join(node.dims)}]" if node.dims else "[]"
+            stage = f"  <{node.stage}>" if node.stage else ""
+            lines.append(f"  {node_id:<14} {node.dtype:<5} {dims:<16} {node.describe()}{stage}")
+        header = [f"graph {self.spec.name}: output {self.output}"]
+        if self.schedule:
+            header.append(f"  schedule: {self.schedule}")
+        return "\n".join(header + lines)
+
+    def to_dot(self) -> str:
+        lines = [f'digraph "{self.spec.name}" {{', "  rankdir=TB; node [shape=box, fontname=monospace];"]
+        colours = {"q_prologue": "lightblue", "k_prologue": "lightyellow", "score": "orange", "keep": "pink",
+                   "softmax": "red", "post_softmax": "salmon", "epilogue": "lightgreen", "constant": "grey90"}
+        for node_id, node in self.nodes():
+            label = f"{node_id}\\n{node.op} [{', '.join(node.dims)}]"
+            colour = colours.get(node.stage or "", "white")
+            lines.append(f'  "{node_id}" [label="{label}", style=filled, fillcolor="{colour}"];')
+        for a, b in self.nx_graph.edges:
+            lines.append(f'  "{a}" -> "{b}";')
+        lines.append("}")
+        return "\n".join(lines)

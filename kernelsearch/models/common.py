@@ -1,0 +1,96 @@
+"""What the five families share: the LM base class (loss, top-k sampling) and tiny helpers."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import attention as _attention
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[b, n, (h d)] -> [b, h, n, d]"""
+    b, n, hd = t.shape
+    return t.reshape(b, n, heads, hd // heads).transpose(1, 2)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """[b, h, n, d] -> [b, n, (h d)]"""
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+def top_k(logits: torch.Tensor, thres: float = 0.9) -> torch.Tensor:
+    """The seeds' filter: keep the top ``int((1 - thres) * vocab)`` logits (at least one)."""
+    k = max(1, int((1 - thres) * logits.shape[-1]))
+    val, ind = torch.topk(logits, k)
+    out = torch.full_like(logits, float("-inf"))
+    out.scatter_(-1, ind, val)
+    return out
+
+
+class LM(nn.Module):
+    """Base of the five seed LMs: byte tokens in, next-token logits out.
+
+    Subclasses set ``family`` and ``native_spec`` (their seed spec's file name), build their
+    attention with ``self.build_attention(structural, seed)`` and implement ``forward``.
+    ``loss`` is next-token cross entropy (plus the auxiliary loss of ``forward_with_aux`` where a
+    family has one).
+    """
+
+    family = ""
+    native_spec: str | None = None
+
+    def __init__(self, *, spec, backend: str = "auto", attn_params: dict | None = None,
+                 num_tokens: int = 256, max_seq_len: int = 256):
+        super().__init__()
+        self.spec = str(spec)
+        self.backend = backend
+        self.attn_params = dict(attn_params or {})
+        self.num_tokens = num_tokens
+        self.max_seq_len = max_seq_len
+        self.resolved_attn_params: dict = {}
+
+    def build_attention(self, structural: dict, seed: dict | None = None, **overrides):
+        params = _attention.resolve_params(self.spec, self.native_spec, structural, seed or {},
+                                           self.attn_params)
+        params.update(overrides)
+        if not overrides:
+            self.resolved_attn_params = params
+        # whatever the compiler draws from the RNG must not shift the model's initialisation
+        with torch.random.fork_rng(devices=[]):
+            return _attention.make_attention(self.spec, self.backend, **params)
+
+    def set_attention(self, name: str, fn) -> None:
+        # kept out of nn.Module's registry: the compiled attention has no learned state of its own
+        object.__setattr__(self, name, fn)
+
+    def forward_with_aux(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        """(logits, auxiliary loss or None); families with an auxiliary loss override this."""
+        return self(x, mask=mask), None
+
+    def loss(self, tokens: torch.Tensor, mask: torch.Tensor | None = None):
+        """tokens [b, n + 1] -> (total loss, {"ce": ..., "aux": ...})."""
+        x, labels = tokens[:, :-1], tokens[:, 1:]
+        logits, aux = self.forward_with_aux(x, mask=None if mask is None else mask[:, :-1])
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+        parts = {"ce": ce.detach()}
+        if aux is not None:
+            parts["aux"] = aux.detach()
+            return ce + aux, parts
+        return ce, parts
+
+    @torch.no_grad()
+    def generate(self, prime: torch.Tensor, length: int, temperature: float = 1.0,
+                 filter_thres: float = 0.9, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample ``length`` tokens after ``prime`` [b, n] with the seeds' top-k filter."""
+        was_training = self.training
+        self.eval()
+        out = prime
+        for _ in range(length):
+            logits = self(out[:, -self.max_seq_len:])[:, -1].float()
+            probs = F.softmax(top_k(logits, filter_thres) / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)
+            out = torch.cat((out, nxt), dim=-1)
+        self.train(was_training)
+        return out[:, prime.shape[1]:]

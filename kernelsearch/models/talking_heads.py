@@ -1,0 +1,215 @@
+"""Seed 004: ``MultiStreamTransformer`` (quartic-transformer), around any spec.
+
+- The batch is laid out ``(b s)`` for ``s = num_streams`` streams. Embeddings: shared token +
+  position embeddings plus a learned per-stream embedding (N(0, 0.02)), or, with
+  ``separate_stream_emb``, separate token and position tables per stream (N(0, 0.02)).
+- Blocks ``x = x + attn(x); x = ff(x) + x``. Attention: RMSNorm (``x * rsqrt(mean(x²) + 1e-5) *
+  scale[d]``) -> qkv Linear without bias -> the spec's attention -> per-head gate
+  ``sigmoid(Linear(x_normed) -> heads)`` (with bias) -> output Linear without bias.
+  FF = RMSNorm -> Linear -> GELU -> Linear, no biases.
+- Logits: sum over streams -> RMSNorm -> Linear without bias.
+- **Talking heads** are the spec's job: the model owns the mixing weights — per layer
+  ``pre_mix``/``post_mix`` ``nn.Parameter`` of shape ``[s*h, s*h]`` (a 1x1 convolution's weight,
+  output head first, heads ordered ``(s h)``), identity (dirac) init — and passes them as the
+  spec's ``pre_mix``/``post_mix`` inputs, with structural params ``num_streams``,
+  ``pre_talking_heads``, ``post_talking_heads``. ``cross_stream_talking_heads=False`` mixes
+  heads within each stream only (upstream's ``ablate_cross_stream_talking_heads``).
+- Seed param (with ``specs/talking_heads.yaml``): ``scale = +sqrt(dim_head)`` (upstream quirk).
+- ``causal`` is passed as True: upstream's LM never sets it (its attention defaults to
+  non-causal), which makes next-token training leak the answer; an LM must be causal here.
+- Not reproduced (upstream bugs, SEMANTICS.md §5): identity init applied to absent mixers;
+  separate position embeddings indexed by tokens; the mixing group hard-coded to 2 streams.
+  The non-linear talking-heads MLP is not implemented (the spec mixes linearly).
+
+**Stream-diversity auxiliary loss** (``stream_diversity_weight > 0`` and ``s > 1``):
+upstream's ``calc_stream_loss`` on each layer's post-softmax (pre-post-mix) attention
+``p [(b s), h, i, j]``: for every choice of one head per stream, the mean of their
+distributions; the loss is minus its entropy over ``j``, averaged, summed over layers, times the
+weight. Upstream's entropy helper clamps where it meant to take a log (``log(t) =
+t.clamp(min=eps)``); we use the real log.
+
+The attention callable returns only ``o``, so ``p`` is recovered *through the same compiled
+attention*: calling it with ``v = `` a slice of the identity over ``j`` gives ``o = p @ v = `` the
+matching columns of ``p``. ``ceil(J / d)`` calls with ``d``-wide identity slices (zero-padded)
+give all of ``p``, differentiable with respect to q, k and ``pre_mix``; the probe attention is
+built with ``post_talking_heads=False`` so that ``p`` is taken before the post-softmax mixing,
+as upstream does. Cost: ``J / d`` extra attention calls per layer, only when the loss is on.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import LM, merge_heads, split_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale
+
+
+def calc_stream_loss(attn: torch.Tensor, streams: int) -> torch.Tensor:
+    """-entropy over j of the mean of one head per stream, for every such choice:
+    attn [(b s), h, i, j] -> [b, h**s, i]."""
+    bs, h, i, j = attn.shape
+    a = attn.reshape(bs // streams, streams, h, i, j).transpose(0, 1)
+    accum = a[0]
+    for rest in a[1:]:
+        accum = (accum[:, :, None] + rest[:, None, :]).reshape(accum.shape[0], -1, i, j)
+    mean = accum / streams
+    return (mean * torch.log(mean.clamp(min=1e-20))).sum(-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, *, dim: int, heads: int, dim_head: int, mix_streams: int,
+                 pre_talking_heads: bool, post_talking_heads: bool, attn, probe=None):
+        super().__init__()
+        inner = heads * dim_head
+        all_heads = mix_streams * heads
+        self.heads = heads
+        self.rmsnorm = RMSNorm(dim)
+        self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
+        self.to_gates = nn.Linear(dim, heads)
+        self.pre_mix = nn.Parameter(torch.eye(all_heads)) if pre_talking_heads else None
+        self.post_mix = nn.Parameter(torch.eye(all_heads)) if post_talking_heads else None
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        object.__setattr__(self, "attn", attn)
+        object.__setattr__(self, "probe", probe)
+
+    def _inputs(self, mask, post=True):
+        inputs = {}
+        if mask is not None:
+            inputs["mask"] = mask
+        if self.pre_mix is not None:
+            inputs["pre_mix"] = self.pre_mix
+        if post and self.post_mix is not None:
+            inputs["post_mix"] = self.post_mix
+        return inputs
+
+    def forward(self, x, mask=None, return_probs=False):
+        x = self.rmsnorm(x)
+        q, k, v = (split_heads(t, self.heads) for t in self.to_qkv(x).chunk(3, dim=-1))
+        out = self.attn(q, k, v, **self._inputs(mask)).to(x.dtype)
+        out = out * self.to_gates(x).transpose(1, 2).unsqueeze(-1).sigmoid()
+        out = self.to_out(merge_heads(out))
+        if not return_probs:
+            return out, None
+        return out, self.probabilities(q, k, mask)
+
+    def probabilities(self, q, k, mask=None):
+        """Post-softmax, pre-post-mix attention [(b s), h, i, j] through the probe attention."""
+        bs, h, n_j, d = k.shape
+        eye = torch.eye(n_j, dtype=q.dtype, device=q.device)
+        cols = []
+        for start in range(0, n_j, d):
+            v = eye[:, start:start + d]
+            width = v.shape[1]
+            v = F.pad(v, (0, d - width)).expand(bs, h, n_j, d)
+            cols.append(self.probe(q, k, v, **self._inputs(mask, post=False))[..., :width])
+        return torch.cat(cols, dim=-1).to(q.dtype)
+
+
+def FeedForward(dim: int, mult: float = 4) -> nn.Sequential:
+    inner = int(dim * mult)
+    return nn.Sequential(RMSNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(),
+                         nn.Linear(inner, dim, bias=False))
+
+
+class TokenAndPosEmb(nn.Module):
+    def __init__(self, *, dim, num_tokens, max_seq_len, num_streams):
+        super().__init__()
+        self.token_emb = nn.Embedding(num_tokens, dim)
+        self.pos_emb = nn.Embedding(max_seq_len, dim)
+        self.stream_emb = nn.Parameter(torch.randn(num_streams, dim) * 0.02)
+
+    def forward(self, x):
+        n = x.shape[-1]
+        e = self.token_emb(x) + self.pos_emb(torch.arange(n, device=x.device))   # [b, n, d]
+        e = e[:, None] + self.stream_emb[None, :, None]                          # [b, s, n, d]
+        return e.reshape(-1, n, e.shape[-1])                                     # [(b s), n, d]
+
+
+class SeparateTokenAndPosEmb(nn.Module):
+    def __init__(self, *, dim, num_tokens, max_seq_len, num_streams):
+        super().__init__()
+        self.token_emb = nn.Parameter(torch.randn(num_streams, num_tokens, dim) * 0.02)
+        self.pos_emb = nn.Parameter(torch.randn(num_streams, max_seq_len, dim) * 0.02)
+
+    def forward(self, x):
+        n = x.shape[-1]
+        tok = self.token_emb[:, x].transpose(0, 1)                  # [b, s, n, d]
+        e = tok + self.pos_emb[None, :, :n]                          # positions, not tokens
+        return e.reshape(-1, n, e.shape[-1])
+
+
+class TalkingHeadsLM(LM):
+    family = "talking_heads"
+    native_spec = "talking_heads.yaml"
+
+    def __init__(self, *, spec, backend="auto", attn_params=None, num_tokens=256,
+                 max_seq_len=256, dim=128, depth=2, heads=4, dim_head=32, ff_mult=4,
+                 num_streams=2, pre_talking_heads=True, post_talking_heads=True,
+                 cross_stream_talking_heads=True, separate_stream_emb=False,
+                 stream_diversity_weight=0.0):
+        super().__init__(spec=spec, backend=backend, attn_params=attn_params,
+                         num_tokens=num_tokens, max_seq_len=max_seq_len)
+        self.num_streams = num_streams
+        mix_streams = num_streams if cross_stream_talking_heads else 1
+        structural = {"causal": True}
+        if pre_talking_heads or post_talking_heads:
+            structural.update(num_streams=mix_streams, pre_talking_heads=pre_talking_heads,
+                              post_talking_heads=post_talking_heads)
+        seed = {"scale": math.sqrt(dim_head)}
+        attn = self.build_attention(structural, seed)
+        self.set_attention("attn", attn)
+        self.stream_diversity_weight = float(stream_diversity_weight)
+        probe = None
+        if self.stream_diversity_weight > 0 and num_streams > 1:
+            probe = (self.build_attention(structural, seed, post_talking_heads=False)
+                     if post_talking_heads else attn)
+        self.set_attention("probe", probe)
+        emb = SeparateTokenAndPosEmb if separate_stream_emb else TokenAndPosEmb
+        self.emb = emb(dim=dim, num_tokens=num_tokens, max_seq_len=max_seq_len,
+                       num_streams=num_streams)
+        self.layers = nn.ModuleList([
+            nn.ModuleList([
+                Attention(dim=dim, heads=heads, dim_head=dim_head, mix_streams=mix_streams,
+                          pre_talking_heads=pre_talking_heads,
+                          post_talking_heads=post_talking_heads, attn=attn, probe=probe),
+                FeedForward(dim, ff_mult),
+            ]) for _ in range(depth)])
+        self.final_norm = RMSNorm(dim)
+        self.to_logits = nn.Linear(dim, num_tokens, bias=False)
+
+    def _run(self, x, mask, with_probs):
+        b, n = x.shape
+        s = self.num_streams
+        x = self.emb(x)
+        if mask is not None:
+            mask = mask.repeat_interleave(s, dim=0)
+        probs = []
+        for attn, ff in self.layers:
+            out, p = attn(x, mask=mask, return_probs=with_probs)
+            probs.append(p)
+            x = x + out
+            x = ff(x) + x
+        x = x.reshape(b, s, n, -1).sum(1)
+        return self.to_logits(self.final_norm(x)), probs
+
+    def forward(self, x, mask=None):
+        return self._run(x, mask, with_probs=False)[0]
+
+    def forward_with_aux(self, x, mask=None):
+        if self.probe is None:
+            return self(x, mask=mask), None
+        logits, probs = self._run(x, mask, with_probs=True)
+        aux = sum(calc_stream_loss(p, self.num_streams).mean() for p in probs)
+        return logits, aux * self.stream_diversity_weight

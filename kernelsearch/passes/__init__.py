@@ -1,0 +1,51 @@
+"""The compiler pipeline: every pass in order, in one place.
+
+    build         spec -> graph of op nodes; names resolved, cycles and undefined names reported
+    infer         named dims and dtypes of every node; dim mismatches reported
+    validate      one softmax, an output of shape [b, h, i, d]
+    fold          specialise to param values and present optional inputs; fold constants
+    infer         again, on the specialised graph
+    validate      again: folding may have changed what reaches the output
+    classify      the stage of each node (q_prologue, k_prologue, score, keep, softmax, ...)
+    bounds        keep-predicates -> key-block bounds (which key blocks a query block needs)
+    schedule      one_pass | heads_in_tile | two_pass
+
+Set KERNELSEARCH_DEBUG=passes (or pass debug=True) to print the graph after each pass.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from ..ir import Graph
+from .bounds import key_block_bounds
+from .build import build
+from .classify import classify
+from .fold import fold
+from .infer import infer
+from .schedule import choose_schedule
+from .validate import validate
+
+# (name, pass) in order; `fold` is the one pass that takes the specialisation as well
+PIPELINE = (
+    ("infer", infer),
+    ("validate", validate),
+    ("fold", fold),
+    ("infer", infer),
+    ("validate", validate),
+    ("classify", classify),
+    ("bounds", key_block_bounds),
+    ("schedule", choose_schedule),
+)
+
+
+def run_pipeline(spec, params: dict, present: frozenset, debug: bool = False) -> Graph:
+    debug = debug or "passes" in os.environ.get("KERNELSEARCH_DEBUG", "")
+    graph = build(spec)
+    if debug:
+        print(f"== after build\n{graph.dump()}", file=sys.stderr)
+    for name, run in PIPELINE:
+        graph = run(graph, params, present) if run is fold else run(graph)
+        if debug:
+            print(f"== after {name}\n{graph.dump()}", file=sys.stderr)
+    return graph

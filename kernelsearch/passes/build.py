@@ -1,0 +1,185 @@
+"""Pass 1, build: the spec's named expressions become op nodes of one dataflow graph.
+
+Resolves every name (graph entry, input, param, index variable, size), reports undefined
+names and reference cycles (naming the cycle), and lowers Python syntax to ops. Keyword
+arguments of ops that must be known at compile time (groups=, streams=, ...) become nodes too,
+listed in `attrs["static"]`, so that constant folding can resolve them like anything else.
+"""
+from __future__ import annotations
+
+import ast
+
+import networkx as nx
+
+from ..errors import SpecError
+from ..exprs import INDEX_VARIABLES, OPS, SIZES
+from ..ir import Graph, Node
+
+_BINARY = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div", ast.FloorDiv: "floordiv",
+           ast.Mod: "mod", ast.Pow: "pow", ast.BitAnd: "and", ast.BitOr: "or"}
+_COMPARE = {ast.Lt: "lt", ast.LtE: "le", ast.Gt: "gt", ast.GtE: "ge", ast.Eq: "eq", ast.NotEq: "ne"}
+# keyword arguments evaluated on the graph (tensors); every other keyword is static
+_DATAFLOW_KEYWORDS = {("softmax", "keep")}
+
+
+class _Builder:
+    def __init__(self, spec):
+        self.spec = spec
+        self.graph = Graph(nx.DiGraph(), spec, output="", params={}, present=frozenset())
+        self.counter = 0
+        self.building: list[str] = []       # graph entries being built, for cycle reports
+        self.sizes = {name.upper() for decl in spec.inputs.values() for name in decl.shape} | set(SIZES)
+
+    def add(self, node_id: str, node: Node) -> str:
+        self.counter += 1
+        self.graph.set(node_id, node.with_(order=self.counter))
+        return node_id
+
+    def temp(self, owner: str, node: Node) -> str:
+        return self.add(f"{owner}.{self.counter + 1}", node)
+
+    # -- names
+    def name(self, name: str, expr: ast.expr, owner: str) -> str:
+        where = expr.location
+        if name in self.graph:
+            if name in self.building:
+                cycle = self.building[self.building.index(name):] + [name]
+                raise SpecError(f"the graph has a cycle: {' -> '.join(cycle)}", self.spec.graph[name].location,
+                                "a graph entry cannot depend on itself")
+            return name
+        spec = self.spec
+        if name in spec.graph:
+            return self.entry(name)
+        if name in spec.inputs:
+            decl = spec.inputs[name]
+            return self.add(name, Node("input", attrs={"name": name}, location=decl.location, name=name,
+                                       dims=decl.shape, dtype=decl.dtype))
+        if name in spec.params:
+            param = spec.params[name]
+            return self.add(name, Node("param", attrs={"name": name}, location=param.location, name=name))
+        if name in INDEX_VARIABLES:
+            return self.add(name, Node("index", attrs={"dim": name}, location=where, dims=(name,), dtype="int"))
+        if name in self.sizes:
+            return self.add(name, Node("size", attrs={"dim": name.lower()}, location=where, dtype="int"))
+        if name in ("True", "False", "None"):
+            raise AssertionError("constants are ast.Constant")
+        from ..spec import _suggest
+        known = set(spec.graph) | set(spec.inputs) | set(spec.params) | set(INDEX_VARIABLES) | self.sizes
+        raise SpecError(f"undefined name '{name}' (in the definition of '{owner}')", where, _suggest(name, known))
+
+    def entry(self, name: str) -> str:
+        entry = self.spec.graph[name]
+        self.building.append(name)
+        node_id = self.expr(entry.expr, name)
+        self.building.pop()
+        # the entry's own name labels the node that computes it
+        if node_id != name:
+            node = self.graph.node(node_id)
+            if node.op in ("input", "param", "index", "size") or node_id in self.spec.graph:
+                node = Node("alias", (node_id,), location=entry.location)  # `x: q` - a renaming
+                self.counter += 1
+                self.graph.set(name, node.with_(name=name, order=self.counter))
+            else:
+                self.graph.nx_graph = nx.relabel_nodes(self.graph.nx_graph, {node_id: name})
+                self.graph.set(name, self.graph.node(name).with_(name=name, location=entry.location))
+        return name
+
+    # -- expressions
+    def expr(self, e: ast.expr, owner: str) -> str:
+        where = e.location
+        if isinstance(e, ast.Name):
+            return self.name(e.id, e, owner)
+        if isinstance(e, ast.Constant):
+            if e.value is None:
+                return self.temp(owner, Node("absent", location=where))
+            return self.temp(owner, Node("const", attrs={"value": e.value}, location=where))
+        if isinstance(e, ast.BinOp):
+            a, b = self.expr(e.left, owner), self.expr(e.right, owner)
+            return self.temp(owner, Node(_BINARY[type(e.op)], (a, b), location=where))
+        if isinstance(e, ast.UnaryOp):
+            x = self.expr(e.operand, owner)
+            if isinstance(e.op, ast.UAdd):
+                return x
+            op = "neg" if isinstance(e.op, ast.USub) else "not"
+            return self.temp(owner, Node(op, (x,), location=where))
+        if isinstance(e, ast.BoolOp):
+            op = "and" if isinstance(e.op, ast.And) else "or"
+            result = self.expr(e.values[0], owner)
+            for value in e.values[1:]:
+                result = self.temp(owner, Node(op, (result, self.expr(value, owner)), location=where))
+            return result
+        if isinstance(e, ast.Compare):
+            # a < b <= c  ==  (a < b) & (b <= c)
+            result, left = None, self.expr(e.left, owner)
+            for op, comparator in zip(e.ops, e.comparators):
+                right = self.expr(comparator, owner)
+                term = self.temp(owner, Node(_COMPARE[type(op)], (left, right), location=where))
+                result = term if result is None else self.temp(owner, Node("and", (result, term), location=where))
+                left = right
+            return result
+        if isinstance(e, ast.IfExp):
+            condition = self.expr(e.test, owner)
+            a, b = self.expr(e.body, owner), self.expr(e.orelse, owner)
+            return self.temp(owner, Node("select", (condition, a, b), location=where))
+        if isinstance(e, ast.Subscript):
+            if not isinstance(e.value, ast.Name) or e.value.id not in self.spec.inputs:
+                raise SpecError("only inputs can be indexed (a bias table gathered by index expressions)",
+                                where, "e.g. `pos_bias_table[h, abs(i - j)]`")
+            table = self.name(e.value.id, e.value, owner)
+            indices = e.slice.elts if isinstance(e.slice, ast.Tuple) else [e.slice]
+            decl = self.spec.inputs[e.value.id]
+            if len(indices) != len(decl.shape):
+                raise SpecError(f"'{decl.name}' has {len(decl.shape)} dims [{', '.join(decl.shape)}] "
+                                f"but is indexed with {len(indices)}", where,
+                                f"give one index expression per dim of {decl.name}")
+            args = (table,) + tuple(self.expr(index, owner) for index in indices)
+            return self.temp(owner, Node("gather", args, location=where))
+        if isinstance(e, ast.Call):
+            return self.call(e, owner)
+        if isinstance(e, (ast.List, ast.Tuple)):
+            raise SpecError("a list may only appear as softmax's keep=[...]", where,
+                            "combine predicates with &, or pass them as softmax(s, keep=[a, b])")
+        raise SpecError(f"{type(e).__name__} is not allowed here", where)
+
+    def call(self, e: ast.Call, owner: str) -> str:
+        where = e.location
+        op = e.func.id
+        signature = OPS[op]
+        args = tuple(self.expr(a, owner) for a in e.args)
+        static = {}
+        for keyword in e.keywords:
+            if (op, keyword.arg) in _DATAFLOW_KEYWORDS:
+                values = keyword.value.elts if isinstance(keyword.value, (ast.List, ast.Tuple)) else [keyword.value]
+                args = args + tuple(self.expr(v, owner) for v in values)
+            elif keyword.arg == "over":
+                if not (isinstance(keyword.value, ast.Name) and keyword.value.id == "j"):
+                    raise SpecError("softmax is taken over the key dim: over=j", keyword.value.location,
+                                    "write softmax(s, over=j) or leave `over` out")
+            else:
+                static[keyword.arg] = self.expr(keyword.value, owner)
+        for name, default in signature.keywords.items():
+            if name not in static and (op, name) not in _DATAFLOW_KEYWORDS and name != "over":
+                static[name] = self.temp(owner, Node("const", attrs={"value": default}, location=where))
+        # static keyword nodes are arguments too (so that folding sees them); they follow the data args
+        data_arity = len(args)
+        node = Node(op, args + tuple(static.values()),
+                    attrs={"static": tuple(static), "data_arity": data_arity}, location=where)
+        return self.temp(owner, node)
+
+
+def build(spec) -> Graph:
+    builder = _Builder(spec)
+    (output,) = spec.outputs
+    if output not in spec.graph:
+        raise SpecError(f"output '{output}' is not defined in the graph", spec.output_locations[output],
+                        f"define `{output}: ...` in graph, or list one of: {', '.join(spec.graph)}")
+    builder.graph.output = builder.entry(output)
+    for name, entry in spec.graph.items():
+        if name not in builder.graph:
+            raise SpecError(f"graph entry '{name}' is never used by the output '{output}'", entry.location,
+                            "remove it, or use it in the expression that computes the output")
+    for name, decl in spec.inputs.items():
+        if name not in builder.graph:
+            raise SpecError(f"input '{name}' is declared but never used", decl.location,
+                            "remove it from inputs, or use it in the graph")
+    return builder.graph
