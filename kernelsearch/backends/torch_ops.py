@@ -1,0 +1,141 @@
+"""The spec language's ops on "aligned" tensors, shared by the reference evaluator and the
+generated torch modules.
+
+An aligned tensor has one axis per dim of the graph's layout (e.g. [b, h, i, j, d]) and size 1
+on the dims it does not vary along, so elementwise ops broadcast by plain PyTorch rules.
+Everything here is plain torch: it runs in any dtype and traces under torch.compile.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def align(tensor: torch.Tensor, dims: tuple[str, ...], layout: tuple[str, ...]) -> torch.Tensor:
+    """A tensor with named `dims` (in layout order) viewed with one axis per layout dim."""
+    shape = [1] * len(layout)
+    for dim, size in zip(dims, tensor.shape):
+        shape[layout.index(dim)] = size
+    return tensor.reshape(shape) if tensor.is_contiguous() else tensor.reshape(shape)
+
+
+def index(size: int, axis: int, rank: int, device) -> torch.Tensor:
+    """Positions 0..size-1 along `axis` of an aligned int tensor."""
+    shape = [1] * rank
+    shape[axis] = size
+    return torch.arange(size, device=device).reshape(shape)
+
+
+def floordiv(a, b):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.div(a, b, rounding_mode="floor")
+    return a // b
+
+
+def dot(a: torch.Tensor, b: torch.Tensor, axis: int) -> torch.Tensor:
+    """Contract `axis` of two aligned tensors; the result keeps the axis with size 1."""
+    letters = "abcdefghijklmnop"[: max(a.ndim, b.ndim)]
+    out = letters.replace(letters[axis], "")
+    return torch.einsum(f"{letters},{letters}->{out}", a, b).unsqueeze(axis)
+
+
+def l2norm(x: torch.Tensor, axis: int, groups: int, eps: float) -> torch.Tensor:
+    size = x.shape[axis]
+    if size % groups:
+        raise ValueError(f"l2norm: the feature dim ({size}) is not divisible by groups={groups}")
+    grouped = x.unflatten(axis, (groups, size // groups))
+    return F.normalize(grouped, dim=axis + 1, eps=eps).flatten(axis, axis + 1)
+
+
+def rmsnorm(x: torch.Tensor, axis: int, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(axis, keepdim=True) + eps)
+
+
+def _half_spectrum(size: int, axis: int, rank: int, x: torch.Tensor) -> torch.Tensor:
+    """arange(0, size, 2) along `axis`, as x's dtype."""
+    if size % 2:
+        raise ValueError(f"rotary/xpos need an even feature dim, got {size}")
+    shape = [1] * rank
+    shape[axis] = size // 2
+    return torch.arange(0, size, 2, device=x.device, dtype=x.dtype).reshape(shape)
+
+
+def rotate_half(x: torch.Tensor, axis: int) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=axis)
+    return torch.cat((-x2, x1), dim=axis)
+
+
+def rotary(x: torch.Tensor, pos: torch.Tensor, axis: int, theta: float) -> torch.Tensor:
+    """Rotary embedding, rotate_half convention: x cos(pos f) + rotate_half(x) sin(pos f)."""
+    size = x.shape[axis]
+    inv_freq = 1.0 / theta ** (_half_spectrum(size, axis, x.ndim, x) / size)
+    angles = pos.to(x.dtype) * inv_freq
+    angles = torch.cat((angles, angles), dim=axis)
+    return x * angles.cos() + rotate_half(x, axis) * angles.sin()
+
+
+def xpos(x: torch.Tensor, pos: torch.Tensor, axis: int, scale_base: float, inverse: bool) -> torch.Tensor:
+    """xpos length scaling: x * sv ** (pos / scale_base), sv = (2m + 0.4 d) / (1.4 d) per dim pair."""
+    size = x.shape[axis]
+    per_pair = (_half_spectrum(size, axis, x.ndim, x) + 0.4 * size) / (1.4 * size)
+    scale = per_pair ** (pos.to(x.dtype) / scale_base)
+    scale = torch.cat((scale, scale), dim=axis)
+    return x / scale if inverse else x * scale
+
+
+def gather(table: torch.Tensor, indices: list, table_name: str) -> torch.Tensor:
+    """table[idx0, idx1, ...] for aligned integer index tensors (broadcast together)."""
+    indices = torch.broadcast_tensors(*[torch.as_tensor(i) for i in indices])
+    for axis, (idx, size) in enumerate(zip(indices, table.shape)):
+        if idx.numel() and (int(idx.max()) >= size or int(idx.min()) < -size):
+            raise IndexError(f"'{table_name}' has {size} entries along its dim {axis}, but the spec indexes "
+                             f"it at {int(idx.max())}")
+    return table[tuple(indices)]
+
+
+def gather_unchecked(table: torch.Tensor, indices: list) -> torch.Tensor:
+    """gather without the bounds check (which forces a host sync); for generated code."""
+    return table[tuple(torch.broadcast_tensors(*indices))]
+
+
+def masked_softmax(scores: torch.Tensor, keep: torch.Tensor | None, axis: int) -> torch.Tensor:
+    """softmax over `axis`; dropped entries get probability 0, and rows with nothing kept are all 0."""
+    if keep is None:
+        return torch.softmax(scores, dim=axis)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    row_max = scores.amax(dim=axis, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    total = weights.sum(dim=axis, keepdim=True)
+    return weights / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def mix_heads(x: torch.Tensor, weight: torch.Tensor, streams: int, batch_axis: int, head_axis: int) -> torch.Tensor:
+    """Mix the (streams * h) heads of each sample; the batch axis is laid out (b s).
+
+    weight[out, in] is a 1x1 convolution over heads, heads ordered stream-major (s h).
+    """
+    assert head_axis == batch_axis + 1
+    shape = list(x.shape)
+    batch, heads = shape[batch_axis], shape[head_axis]
+    channels = streams * heads
+    if batch % streams:
+        raise ValueError(f"mix_heads: the batch ({batch}) is not a multiple of streams={streams}")
+    if tuple(weight.shape) != (channels, channels):
+        raise ValueError(f"mix_heads: the weight must be [{channels}, {channels}] (streams * heads), "
+                         f"got {list(weight.shape)}")
+    grouped = x.reshape(shape[:batch_axis] + [batch // streams, channels] + shape[head_axis + 1:])
+    mixed = torch.tensordot(weight.to(x.dtype), grouped.movedim(batch_axis + 1, 0), dims=1).movedim(0, batch_axis + 1)
+    return mixed.reshape(shape)
+
+
+UNARY = {
+    "neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
+    "abs": torch.abs, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "not": torch.logical_not,
+}
+SCALAR_UNARY = {
+    "neg": lambda x: -x, "exp": math.exp, "log": math.log, "sqrt": math.sqrt, "rsqrt": lambda x: x ** -0.5,
+    "abs": abs, "sigmoid": lambda x: 1 / (1 + math.exp(-x)), "tanh": math.tanh, "not": lambda x: not x,
+}

@@ -1,0 +1,361 @@
+"""What one trial does, inside the trial's child process: build, check, time.
+
+`Problem` is the picklable description of what is tuned (spec, backend, params, sizes, dtype,
+direction, device). `Evaluator(problem)` is created once per child process; it prepares the
+timing inputs (rotated copies) and then evaluates configs one after the other:
+
+1. *feasibility*: the backend's AOT check (``kernelsearch.backends.triton.aot_check``: compile
+   for the device's architecture and compare shared memory with the device's limit) — a
+   config that cannot compile or fit is dropped here, before anything runs;
+2. *build and first call*: ``kernelsearch.load(spec, backend, config=config, **params)`` and one
+   call on the timing inputs; the wall time of both is the config's *compile time*;
+3. *check*: output (and gradients for fwd+bwd) against the reference in float64 on fresh
+   random inputs (`check.py`), with and without the spec's optional inputs;
+4. *time*: `bench.py` on the rotated timing inputs.
+
+Failures raise `TrialFailure(kind, message)` with ``kind`` one of ``infeasible``,
+``compile_error``, ``out_of_resources``, ``wrong_result``, ``exception``; the child turns them
+into a failed outcome. Timeouts and crashes are detected by the parent (`trial.py`).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+__all__ = ["Problem", "TrialFailure", "Evaluator", "classify_exception", "FAIL_KINDS"]
+
+FAIL_KINDS = ("infeasible", "compile_error", "out_of_resources", "wrong_result", "exception",
+              "timeout", "crash", "interrupted", "stale")
+
+
+@dataclass
+class Problem:
+    """Everything a child process needs to evaluate configs (picklable)."""
+
+    spec_path: str | None
+    backend: str                     # "torch" | "triton" | "fake"
+    sizes: dict                      # B, H, I, J, D
+    dtype: str = "float32"
+    direction: str = "fwd"           # "fwd" | "fwd+bwd"
+    device: str = "cpu"              # "cpu" | "cuda" | "cuda:N"
+    params: dict = field(default_factory=dict)
+    optional_inputs: bool = False    # time with the spec's optional inputs too
+    check: bool = True
+    seed: int = 0
+    threads: int | None = None       # torch CPU threads in the child
+    fake: dict | None = None         # behaviour of the fake target (tests, benchmarks)
+    check_elements: int = 1 << 25    # cap on B*H*I*J for the float64 reference check
+    bench: dict = field(default_factory=dict)  # options for bench.bench
+
+    @property
+    def device_type(self) -> str:
+        return "cuda" if self.device.startswith("cuda") else "cpu"
+
+
+class TrialFailure(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+def classify_exception(e: BaseException) -> str:
+    """Map an exception raised while building/running a config to a failure kind."""
+    if isinstance(e, TrialFailure):
+        return e.kind
+    names = {c.__name__ for c in type(e).__mro__}
+    mods = {c.__module__ for c in type(e).__mro__}
+    text = str(e)
+    if "OutOfResources" in names or "OutOfMemoryError" in names or "out of resource" in text.lower():
+        return "out_of_resources"
+    if "CUDA out of memory" in text or "shared memory" in text.lower() and "exceed" in text.lower():
+        return "out_of_resources"
+    if ({"CompilationError", "CompileError", "CompileTimeAssertionFailure", "BackendCompilerFailed",
+         "InductorError"} & names) or any(m.startswith("triton.compiler") for m in mods):
+        return "compile_error"
+    return "exception"
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+            "float64": torch.float64, "fp64": torch.float64}[name]
+
+
+def _nbytes(inputs: Mapping[str, Any]) -> int:
+    return sum(t.numel() * t.element_size() for t in inputs.values() if hasattr(t, "element_size"))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+class _Backend:
+    """Adapter over kernelsearch.load / inputs / aot_check (real) or the fake module (tests)."""
+
+    def __init__(self, problem: Problem):
+        self.p = problem
+        if problem.backend == "fake":
+            from . import fake
+
+            self.impl = fake.FakeBackend(problem)
+            self.spec = self.impl.spec
+            return
+        import kernelsearch
+        from kernelsearch import inputs as ks_inputs
+
+        self._load = kernelsearch.load
+        self._random_inputs = ks_inputs.random_inputs
+        self.reference_fn = kernelsearch.load(problem.spec_path, backend="reference", **problem.params)
+        self.spec = self.reference_fn.spec
+        self.impl = None
+        self._aot = None
+        if problem.backend == "triton":
+            try:
+                from kernelsearch.backends import triton as ks_triton
+
+                self._aot = getattr(ks_triton, "aot_check", None)
+            except Exception:
+                self._aot = None
+
+    def inputs(self, sizes: Mapping[str, int], seed: int, optional: bool, device: str | None = None) -> dict:
+        if self.impl is not None:
+            return self.impl.inputs(sizes, seed, optional, device or self.p.device)
+        return self._random_inputs(self.spec, dict(sizes), dtype=_torch_dtype(self.p.dtype),
+                                   device=device or self.p.device, seed=seed, optional=optional)
+
+    def build(self, config: Mapping[str, Any]) -> Callable:
+        if self.impl is not None:
+            return self.impl.build(dict(config))
+        return self._load(self.p.spec_path, backend=self.p.backend, config=dict(config), **self.p.params)
+
+    def reference(self) -> Callable:
+        if self.impl is not None:
+            return self.impl.reference()
+        return self.reference_fn
+
+    def feasibility(self, config: Mapping[str, Any]) -> None:
+        if self.impl is not None:
+            self.impl.feasibility(dict(config))
+            return
+        if self._aot is None:
+            return
+        arch = 90
+        if self.p.device_type == "cuda":
+            import torch
+
+            major, minor = torch.cuda.get_device_capability(self.p.device)
+            arch = major * 10 + minor
+        res = self._aot(self.spec, dict(self.p.params), dict(config), arch=arch)
+        if not res.get("ok", True):
+            err = str(res.get("error") or "AOT check failed")
+            kind = "out_of_resources" if ("shared" in err.lower() or "resource" in err.lower()) else "compile_error"
+            raise TrialFailure(kind, err)
+
+    def synthetic_time(self, config: Mapping[str, Any]) -> float | None:
+        if self.impl is not None:
+            return self.impl.synthetic_time(dict(config))
+        return None
+
+
+class Evaluator:
+    def __init__(self, problem: Problem):
+        import torch
+
+        self.p = problem
+        if problem.threads:
+            torch.set_num_threads(int(problem.threads))
+        if problem.device_type == "cuda":
+            torch.cuda.set_device(torch.device(problem.device))
+        self.backend = _Backend(problem)
+        self.dtype = _torch_dtype(problem.dtype)
+        self.sizes = dict(problem.sizes)
+        self.check_sizes = self._reduce_sizes(self.sizes)
+        # Timing inputs: rotated copies so that no call finds its operands in cache.
+        first = self.backend.inputs(self.sizes, problem.seed, problem.optional_inputs)
+        if problem.device_type == "cuda":
+            cache = 50 << 20
+            try:
+                cache = int(torch.cuda.get_device_properties(problem.device).L2_cache_size) or cache
+            except Exception:
+                pass
+        else:
+            from .bench import llc_bytes
+
+            cache = llc_bytes()
+        from .bench import rotation_count
+
+        n = rotation_count(_nbytes(first), cache)
+        self.timing_sets = [first] + [
+            self.backend.inputs(self.sizes, problem.seed + 1000 + i, problem.optional_inputs) for i in range(n - 1)
+        ]
+        self.grad_out = None
+        self._optional_exists = None
+
+    # -- helpers ------------------------------------------------------------------------
+    def _reduce_sizes(self, sizes: dict) -> dict:
+        """Check at a shape whose float64 reference fits: halve B, then H, while too big."""
+        s = dict(sizes)
+        while s["B"] * s["H"] * s["I"] * s["J"] > self.p.check_elements and s["B"] % 2 == 0:
+            s["B"] //= 2
+        while s["B"] * s["H"] * s["I"] * s["J"] > self.p.check_elements and s["H"] % 2 == 0:
+            s["H"] //= 2
+        return s
+
+    def _timed_closure(self, fn: Callable) -> tuple[Callable, list]:
+        import torch
+
+        sets = self.timing_sets
+        bwd = self.p.direction == "fwd+bwd"
+        prepared = []
+        grads: list = []
+        for s in sets:
+            args = {}
+            for n, t in s.items():
+                if bwd and isinstance(t, torch.Tensor) and t.is_floating_point():
+                    t = t.detach().clone().requires_grad_(True)
+                    grads.append(t)
+                args[n] = t
+            prepared.append(args)
+        dos: list = []
+        state = {"i": 0}
+
+        def call():
+            a = prepared[state["i"]]
+            state["i"] = (state["i"] + 1) % len(prepared)
+            o = fn(a["q"], a["k"], a["v"], **{n: t for n, t in a.items() if n not in ("q", "k", "v")})
+            if bwd:
+                if not dos:
+                    dos.append(torch.randn_like(o))
+                o.backward(dos[0])
+            return o
+
+        def call_nograd():
+            with torch.no_grad():
+                return call()
+
+        return (call if bwd else call_nograd), grads
+
+    # -- the trial ---------------------------------------------------------------------
+    def evaluate(self, config: Mapping[str, Any], trial_seed: int, phase: Callable[[str], None] = lambda s: None) -> dict:
+        import torch
+
+        out: dict[str, Any] = {"config": dict(config)}
+        try:
+            phase("feasibility")
+            self.backend.feasibility(config)
+
+            phase("compile")
+            t0 = time.perf_counter()
+            fn = self.backend.build(config)
+            call, grads = self._timed_closure(fn)
+            call()
+            _sync(self.p.device)
+            out["compile_s"] = time.perf_counter() - t0
+            out["used_config"] = dict(getattr(fn, "last_config", None) or config)
+
+            if self.p.check:
+                phase("check")
+                out["check"] = self._check(fn, trial_seed)
+
+            phase("time")
+            synthetic = self.backend.synthetic_time(config)
+            if synthetic is not None:
+                from .bench import Timing
+
+                timing = Timing.from_samples([synthetic])
+            else:
+                from .bench import bench
+
+                for g in grads:
+                    g.grad = None
+                timing = bench(call, self.p.device, grad_to_none=grads or None, **self.p.bench)
+            out["timing"] = timing.as_dict()
+            out["time_ms"] = timing.median_ms
+            if not (math.isfinite(timing.median_ms) and timing.median_ms > 0):
+                raise TrialFailure("exception", f"timing gave {timing.median_ms!r} ms")
+            out["status"] = "ok"
+        except TrialFailure as e:
+            out.update(status="fail", kind=e.kind, reason=e.message)
+        except Exception as e:  # noqa: BLE001 - everything becomes a recorded failure
+            kind = classify_exception(e)
+            tb = traceback.format_exc(limit=6)
+            out.update(status="fail", kind=kind, reason=f"{type(e).__name__}: {e}"[:2000], traceback=tb[-4000:])
+            if self.p.device_type == "cuda":
+                # a CUDA error can poison the context; ask the parent to start a fresh child
+                out["restart"] = True
+        finally:
+            if self.p.device_type == "cuda":
+                try:
+                    torch.cuda.empty_cache()
+                except Exception:
+                    out["restart"] = True
+        return out
+
+    def _check(self, fn: Callable, trial_seed: int) -> dict:
+        from .check import check_call
+
+        ref = self.backend.reference()
+        results = {}
+        variants = [False, True] if self._has_optional() else [False]
+        for optional in variants:
+            inputs = self.backend.inputs(self.check_sizes, 7919 * (trial_seed + 1) + optional, optional)
+            res = check_call(fn, ref, inputs, direction=self.p.direction, dtype=self.dtype,
+                             device_type=self.p.device_type)
+            results["with_optional" if optional else "required"] = res.as_dict()
+            if not res.ok:
+                which = "with optional inputs" if optional else "required inputs only"
+                raise TrialFailure("wrong_result", f"{res.message} ({which}, sizes {self.check_sizes})")
+        return {"ok": True, "worst": max(r["worst"] for r in results.values()), "sizes": self.check_sizes}
+
+    def _has_optional(self) -> bool:
+        if self._optional_exists is None:
+            spec_inputs = getattr(self.backend.spec, "inputs", {}) or {}
+            self._optional_exists = any(getattr(d, "optional", False) for d in dict(spec_inputs).values())
+        return self._optional_exists
+
+    def retime(self, configs: list[Mapping[str, Any]], repeat: int = 5) -> list[dict]:
+        """Re-time configs round-robin (interleaved); failures give {"error": ...}."""
+        from .bench import Timing, interleaved
+
+        fns, idx, out = [], [], [dict() for _ in configs]
+        all_grads: list = []
+        for i, c in enumerate(configs):
+            try:
+                fn = self.backend.build(c)
+                call, grads = self._timed_closure(fn)
+                call()
+                _sync(self.p.device)
+                fns.append(call)
+                all_grads += grads
+                idx.append(i)
+            except Exception as e:  # noqa: BLE001
+                out[i] = {"error": f"{type(e).__name__}: {e}"}
+        synth = [self.backend.synthetic_time(configs[i]) for i in idx]
+        if fns and all(s is not None for s in synth):
+            timings = []
+            for s in synth:
+                timings.append(Timing.from_samples([s * (1 + 0.002 * r) for r in range(repeat)]))
+        elif fns:
+            timings = interleaved(fns, self.p.device, repeat=repeat, grad_to_none=all_grads or None)
+        else:
+            timings = []
+        for i, t in zip(idx, timings):
+            out[i] = t.as_dict()
+        return out
+
+
+def describe_env() -> dict:
+    import platform
+
+    return {"pid": os.getpid(), "python": platform.python_version()}
