@@ -1,0 +1,83 @@
+"""The torch backend: generated PyTorch source, exec'd once per specialisation and lowering.
+
+Knobs (the config): lowering "materialized" | "chunked", CHUNK_N (keys per chunk), compile
+(wrap in torch.compile(fullgraph=True)). Without a config: the tuned one recorded for this
+device and shape bucket if there is one, else materialized up to MATERIALIZE_MAX_SCORES score
+elements per call and chunked beyond, so that memory stays linear for long sequences.
+"""
+from __future__ import annotations
+
+import linecache
+import math
+
+import torch
+
+from ..codegen.torch_module import function_name, torch_source
+from ..ir import Graph
+from ..layout import bind
+from . import torch_ops
+
+MATERIALIZE_MAX_SCORES = 1 << 22
+DEFAULT_CHUNK_N = 256
+
+
+def exec_source(source: str, filename: str, names: dict | None = None) -> dict:
+    """exec generated source with a real (linecache) filename, so tracebacks and inspect see it."""
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = {"torch": torch, "math": math, "ops": torch_ops, **(names or {})}
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace
+
+
+def default_config(graph: Graph, sizes: dict) -> dict:
+    scores = sizes.get("b", 1) * sizes.get("h", 1) * sizes.get("i", 1) * sizes.get("j", 1)
+    if scores <= MATERIALIZE_MAX_SCORES:
+        return {"lowering": "materialized", "compile": False}
+    return {"lowering": "chunked", "CHUNK_N": DEFAULT_CHUNK_N, "compile": False}
+
+
+def tuned_config(graph: Graph, sizes: dict, dtype, device) -> dict | None:
+    try:
+        from ..tune import records
+    except ImportError:
+        return None
+    return records.lookup_for_call(graph.spec, "torch", sizes, dtype, device)
+
+
+class TorchFunctions:
+    """The generated functions of one specialisation, by lowering (and compiled, on demand)."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.functions: dict = {}
+
+    def get(self, lowering: str, compiled: bool):
+        key = (lowering, compiled)
+        if key not in self.functions:
+            if compiled:
+                self.functions[key] = torch.compile(self.get(lowering, False), fullgraph=True, dynamic=False)
+            else:
+                name = function_name(self.graph, lowering)
+                source = torch_source(self.graph, lowering)
+                filename = f"<kernelsearch:{self.graph.spec.name}:{name}>"
+                self.functions[key] = exec_source(source, filename)[name]
+        return self.functions[key]
+
+
+def build(graph: Graph, attention):
+    functions = TorchFunctions(graph)
+    arguments = ["q", "k", "v"] + [n for n in graph.spec.inputs if n not in ("q", "k", "v")]
+
+    def run(tensors: dict):
+        sizes = bind(graph, tensors)
+        config = attention.config or tuned_config(graph, sizes, tensors["q"].dtype, tensors["q"].device) \
+            or default_config(graph, sizes)
+        attention.last_config = dict(config)
+        function = functions.get(config.get("lowering", "materialized"), bool(config.get("compile", False)))
+        args = [tensors[n] for n in arguments if n in tensors]
+        if config.get("lowering") == "chunked":
+            return function(*args, CHUNK_N=int(config.get("CHUNK_N", DEFAULT_CHUNK_N)))
+        return function(*args)
+
+    run.functions = functions
+    return run

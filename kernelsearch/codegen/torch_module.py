@@ -1,0 +1,307 @@
+"""Codegen: a scheduled graph -> the source of a plain PyTorch function (no I/O, returns strings).
+
+Two lowerings of the same graph:
+
+    materialized   every value computed whole; scores are [b, h, i, j]. Fast for short sequences.
+    chunked        keys visited in chunks of CHUNK_N with an online softmax (one pass), or with
+                   exact row statistics first when probabilities are transformed after softmax
+                   (two passes): memory grows with the sequence length, not its square.
+
+Values live in the aligned layout of torch_ops (one axis per layout dim, size 1 where a value does
+not vary), so every op is one line of ordinary torch. The generated code runs under
+torch.compile(fullgraph=True): no data-dependent Python control flow, no host syncs.
+"""
+from __future__ import annotations
+
+from ..ir import BINARY_OPS, Graph
+from ..layout import layout_of, raw_inputs
+from ..passes.bounds import render_bound
+
+_OPERATOR = dict(BINARY_OPS)
+_FUNCTION = {"exp": "torch.exp", "log": "torch.log", "sqrt": "torch.sqrt", "rsqrt": "torch.rsqrt",
+             "abs": "torch.abs", "sigmoid": "torch.sigmoid", "tanh": "torch.tanh",
+             "minimum": "torch.minimum", "maximum": "torch.maximum", "where": "torch.where"}
+_SCALAR_FUNCTION = {"exp": "math.exp", "log": "math.log", "sqrt": "math.sqrt", "abs": "abs",
+                    "minimum": "min", "maximum": "max"}
+LOOP_STAGES = ("score", "keep")
+
+
+def variable(graph: Graph, node_id: str) -> str:
+    """A readable Python name for a node: the spec's name where it has one."""
+    node = graph.node(node_id)
+    if node.op == "size":
+        return node.attrs["dim"].upper()
+    if node.op == "index":
+        return node.attrs["dim"]
+    return node_id.replace(".", "_")
+
+
+class _Emitter:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.layout = layout_of(graph)
+        self.axis = {dim: n for n, dim in enumerate(self.layout)}
+        self.raw = raw_inputs(graph)
+
+    def dims_comment(self, node_id: str) -> str:
+        dims = self.graph.node(node_id).dims
+        return f"  # [{', '.join(dims)}]" if dims else ""
+
+    def expression(self, node_id: str, name) -> str:
+        """The right-hand side computing node_id; name(arg_id) gives the variable of an argument."""
+        graph, node = self.graph, self.graph.node(node_id)
+        op = node.op
+        args = [name(a) for a in node.args]
+        scalar = all(not graph.node(a).dims for a in node.args)
+        if op == "const":
+            return repr(node.attrs["value"])
+        if op == "index":
+            dim = node.attrs["dim"]
+            return f"ops.index({dim.upper()}, {self.axis[dim]}, {len(self.layout)}, q.device)"
+        if op == "floordiv" and not scalar:
+            return f"ops.floordiv({args[0]}, {args[1]})"
+        if op in ("and", "or") and scalar:
+            return f"({args[0]} {op} {args[1]})"
+        if op in _OPERATOR:
+            return f"({args[0]} {_OPERATOR[op]} {args[1]})"
+        if op == "neg":
+            return f"(-{args[0]})"
+        if op == "not":
+            return f"(not {args[0]})" if scalar else f"(~{args[0]})"
+        if op in _FUNCTION:
+            if scalar and op in _SCALAR_FUNCTION:
+                return f"{_SCALAR_FUNCTION[op]}({', '.join(args)})"
+            return f"{_FUNCTION[op]}({', '.join(args)})"
+        if op == "gather":
+            return f"ops.gather_unchecked({args[0]}, [{', '.join(args[1:])}])"
+        if op == "dot":
+            contracted = graph.node(node.args[0]).dims[-1]
+            return f"ops.dot({args[0]}, {args[1]}, {self.axis[contracted]})"
+        feature = self.axis.get(node.dims[-1]) if node.dims else None
+        if op == "l2norm":
+            return f"ops.l2norm({args[0]}, {feature}, groups={node.attrs['groups']}, eps={node.attrs['eps']!r})"
+        if op == "rmsnorm":
+            return f"ops.rmsnorm({args[0]}, {feature}, eps={node.attrs['eps']!r})"
+        if op == "rotary":
+            return f"ops.rotary({args[0]}, {args[1]}, {feature}, theta={node.attrs['theta']!r})"
+        if op == "xpos":
+            return (f"ops.xpos({args[0]}, {args[1]}, {feature}, scale_base={float(node.attrs['scale_base'])!r}, "
+                    f"inverse={node.attrs['inverse']})")
+        if op == "mix_heads":
+            return (f"ops.mix_heads({args[0]}, {args[1]}, streams={node.attrs['streams']}, "
+                    f"batch_axis={self.axis['b']}, head_axis={self.axis['h']})")
+        raise NotImplementedError(f"torch codegen: no rule for op '{op}'")
+
+
+def _size_lines(graph: Graph, emitter: _Emitter, arguments: list[str]) -> list[str]:
+    """Read every size the code needs off the inputs: `B, H, I, D = q.shape`-style lines."""
+    needed = set(emitter.layout)
+    lines, known = [], set()
+    for name in arguments:
+        decl = graph.spec.inputs[name]
+        if name in emitter.raw and name not in ("q", "k", "v"):
+            continue
+        dims = [d for d in decl.shape if d in needed and d not in known and d not in decl.optional_dims]
+        if not dims:
+            continue
+        targets = ", ".join(d.upper() if d in dims else "_" for d in decl.shape)
+        lines.append(f"{targets} = {name}.shape")
+        known.update(dims)
+    return lines
+
+
+def _signature(graph: Graph) -> list[str]:
+    present = [n for n in graph.spec.inputs if n not in ("q", "k", "v") and
+               (not graph.spec.inputs[n].optional or n in graph.present)]
+    return ["q", "k", "v"] + present
+
+
+def function_name(graph: Graph, lowering: str) -> str:
+    present = sorted(graph.present)
+    return f"_{lowering}" + ("__" + "__".join(present) if present else "")
+
+
+def torch_source(graph: Graph, lowering: str) -> str:
+    """Source of `def <name>(q, k, v, <present inputs>, CHUNK_N=...)` for this graph and lowering."""
+    if lowering not in ("materialized", "chunked"):
+        raise ValueError(f"unknown lowering {lowering!r}")
+    emitter = _Emitter(graph)
+    arguments = _signature(graph)
+    name = function_name(graph, lowering)
+    extra = ", CHUNK_N: int = 128" if lowering == "chunked" else ""
+    lines = [f"def {name}({', '.join(arguments)}{extra}):"]
+    doc = f"{graph.spec.name}, {lowering}, schedule {graph.schedule}"
+    lines.append(f'    """{doc}; inputs: {", ".join(arguments)}."""')
+    body = _size_lines(graph, emitter, arguments)
+    layout = ", ".join(emitter.layout)
+    body.append(f"# aligned layout [{layout}]: one axis per dim, size 1 where a value does not vary")
+    for input_name in arguments:
+        if input_name in emitter.raw:
+            continue
+        dims = graph.spec.inputs[input_name].shape
+        optional = graph.spec.inputs[input_name].optional_dims
+        if optional:
+            body.append(f"if {input_name}.ndim == {len(dims) - 1}:")
+            body.append(f"    {input_name} = {input_name}.unsqueeze(0)")
+        cast = ".to(q.dtype)" if graph.spec.inputs[input_name].dtype == "float" and input_name != "q" else ""
+        body.append(f"{input_name} = ops.align({input_name}{cast}, {dims!r}, {tuple(emitter.layout)!r})")
+    if lowering == "materialized":
+        body += _materialized_body(graph, emitter)
+    else:
+        body += _chunked_body(graph, emitter)
+    lines += ["    " + line if line else "" for line in body]
+    return "\n".join(lines) + "\n"
+
+
+def _out_lines(graph: Graph, emitter: _Emitter, result: str) -> list[str]:
+    out_dims = graph.node(graph.output).dims
+    squeeze = tuple(n for n, d in enumerate(emitter.layout) if d not in out_dims)
+    return [f"return {result}.squeeze({squeeze})  # [{', '.join(out_dims)}]"]
+
+
+def _materialized_body(graph: Graph, emitter: _Emitter) -> list[str]:
+    lines = []
+    name = lambda n: variable(graph, n)  # noqa: E731
+    for node_id, node in graph.nodes():
+        if node.op in ("input", "size"):
+            continue
+        if node.op == "softmax":
+            keep = _combine_keeps(node.args[1:], name)
+            lines.append(f"{name(node_id)} = ops.masked_softmax({name(node.args[0])}, {keep}, "
+                         f"{emitter.axis['j']}){emitter.dims_comment(node_id)}")
+            continue
+        lines.append(f"{name(node_id)} = {emitter.expression(node_id, name)}{emitter.dims_comment(node_id)}")
+    return lines + _out_lines(graph, emitter, name(graph.output))
+
+
+def _combine_keeps(keeps, name) -> str:
+    if not keeps:
+        return "None"
+    return " & ".join(name(k) for k in keeps) if len(keeps) > 1 else name(keeps[0])
+
+
+def _chunked_body(graph: Graph, emitter: _Emitter) -> list[str]:
+    """Keys in chunks: prologues once, scores per chunk, online (or two-pass) softmax."""
+    (softmax,) = graph.find("softmax")
+    axis_j = emitter.axis["j"]
+    after = graph.downstream(softmax) - {softmax}
+    # the key reduction: the dot that consumes (a function of) the probabilities
+    (reduction,) = [n for n in after if graph.node(n).op == "dot" and "j" not in graph.node(n).dims]
+    probabilities, values = graph.node(reduction).args
+    loop_nodes = [n for n, node in graph.nodes()
+                  if node.stage in LOOP_STAGES and node.op not in ("input",)]
+    post_nodes = [n for n, node in graph.nodes() if node.stage == "post_softmax" and n != reduction]
+    loop_set = set(loop_nodes) | set(post_nodes) | {softmax}
+    epilogue = [n for n, node in graph.nodes() if n in after and n != reduction and n not in post_nodes]
+    before = [n for n, node in graph.nodes()
+              if n not in loop_set and n not in epilogue and n != reduction and node.op not in ("input", "size")]
+
+    def sliced(n: str) -> str:
+        return f"{variable(graph, n)}_chunk"
+
+    def name(n: str) -> str:
+        # inside the loop, values with a key dim computed before the loop are read chunk by chunk
+        if n not in loop_set and "j" in graph.node(n).dims:
+            return sliced(n)
+        return variable(graph, n)
+
+    lines = [variable(graph, n) + " = " + emitter.expression(n, lambda a: variable(graph, a))
+             + emitter.dims_comment(n) for n in before]
+    chunk_inputs = sorted({a for n in loop_set for a in graph.node(n).args
+                           if a not in loop_set and "j" in graph.node(a).dims} |
+                          ({values} if "j" in graph.node(values).dims else set()),
+                          key=lambda n: graph.node(n).order)
+    bounds = graph.key_bounds
+    first_key, last_key = "0", "J"
+    render = lambda n: _scalar_expression(graph, n, row="0")  # noqa: E731
+    if bounds.lower is not None:
+        first_key = f"max(0, {render_bound(bounds.lower, render)})"
+    if bounds.upper is not None:
+        render_last = lambda n: _scalar_expression(graph, n, row="I - 1")  # noqa: E731
+        last_key = f"min(J, {render_bound(bounds.upper, render_last)} + 1)"
+    scores = graph.node(softmax).args[0]
+    keep = _combine_keeps(graph.node(softmax).args[1:], name)
+    row_shape = f"{variable(graph, scores)}_rows"
+
+    def chunk_header():
+        out = [f"for key_start in range({first_key}, {last_key}, CHUNK_N):  # keys outside the bounds are skipped",
+               "    key_end = min(key_start + CHUNK_N, J)"]
+        for n in chunk_inputs:
+            index = ", ".join([":"] * axis_j + ["key_start:key_end"])
+            out.append(f"    {sliced(n)} = {variable(graph, n)}[{index}]")
+        for n in loop_nodes:
+            out.append(f"    {name(n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}")
+        masked = name(scores) if keep == "None" else \
+            f"{name(scores)}.masked_fill(~({keep}), float('-inf'))"
+        out.append(f"    logits = {masked}  # dropped keys: -inf")
+        return out
+
+    scores_shape = "[" + ", ".join(
+        f"{d.upper()}" if d in graph.node(scores).dims and d != "j" else "1" for d in emitter.layout) + "]"
+    lines.append(f"{row_shape} = {scores_shape}  # one statistic per row: [{', '.join(d for d in graph.node(scores).dims if d != 'j')}]")
+    lines.append(f"row_max = torch.full({row_shape}, float('-inf'), dtype=q.dtype, device=q.device)")
+    lines.append(f"row_sum = torch.zeros({row_shape}, dtype=q.dtype, device=q.device)")
+    output_dims = graph.node(reduction).dims
+    output_shape = "[" + ", ".join(f"{d.upper()}" if d in output_dims else "1" for d in emitter.layout) + "]"
+    lines.append(f"accumulator = torch.zeros({output_shape}, dtype=q.dtype, device=q.device)")
+    one_pass = probabilities == softmax and not post_nodes
+    if one_pass:
+        lines += chunk_header()
+        lines += [
+            f"    chunk_max = torch.maximum(row_max, logits.amax({axis_j}, keepdim=True))",
+            "    safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))",
+            "    weights = torch.exp(logits - safe_max)",
+            "    rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing",
+            f"    row_sum = row_sum * rescale + weights.sum({axis_j}, keepdim=True)",
+            f"    accumulator = accumulator * rescale + ops.dot(weights, {name(values)}, {axis_j})",
+            "    row_max = chunk_max",
+            "# rows that kept no key give 0",
+            f"{variable(graph, reduction)} = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))",
+        ]
+    else:
+        # pass 1: exact row statistics; pass 2: normalised probabilities, transformed, times v
+        lines.append("# pass 1: row max and sum of every head")
+        lines += chunk_header()
+        lines += [
+            f"    chunk_max = torch.maximum(row_max, logits.amax({axis_j}, keepdim=True))",
+            "    safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))",
+            f"    row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum({axis_j}, keepdim=True)",
+            "    row_max = chunk_max",
+            "safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))",
+            "row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))",
+            "# pass 2: probabilities, what follows softmax, and the key reduction",
+        ]
+        lines += chunk_header()
+        lines.append(f"    {variable(graph, softmax)} = torch.exp(logits - safe_max) / row_sum{emitter.dims_comment(softmax)}")
+        for n in post_nodes:
+            lines.append(f"    {name(n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}")
+        lines.append(f"    accumulator = accumulator + ops.dot({name(probabilities)}, {name(values)}, {axis_j})")
+        lines.append(f"{variable(graph, reduction)} = accumulator")
+    for n in epilogue:
+        lines.append(f"{variable(graph, n)} = {emitter.expression(n, lambda a: variable(graph, a))}"
+                     f"{emitter.dims_comment(n)}")
+    return lines + _out_lines(graph, emitter, variable(graph, graph.output))
+
+
+def _scalar_expression(graph: Graph, node_id: str, row: str) -> str:
+    """A node over i, sizes and constants as a Python int expression, with i = row."""
+    node = graph.node(node_id)
+    if node.op == "index":
+        return f"({row})"
+    if node.op == "size":
+        return node.attrs["dim"].upper()
+    if node.op == "const":
+        return repr(node.attrs["value"])
+    args = [_scalar_expression(graph, a, row) for a in node.args]
+    if node.op in _OPERATOR:
+        return f"({args[0]} {_OPERATOR[node.op]} {args[1]})"
+    if node.op == "neg":
+        return f"(-{args[0]})"
+    if node.op in ("abs", "minimum", "maximum"):
+        return f"{_SCALAR_FUNCTION[node.op]}({', '.join(args)})"
+    raise NotImplementedError(f"bound expression with op '{node.op}'")
+
+
+def module_source(graphs_by_lowering: list[tuple[Graph, str]]) -> str:
+    """All functions for a list of (graph, lowering), one after the other."""
+    return "\n\n".join(torch_source(graph, lowering) for graph, lowering in graphs_by_lowering)
