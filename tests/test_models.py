@@ -1,0 +1,448 @@
+"""End-to-end tests of the five seed LMs (kernelsearch/models), at tiny sizes on the CPU."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernelsearch
+from kernelsearch.errors import UsageError
+from kernelsearch.models import FAMILY_NAMES, ModelConfig, TrainConfig, build_model, resolve_model
+from kernelsearch.models import cli as lm_cli
+from kernelsearch.models import data as lm_data
+from kernelsearch.models import train as lm_train
+from kernelsearch.models.config import NATIVE_SPECS, load_model_config, models_dir, repo_root
+from kernelsearch.models.memory_efficient import MemoryEfficientLM
+from kernelsearch.models.talking_heads import calc_stream_loss
+
+ROOT = repo_root()
+SPECS = ROOT / "specs"
+HAS_LOAD = hasattr(kernelsearch, "load")
+
+
+def _has_torch_backend() -> bool:
+    try:
+        from kernelsearch.backends import torch_backend  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+HAS_TORCH_BACKEND = HAS_LOAD and _has_torch_backend()
+# the backend the model tests train with: the generated torch code once it exists
+BACKEND = "torch" if HAS_TORCH_BACKEND else "reference"
+
+# tiny models: every family trains a few hundred steps in seconds on two CPU cores
+TINY = dict(dim=32, depth=2, heads=2, dim_head=16, max_seq_len=64)
+TINY_FAMILY = {
+    "mesh_tf": {},
+    "cosine_sim": {},
+    "memory_efficient": dict(ff_chunks=2),
+    "local": dict(local_attn_window_size=16, use_dynamic_pos_bias=True, gate_values_per_head=True),
+    "talking_heads": dict(num_streams=2),
+}
+TINY_TRAIN = dict(batch_size=8, seq_len=64, lr=3e-3, eval_batches=2, sample_len=16,
+                  corpus_bytes=1_000_000)
+
+
+# ------------------------------------------------------------------ stand-in attention (no load)
+
+def _standin_load(spec_path, backend="auto", **params):
+    """Used only while `kernelsearch.load` does not exist: the hand-written oracles of
+    tests/oracles.py behind the same contract, the spec's params resolved by the compiler."""
+    import oracles
+    from kernelsearch.compiler import resolve_params
+    from kernelsearch.spec import load_spec
+    spec = load_spec(spec_path)
+    p = resolve_params(spec, params)
+    name = spec.name
+
+    def fixed(key, fallback):
+        return fallback if not isinstance(p.get(key), (int, float, bool, str)) else p[key]
+
+    def attn(q, k, v, **inputs):
+        d = q.shape[-1]
+        scale = fixed("scale", d ** -0.5)
+        if name in ("softmax", "memory_efficient"):
+            return oracles.memory_efficient_attention(
+                q * (scale / d ** -0.5), k, v, causal=p["causal"], mask=inputs.get("mask"),
+                attn_bias=inputs.get("attn_bias"),
+                causal_alignment=p.get("causal_alignment", "bottom_right"))
+        if name == "cosine_sim":
+            return oracles.cosine_sim_attention(q, k, v, scale=scale, groups=p["groups"],
+                                                causal=p["causal"], mask=inputs.get("mask"),
+                                                attn_bias=inputs.get("attn_bias"))
+        if name == "local":
+            lf = fixed("look_forward", 0 if p["causal"] else 1)
+            return oracles.local_attention_global(
+                q, k, v, window_size=p["window_size"], causal=p["causal"],
+                look_backward=p["look_backward"], look_forward=lf,
+                exact_windowsize=p["exact_windowsize"], scale=scale, rotary=p["rotary"],
+                xpos=p["xpos"], xpos_scale_base=fixed("xpos_scale_base", p["window_size"] // 2),
+                mask=inputs.get("mask"), pos_bias_table=inputs.get("pos_bias_table"),
+                rotary_query_shift=p["rotary_query_offset"])
+        if name == "talking_heads":
+            return oracles.talking_heads_attention(
+                q, k, v, num_streams=p["num_streams"], causal=p["causal"], scale=scale,
+                pre_mix=inputs.get("pre_mix") if p["pre_talking_heads"] else None,
+                post_mix=inputs.get("post_mix") if p["post_talking_heads"] else None,
+                mask=inputs.get("mask"))
+        raise AssertionError(f"no stand-in for spec {name}")
+    return attn
+
+
+@pytest.fixture(autouse=True)
+def _attention_available(monkeypatch):
+    if not HAS_LOAD:
+        monkeypatch.setattr(kernelsearch, "load", _standin_load, raising=False)
+    yield
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+def tiny_config(family: str, **model) -> ModelConfig:
+    return ModelConfig(family=family, spec=str(SPECS / NATIVE_SPECS[family]),
+                       model={**TINY, **TINY_FAMILY[family], **model},
+                       train=TrainConfig(**TINY_TRAIN))
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return lm_data.load_corpus(TINY_TRAIN["corpus_bytes"])
+
+
+def batch(corpus, seed=0, b=4, n=32):
+    return lm_data.get_batch(corpus.train, b, n, torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------- data
+
+def test_corpus_is_deterministic_and_split_by_file(corpus):
+    again = lm_data.load_corpus.__wrapped__(TINY_TRAIN["corpus_bytes"])
+    assert torch.equal(corpus.train, again.train) and torch.equal(corpus.val, again.val)
+    assert corpus.train.dtype == torch.uint8 and corpus.n_files > 10
+    assert 0 < corpus.val.numel() < corpus.train.numel()
+    files = lm_data.stdlib_files()
+    assert [r for r, _ in files] == sorted(r for r, _ in files)
+    assert not any("site-packages" in r for r, _ in files)
+    text = lm_data.decode(corpus.train[:2000])
+    assert "import" in text or "def " in text
+    b1 = lm_data.get_batch(corpus.train, 3, 20, torch.Generator().manual_seed(5))
+    b2 = lm_data.get_batch(corpus.train, 3, 20, torch.Generator().manual_seed(5))
+    assert b1.shape == (3, 21) and torch.equal(b1, b2) and int(b1.max()) < 256
+
+
+# ------------------------------------------------------------------------------------- models
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_forward_backward_shapes(family, corpus):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(family), backend=BACKEND)
+    x = batch(corpus)
+    logits = model(x[:, :-1])
+    assert logits.shape == (4, 32, 256)
+    loss, parts = model.loss(x)
+    assert math.isfinite(float(loss)) and 4.0 < float(parts["ce"]) < 8.0   # ~ln 256 at init
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_causal(family, corpus):
+    """Changing a later token never changes earlier logits (the model is an LM)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(family), backend=BACKEND).eval()
+    x = batch(corpus)[:, :40]
+    y = x.clone()
+    y[:, 30:] = (y[:, 30:] + 7) % 256
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[:, :30], model(y)[:, :30])
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_loss_falls(family, corpus):
+    cfg = tiny_config(family)
+    model = lm_train.make_model(cfg, BACKEND, seed=0)
+    opt = lm_train.make_optimizer(model, cfg.train.lr)
+    losses = lm_train.train_steps(model, opt, corpus, cfg, 120,
+                                  generator=torch.Generator().manual_seed(0), progress=False)
+    start, end = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
+    assert end < 0.7 * start, (family, start, end)
+    val = lm_train.evaluate(model, corpus, cfg)
+    assert val < 0.75 * start
+
+
+@pytest.mark.parametrize("variant", [dict(use_dynamic_pos_bias=False),
+                                     dict(use_dynamic_pos_bias=False, use_xpos=True),
+                                     dict(qk_rmsnorm=True, gate_values_per_head=False)])
+def test_local_variants(variant, corpus):
+    torch.manual_seed(0)
+    model = build_model(tiny_config("local", **variant), backend=BACKEND)
+    p = model.resolved_attn_params
+    assert p["rotary"] is (not model.dynamic_pos_bias)
+    assert p["xpos"] is bool(variant.get("use_xpos")) and p["window_size"] == 16
+    if variant.get("qk_rmsnorm"):
+        assert p["scale"] == 8.0 and model.layers[0][0].q_scale.shape == (16,)
+    loss, _ = model.loss(batch(corpus))
+    loss.backward()
+    assert math.isfinite(float(loss))
+
+
+def test_local_table_covers_every_distance():
+    torch.manual_seed(0)
+    model = build_model(tiny_config("local"), backend=BACKEND)
+    table = model.dynamic_pos_bias(48)
+    assert table.shape == (2, 48)
+
+
+def test_seed_params_only_with_the_native_spec():
+    torch.manual_seed(0)
+    mesh = build_model(tiny_config("mesh_tf"), backend=BACKEND)
+    assert mesh.resolved_attn_params == {"causal": True, "scale": 1.0}
+    th = build_model(tiny_config("talking_heads"), backend=BACKEND)
+    assert th.resolved_attn_params["scale"] == 4.0 and th.resolved_attn_params["num_streams"] == 2
+    foreign = ModelConfig(family="mesh_tf", spec=str(SPECS / "cosine_sim.yaml"), model=TINY)
+    assert build_model(foreign, backend=BACKEND).resolved_attn_params == {"causal": True}
+
+
+# ------------------------------------------------------------------------------- reversibility
+
+def _pair(**kw):
+    torch.manual_seed(0)
+    cfg = tiny_config("memory_efficient", **kw)
+    rev = build_model(cfg, backend=BACKEND)
+    cfg.model["reversible"] = False
+    plain = build_model(cfg, backend=BACKEND)
+    plain.load_state_dict(rev.state_dict())
+    return rev, plain
+
+
+def test_reversible_gradients_equal_plain_stack(corpus):
+    rev, plain = _pair(depth=3)
+    x = batch(corpus)
+    l_rev, _ = rev.loss(x)
+    l_plain, _ = plain.loss(x)
+    l_rev.backward()
+    l_plain.backward()
+    torch.testing.assert_close(l_rev, l_plain)
+    for (name, a), b in zip(rev.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+    # torch.autograd.grad sees the parameters too (they are inputs of the Function)
+    g = torch.autograd.grad(rev.loss(x)[0], [rev.net.blocks[0].f.fn.to_q.weight])[0]
+    torch.testing.assert_close(g, plain.net.blocks[0].f.fn.to_q.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def saved_activation_bytes(model, x) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward (parameters excluded)."""
+    params = {p.data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = model.loss(x)
+    loss.backward()
+    return sum(seen.values())
+
+
+def test_reversible_stack_saves_activation_memory(corpus):
+    x = batch(corpus, b=4, n=64)
+    shallow = [saved_activation_bytes(m, x) for m in _pair(depth=2)]
+    deep = [saved_activation_bytes(m, x) for m in _pair(depth=6)]
+    rev_growth, plain_growth = deep[0] - shallow[0], deep[1] - shallow[1]
+    assert plain_growth > 0
+    assert rev_growth <= 0.05 * plain_growth, (shallow, deep)   # depth costs the reversible stack ~nothing
+    assert deep[0] < 0.5 * deep[1]
+
+
+def test_chunked_feed_forward_is_the_same_function(corpus):
+    torch.manual_seed(0)
+    a = build_model(tiny_config("memory_efficient", ff_chunks=1), backend=BACKEND)
+    b = build_model(tiny_config("memory_efficient", ff_chunks=4), backend=BACKEND)
+    b.load_state_dict(a.state_dict())
+    x = batch(corpus)[:, :-1]
+    torch.testing.assert_close(a(x), b(x))
+
+
+# ------------------------------------------------------------------------------- talking heads
+
+def test_stream_diversity_loss_through_the_attention(corpus):
+    torch.manual_seed(0)
+    model = build_model(tiny_config("talking_heads", stream_diversity_weight=0.5), backend=BACKEND)
+    layer = model.layers[0][0]
+    with torch.no_grad():
+        layer.pre_mix.add_(0.1 * torch.randn_like(layer.pre_mix))
+    x = model.emb(batch(corpus)[:, :20])
+    xn = layer.rmsnorm(x)
+    from kernelsearch.models.common import split_heads
+    q, k, _ = (split_heads(t, 2) for t in layer.to_qkv(xn).chunk(3, dim=-1))
+    p = layer.probabilities(q, k)
+    # by hand: (q * sqrt(d))·k, mix logits across the (s h) heads of a sample, causal softmax
+    s, h, n = 2, 2, 20
+    sim = torch.einsum("bhid,bhjd->bhij", q * 4.0, k).reshape(-1, s * h, n, n)
+    sim = torch.einsum("oc,bcij->boij", layer.pre_mix, sim).reshape(-1, h, n, n)
+    sim = sim.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -torch.finfo(sim.dtype).max)
+    torch.testing.assert_close(p, sim.softmax(-1), rtol=1e-4, atol=1e-5)
+    logits, aux = model.forward_with_aux(batch(corpus)[:, :20])
+    assert aux is not None and float(aux) < 0
+    aux.backward()
+    assert layer.pre_mix.grad is not None and layer.pre_mix.grad.abs().sum() > 0
+
+
+def test_calc_stream_loss_matches_definition():
+    torch.manual_seed(0)
+    attn = torch.randn(2 * 3, 2, 5, 7).softmax(-1)            # b=2, s=3, h=2
+    a = attn.reshape(2, 3, 2, 5, 7)
+    ref = []
+    for h0 in range(2):
+        for h1 in range(2):
+            for h2 in range(2):
+                m = (a[:, 0, h0] + a[:, 1, h1] + a[:, 2, h2]) / 3
+                ref.append((m * m.log()).sum(-1))
+    torch.testing.assert_close(calc_stream_loss(attn, 3), torch.stack(ref, 1))
+
+
+# -------------------------------------------------------------------------- sampling, checkpoints
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_sampling(family, corpus):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(family), backend=BACKEND)
+    prime = batch(corpus)[:2, :10]
+    out = model.generate(prime, 12, generator=torch.Generator().manual_seed(3))
+    again = model.generate(prime, 12, generator=torch.Generator().manual_seed(3))
+    assert out.shape == (2, 12) and out.dtype == torch.long
+    assert torch.equal(out, again) and int(out.min()) >= 0 and int(out.max()) < 256
+    assert model.training      # generate restores the mode
+    # longer than max_seq_len: the window slides
+    assert model.generate(prime[:1], 70).shape == (1, 70)
+
+
+@pytest.mark.parametrize("family", ["local", "talking_heads"])
+def test_checkpoint_round_trip(family, corpus, tmp_path):
+    cfg = tiny_config(family)
+    model = lm_train.make_model(cfg, BACKEND, seed=0)
+    opt = lm_train.make_optimizer(model, cfg.train.lr)
+    losses = lm_train.train_steps(model, opt, corpus, cfg, 3,
+                                  generator=torch.Generator().manual_seed(0), progress=False)
+    path = tmp_path / "lm.pt"
+    lm_train.save_checkpoint(path, model, cfg, opt, 3, losses, BACKEND)
+    again, cfg2, ckpt = lm_train.load_checkpoint(path)
+    assert cfg2.to_dict() == cfg.to_dict() and ckpt["step"] == 3 and ckpt["losses"] == losses
+    x = batch(corpus)[:, :-1]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), again(x), rtol=0, atol=0)
+    # training continues identically from the checkpoint
+    opt2 = lm_train.make_optimizer(again, cfg.train.lr)
+    opt2.load_state_dict(ckpt["optimizer"])
+    a = lm_train.train_steps(model, opt, corpus, cfg, 2, generator=torch.Generator().manual_seed(9), progress=False)
+    b = lm_train.train_steps(again, opt2, corpus, cfg, 2, generator=torch.Generator().manual_seed(9), progress=False)
+    assert a == b
+
+
+def test_bad_checkpoint_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="not found"):
+        lm_train.load_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(UsageError):
+        lm_train.load_checkpoint(tmp_path / "junk.pt")
+
+
+# ----------------------------------------------------------------------- backends step by step
+
+def _steps(family, backend, n_steps, corpus, dtype=torch.float32):
+    cfg = tiny_config(family)
+    cfg.train.batch_size, cfg.train.seq_len = 2, 32
+    model = lm_train.make_model(cfg, backend, seed=0).to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    return lm_train.train_steps(model, opt, corpus, cfg, n_steps,
+                                generator=torch.Generator().manual_seed(0), progress=False)
+
+
+@pytest.mark.skipif(not HAS_TORCH_BACKEND, reason="the torch backend does not exist yet")
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_torch_and_reference_backends_agree_step_by_step(family, corpus):
+    ref = _steps(family, "reference", 4, corpus)
+    tor = _steps(family, "torch", 4, corpus)
+    assert ref[-1] < ref[0] or family == "cosine_sim"
+    torch.testing.assert_close(torch.tensor(tor), torch.tensor(ref), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- model specs and CLI
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_model_specs_load(family):
+    cfg = load_model_config(models_dir() / f"{family}.yaml")
+    assert cfg.family == family and Path(cfg.spec).name == NATIVE_SPECS[family]
+    assert Path(cfg.spec).is_file()
+    assert resolve_model(None, SPECS / NATIVE_SPECS[family]).family == family
+
+
+def test_model_spec_errors(tmp_path):
+    bad = tmp_path / "m.yaml"
+    for text, match in [("family: gpt5\n", "family"), ("family: local\nmodel: {dimm: 3}\n", "dimm"),
+                        ("family: local\ntrain: {stepz: 3}\n", "stepz"), ("[1, 2\n", "YAML"),
+                        ("family: local\nextra: 1\n", "extra")]:
+        bad.write_text(text)
+        with pytest.raises(UsageError, match=match):
+            load_model_config(bad)
+    with pytest.raises(UsageError, match="neither"):
+        resolve_model("nonsense", SPECS / "softmax.yaml")
+    with pytest.raises(UsageError, match="not found"):
+        resolve_model("mesh_tf", tmp_path / "missing.yaml")
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser(prog="kernelsearch")
+    lm_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def _tiny_model_yaml(tmp_path, family="local"):
+    path = tmp_path / f"{family}.yaml"
+    model = {**TINY, **TINY_FAMILY[family]}
+    path.write_text(json.dumps({"family": family, "attention": {"spec": str(SPECS / NATIVE_SPECS[family])},
+                                "model": model, "train": TINY_TRAIN}))
+    return path
+
+
+def test_cli_json_plot_checkpoint(tmp_path, capsys):
+    m = _tiny_model_yaml(tmp_path)
+    rc = _cli(["lm", str(SPECS / "local.yaml"), "--model", str(m), "--steps", "3", "--backend",
+               BACKEND, "--json", "--plot", str(tmp_path / "loss.png"),
+               "--checkpoint", str(tmp_path / "lm.pt"), "--quiet"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["losses"]) == 3 and math.isfinite(out["val_loss"]) and isinstance(out["sample"], str)
+    assert len(out["sample"].encode("utf-8", "surrogatepass")) >= 1
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "lm.pt").is_file()
+    rc = _cli(["lm", str(SPECS / "local.yaml"), "--model", str(m), "--steps", "2", "--backend",
+               BACKEND, "--resume", str(tmp_path / "lm.pt"), "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "val loss" in text and "sample" in text
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--steps", "-1"], "--steps"),
+    (["--model", "nonsense"], "neither"),
+    (["--seq-len", "0"], "--seq-len"),
+])
+def test_cli_usage_errors(argv, match):
+    with pytest.raises(UsageError, match=match):
+        _cli(["lm", str(SPECS / "local.yaml"), *argv])
+
+
+def test_cli_missing_spec(tmp_path):
+    with pytest.raises(UsageError, match="not found"):
+        _cli(["lm", str(tmp_path / "nope.yaml"), "--model", "mesh_tf"])
