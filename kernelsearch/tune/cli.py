@@ -1,0 +1,161 @@
+"""``kernelsearch tune`` and ``kernelsearch report``: argument parsing only.
+
+The top-level CLI calls `register(subparsers)`; each subcommand sets ``func`` to a function
+``(args) -> int``. Bad input raises `kernelsearch.errors.UsageError` (the top-level CLI prints
+it on one line and exits 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import UsageError
+
+__all__ = ["register", "run_tune", "run_report", "parse_shape"]
+
+_EPILOG = """\
+The study is stored (default: SQLite at $KERNELSEARCH_HOME/tune.db, KERNELSEARCH_HOME defaulting
+to ~/.cache/kernelsearch) and named by the spec's sha256, the device, the shape bucket, the dtype
+and the direction: run the same command again to resume after Ctrl-C or kill -9, or on several
+machines with --storage postgresql://... (or a shared journal file) to share one study.
+--trials is the total number of evaluated configs the study should hold.
+The winner is recorded in $KERNELSEARCH_HOME/records.json, where kernelsearch.load finds it.
+"""
+
+
+def parse_shape(text: str) -> dict:
+    parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
+    if len(parts) != 5:
+        raise UsageError(f"--shape {text}: expected B,H,I,J,D (five integers), e.g. 1,4,512,512,64")
+    try:
+        vals = [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"--shape {text}: expected integers, e.g. 1,4,512,512,64") from None
+    if any(v <= 0 for v in vals):
+        raise UsageError(f"--shape {text}: sizes must be positive")
+    return dict(zip("BHIJD", vals))
+
+
+def _params(items: list[str] | None) -> dict:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise UsageError(f"--param {it}: expected NAME=VALUE")
+        k, v = it.split("=", 1)
+        try:
+            val = json.loads(v)
+        except ValueError:
+            val = {"True": True, "False": False}.get(v, v)
+        out[k.strip()] = val
+    return out
+
+
+def register(subparsers) -> None:
+    from .study import DEFAULTS, SAMPLERS
+
+    cpu, cuda = DEFAULTS["cpu"], DEFAULTS["cuda"]
+    p = subparsers.add_parser(
+        "tune", help="autotune a spec's kernels on this machine (Optuna; checked, resumable, multi-worker)",
+        description="Autotune a spec: every config is checked against the reference before it is timed; "
+                    "the winner is recorded for kernelsearch.load.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", nargs="?", help="the spec file, e.g. specs/cosine_sim.yaml")
+    p.add_argument("--target", default="auto", choices=["auto", "cuda", "cpu", "fake"],
+                   help="auto (default): cuda when a GPU is present, else cpu. cuda tunes the Triton kernels' "
+                        "tiles/warps/stages; cpu tunes the torch backend (lowering, chunk size, torch.compile)")
+    p.add_argument("--shape", type=str, default=None, metavar="B,H,I,J,D",
+                   help=f"problem size (default cpu {','.join(map(str, cpu['shape']))}, "
+                        f"cuda {','.join(map(str, cuda['shape']))})")
+    p.add_argument("--dtype", default=None, help=f"float16|bfloat16|float32 (default cpu {cpu['dtype']}, cuda {cuda['dtype']})")
+    p.add_argument("--direction", default="fwd", choices=["fwd", "fwd+bwd"],
+                   help="tune the forward kernel, or forward and backward together (training)")
+    p.add_argument("--sampler", default="tpe", choices=list(SAMPLERS), help="search strategy (default tpe)")
+    p.add_argument("--trials", type=int, default=None,
+                   help=f"evaluated configs the study should hold in total (default cpu {cpu['trials']}, "
+                        f"cuda {cuda['trials']}; grid: the whole space)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help=f"seconds for this run; in-flight trials finish (default cpu {cpu['timeout']:g} s when "
+                        "--trials is not given, else none; 0 = none)")
+    p.add_argument("--trial-timeout", type=float, default=None,
+                   help=f"time limit per trial, enforced in its child process (default cpu {cpu['trial_timeout']:g} s, "
+                        f"cuda {cuda['trial_timeout']:g} s)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker threads in this process, each with its own trial process (one per GPU on CUDA)")
+    p.add_argument("--storage", default=None,
+                   help="FILE.db | sqlite:///FILE | FILE.journal | journal:FILE | postgresql://USER@HOST/DB")
+    p.add_argument("--seed", type=int, default=None, help="sampler seed")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="override a spec param (repeatable)")
+    p.add_argument("--optional-inputs", action="store_true",
+                   help="time with the spec's optional inputs (mask, bias...) given; they are always checked")
+    p.add_argument("--top", type=int, default=5, help="configs to re-time and show at the end (default 5)")
+    p.add_argument("--no-record", action="store_true", help="do not record the winner for kernelsearch.load")
+    p.add_argument("--no-warm-start", action="store_true", help="do not enqueue neighbouring shapes' winners")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (text goes to stderr)")
+    p.add_argument("--fake", default=None, help=argparse.SUPPRESS)  # JSON behaviour for --target fake
+    p.set_defaults(func=run_tune)
+
+    r = subparsers.add_parser(
+        "report", help="plot a spec's tuning studies (history, parameter importances, time per config)",
+        description="Write PNG plots and an index.html for every study of SPEC found in the storage.")
+    r.add_argument("spec", nargs="?", help="the spec file")
+    r.add_argument("--storage", default=None, help="as for tune (default: the per-user SQLite database)")
+    r.add_argument("--out", default=None, help="output directory (default ./kernelsearch-report/<spec name>)")
+    r.add_argument("--json", action="store_true", help="print the written files as JSON")
+    r.add_argument("--fake", default=None, help=argparse.SUPPRESS)
+    r.set_defaults(func=run_report)
+
+
+def run_tune(args) -> int:
+    from .study import TuneOptions, tune
+
+    if args.trials is not None and args.trials <= 0:
+        raise UsageError(f"--trials {args.trials}: must be at least 1")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: must be at least 1")
+    if args.top is not None and args.top < 1:
+        raise UsageError(f"--top {args.top}: must be at least 1")
+    fake = None
+    if args.target == "fake":
+        try:
+            fake = json.loads(args.fake) if args.fake else {}
+        except ValueError as e:
+            raise UsageError(f"--fake: not JSON ({e})") from None
+    elif not args.spec:
+        raise UsageError("missing SPEC: e.g. kernelsearch tune specs/cosine_sim.yaml")
+    opts = TuneOptions(
+        spec=args.spec, target=args.target, shape=parse_shape(args.shape) if args.shape else None,
+        dtype=args.dtype, direction=args.direction, sampler=args.sampler, trials=args.trials,
+        timeout=args.timeout, workers=args.workers, storage=args.storage, seed=args.seed,
+        trial_timeout=args.trial_timeout, params=_params(args.param), top_k=args.top,
+        progress=not args.no_progress, record=not args.no_record, warm_start=not args.no_warm_start,
+        optional_inputs=args.optional_inputs, fake=fake, out=sys.stderr if args.json else sys.stdout)
+    res = tune(opts)
+    if args.json:
+        json.dump(res.as_dict(), sys.stdout, indent=1, default=str)
+        sys.stdout.write("\n")
+    if res.interrupted:
+        return 130
+    return 0 if res.winner is not None else 1
+
+
+def run_report(args) -> int:
+    from .report import write_report
+
+    fake = None
+    if args.fake is not None:
+        try:
+            fake = json.loads(args.fake) if args.fake else {}
+        except ValueError as e:
+            raise UsageError(f"--fake: not JSON ({e})") from None
+    elif not args.spec:
+        raise UsageError("missing SPEC: e.g. kernelsearch report specs/cosine_sim.yaml")
+    files = write_report(args.spec, storage=args.storage, out_dir=args.out, fake=fake)
+    if args.json:
+        json.dump([str(f) for f in files], sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        for f in files:
+            print(f)
+    return 0

@@ -1,0 +1,264 @@
+"""Tuned winners, written where the runtime finds them.
+
+One JSON file per user, ``$KERNELSEARCH_HOME/records.json`` (``KERNELSEARCH_HOME`` defaults to
+``~/.cache/kernelsearch``; ``$KERNELSEARCH_RECORDS`` overrides the file itself). Each record is
+keyed by (spec sha256, backend, device name, shape bucket, dtype, direction) and holds the
+winning config, its time, the default config's time and the next-best configs (warm starts
+for neighbouring shapes).
+
+The runtime calls `lookup` (or `config_for_call`, which derives the key from the tensors) on
+every call without an explicit config, so both are cheap: the file is parsed once and re-read
+only when its mtime/size change, which is checked at most every ``STAT_INTERVAL_S`` seconds
+(writes by this process invalidate at once); results are memoised per key.
+
+Shape buckets: ``D`` is exact (it changes the kernel); ``I``, ``J`` and ``B*H`` are rounded
+up to powers of two, e.g. ``D64-I1024-J1024-BH32``. Neighbours (for warm starts) are buckets
+of the same ``D`` at the smallest log2 distance.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = [
+    "records_path", "shape_bucket", "parse_bucket", "bucket_distance", "device_name", "dtype_name",
+    "record_key", "lookup", "record", "neighbours", "all_records", "config_for_call", "clear_cache",
+]
+
+STAT_INTERVAL_S = 1.0
+_FORMAT = 1
+
+
+def records_path() -> Path:
+    env = os.environ.get("KERNELSEARCH_RECORDS")
+    if env:
+        return Path(env).expanduser()
+    from .storage import home
+
+    return home() / "records.json"
+
+
+def _p2(n: int) -> int:
+    n = int(n)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def shape_bucket(sizes: Mapping[str, int]) -> str:
+    """``{"B","H","I","J","D"} -> "D64-I1024-J1024-BH32"``."""
+    B, H, I, J, D = (int(sizes[k]) for k in ("B", "H", "I", "J", "D"))
+    return f"D{D}-I{_p2(I)}-J{_p2(J)}-BH{_p2(B * H)}"
+
+
+def parse_bucket(bucket: str) -> dict[str, int]:
+    out = {}
+    for part in bucket.split("-"):
+        i = 0
+        while i < len(part) and part[i].isalpha():
+            i += 1
+        out[part[:i]] = int(part[i:])
+    return out
+
+
+def bucket_distance(a: str, b: str) -> float:
+    """Sum of |log2| ratios over I, J, BH; infinite when D differs."""
+    pa, pb = parse_bucket(a), parse_bucket(b)
+    if pa.get("D") != pb.get("D"):
+        return math.inf
+    return sum(abs(math.log2(pa[k]) - math.log2(pb[k])) for k in ("I", "J", "BH") if k in pa and k in pb)
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).split(".")[-1]
+
+
+_CPU_NAME: str | None = None
+
+
+def device_name(device: Any = None) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` for a CUDA device, ``"cpu:<model> x<threads>"`` for the CPU."""
+    global _CPU_NAME
+    dev = str(device) if device is not None else "cpu"
+    if dev.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(dev))
+    if _CPU_NAME is None:
+        model = ""
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.lower().startswith("model name"):
+                        model = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        if not model:
+            import platform
+
+            model = platform.processor() or platform.machine()
+        _CPU_NAME = f"cpu:{' '.join(model.split())} x{os.cpu_count()}"
+    return _CPU_NAME
+
+
+def record_key(spec_sha256: str, backend: str, device: str, bucket: str, dtype: str, direction: str = "fwd") -> str:
+    return "|".join((spec_sha256, backend, device, bucket, dtype_name(dtype), direction))
+
+
+# ---------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------
+
+class _Cache:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.path: Path | None = None
+        self.sig: tuple | None = None
+        self.checked = 0.0
+        self.data: dict = {}
+        self.memo: dict = {}
+
+    def get(self) -> dict:
+        path = records_path()
+        now = time.monotonic()
+        with self.lock:
+            if path == self.path and now - self.checked < STAT_INTERVAL_S:
+                return self.data
+            try:
+                st = path.stat()
+                sig = (st.st_mtime_ns, st.st_size, st.st_ino)
+            except OSError:
+                sig = None
+            self.checked = now
+            if path == self.path and sig == self.sig:
+                return self.data
+            data: dict = {}
+            if sig is not None:
+                try:
+                    with open(path) as f:
+                        data = json.load(f).get("records", {})
+                except (OSError, ValueError):
+                    data = {}
+            self.path, self.sig, self.data, self.memo = path, sig, data, {}
+            return data
+
+    def invalidate(self) -> None:
+        with self.lock:
+            self.path, self.sig, self.data, self.memo = None, None, {}, {}
+
+
+_CACHE = _Cache()
+
+
+def clear_cache() -> None:
+    _CACHE.invalidate()
+
+
+def all_records() -> dict:
+    return dict(_CACHE.get())
+
+
+def lookup(spec_sha256: str, backend: str, device_name: str, shape_bucket: str, dtype: Any,
+           direction: str | None = None) -> dict | None:
+    """The recorded winning config, or None.
+
+    ``direction=None`` prefers the forward-only record and falls back to the fwd+bwd one
+    (whose forward knobs were tuned too); ``"fwd+bwd"`` prefers the training record.
+    """
+    data = _CACHE.get()
+    memo_key = (spec_sha256, backend, device_name, shape_bucket, dtype_name(dtype), direction)
+    memo = _CACHE.memo
+    if memo_key in memo:
+        c = memo[memo_key]
+        return dict(c) if c is not None else None
+    order = ("fwd+bwd", "fwd") if direction == "fwd+bwd" else ("fwd", "fwd+bwd")
+    found = None
+    for d in order:
+        r = data.get(record_key(spec_sha256, backend, device_name, shape_bucket, dtype, d))
+        if r is not None:
+            found = dict(r["config"])
+            break
+    memo[memo_key] = found
+    return dict(found) if found is not None else None
+
+
+def config_for_call(spec: Any, backend: str, q: Any, k: Any, direction: str | None = None) -> dict | None:
+    """Runtime helper: the tuned config for a call with these tensors, or None.
+
+    ``q: [b, h, i, d]``, ``k: [b, h, j, d]`` (any leading batch layout with heads second).
+    """
+    B, H, I, D = (int(x) for x in q.shape[-4:]) if q.dim() >= 4 else (1, 1, int(q.shape[-2]), int(q.shape[-1]))
+    J = int(k.shape[-2])
+    dev = device_name(q.device) if getattr(q.device, "type", "cpu") == "cuda" else device_name("cpu")
+    return lookup(spec.sha256, backend, dev, shape_bucket({"B": B, "H": H, "I": I, "J": J, "D": D}),
+                  q.dtype, direction)
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def record(spec_sha256: str, backend: str, device_name: str, shape_bucket: str, dtype: Any, direction: str,
+           config: Mapping[str, Any], **meta: Any) -> Path:
+    """Write (replace) one record atomically; returns the records file."""
+    path = records_path()
+    key = record_key(spec_sha256, backend, device_name, shape_bucket, dtype, direction)
+    entry = {"config": dict(config), "spec_sha256": spec_sha256, "backend": backend, "device": device_name,
+             "bucket": shape_bucket, "dtype": dtype_name(dtype), "direction": direction,
+             "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **meta}
+    with _locked(path):
+        data = {"format": _FORMAT, "records": {}}
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            pass
+        data.setdefault("records", {})[key] = entry
+        fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".records-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    clear_cache()
+    return path
+
+
+def neighbours(spec_sha256: str, backend: str, device_name: str, shape_bucket: str, dtype: Any,
+               direction: str, k: int = 3) -> list[tuple[str, list[dict]]]:
+    """Records of the ``k`` nearest other buckets: [(bucket, [winner, next-best...])]."""
+    found = []
+    for r in _CACHE.get().values():
+        if (r.get("spec_sha256"), r.get("backend"), r.get("device"), r.get("dtype"), r.get("direction")) != (
+                spec_sha256, backend, device_name, dtype_name(dtype), direction):
+            continue
+        b = r.get("bucket", "")
+        if b == shape_bucket:
+            continue
+        try:
+            d = bucket_distance(shape_bucket, b)
+        except Exception:
+            continue
+        if math.isfinite(d):
+            found.append((d, b, [r["config"]] + [c for c in r.get("top", []) if c != r["config"]]))
+    found.sort(key=lambda x: (x[0], x[1]))
+    return [(b, cs) for _, b, cs in found[:k]]
