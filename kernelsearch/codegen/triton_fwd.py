@@ -1,0 +1,1060 @@
+"""Codegen: a scheduled graph -> the source of a fused Triton forward kernel and its launcher.
+
+Pure functions (no I/O): `triton_source(graph)` returns a module's source text; `plan(graph)`
+says what the kernel takes (the launcher and the AOT checker use it). Nothing here knows a
+variant by name: the kernel is assembled from the graph's stages, its schedule and its key
+bounds. The skeleton reads as an ordinary flash-attention kernel with slots for the layout
+(which tensors, strides, sizes), the flags (schedule, passes) and the user's code (the ops of
+each stage, rendered one line per graph node):
+
+    constant      per program: loads with no i/j (per-head scales, mixing weights)
+    q_prologue    once per query tile [BLOCK_M, BLOCK_D]: loads of q and its row transforms
+                  (l2norm, rmsnorm, rotary, xpos need the whole feature dim: D is padded to a
+                  power of two and masked; rotary's rotate_half is the same chain evaluated at
+                  the permuted feature offsets (d + D/2) mod D, so no register shuffles)
+    key loop      over the key blocks the interval analysis allows (graph.key_bounds): causal
+                  tiles stop at the diagonal, windows visit only their blocks
+      k_prologue  per key tile [BLOCK_N, BLOCK_D]
+      score/keep  elementwise on [BLOCK_M, BLOCK_N]; bias tables gathered with computed offsets;
+                  keep-predicates -> tl.where(keep, s, -inf)
+      softmax     online, fp32, base-2; rows with nothing kept give 0 (like the reference)
+      post        post-softmax ops, then acc += dot(p, v) (fp32 accumulation)
+    epilogue      o = acc / l, epilogue ops, masked store
+
+Two kernel shapes, chosen from the schedule:
+
+    per-head      one_pass: a program is (query tile, batch * head); values are 2-D tiles.
+    heads-in-tile heads_in_tile / two_pass: a program is (query tile, sample) and holds every
+                  (stream, head) channel of the sample: values that vary with b or h get a
+                  leading channel axis [CP, ...] (CP = next power of two of streams * heads),
+                  dots are batched over it, and mix_heads is a [CP, CP] x [CP, rows] product in
+                  registers (tl.dot when CP >= 16, else a loop over output channels).
+
+and two softmax strategies:
+
+    online        one sweep, rescaling the accumulator (post-softmax ops must be linear in p)
+    exact         two sweeps: row max and sum first, then p normalised exactly before the
+                  post-softmax ops (two_pass: heads mixed after softmax; or any non-linear
+                  post-softmax op)
+"""
+from __future__ import annotations
+
+import hashlib
+import keyword
+import re
+from dataclasses import dataclass, field
+
+from ..ir import BINARY_OPS, Graph
+from ..layout import raw_inputs
+from ..passes.bounds import render_bound
+
+DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+DEFAULT_CONFIG_HEADS_IN_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+INDEX_DIMS = ("b", "h", "i", "j")
+MIN_DOT_BLOCK = 16   # tl.dot needs every dim >= 16 on a GPU
+
+_TL_UNARY = {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "rsqrt": "tl.rsqrt", "abs": "tl.abs",
+             "sigmoid": "tl.sigmoid", "tanh": "_tanh"}
+_PY_UNARY = {"neg": "-{}", "not": "(not {})", "exp": "math.exp({})", "log": "math.log({})",
+             "sqrt": "math.sqrt({})", "rsqrt": "({} ** -0.5)", "abs": "abs({})", "tanh": "math.tanh({})",
+             "sigmoid": "(1.0 / (1.0 + math.exp(-{})))"}
+_PY_BINARY = {"and": "and", "or": "or"}
+
+# names the skeleton uses; graph values never take them
+_INTERNAL = {
+    "tl", "triton", "torch", "math", "range", "min", "max", "float", "int", "LOG2E", "NEG_INF",
+    "start_m", "pid", "off_b", "off_h", "off_bh", "sample", "offs_i", "offs_j", "offs_c", "row_ok", "col_ok",
+    "c_ok", "C", "CP", "S", "i_first", "i_last", "kv_lo", "kv_hi", "start_n", "m_i", "l_i", "m_new",
+    "m_use", "alpha", "p_tile", "s_tile", "keep_tile", "inv_l", "l_safe", "DOT_DTYPE", "DOT_PRECISION",
+    "BLOCK_M", "BLOCK_N", "out_ptr", "out", "out_tile", "out_mask", "out_offs", "_floordiv", "_floormod",
+    "_tanh", "_pow", "_mix_heads", "_strides", "_empty", "forward", "forward_op", "forward_fake",
+    "KERNEL", "wrap", "poison", "grid", "kernel", "num_warps", "num_stages", "tensors",
+}
+
+
+class CodegenError(NotImplementedError):
+    """The graph needs something this code generator does not do (names the schedule or op)."""
+
+
+def _sanitize(name: str) -> str:
+    out = re.sub(r"\W", "_", name)
+    if not out or out[0].isdigit():
+        out = "n_" + out
+    return out
+
+
+@dataclass(frozen=True)
+class TensorArg:
+    name: str                  # the spec's input name
+    ptr: str                   # pointer argument of the kernel
+    dims: tuple                # declared dims (a leading `b?` may be missing in the call: stride 0)
+    dtype: str                 # float | bool | int
+    raw: bool                  # a gather table or a mixing weight (indexed, not a value)
+    strides: tuple             # stride argument names, one per declared dim
+
+
+@dataclass
+class KernelPlan:
+    """What the kernel takes and how it is launched; shared by codegen, launcher and AOT check."""
+    kernel: str
+    schedule: str
+    channels: bool             # heads-in-tile kernel shape (a program holds a sample's channels)
+    exact: bool                # two sweeps over the keys
+    streams: int | None
+    tensors: list              # [TensorArg] in call order (q, k, v, then present inputs)
+    out_dims: tuple
+    out_strides: tuple
+    sizes: list                # [(arg, dim)] runtime ints
+    size_sources: dict         # dim -> (input name, axis from the end)
+    features: list             # [(dim, BLOCK_<F> constexpr)]
+    host: list                 # [(arg, node_id, dtype, python expression)]
+    out_feature: str
+    source_hash: str = ""
+    notes: list = field(default_factory=list)
+
+    def runtime_args(self) -> list[str]:
+        args = [t.ptr for t in self.tensors] + ["out_ptr"]
+        for t in self.tensors:
+            args += list(t.strides)
+        args += list(self.out_strides)
+        args += [a for a, _ in self.sizes]
+        args += [a for a, _, _, _ in self.host]
+        return args
+
+    def constexpr_args(self) -> list[str]:
+        return ["BLOCK_M", "BLOCK_N"] + [b for _, b in self.features] + (["CP"] if self.channels else []) \
+            + ["DOT_PRECISION"]
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+def _is_linear_in(graph: Graph, node_id: str, source: str, memo: dict) -> bool | None:
+    """True if node is linear (homogeneous of degree 1) in `source`, None if it does not depend on it."""
+    if node_id in memo:
+        return memo[node_id]
+    if node_id == source:
+        memo[node_id] = True
+        return True
+    node = graph.node(node_id)
+    if source not in graph.upstream(node_id):
+        memo[node_id] = None
+        return None
+    args = [_is_linear_in(graph, a, source, memo) for a in node.args]
+    op = node.op
+    result = False
+    if op == "mul":
+        result = args.count(True) == 1 and args.count(None) == 1
+    elif op == "div":
+        result = args[0] is True and args[1] is None
+    elif op in ("add", "sub"):
+        result = all(a is True for a in args)
+    elif op == "neg":
+        result = args[0] is True
+    elif op == "mix_heads":
+        result = args[0] is True and args[1] is None
+    elif op == "where":
+        result = args[0] is None and all(a is True for a in args[1:])
+    memo[node_id] = result
+    return result
+
+
+def accumulator_dots(graph: Graph) -> list[str]:
+    """The dot(p, v) nodes: contract j, first argument after softmax."""
+    out = []
+    for node_id, node in graph.nodes():
+        if node.op == "dot" and graph.node(node.args[0]).dims and graph.node(node.args[0]).dims[-1] == "j":
+            out.append(node_id)
+    return out
+
+
+def _is_host(graph: Graph, node_id: str) -> bool:
+    node = graph.node(node_id)
+    if node.dims or node.op in ("const", "size", "input", "absent"):
+        return False
+    return all(graph.node(n).op not in ("input", "index") for n in graph.upstream(node_id))
+
+
+def plan(graph: Graph) -> KernelPlan:
+    spec = graph.spec
+    if graph.schedule not in ("one_pass", "heads_in_tile", "two_pass"):
+        raise CodegenError(f"triton codegen: unknown schedule {graph.schedule!r}")
+    channels = graph.schedule in ("heads_in_tile", "two_pass")
+    (softmax,) = graph.find("softmax")
+    exact = graph.schedule == "two_pass"
+    accs = accumulator_dots(graph)
+    if not accs:
+        raise CodegenError(f"triton codegen ({graph.schedule}): no dot(p, v) reduces the probabilities over j")
+    memo: dict = {}
+    for acc in accs:
+        if _is_linear_in(graph, graph.node(acc).args[0], softmax, memo) is not True:
+            exact = True   # p is transformed non-linearly after softmax: normalise exactly first
+    streams = graph.notes.get("head_groups") if channels else None
+    if channels and not streams:
+        raise CodegenError(f"triton codegen ({graph.schedule}): the heads are mixed with different "
+                           "stream groupings; one grouping per kernel is supported")
+
+    raw = raw_inputs(graph)
+    tensors = []
+    for name, decl in spec.inputs.items():
+        if name not in graph or graph.node(name).op != "input":
+            continue
+        ptr = f"{_sanitize(name)}_ptr"
+        strides = tuple(f"stride_{_sanitize(name)}_{d}" for d in decl.shape)
+        tensors.append(TensorArg(name, ptr, tuple(decl.shape), decl.dtype, name in raw, strides))
+    order = {n: k for k, n in enumerate(spec.inputs)}
+    tensors.sort(key=lambda t: order[t.name])
+    out_node = graph.node(graph.output)
+    out_dims = out_node.dims
+    if tuple(d for d in out_dims if d in INDEX_DIMS) != ("b", "h", "i") or len(out_dims) != 4:
+        raise CodegenError(f"triton codegen: the output must have dims [b, h, i, <feature>], got {list(out_dims)}")
+    out_feature = out_dims[-1]
+    out_strides = tuple(f"stride_out_{d}" for d in out_dims)
+
+    # dims and where their sizes come from (q, k, v first, then other inputs); axis counted from the end
+    size_sources: dict = {}
+    ranked = sorted(tensors, key=lambda t: (t.name not in ("q", "k", "v"), order[t.name]))
+    for t in ranked:
+        decl = spec.inputs[t.name]
+        for k, dim in enumerate(decl.shape):
+            if dim in decl.optional_dims:
+                continue
+            size_sources.setdefault(dim, (t.name, k - len(decl.shape)))
+    used_dims = set(size_sources)
+    for node_id, node in graph.nodes():
+        if node.op == "size" and node.attrs["dim"] not in size_sources:
+            raise CodegenError(f"triton codegen: size '{node.attrs['dim'].upper()}' has no input to read it from")
+    sizes = [(d.upper(), d) for d in graph.dim_order if d in used_dims] + \
+        [(d.upper(), d) for d in sorted(used_dims - set(graph.dim_order))]
+    features = []
+    for node_id, node in graph.nodes():
+        if node_id in raw:
+            continue
+        extra = [d for d in node.dims if d not in INDEX_DIMS]
+        if len(extra) > 1:
+            raise CodegenError(f"triton codegen: value '{node_id}' has two feature dims {extra}; "
+                               "one feature dim per value is supported")
+        if extra and extra[0] not in [f for f, _ in features]:
+            features.append((extra[0], f"BLOCK_{extra[0].upper()}"))
+        if "i" in node.dims and "j" in node.dims and extra:
+            raise CodegenError(f"triton codegen: value '{node_id}' varies along i, j and {extra[0]} at once "
+                               "(a [BLOCK_M, BLOCK_N, BLOCK_D] tile); this code generator keeps tiles 2-D")
+    features.sort(key=lambda f: graph.dim_order.index(f[0]) if f[0] in graph.dim_order else 99)
+
+    names = _Names(graph)
+    host = []
+    for node_id, node in graph.nodes():
+        if _is_host(graph, node_id):
+            host.append((names.of(node_id), node_id, node.dtype, _python_expression(graph, node_id, names)))
+    kernel = f"_fwd_{_sanitize(spec.name)}"
+    return KernelPlan(kernel, graph.schedule, channels, exact, streams, tensors, out_dims, out_strides,
+                      sizes, size_sources, features, host, out_feature)
+
+
+class _Names:
+    """Readable, unique Python names for graph values (the spec's names where it has them)."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.taken = set(_INTERNAL) | set(keyword.kwlist) | {f"BLOCK_{d.upper()}" for d in graph.dim_order} \
+            | {d.upper() for d in graph.dim_order} | {f"offs_{d}" for d in graph.dim_order} \
+            | {f"offs_{d}_rot" for d in graph.dim_order} | {f"{d}_ok" for d in graph.dim_order}
+        for name in graph.spec.inputs:
+            self.taken.add(f"{_sanitize(name)}_ptr")
+        self.names: dict = {}
+
+    def of(self, node_id: str) -> str:
+        if node_id not in self.names:
+            node = self.graph.node(node_id)
+            if node.op == "size":
+                self.names[node_id] = node.attrs["dim"].upper()
+                return self.names[node_id]
+            base = _sanitize(node_id)
+            name = base
+            while name in self.taken or keyword.iskeyword(name):
+                name += "_"
+            self.taken.add(name)
+            self.names[node_id] = name
+        return self.names[node_id]
+
+
+def _python_expression(graph: Graph, node_id: str, names: _Names) -> str:
+    """A host-side Python expression for a constant scalar node (over sizes and other constants)."""
+    node = graph.node(node_id)
+
+    def arg(a):
+        n = graph.node(a)
+        if n.op == "const":
+            return repr(n.attrs["value"])
+        return names.of(a)
+    args = [arg(a) for a in node.args]
+    op = node.op
+    if op in BINARY_OPS:
+        symbol = _PY_BINARY.get(op, BINARY_OPS[op])
+        return f"({args[0]} {symbol} {args[1]})"
+    if op in _PY_UNARY:
+        return _PY_UNARY[op].format(args[0])
+    if op in ("minimum", "maximum"):
+        return f"{'min' if op == 'minimum' else 'max'}({args[0]}, {args[1]})"
+    if op == "where":
+        return f"({args[1]} if {args[0]} else {args[2]})"
+    raise CodegenError(f"triton codegen: cannot evaluate constant node '{node_id}' ({op}) on the host")
+
+
+# ---------------------------------------------------------------------------------------- kernel
+
+@dataclass
+class _Value:
+    expr: str
+    axes: tuple
+    kind: str          # native (a load, the input's dtype) | f32 | int | bool
+
+
+class _KernelWriter:
+    def __init__(self, graph: Graph, p: KernelPlan):
+        self.g = graph
+        self.p = p
+        self.names = _Names(graph)
+        for arg, node_id, _, _ in p.host:
+            self.names.names[node_id] = arg
+            self.names.taken.add(arg)
+        self.raw = {t.name for t in p.tensors if t.raw}
+        self.tensor = {t.name: t for t in p.tensors}
+        self.host = {node_id for _, node_id, _, _ in p.host}
+        self.features = dict(p.features)
+        (self.softmax,) = graph.find("softmax")
+        self.accs = accumulator_dots(graph)
+        self.lines: list[str] = []
+        self.indent = 1
+        self.memo: dict = {}
+        self.acc_names = {a: f"acc_{k}" for k, a in enumerate(self.accs)}
+
+    # -- shapes
+    def axes(self, node_id: str) -> tuple:
+        dims = self.g.node(node_id).dims
+        axes = []
+        if self.p.channels and ("b" in dims or "h" in dims):
+            axes.append("c")
+        for d in ("i", "j"):
+            if d in dims:
+                axes.append(d)
+        axes += [d for d in dims if d not in INDEX_DIMS]
+        return tuple(axes)
+
+    def block(self, axis: str) -> str:
+        return {"c": "CP", "i": "BLOCK_M", "j": "BLOCK_N"}.get(axis) or self.features[axis]
+
+    @staticmethod
+    def view(value: _Value, to_axes: tuple) -> str:
+        if not value.axes or value.axes == tuple(to_axes):
+            return value.expr
+        assert set(value.axes) <= set(to_axes), (value.axes, to_axes)
+        index = ", ".join(":" if a in value.axes else "None" for a in to_axes)
+        return f"{value.expr}[{index}]"
+
+    def offsets(self, axis: str, variant: int) -> _Value:
+        if axis == "i":
+            return _Value("offs_i", ("i",), "int")
+        if axis == "j":
+            return _Value("offs_j", ("j",), "int")
+        if axis == "c":
+            return _Value("offs_c", ("c",), "int")
+        return _Value(f"offs_{axis}_rot" if variant else f"offs_{axis}", (axis,), "int")
+
+    def axis_mask(self, axis: str) -> _Value:
+        name = {"c": "c_ok", "i": "row_ok", "j": "col_ok"}.get(axis) or f"{axis}_ok"
+        return _Value(name, (axis,), "bool")
+
+    # -- emission
+    def line(self, text: str = "") -> None:
+        self.lines.append(("    " * self.indent + text) if text else "")
+
+    def assign(self, name: str, expr: str, comment: str = "") -> None:
+        self.line(f"{name} = {expr}" + (f"  # {comment}" if comment else ""))
+
+    def f32(self, v: _Value) -> str:
+        if v.kind == "native":
+            return f"{v.expr}.to(tl.float32)"
+        return v.expr
+
+    def f32v(self, v: _Value, to_axes) -> str:
+        e = self.view(v, to_axes)
+        return f"{e}.to(tl.float32)" if v.kind == "native" else e
+
+    def value(self, node_id: str, variant: int = 0) -> _Value:
+        node = self.g.node(node_id)
+        axes = self.axes(node_id)
+        feature = axes[-1] if axes and axes[-1] not in ("c", "i", "j") else None
+        if not feature:
+            variant = 0
+        key = (node_id, variant)
+        if key in self.memo:
+            return self.memo[key]
+        op = node.op
+        if op == "const":
+            v = node.attrs["value"]
+            text = repr(v) if not isinstance(v, float) or v == v and abs(v) != float("inf") else f'float("{v}")'
+            result = _Value(text, (), {"bool": "bool", "int": "int"}.get(node.dtype, "f32"))
+        elif op == "size":
+            result = _Value(node.attrs["dim"].upper(), (), "int")
+        elif node_id in self.host:
+            result = _Value(self.names.of(node_id), (), {"int": "int", "bool": "bool"}.get(node.dtype, "f32"))
+        elif op == "index":
+            dim = node.attrs["dim"]
+            if dim in ("i", "j"):
+                result = self.offsets(dim, 0)
+            elif self.p.channels:
+                result = _Value(f"off_{dim}", ("c",), "int")
+            else:
+                result = _Value(f"off_{dim}", (), "int")
+        elif op == "softmax":
+            result = self.memo[(node_id, 0)]   # set by the softmax section of the key loop
+        elif node_id in self.acc_names:
+            result = self.memo[(node_id, 0)]   # set after the key loop
+        else:
+            name = self.names.of(node_id) + ("_rot" if variant else "")
+            expr, kind = self.compute(node_id, axes, variant, name)
+            if expr is not None:
+                self.assign(name, expr, f"[{', '.join(node.dims)}]" + (" at (d + D/2) mod D" if variant else ""))
+            result = _Value(name, axes, kind)
+        self.memo[key] = result
+        return result
+
+    def compute(self, node_id, axes, variant, name):
+        """(expression, kind) of a node; multi-line ops emit their own lines and return (None, kind)."""
+        g, node = self.g, self.g.node(node_id)
+        op = node.op
+        if op == "input":
+            return self.load(node_id, axes, variant)
+        if op == "gather":
+            return self.gather(node_id, axes, variant)
+        if op == "dot":
+            return self.dot(node_id, axes, variant)
+        if op in ("l2norm", "rmsnorm", "rotary", "xpos"):
+            return self.row_transform(node_id, axes, variant, name)
+        if op == "mix_heads":
+            return self.mix_heads(node_id, axes, variant)
+        args = [self.value(a, variant) for a in node.args]
+        is_float = node.dtype == "float"
+
+        def operand(v):
+            return self.f32v(v, axes) if is_float else self.view(v, axes)
+        if op in ("add", "sub", "mul", "div"):
+            a, b = (operand(v) for v in args)
+            return f"{a} {BINARY_OPS[op]} {b}", "f32" if is_float or op == "div" else "int"
+        if op in ("lt", "le", "gt", "ge", "eq", "ne"):
+            a, b = (self.f32v(v, axes) for v in args)
+            return f"{a} {BINARY_OPS[op]} {b}", "bool"
+        if op in ("and", "or"):
+            a, b = (self.view(v, axes) for v in args)
+            return f"{a} {BINARY_OPS[op]} {b}", "bool"
+        if op == "not":
+            return f"~{self.view(args[0], axes)}", "bool"
+        if op == "neg":
+            return f"-{operand(args[0])}", "f32" if is_float else "int"
+        if op in ("floordiv", "mod"):
+            a, b = (operand(v) for v in args)
+            if is_float:
+                if op == "floordiv":
+                    return f"tl.floor({a} / {b})", "f32"
+                return f"{a} - tl.floor({a} / {b}) * {b}", "f32"
+            return f"{'_floordiv' if op == 'floordiv' else '_floormod'}({a}, {b})", "int"
+        if op == "pow":
+            a, b = args
+            exponent = g.node(node.args[1])
+            if exponent.op == "const" and float(exponent.attrs["value"]).is_integer() \
+                    and abs(exponent.attrs["value"]) <= 4:
+                n = int(exponent.attrs["value"])
+                base = self.f32v(a, axes)
+                if n == 0:
+                    return f"tl.full({self.shape(axes)}, 1.0, tl.float32)" if axes else "1.0", "f32"
+                product = " * ".join([base] * abs(n))
+                return (f"1.0 / ({product})" if n < 0 else product), "f32"
+            return f"_pow({self.f32v(a, axes)}, {self.f32v(b, axes)})", "f32"
+        if op in _TL_UNARY:
+            if op == "abs" and not is_float:
+                return f"tl.abs({self.view(args[0], axes)})", "int"
+            return f"{_TL_UNARY[op]}({self.f32v(args[0], axes)})", "f32"
+        if op in ("minimum", "maximum"):
+            a, b = (operand(v) for v in args)
+            return f"tl.{op}({a}, {b})", "f32" if is_float else "int"
+        if op == "where":
+            c = self.view(args[0], axes)
+            a, b = (operand(v) for v in args[1:])
+            kind = "f32" if is_float else ("bool" if node.dtype == "bool" else "int")
+            return f"tl.where({c}, {a}, {b})", kind
+        raise CodegenError(f"triton codegen ({self.g.schedule}): no rule for op '{op}' (node '{node_id}')")
+
+    def shape(self, axes) -> str:
+        return "[" + ", ".join(self.block(a) for a in axes) + "]"
+
+    # -- memory
+    def index_terms(self, t: TensorArg, axes, variant, index_of=None):
+        """Offset terms and mask terms of input t at the program's tile, broadcast to `axes`."""
+        terms, masks = [], []
+        for dim, stride in zip(t.dims, t.strides):
+            if index_of is not None and dim in index_of:
+                continue
+            if dim in ("b", "h"):
+                if self.p.channels:
+                    terms.append(f"{self.view(_Value(f'off_{dim}', ('c',), 'int'), axes)} * {stride}")
+                    if "c" in axes and self.axis_mask("c").expr not in masks:
+                        masks.append(self.view(self.axis_mask("c"), axes))
+                else:
+                    terms.append(f"off_{dim} * {stride}")
+                continue
+            axis = dim
+            terms.append(f"{self.view(self.offsets(axis, variant), axes)} * {stride}")
+            masks.append(self.view(self.axis_mask(axis), axes))
+        return terms, masks
+
+    def load(self, node_id, axes, variant):
+        t = self.tensor[node_id]
+        terms, masks = self.index_terms(t, axes, variant)
+        return self.load_expr(t, terms, masks), self.load_kind(t)
+
+    @staticmethod
+    def load_kind(t: TensorArg) -> str:
+        return {"bool": "bool", "int": "int"}.get(t.dtype, "native")
+
+    def load_expr(self, t: TensorArg, terms, masks) -> str:
+        pointer = " + ".join([t.ptr] + terms)
+        other = {"bool": "0", "int": "0"}.get(t.dtype, "0.0")
+        mask = " & ".join(dict.fromkeys(masks))
+        text = f"tl.load({pointer}, mask={mask}, other={other})" if mask else f"tl.load({pointer})"
+        if t.dtype == "bool":
+            text += " != 0"
+        return text
+
+    def gather(self, node_id, axes, variant):
+        node = self.g.node(node_id)
+        table = self.tensor[node.args[0]]
+        indices = [self.value(a, variant) for a in node.args[1:]]
+        terms, masks = [], []
+        for dim, stride, index in zip(table.dims, table.strides, indices):
+            idx = self.view(index, axes)
+            terms.append(f"({idx}) * {stride}")
+            masks.append(f"({idx} >= 0) & ({idx} < {dim.upper()})")
+        pointer = " + ".join([table.ptr] + terms)
+        mask = " & ".join(masks)
+        other = "0" if table.dtype in ("int", "bool") else "0.0"
+        text = f"tl.load({pointer}, mask={mask}, other={other})"
+        if table.dtype == "bool":
+            text += " != 0"
+        return text, self.load_kind(table)
+
+    # -- contractions
+    def mma_operand(self, node_id, variant=0) -> str:
+        """The value as a tl.dot operand (the input dtype); casts of loop-invariant values are hoisted."""
+        key = (node_id, variant, "mma")
+        if key in self.memo:
+            return self.memo[key].expr
+        v = self.value(node_id, variant)
+        if v.kind == "native" and self.g.node(node_id).op == "input" and node_id in ("q", "k", "v"):
+            result = v
+        else:
+            name = f"{v.expr}_mma"
+            self.assign(name, f"{v.expr}.to(DOT_DTYPE)")
+            result = _Value(name, v.axes, "native")
+        self.memo[key] = result
+        return result.expr
+
+    def dot(self, node_id, axes, variant):
+        node = self.g.node(node_id)
+        a_id, b_id = node.args
+        a, b = self.value(a_id, variant), self.value(b_id, variant)
+        contracted = self.g.node(a_id).dims[-1]
+        if contracted == "j":
+            raise CodegenError(f"triton codegen ({self.g.schedule}): dot '{node_id}' contracts j but is not "
+                               "the dot(p, v) of the softmax probabilities")
+        if contracted in ("i", "b", "h"):
+            raise CodegenError(f"triton codegen: dot '{node_id}' contracts '{contracted}'")
+        if "i" in a.axes and "j" in b.axes and a.axes[-1] == contracted and b.axes[-1] == contracted \
+                and "j" not in a.axes and "i" not in b.axes:
+            # the scores: [.., BLOCK_M, D] x [.., BLOCK_N, D]^T on the tensor cores, fp32 accumulation
+            qa, kb = self.mma_operand(a_id, variant), self.mma_operand(b_id, variant)
+            if "c" in axes:
+                if "c" not in a.axes:
+                    qa = f"tl.broadcast_to({qa}[None, :, :], {self.shape(('c',) + a.axes)})"
+                if "c" not in b.axes:
+                    kb = f"tl.broadcast_to({kb}[None, :, :], {self.shape(('c',) + b.axes)})"
+                kt = f"tl.permute({kb}, (0, 2, 1))"
+            else:
+                kt = f"tl.trans({kb})"
+            return f"tl.dot({qa}, {kt}, input_precision=DOT_PRECISION)", "f32"
+        union = tuple(x for x in ("c", "i", "j", *self.features) if x in a.axes or x in b.axes)
+        product = f"{self.f32v(a, union)} * {self.f32v(b, union)}"
+        return f"tl.sum({product}, axis={union.index(contracted)})", "f32"
+
+    def row_transform(self, node_id, axes, variant, name):
+        node = self.g.node(node_id)
+        op = node.op
+        feature = axes[-1]
+        size = feature.upper()
+        x = self.value(node.args[0], variant)
+        xf = self.f32v(x, axes)
+        last = len(axes) - 1
+        keep_dims = lambda e: f"tl.expand_dims({e}, {last})"
+        offs = self.offsets(feature, variant)
+        offs_view = self.view(offs, axes)
+        if op == "l2norm":
+            groups, eps = node.attrs.get("groups", 1), node.attrs.get("eps", 1e-12)
+            if groups == 1:
+                norm = f"tl.sqrt(tl.sum({xf} * {xf}, axis={last}))"
+                return f"{xf} / {keep_dims(f'tl.maximum({norm}, {eps!r})')}", "f32"
+            self.line(f"# l2norm in {groups} groups of {size} // {groups} features")
+            self.assign(f"{name}_x", xf)
+            self.assign(f"{name}_gid", f"{offs_view} // ({size} // {groups})")
+            self.assign(name, f"tl.zeros({self.shape(axes)}, tl.float32)")
+            self.line(f"for g in tl.static_range({groups}):")
+            self.indent += 1
+            self.assign(f"{name}_sel", f"{name}_gid == g")
+            self.assign(f"{name}_ss", f"tl.sum(tl.where({name}_sel, {name}_x * {name}_x, 0.0), axis={last})")
+            self.assign(name, f"tl.where({name}_sel, {name}_x / "
+                              f"{keep_dims(f'tl.maximum(tl.sqrt({name}_ss), {eps!r})')}, {name})")
+            self.indent -= 1
+            return None, "f32"
+        if op == "rmsnorm":
+            eps = node.attrs.get("eps", 1e-6)
+            mean = f"tl.sum({xf} * {xf}, axis={last}) / {size}"
+            return f"{xf} * {keep_dims(f'tl.rsqrt({mean} + {eps!r})')}", "f32"
+        pos = self.value(node.args[1], variant)
+        pos_f = f"{pos.expr}.to(tl.float32)" if pos.axes else f"({pos.expr} * 1.0)"
+        pos_view = self.view(_Value(pos_f, pos.axes, "f32"), axes)
+        pair = f"({offs.expr} % ({size} // 2)).to(tl.float32)"       # m: the feature's pair index
+        if op == "rotary":
+            theta = float(node.attrs.get("theta", 10000.0))
+            import math
+            self.assign(f"{name}_freq", f"tl.exp2({pair} * {-2.0 * math.log2(theta)!r} / {size})",
+                        "theta ** (-2m / D)")
+            angle = f"{pos_view} * {self.view(_Value(f'{name}_freq', (feature,), 'f32'), axes)}"
+            self.assign(f"{name}_angle", angle)
+            self.assign(f"{name}_sign", f"tl.where({offs.expr} < {size} // 2, -1.0, 1.0)", "rotate_half: [-x2, x1]")
+            partner = self.value(node.args[0], 1 - variant)
+            sign = self.view(_Value(f"{name}_sign", (feature,), "f32"), axes)
+            return (f"{xf} * tl.cos({name}_angle) + {sign} * {self.f32v(partner, axes)} * tl.sin({name}_angle)",
+                    "f32")
+        # xpos: x * sv ** (pos / scale_base), sv = (2m + 0.4 D) / (1.4 D)
+        scale_base = float(node.attrs.get("scale_base", 512.0))
+        inverse = bool(node.attrs.get("inverse", False))
+        self.assign(f"{name}_log2sv", f"tl.log2((2.0 * {pair} + 0.4 * {size}) / (1.4 * {size}))")
+        exponent = f"{self.view(_Value(f'{name}_log2sv', (feature,), 'f32'), axes)} * {pos_view} / {scale_base!r}"
+        return f"{xf} * tl.exp2({'-' if inverse else ''}({exponent}))", "f32"
+
+    def mix_heads(self, node_id, axes, variant):
+        node = self.g.node(node_id)
+        if not self.p.channels:
+            raise CodegenError(f"triton codegen ({self.g.schedule}): mix_heads needs the heads-in-tile kernel")
+        x = self.value(node.args[0], variant)
+        if not axes or axes[0] != "c":
+            raise CodegenError(f"triton codegen: mix_heads '{node_id}' of a value that does not vary by head")
+        weight = self.weight_tile(node.args[1])
+        rest = axes[1:]
+        rows = " * ".join(self.block(a) for a in rest) or "1"
+        flat = f"tl.reshape({self.f32v(x, axes)}, [CP, {rows}])"
+        return f"tl.reshape(_mix_heads({flat}, {weight}, CP, DOT_PRECISION), {self.shape(axes)})", "f32"
+
+    def weight_tile(self, weight_id) -> str:
+        key = (weight_id, "tile")
+        if key not in self.memo:
+            t = self.tensor[weight_id]
+            name = f"{self.names.of(weight_id)}_tile"
+            out_stride, in_stride = t.strides
+            self.assign(name, f"tl.load({t.ptr} + offs_c[:, None] * {out_stride} + offs_c[None, :] * {in_stride}, "
+                              f"mask=c_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)",
+                        "[(s h) out, (s h) in]")
+            self.memo[key] = _Value(name, ("c", "c"), "f32")
+        return self.memo[key].expr
+
+    # -- bounds
+    def inline_int(self, node_id: str, i_name: str) -> str:
+        node = self.g.node(node_id)
+        op = node.op
+        if op == "const":
+            return repr(node.attrs["value"])
+        if op == "size":
+            return node.attrs["dim"].upper()
+        if node_id in self.host:
+            return self.names.of(node_id)
+        if op == "index":
+            if node.attrs["dim"] != "i":
+                raise CodegenError("bound depends on an index other than i")
+            return i_name
+        args = [self.inline_int(a, i_name) for a in node.args]
+        if op in ("add", "sub", "mul"):
+            return f"({args[0]} {BINARY_OPS[op]} {args[1]})"
+        if op == "floordiv":
+            return f"_floordiv({args[0]}, {args[1]})"
+        if op == "mod":
+            return f"_floormod({args[0]}, {args[1]})"
+        if op == "neg":
+            return f"(-{args[0]})"
+        if op in ("minimum", "maximum"):
+            return f"tl.{op}({args[0]}, {args[1]})"
+        raise CodegenError(f"bound uses op {op}")
+
+    def render_key_bound(self, bound, i_name: str) -> str:
+        text = render_bound(bound, lambda n: self.inline_int(n, i_name))
+        text = re.sub(r"\bmin\(", "tl.minimum(", text)
+        return re.sub(r"\bmax\(", "tl.maximum(", text)
+
+    # -- the kernel
+    def kernel(self) -> str:
+        p, g = self.p, self.g
+        header = []
+        args = p.runtime_args()
+        constexprs = p.constexpr_args()
+        header.append("@triton.jit")
+        header.append(f"def {p.kernel}(")
+        pointer_line = ", ".join([t.ptr for t in p.tensors] + ["out_ptr"])
+        header.append(f"    {pointer_line},")
+        for t in p.tensors:
+            header.append(f"    {', '.join(t.strides)},")
+        header.append(f"    {', '.join(p.out_strides)},")
+        header.append(f"    {', '.join(a for a, _ in p.sizes)},")
+        if p.host:
+            header.append(f"    {', '.join(a for a, _, _, _ in p.host)},")
+        header.append(f"    {', '.join(f'{c}: tl.constexpr' for c in constexprs)},")
+        header.append("):")
+        assert len(args) == len(set(args)), args
+        self.line(f'"""{g.spec.name}: schedule {g.schedule}, '
+                  f'{"heads-in-tile" if p.channels else "per-head"} programs, '
+                  f'{"two sweeps (exact softmax)" if p.exact else "online softmax"}."""')
+        self.line("start_m = tl.program_id(0)")
+        if p.channels:
+            S = p.streams
+            self.line(f"sample = tl.program_id(1)          # programs hold all {S} * H (stream, head) channels")
+            self.assign("C", f"{S} * H")
+            self.assign("offs_c", "tl.arange(0, CP)", "channel c = stream * H + head")
+            self.assign("c_ok", "offs_c < C")
+            self.assign("off_b", f"sample * {S} + offs_c // H", "batch is laid out (b s)")
+            self.assign("off_h", "offs_c % H")
+        else:
+            self.line("off_bh = tl.program_id(1)")
+            self.assign("off_b", "off_bh // H")
+            self.assign("off_h", "off_bh % H")
+        self.assign("offs_i", "start_m * BLOCK_M + tl.arange(0, BLOCK_M)")
+        self.assign("row_ok", "offs_i < I")
+        for feature, block in p.features:
+            F = feature.upper()
+            self.assign(f"offs_{feature}", f"tl.arange(0, {block})")
+            self.assign(f"{feature}_ok", f"offs_{feature} < {F}")
+            if self._uses_rotation(feature):
+                self.assign(f"offs_{feature}_rot", f"tl.where({feature}_ok, (offs_{feature} + {F} // 2) % {F}, "
+                                                   f"offs_{feature})", "rotate_half's partner feature")
+        self.assign("DOT_DTYPE", f"{self.tensor['q'].ptr}.dtype.element_ty")
+
+        stages = {n: g.node(n).stage for n in g.ids()}
+        self.line()
+        self.line("# -- per program: values without i or j --")
+        for node_id in g.ids():
+            if stages[node_id] == "constant" and self._in_kernel(node_id):
+                self.value(node_id)
+        for mix in g.find("mix_heads"):
+            self.weight_tile(g.node(mix).args[1])
+        self.line()
+        self.line("# -- q prologue: once per query tile --")
+        for node_id in g.ids():
+            if stages[node_id] == "q_prologue" and self._in_kernel(node_id):
+                self.value(node_id)
+        for node_id in g.ids():   # hoist the casts of q-side dot operands out of the key loop
+            node = g.node(node_id)
+            if node.op == "dot" and stages[node.args[0]] in ("q_prologue",) and node_id not in self.accs:
+                if "j" in self.axes(node.args[1]):
+                    self.mma_operand(node.args[0])
+
+        self.line()
+        self.key_range()
+        scores_id = g.node(self.softmax).args[0]
+        keeps = g.node(self.softmax).args[1:]
+        score_axes = tuple(a for a in ("c", "i", "j") if a == "c" and p.channels or a in ("i", "j"))
+        stat_axes = score_axes[:-1]
+        stat_shape = self.shape(stat_axes)
+        expand = f"[{', '.join([':'] * len(stat_axes) + ['None'])}]"
+        last = len(score_axes) - 1
+        outer = dict(self.memo)
+
+        self.line()
+        self.assign("m_i", f"tl.full({stat_shape}, float('-inf'), tl.float32)", "row max (log2 units)")
+        self.assign("l_i", f"tl.zeros({stat_shape}, tl.float32)", "row sum")
+        if p.exact:
+            self.line("# -- sweep 1 of 2: exact row statistics --")
+            self.loop_head()
+            self.masked_scores(scores_id, keeps, score_axes)
+            self.assign("m_new", f"tl.maximum(m_i, tl.max(s_tile, axis={last}))")
+            self.assign("m_use", "tl.where(m_new == float('-inf'), 0.0, m_new)", "rows with nothing kept yet")
+            self.assign("l_i", f"l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s_tile - m_use{expand}), axis={last})")
+            self.assign("m_i", "m_new")
+            self.indent -= 1
+            self.memo = dict(outer)
+            self.assign("m_use", "tl.where(m_i == float('-inf'), 0.0, m_i)")
+            self.assign("inv_l", "tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)",
+                        "rows with nothing kept give 0")
+            self.line()
+            self.line("# -- sweep 2 of 2: exact probabilities, post-softmax ops, p @ v --")
+        self.init_accumulators()
+        self.loop_head()
+        self.masked_scores(scores_id, keeps, score_axes)
+        if p.exact:
+            self.assign("p_tile", f"tl.exp2(s_tile - m_use{expand}) * inv_l{expand}")
+        else:
+            self.assign("m_new", f"tl.maximum(m_i, tl.max(s_tile, axis={last}))")
+            self.assign("m_use", "tl.where(m_new == float('-inf'), 0.0, m_new)", "rows with nothing kept yet")
+            self.assign("alpha", "tl.exp2(m_i - m_use)")
+            self.assign("p_tile", f"tl.exp2(s_tile - m_use{expand})")
+            self.assign("l_i", f"l_i * alpha + tl.sum(p_tile, axis={last})")
+            self.assign("m_i", "m_new")
+        self.memo[(self.softmax, 0)] = _Value("p_tile", score_axes, "f32")
+        for acc in self.accs:
+            node = g.node(acc)
+            pv = self.value(node.args[0])
+            v_id = node.args[1]
+            v = self.value(v_id)
+            acc_name = self.acc_names[acc]
+            ptile = self.view(pv, score_axes)
+            vv = self.mma_operand(v_id)
+            if "c" in score_axes and "c" not in v.axes:
+                vv = f"tl.broadcast_to({vv}[None, :, :], {self.shape(('c',) + v.axes)})"
+            if pv.axes != score_axes:
+                ptile = f"tl.broadcast_to({ptile}, {self.shape(score_axes)})"
+            update = f"tl.dot({ptile}.to(DOT_DTYPE), {vv}, input_precision=DOT_PRECISION)"
+            if p.exact:
+                self.assign(acc_name, f"{acc_name} + {update}")
+            else:
+                self.assign(acc_name, f"{acc_name} * alpha{expand} + {update}")
+        self.indent -= 1
+        self.memo = dict(outer)
+
+        self.line()
+        self.line("# -- epilogue --")
+        if not p.exact:
+            self.assign("l_safe", "tl.where(l_i > 0.0, l_i, 1.0)", "rows with nothing kept give 0")
+        for acc in self.accs:
+            axes = self.acc_axes(acc)
+            value = f"{self.acc_names[acc]}" if p.exact else f"{self.acc_names[acc]} / l_safe{expand}"
+            name = self.names.of(acc)
+            self.assign(name, value, f"[{', '.join(g.node(acc).dims)}]")
+            self.memo[(acc, 0)] = _Value(name, axes, "f32")
+        out = self.value(g.output)
+        out_axes = self.axes(g.output)
+        out_t = TensorArg("out", "out_ptr", p.out_dims, "float", False, p.out_strides)
+        terms, masks = self.index_terms(out_t, out_axes, 0)
+        self.assign("out_offs", " + ".join(terms))
+        self.assign("out_mask", " & ".join(dict.fromkeys(masks)))
+        self.line(f"tl.store(out_ptr + out_offs, {self.f32(out)}.to(out_ptr.dtype.element_ty), mask=out_mask)")
+        return "\n".join(header + self.lines) + "\n"
+
+    def _uses_rotation(self, feature: str) -> bool:
+        return any(self.g.node(n).op == "rotary" and self.axes(n)[-1] == feature for n in self.g.ids())
+
+    def _in_kernel(self, node_id: str) -> bool:
+        node = self.g.node(node_id)
+        if node_id in self.raw or node.op in ("const", "size", "absent") or node_id in self.host:
+            return False
+        return True
+
+    def acc_axes(self, acc: str) -> tuple:
+        return self.axes(acc)
+
+    def init_accumulators(self):
+        for acc in self.accs:
+            self.assign(self.acc_names[acc], f"tl.zeros({self.shape(self.acc_axes(acc))}, tl.float32)")
+
+    def key_range(self):
+        bounds = self.g.key_bounds
+        self.line("# -- key blocks: the keep-predicates' interval analysis bounds the keys rows "
+                  "i_first..i_last keep --")
+        self.assign("i_first", "start_m * BLOCK_M")
+        self.assign("i_last", "tl.minimum(i_first + BLOCK_M, I) - 1")
+        lower = upper = None
+        try:
+            if bounds is not None and bounds.lower is not None:
+                lower = self.render_key_bound(bounds.lower, "i_first")
+            if bounds is not None and bounds.upper is not None:
+                upper = self.render_key_bound(bounds.upper, "i_last")
+        except CodegenError:
+            lower = upper = None
+        used = ", ".join(bounds.conjuncts_used) if bounds is not None and bounds.conjuncts_used else ""
+        if lower is None and upper is None:
+            self.line("# (no keep-predicate bounds the keys: every key block is visited)")
+        elif used:
+            self.line(f"# from: {used}")
+        self.assign("kv_lo", f"tl.maximum({lower}, 0)" if lower else "0")
+        self.assign("kv_hi", f"tl.minimum({upper} + 1, J)" if upper else "J")
+        if lower:
+            self.assign("kv_lo", "(kv_lo // BLOCK_N) * BLOCK_N")
+
+    def loop_head(self):
+        self.line("for start_n in range(kv_lo, kv_hi, BLOCK_N):")
+        self.indent += 1
+        self.assign("offs_j", "start_n + tl.arange(0, BLOCK_N)")
+        self.assign("col_ok", "offs_j < J")
+
+    def masked_scores(self, scores_id, keeps, score_axes):
+        s = self.value(scores_id)
+        terms = [self.view(_Value("col_ok", ("j",), "bool"), score_axes)]
+        for keep in keeps:
+            k = self.value(keep)
+            terms.append(self.view(k, score_axes) if k.axes else f"({k.expr})")
+        self.assign("keep_tile", " & ".join(terms))
+        s_expr = self.f32v(s, score_axes)
+        self.assign("s_tile", f"tl.where(keep_tile, {s_expr} * LOG2E, float('-inf'))", "log2 units; dropped: -inf")
+
+
+_HELPERS = '''
+LOG2E: tl.constexpr = 1.4426950408889634
+
+
+@triton.jit
+def _floordiv(a, b):
+    """Floor division for integers, whatever the hardware's // rounds to."""
+    q = a // b
+    r = a - q * b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), q - 1, q)
+
+
+@triton.jit
+def _floormod(a, b):
+    return a - _floordiv(a, b) * b
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _pow(a, b):
+    return tl.exp2(b * tl.log2(a))
+
+
+@triton.jit
+def _mix_heads(x, w, CP: tl.constexpr, PRECISION: tl.constexpr):
+    """w @ x over channels: x [CP, rows] fp32, w [CP out, CP in] (zero outside the real channels)."""
+    if CP >= 16:
+        mixed = tl.dot(w, x, input_precision=PRECISION)
+    else:
+        offs_c = tl.arange(0, CP)
+        mixed = tl.zeros_like(x)
+        for o in tl.static_range(CP):
+            w_o = tl.sum(tl.where(offs_c[:, None] == o, w, 0.0), axis=0)      # row o of w
+            row = tl.sum(w_o[:, None] * x, axis=0)
+            mixed = tl.where(offs_c[:, None] == o, row[None, :], mixed)
+    return mixed
+'''
+
+
+# --------------------------------------------------------------------------------------- launcher
+
+def _launcher(graph: Graph, p: KernelPlan) -> str:
+    spec = graph.spec
+    params = [t.name for t in p.tensors]
+    pnames = {t.name: _sanitize(t.name) for t in p.tensors}
+    lines = []
+    sig = ", ".join(pnames[n] for n in params)
+    lines.append(f"def forward({sig}, *, BLOCK_M={DEFAULT_CONFIG['BLOCK_M']}, BLOCK_N={DEFAULT_CONFIG['BLOCK_N']}, "
+                 f"num_warps={DEFAULT_CONFIG['num_warps']}, num_stages={DEFAULT_CONFIG['num_stages']}, "
+                 "wrap=None, poison=False):")
+    lines.append(f'    """{spec.name} forward ({graph.schedule}); returns [b, h, i, {p.out_feature}] in q\'s dtype.')
+    lines.append("")
+    lines.append("    wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.")
+    lines.append('    """')
+    for arg, dim in p.sizes:
+        source, axis = p.size_sources[dim]
+        lines.append(f"    {arg} = {pnames[source]}.shape[{axis}]")
+    for arg, node_id, dtype, expr in p.host:
+        lines.append(f"    {arg} = {expr}")
+    out_shape = ", ".join(d.upper() for d in p.out_dims)
+    lines.append(f"    out = _empty(({out_shape},), q, poison)")
+    if p.channels:
+        lines.append(f"    if B % {p.streams}:")
+        lines.append(f"        raise ValueError(f'{spec.name}: the batch ({{B}}) is not a multiple of streams={p.streams}')")
+    lines.append("    if out.numel() == 0:")
+    lines.append("        return out")
+    if p.channels:
+        lines.append(f"    grid = (triton.cdiv(I, BLOCK_M), B // {p.streams})")
+    else:
+        lines.append("    grid = (triton.cdiv(I, BLOCK_M), B * H)")
+    lines.append(f"    kernel = {p.kernel} if wrap is None else wrap({p.kernel})")
+    lines.append("    kernel[grid](")
+    lines.append(f"        {', '.join(pnames[n] for n in params)}, out,")
+    for t in p.tensors:
+        lines.append(f"        *_strides({pnames[t.name]}, {len(t.dims)}),")
+    lines.append(f"        *_strides(out, {len(p.out_dims)}),")
+    lines.append(f"        {', '.join(a for a, _ in p.sizes)},")
+    if p.host:
+        lines.append(f"        {', '.join(a for a, _, _, _ in p.host)},")
+    lines.append("        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,")
+    for feature, block in p.features:
+        lines.append(f"        {block}=max({MIN_DOT_BLOCK}, triton.next_power_of_2({feature.upper()})),")
+    if p.channels:
+        lines.append(f"        CP=triton.next_power_of_2({p.streams} * H),")
+    lines.append('        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",')
+    lines.append("        num_warps=num_warps, num_stages=num_stages,")
+    lines.append("    )")
+    lines.append("    return out")
+    lines.append("")
+    lines.append("")
+    lines.append(f"def forward_fake({sig}, *args, **kwargs):")
+    for arg, dim in p.sizes:
+        if dim in p.out_dims:
+            source, axis = p.size_sources[dim]
+            lines.append(f"    {arg} = {pnames[source]}.shape[{axis}]")
+    lines.append(f"    return q.new_empty(({out_shape},))")
+    return "\n".join(lines) + "\n"
+
+
+_LAUNCH_HELPERS = '''
+
+def _strides(tensor, ndim):
+    """One stride per declared dim: 0 for a missing leading dim or a broadcast (size-1) dim."""
+    strides = [0 if size == 1 else stride for size, stride in zip(tensor.shape, tensor.stride())]
+    return [0] * (ndim - tensor.ndim) + strides
+
+
+def _empty(shape, like, poison):
+    if poison:
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+'''
+
+
+def kernel_name(graph: Graph) -> str:
+    return f"_fwd_{_sanitize(graph.spec.name)}"
+
+
+def kernel_source(graph: Graph) -> tuple[str, KernelPlan]:
+    """The @triton.jit kernel alone (and its plan)."""
+    p = plan(graph)
+    return _KernelWriter(graph, p).kernel(), p
+
+
+def triton_source(graph: Graph, config: dict | None = None) -> str:
+    """A complete module: imports, helpers, the kernel and `forward(...)` that launches it.
+
+    The source does not depend on the config (tile sizes are constexpr launch arguments); a
+    config only sets the launcher's default tile sizes.
+    """
+    kernel, p = kernel_source(graph)
+    launcher = _launcher(graph, p)
+    if config:
+        for key in CONFIG_KEYS:
+            if key in config:
+                launcher = re.sub(rf"\b{key}=\d+", f"{key}={int(config[key])}", launcher, count=1)
+    present = sorted(graph.present)
+    header = (f'"""Triton forward kernel for spec {graph.spec.name!r} (schedule {graph.schedule}).\n\n'
+              f"generated by kernelsearch - do not edit\n"
+              f"spec: {graph.spec.path}\n"
+              f"spec sha256: {graph.spec.sha256}\n"
+              f"present optional inputs: {present}\n"
+              f'"""\n'
+              "import math\n\nimport torch\nimport triton\nimport triton.language as tl\n")
+    return header + _HELPERS + "\n\n" + kernel + _LAUNCH_HELPERS + "\n\n" + launcher
+
+
+def source_hash(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def default_config(graph: Graph) -> dict:
+    return dict(DEFAULT_CONFIG_HEADS_IN_TILE if graph.schedule in ("heads_in_tile", "two_pass") else DEFAULT_CONFIG)
