@@ -33,7 +33,10 @@ class Attention:
         self.overrides = dict(params)
         self.config = dict(config) if config else None
         self.last_config: dict | None = None
-        self._implementations: dict = {}
+        # one implementation per combination of present optional inputs, built now: a call traced by
+        # torch.compile must find plain tensor code, not the compiler
+        from .codegen.module import presence_sets
+        self._implementations = {present: self._build(self.graph(present)) for present in presence_sets(spec)}
 
     def __repr__(self) -> str:
         return f"kernelsearch.load({self.spec.path!r}, backend={self.backend!r}, **{self.overrides!r})"
@@ -51,10 +54,7 @@ class Attention:
                 raise TypeError(f"{self.spec.name} attention needs the input '{name}'")
         present = frozenset(n for n in self.spec.optional_inputs if inputs.get(n) is not None)
         tensors = {"q": q, "k": k, "v": v, **{n: t for n, t in inputs.items() if t is not None}}
-        implementation = self._implementations.get(present)
-        if implementation is None:
-            implementation = self._implementations[present] = self._build(self.graph(present))
-        return implementation(tensors)
+        return self._implementations[present](tensors)
 
     def _build(self, graph):
         if self.backend == "reference":

@@ -37,6 +37,8 @@ def default_config(graph: Graph, sizes: dict) -> dict:
 
 
 def tuned_config(graph: Graph, sizes: dict, dtype, device) -> dict | None:
+    if torch.compiler.is_compiling():
+        return None  # inside a traced model: no file lookups; the defaults are static
     try:
         from ..tune import records
     except ImportError:
@@ -66,6 +68,8 @@ class TorchFunctions:
 
 def build(graph: Graph, attention):
     functions = TorchFunctions(graph)
+    for lowering in ("materialized", "chunked"):
+        functions.get(lowering, compiled=False)   # generate now, not while a caller is being traced
     arguments = ["q", "k", "v"] + [n for n in graph.spec.inputs if n not in ("q", "k", "v")]
 
     def run(tensors: dict):

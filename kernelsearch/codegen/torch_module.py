@@ -136,8 +136,8 @@ def torch_source(graph: Graph, lowering: str) -> str:
     layout = ", ".join(emitter.layout)
     body.append(f"# aligned layout [{layout}]: one axis per dim, size 1 where a value does not vary")
     for input_name in arguments:
-        if input_name in emitter.raw:
-            continue
+        if input_name in emitter.raw or input_name not in graph:
+            continue  # raw tables and weights are used as they are; inputs folded away are unused
         dims = graph.spec.inputs[input_name].shape
         optional = graph.spec.inputs[input_name].optional_dims
         if optional:

@@ -1,0 +1,1 @@
+"""Generated attention modules (kernelsearch compile); do not edit."""

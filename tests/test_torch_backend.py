@@ -1,0 +1,127 @@
+"""The torch backend against the reference evaluator, in float64, on fresh random inputs.
+
+Every spec, several param settings (quirks included), sizes that do not divide the chunk,
+I != J, with and without the optional inputs (masks fully mask the last batch row's keys),
+both lowerings; outputs and gradients.
+"""
+import pytest
+import torch
+
+import kernelsearch
+from kernelsearch.inputs import random_inputs
+
+from .conftest import spec_path
+
+PARAMS = {
+    "softmax": [{}, {"causal": True}, {"scale": 1.0, "causal": True}],
+    "cosine_sim": [{}, {"causal": False, "groups": 2, "scale": 10.0}],
+    "memory_efficient": [{"causal": True}, {"causal": True, "causal_alignment": "top_left"}],
+    "local": [{"window_size": 8},
+              {"window_size": 8, "causal": False, "look_backward": 2, "exact_windowsize": True, "xpos": True},
+              {"window_size": 4, "rotary": False, "look_backward": 0}],
+    "talking_heads": [{}, {"causal": True, "pre_talking_heads": False}, {"post_talking_heads": False}],
+}
+CASES = [(name, params) for name, settings in PARAMS.items() for params in settings]
+SIZES = [(1, 1), (1, 17), (17, 33), (33, 17), (127, 129)]
+CONFIGS = [{"lowering": "materialized"}, {"lowering": "chunked", "CHUNK_N": 16},
+           {"lowering": "chunked", "CHUNK_N": 5}]
+
+
+def _case_id(case):
+    name, params = case
+    return name + "".join(f"-{k}={v}" for k, v in params.items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c['lowering']}{c.get('CHUNK_N', '')}")
+@pytest.mark.parametrize("optional", [False, True], ids=["bare", "all-inputs"])
+def test_matches_reference(case, config, optional):
+    name, params = case
+    reference = kernelsearch.load(spec_path(name), backend="reference", **params)
+    generated = kernelsearch.load(spec_path(name), backend="torch", config=config, **params)
+    for seed, (I, J) in enumerate(SIZES):
+        tensors = random_inputs(reference.spec, dict(B=2, H=2, I=I, J=J, D=16), dtype=torch.float64,
+                                seed=seed, optional=optional, params=params)
+        expected = reference(**tensors)
+        got = generated(**tensors)
+        assert got.shape == expected.shape == (2, 2, I, 16)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10, msg=f"I={I} J={J}")
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_fully_masked_rows_give_zero(name):
+    """Our documented choice: a query row that keeps no key outputs 0 (as FlashAttention does)."""
+    attention = kernelsearch.load(spec_path(name), backend="torch", config={"lowering": "chunked", "CHUNK_N": 8})
+    tensors = random_inputs(attention.spec, dict(B=2, H=2, I=5, J=19, D=16), dtype=torch.float64, optional=["mask"])
+    tensors["mask"][0] = False   # sample 0: every key dropped
+    tensors["mask"][1] = True    # sample 1: every key kept
+    out = attention(**tensors)
+    if name == "talking_heads":  # batch is (b s): both streams of the one sample are fully masked
+        tensors["mask"][:] = False
+        out = attention(**tensors)
+        assert out.abs().max() == 0
+    else:
+        assert out[0].abs().max() == 0
+        assert out[1].abs().max() > 0
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("lowering", ["materialized", "chunked"])
+def test_gradients_match_reference(case, lowering):
+    name, params = case
+    reference = kernelsearch.load(spec_path(name), backend="reference", **params)
+    generated = kernelsearch.load(spec_path(name), backend="torch", config={"lowering": lowering, "CHUNK_N": 8},
+                                  **params)
+    tensors = random_inputs(reference.spec, dict(B=2, H=2, I=11, J=21, D=8), dtype=torch.float64, seed=3,
+                            params=params)
+    differentiable = [n for n, t in tensors.items() if t.is_floating_point()]
+    grads = {}
+    for backend in (reference, generated):
+        leaves = {n: t.clone().requires_grad_(n in differentiable) for n, t in tensors.items()}
+        out = backend(**leaves)
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).reshape(out.shape))
+        grads[backend.backend] = {n: leaves[n].grad for n in differentiable}
+    for n in differentiable:
+        if grads["reference"][n] is None:   # an input these params do not use (e.g. pre_mix without pre mixing)
+            assert grads["torch"][n] is None, n
+            continue
+        torch.testing.assert_close(grads["torch"][n], grads["reference"][n], rtol=1e-9, atol=1e-9, msg=n)
+
+
+def test_gradcheck_chunked():
+    attention = kernelsearch.load(spec_path("local"), backend="torch", window_size=4,
+                                  config={"lowering": "chunked", "CHUNK_N": 3})
+    tensors = random_inputs(attention.spec, dict(B=1, H=2, I=6, J=7, D=4), dtype=torch.float64, optional=["pos_bias_table"])
+    names = ["q", "k", "v", "pos_bias_table"]
+    leaves = [tensors[n].clone().requires_grad_() for n in names]
+    assert torch.autograd.gradcheck(lambda q, k, v, t: attention(q, k, v, pos_bias_table=t), leaves)
+
+
+def test_default_lowering_switches_to_chunked_for_long_sequences():
+    attention = kernelsearch.load(spec_path("softmax"), backend="torch")
+    small = random_inputs(attention.spec, dict(B=1, H=1, I=8, J=8, D=8))
+    attention(**small)
+    assert attention.last_config["lowering"] == "materialized"
+    big = random_inputs(attention.spec, dict(B=1, H=4, I=1100, J=1100, D=8), optional=False)
+    attention(**big)
+    assert attention.last_config["lowering"] == "chunked"
+
+
+def test_non_contiguous_and_broadcast_inputs():
+    reference = kernelsearch.load(spec_path("cosine_sim"), backend="reference")
+    generated = kernelsearch.load(spec_path("cosine_sim"), backend="torch", config={"lowering": "chunked", "CHUNK_N": 4})
+    q = torch.randn(2, 9, 3, 8, dtype=torch.float64).transpose(1, 2)     # [b, h, i, d], strided
+    k = torch.randn(2, 3, 16, 8, dtype=torch.float64)[:, :, ::2]
+    v = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    bias = torch.randn(3, 9, 8, dtype=torch.float64)                     # [h, i, j]: b omitted
+    torch.testing.assert_close(generated(q, k, v, attn_bias=bias), reference(q, k, v, attn_bias=bias))
+
+
+def test_shape_mismatch_is_a_clear_error():
+    attention = kernelsearch.load(spec_path("softmax"), backend="torch")
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8)
+    with pytest.raises(ValueError, match="dim 'j' of input 'v' has size 6"):
+        attention(q, k, v)
+    with pytest.raises(TypeError, match="unexpected input"):
+        attention(q, k, k, attn_bias=q)
