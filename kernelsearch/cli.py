@@ -47,7 +47,8 @@ def _cmd_check(args) -> int:
         bounds = graph.key_bounds
         from .passes.bounds import render_bound
         if bounds.skips_blocks:
-            render = lambda n: graph.node(n).name or n  # noqa: E731
+            from .codegen.torch_module import scalar_expression
+            render = lambda n: scalar_expression(graph, n, row="i")  # noqa: E731
             lo = render_bound(bounds.lower, render) if bounds.lower else "0"
             hi = render_bound(bounds.upper, render) if bounds.upper else "J - 1"
             print(f"  keys   row i keeps keys {lo} .. {hi}  (whole key blocks outside are skipped)")

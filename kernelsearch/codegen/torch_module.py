@@ -213,11 +213,11 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> list[str]:
                           key=lambda n: graph.node(n).order)
     bounds = graph.key_bounds
     first_key, last_key = "0", "J"
-    render = lambda n: _scalar_expression(graph, n, row="0")  # noqa: E731
+    render = lambda n: scalar_expression(graph, n, row="0")  # noqa: E731
     if bounds.lower is not None:
         first_key = f"max(0, {render_bound(bounds.lower, render)})"
     if bounds.upper is not None:
-        render_last = lambda n: _scalar_expression(graph, n, row="I - 1")  # noqa: E731
+        render_last = lambda n: scalar_expression(graph, n, row="I - 1")  # noqa: E731
         last_key = f"min(J, {render_bound(bounds.upper, render_last)} + 1)"
     scores = graph.node(softmax).args[0]
     keep = _combine_keeps(graph.node(softmax).args[1:], name)
@@ -283,7 +283,7 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> list[str]:
     return lines + _out_lines(graph, emitter, variable(graph, graph.output))
 
 
-def _scalar_expression(graph: Graph, node_id: str, row: str) -> str:
+def scalar_expression(graph: Graph, node_id: str, row: str) -> str:
     """A node over i, sizes and constants as a Python int expression, with i = row."""
     node = graph.node(node_id)
     if node.op == "index":
@@ -292,7 +292,7 @@ def _scalar_expression(graph: Graph, node_id: str, row: str) -> str:
         return node.attrs["dim"].upper()
     if node.op == "const":
         return repr(node.attrs["value"])
-    args = [_scalar_expression(graph, a, row) for a in node.args]
+    args = [scalar_expression(graph, a, row) for a in node.args]
     if node.op in _OPERATOR:
         return f"({args[0]} {_OPERATOR[node.op]} {args[1]})"
     if node.op == "neg":
