@@ -99,10 +99,15 @@ def _loc(path: str, node: yaml.Node) -> SourceLocation:
     return SourceLocation(path, node.start_mark.line + 1, node.start_mark.column + 1)
 
 
-def _scalar_value(node: yaml.ScalarNode) -> Any:
+def _scalar_value(path: str, node: yaml.ScalarNode) -> Any:
     """The Python value of a scalar node, resolved the way yaml.safe_load would."""
-    return yaml.SafeLoader.construct_scalar(_CONSTRUCTOR, node) if node.tag.endswith(":str") else \
-        _CONSTRUCTOR.construct_object(node, deep=True)
+    try:
+        return yaml.SafeLoader.construct_scalar(_CONSTRUCTOR, node) if node.tag.endswith(":str") else \
+            _CONSTRUCTOR.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError, OverflowError):
+        # only an explicit tag (`!!int abc`, `!foo 1`, `!!python/...`) gets here
+        raise SpecError(f"cannot read {node.value!r} as a value with the YAML tag {node.tag!r}", _loc(path, node),
+                        "remove the tag (the `!...` before the value)")
 
 
 class _Constructor(yaml.SafeLoader):
@@ -119,9 +124,18 @@ def _compose(path: str, text: str) -> yaml.Node:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = SourceLocation(path, mark.line + 1, mark.column + 1) if mark else SourceLocation(path, 1, 1)
-        what = " ".join(x for x in (e.context, e.problem) if x)
+        context = e.context
+        if context and e.context_mark and e.problem_mark and e.context_mark.line != e.problem_mark.line:
+            context += f" (started at line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
+        what = " ".join(x for x in (context, e.problem) if x)
         raise SpecError(f"YAML syntax error: {what}", where,
                         "check indentation and quoting; expressions containing ':' or '#' must be quoted")
+    except yaml.reader.ReaderError as e:   # a character YAML does not accept, at a character offset
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        code = e.character if isinstance(e.character, int) else ord(str(e.character)[:1] or "\0")
+        raise SpecError(f"YAML syntax error: the character U+{code:04X} is not allowed in a YAML file",
+                        SourceLocation(path, line, column), "remove it (control characters are not allowed)")
     except yaml.YAMLError as e:
         raise SpecError(f"YAML syntax error: {e}", SourceLocation(path, 1, 1))
     except RecursionError:
@@ -165,12 +179,12 @@ def _mapping(path: str, node: yaml.Node, what: str) -> list[tuple[str, yaml.Node
 def _scalar(path: str, node: yaml.Node, what: str) -> Any:
     if not isinstance(node, yaml.ScalarNode):
         raise SpecError(f"{what} must be a single value, not a {_kind(node)}", _loc(path, node))
-    return _scalar_value(node)
+    return _scalar_value(path, node)
 
 
-def _name_list(path: str, node: yaml.Node, what: str) -> list[tuple[str, SourceLocation]]:
+def _name_list(path: str, node: yaml.Node, what: str, example: str = "[b, h, i, d]") -> list[tuple[str, SourceLocation]]:
     if not isinstance(node, yaml.SequenceNode):
-        raise SpecError(f"{what} must be a list like [b, h, i, d], not a {_kind(node)}", _loc(path, node))
+        raise SpecError(f"{what} must be a list like {example}, not a {_kind(node)}", _loc(path, node))
     names = []
     for item in node.value:
         value = _scalar(path, item, f"an entry of {what}")
@@ -276,6 +290,40 @@ def coerce_param(param: Param, value, where: SourceLocation | None = None):
     return float(value) if param.type == "float" else value
 
 
+def _check_param_defaults(params: dict[str, Param], inputs: dict[str, InputDecl]) -> None:
+    """Default expressions use only sizes and other params, and do not refer to each other in a cycle."""
+    sizes = set(exprs.SIZES) | {dim.upper() for decl in inputs.values() for dim in decl.shape}
+    uses = {}
+    for param in params.values():
+        if not param.default_is_expression:
+            continue
+        uses[param.name] = []
+        for node in ast.walk(param.default):
+            if not isinstance(node, ast.Name):
+                continue
+            if node.id in params:
+                uses[param.name].append(node.id)
+            elif node.id not in sizes:
+                what = "an input" if node.id in inputs else "not a size or a param"
+                raise SpecError(f"the default of param '{param.name}' uses '{node.id}' ({what}); a param default "
+                                "is made of sizes and other params", node.location, _suggest(node.id, sizes | set(params)))
+    done: set[str] = set()
+    for start in uses:
+        path, pending = [start], [iter(uses[start])]
+        while path:
+            used = next(pending[-1], None)
+            if used is None:
+                done.add(path.pop())
+                pending.pop()
+            elif used in path:
+                cycle = path[path.index(used):] + [used]
+                raise SpecError(f"param defaults refer to each other in a cycle: {' -> '.join(cycle)}",
+                                params[used].location, "give one of them a number as its default")
+            elif used not in done:
+                path.append(used)
+                pending.append(iter(uses.get(used, ())))
+
+
 def _parse_inputs(path: str, node: yaml.Node) -> dict[str, InputDecl]:
     inputs = {}
     for name, key_node, value_node in _mapping(path, node, "inputs"):
@@ -358,7 +406,7 @@ def _parse_graph(path: str, node: yaml.Node) -> dict[str, GraphEntry]:
         if not isinstance(value_node, yaml.ScalarNode):
             raise SpecError(f"graph entry '{name}' must be an expression, not a {_kind(value_node)}",
                             _loc(path, value_node), "write it on one line, e.g. `s: dot(q, k) * scale`")
-        source = value_node.value if value_node.tag.endswith(":str") else str(_scalar_value(value_node))
+        source = value_node.value if value_node.tag.endswith(":str") else str(_scalar_value(path, value_node))
         expr_where = _loc(path, value_node)
         expr = exprs.parse(str(source), path, expr_where, quoted=_is_quoted(value_node))
         entries[name] = GraphEntry(name, str(source), expr, expr_where)
@@ -414,15 +462,16 @@ def parse_spec(text: str, path: str = "<spec>") -> Spec:
     inputs = _parse_inputs(path, sections["inputs"])
     for clash in set(params) & set(inputs):
         raise SpecError(f"'{clash}' is both a param and an input", inputs[clash].location)
+    _check_param_defaults(params, inputs)
     graph = _parse_graph(path, sections["graph"])
     for clash in (set(params) | set(inputs)) & set(graph):
         raise SpecError(f"graph name '{clash}' is already a param or an input", graph[clash].location,
                         "give the graph entry another name")
     outputs_node = sections["outputs"]
-    if isinstance(outputs_node, yaml.ScalarNode):
+    if isinstance(outputs_node, yaml.ScalarNode) and outputs_node.value and outputs_node.tag.endswith(":str"):
         outputs = [(str(outputs_node.value), _loc(path, outputs_node))]
     else:
-        outputs = _name_list(path, outputs_node, "outputs")
+        outputs = _name_list(path, outputs_node, "outputs", "[o]")
     if len(outputs) != 1:
         raise SpecError(f"exactly one output is supported, got {len(outputs)}", _loc(path, outputs_node),
                         "list the attention output, e.g. `outputs: [o]`")

@@ -41,11 +41,11 @@ class _Builder:
     # -- names
     def name(self, name: str, expr: ast.expr, owner: str) -> str:
         where = expr.location
+        if name in self.building:   # an entry is added to the graph only once built
+            cycle = self.building[self.building.index(name):] + [name]
+            raise SpecError(f"the graph has a cycle: {' -> '.join(cycle)}", self.spec.graph[name].location,
+                            "a graph entry cannot depend on itself")
         if name in self.graph:
-            if name in self.building:
-                cycle = self.building[self.building.index(name):] + [name]
-                raise SpecError(f"the graph has a cycle: {' -> '.join(cycle)}", self.spec.graph[name].location,
-                                "a graph entry cannot depend on itself")
             return name
         spec = self.spec
         if name in spec.graph:
@@ -167,12 +167,51 @@ class _Builder:
         return self.temp(owner, node)
 
 
+# how deeply expressions may nest through the entries they use (the builder and some passes recurse)
+MAX_NESTING = 200
+
+
+def _check_nesting(spec) -> None:
+    """Cycles and over-deep nesting through graph entries, found without recursion."""
+    uses = {}       # entry -> [(entry it uses, the depth of that use in its expression)]
+    own = {}        # entry -> the depth of its own expression
+    for name, entry in spec.graph.items():
+        stack, uses[name], own[name] = [(entry.expr, 1)], [], 1
+        while stack:
+            node, depth = stack.pop()
+            own[name] = max(own[name], depth)
+            if isinstance(node, ast.Name) and node.id in spec.graph:
+                uses[name].append((node.id, depth))
+            stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    nesting: dict[str, int] = {}
+    for root in spec.graph:
+        path, pending = [root], [iter(uses[root])]
+        while path:
+            used = next(pending[-1], None)
+            if used is None:
+                name = path.pop()
+                pending.pop()
+                nesting[name] = max([own[name]] + [depth + nesting[u] for u, depth in uses[name]])
+                if nesting[name] > MAX_NESTING:
+                    raise SpecError(f"the graph is nested too deeply: '{name}' nests {nesting[name]} levels of "
+                                    f"expressions through the entries it uses; at most {MAX_NESTING} are allowed",
+                                    spec.graph[name].location, "a spec describes one attention in a few entries")
+            elif used[0] in path:
+                cycle = path[path.index(used[0]):] + [used[0]]
+                raise SpecError(f"the graph has a cycle: {' -> '.join(cycle)}", spec.graph[used[0]].location,
+                                "a graph entry cannot depend on itself")
+            elif used[0] not in nesting:
+                path.append(used[0])
+                pending.append(iter(uses[used[0]]))
+
+
 def build(spec) -> Graph:
     builder = _Builder(spec)
     (output,) = spec.outputs
     if output not in spec.graph:
         raise SpecError(f"output '{output}' is not defined in the graph", spec.output_locations[output],
                         f"define `{output}: ...` in graph, or list one of: {', '.join(spec.graph)}")
+    _check_nesting(spec)
     builder.graph.output = builder.entry(output)
     for name, entry in spec.graph.items():
         if name not in builder.graph:

@@ -30,6 +30,8 @@ _PY_UNARY = {"neg": operator.neg, "not": operator.not_, "exp": math.exp, "log": 
              "tanh": math.tanh}
 # ops for which an absent argument is the identity: the result is the other (present) argument
 _ABSENT_IS_IDENTITY = set(BINARY_OPS) | {"minimum", "maximum"}
+# folded integer constants are kept below this size (`10 ** 10 ** 10` would take forever)
+_MAX_INT_BITS = 1024
 
 
 def _const(graph: Graph, node_id: str):
@@ -77,7 +79,7 @@ def fold(graph: Graph, params: dict, present: frozenset) -> Graph:
             continue
         _fold_node(graph, node_id)
     if graph.node(graph.output).op == "absent":
-        raise SpecError(f"the output '{graph.output}' is absent for these params and inputs",
+        raise SpecError(f"the output '{spec.outputs[0]}' is absent for these params and inputs",
                         graph.node(graph.output).location)
     graph.remove_dead()
     return graph
@@ -97,8 +99,9 @@ def _fold_node(graph: Graph, node_id: str) -> None:
     if op == "select":
         condition = _const(graph, args[0])
         if not _is_const(graph, args[0]):
+            test = graph.node(args[0])
             raise SpecError("the condition of `a if condition else b` must be made of params "
-                            "(it is decided at compile time)", node.location,
+                            "(it is decided at compile time)", test.location if test.op != "input" else node.location,
                             "use where(condition, a, b) for a condition on tensors")
         _forward(graph, node_id, args[1] if condition else args[2])
         return
@@ -136,6 +139,11 @@ def _fold_node(graph: Graph, node_id: str) -> None:
     # constant folding
     if args and all(_is_const(graph, a) for a in args):
         values = [_const(graph, a) for a in args]
+        if any(isinstance(v, str) for v in values) and op not in ("eq", "ne"):
+            raise SpecError("a string can only be compared with == or != (in a condition)", node.location)
+        if op == "pow" and all(type(v) is int for v in values) and abs(values[0]) > 1 \
+                and values[1] * values[0].bit_length() > 2 * _MAX_INT_BITS:
+            raise SpecError(f"this constant is too large (more than {_MAX_INT_BITS} bits)", node.location)
         try:
             if op in _PY_BINARY:
                 value = _PY_BINARY[op](*values)
@@ -147,6 +155,10 @@ def _fold_node(graph: Graph, node_id: str) -> None:
                 return
         except (ArithmeticError, ValueError, TypeError) as e:
             raise SpecError(f"cannot evaluate this constant expression: {e}", node.location)
+        if type(value) not in (bool, int, float):
+            raise SpecError(f"this constant expression is not a real number: {value!r}", node.location)
+        if type(value) is int and value.bit_length() > _MAX_INT_BITS:
+            raise SpecError(f"this constant is too large (more than {_MAX_INT_BITS} bits)", node.location)
         graph.set(node_id, node.with_(op="const", args=(), attrs={"value": value}))
 
 

@@ -137,6 +137,8 @@ def _infer_node(graph, node_id, node, order):
         if x.dtype != "float":
             raise SpecError("softmax takes float scores", where)
         for keep in keeps:
+            if keep.op == "absent":
+                continue
             if keep.dtype != "bool":
                 raise SpecError(f"keep= takes predicates (bool), got a {keep.dtype} value", where,
                                 "e.g. keep=[j <= i, mask]")
