@@ -6,10 +6,12 @@ keyed by (spec sha256, backend, device name, shape bucket, dtype, direction) and
 winning config, its time, the default config's time and the next-best configs (warm starts
 for neighbouring shapes).
 
-The runtime calls `lookup` (or `config_for_call`, which derives the key from the tensors) on
-every call without an explicit config, so both are cheap: the file is parsed once and re-read
+The runtime calls `lookup_for_call` (the torch backend does, with the sizes `layout.bind`
+returns; `config_for_call` derives them from q and k; `lookup` takes the key itself) on
+every call without an explicit config, so all are cheap: the file is parsed once and re-read
 only when its mtime/size change, which is checked at most every ``STAT_INTERVAL_S`` seconds
-(writes by this process invalidate at once); results are memoised per key.
+(writes by this process invalidate at once; so does `clear_cache()`, e.g. after changing
+``KERNELSEARCH_HOME``); results are memoised per key.
 
 Shape buckets: ``D`` is exact (it changes the kernel); ``I``, ``J`` and ``B*H`` are rounded
 up to powers of two, e.g. ``D64-I1024-J1024-BH32``. Neighbours (for warm starts) are buckets
@@ -31,7 +33,8 @@ from typing import Any, Mapping
 
 __all__ = [
     "records_path", "shape_bucket", "parse_bucket", "bucket_distance", "device_name", "dtype_name",
-    "record_key", "lookup", "record", "neighbours", "all_records", "config_for_call", "clear_cache",
+    "record_key", "lookup", "lookup_for_call", "record", "neighbours", "all_records", "config_for_call",
+    "clear_cache",
 ]
 
 STAT_INTERVAL_S = 1.0
@@ -123,15 +126,19 @@ class _Cache:
         self.path: Path | None = None
         self.sig: tuple | None = None
         self.checked = 0.0
+        self.env: tuple | None = None
         self.data: dict = {}
         self.memo: dict = {}
 
     def get(self) -> dict:
-        path = records_path()
         now = time.monotonic()
+        if now - self.checked < STAT_INTERVAL_S:
+            return self.data  # the fast path: no syscalls, no lock, no environment lookups
+        env = (os.environ.get("KERNELSEARCH_RECORDS"), os.environ.get("KERNELSEARCH_HOME"),
+               os.environ.get("XDG_CACHE_HOME"))
+        path = records_path()
         with self.lock:
-            if path == self.path and now - self.checked < STAT_INTERVAL_S:
-                return self.data
+            self.env = env
             try:
                 st = path.stat()
                 sig = (st.st_mtime_ns, st.st_size, st.st_ino)
@@ -152,7 +159,7 @@ class _Cache:
 
     def invalidate(self) -> None:
         with self.lock:
-            self.path, self.sig, self.data, self.memo = None, None, {}, {}
+            self.path, self.sig, self.env, self.data, self.memo = None, None, None, {}, {}
 
 
 _CACHE = _Cache()
@@ -187,6 +194,54 @@ def lookup(spec_sha256: str, backend: str, device_name: str, shape_bucket: str, 
             found = dict(r["config"])
             break
     memo[memo_key] = found
+    return dict(found) if found is not None else None
+
+
+_DEVICE_NAMES: dict[str, str] = {}
+
+
+def _device_name_cached(device: Any) -> str:
+    key = str(device)
+    name = _DEVICE_NAMES.get(key)
+    if name is None:
+        if key.startswith("cuda"):
+            import torch
+
+            dev = torch.device(key)
+            if dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
+            name = device_name(dev)
+        else:
+            name = device_name("cpu")
+        _DEVICE_NAMES[key] = name
+    return name
+
+
+def lookup_for_call(spec: Any, backend: str, sizes: Mapping[str, int], dtype: Any, device: Any,
+                    direction: str | None = None) -> dict | None:
+    """Runtime hook: the tuned config for a call, from the sizes of its dims, or None.
+
+    ``sizes`` are the call's dim sizes as `layout.bind` returns them (``b, h, i, j, d``; upper
+    case accepted); missing batch/head dims count as 1. Memoised per (spec, backend, sizes,
+    dtype, device, direction) until the records file changes.
+    """
+    def get(name: str, default: int = 1) -> int:
+        v = sizes.get(name.lower(), sizes.get(name.upper()))
+        return int(v) if v is not None else default
+
+    data = _CACHE.get()  # refreshes (and clears the memo) when the file changed
+    memo = _CACHE.memo
+    mkey = ("call", spec.sha256, backend, tuple(sizes.items()), dtype, str(device), direction)
+    if mkey in memo:
+        c = memo[mkey]
+        return dict(c) if c is not None else None
+    if not data:
+        memo[mkey] = None
+        return None
+    i = get("i")
+    bucket = shape_bucket({"B": get("b"), "H": get("h"), "I": i, "J": get("j", i), "D": get("d", 64)})
+    found = lookup(spec.sha256, backend, _device_name_cached(device), bucket, dtype, direction)
+    memo[mkey] = found
     return dict(found) if found is not None else None
 
 

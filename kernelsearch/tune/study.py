@@ -59,10 +59,11 @@ from .trial import RunnerError, TrialRunner
 __all__ = ["TuneOptions", "TuneResult", "tune", "resolve", "Resolved", "study_name", "DEFAULTS", "SAMPLERS"]
 
 SAMPLERS = ("tpe", "random", "grid", "gp")
+BUDGET_GRACE_S = 15.0
 
 # Per-target defaults: shape (B, H, I, J, D), dtype, trial budget, time budget (s), per-trial limit (s).
 DEFAULTS = {
-    "cpu": {"shape": (1, 4, 512, 512, 64), "dtype": "float32", "trials": 24, "timeout": 100.0,
+    "cpu": {"shape": (1, 4, 512, 512, 64), "dtype": "float32", "trials": 24, "timeout": 80.0,
             "trial_timeout": 150.0},
     "cuda": {"shape": (4, 16, 2048, 2048, 64), "dtype": "float16", "trials": 100, "timeout": None,
              "trial_timeout": 120.0},
@@ -359,9 +360,10 @@ class _Study:
             device = f"cuda:{idx % max(n, 1)}"
         elif self.opts.workers > 1:
             threads = max(1, (os.cpu_count() or 1) // self.opts.workers)
-        return Problem(r.spec_path, r.backend, dict(r.sizes), r.dtype, r.direction, device,
-                       dict(self.opts.params), self.opts.optional_inputs, True, r.seed % 100000, threads,
-                       self.opts.fake)
+        return Problem(spec_path=r.spec_path, backend=r.backend, sizes=dict(r.sizes), dtype=r.dtype,
+                       direction=r.direction, device=device, params=dict(self.opts.params),
+                       optional_inputs=self.opts.optional_inputs, seed=r.seed % 100000, threads=threads,
+                       fake=self.opts.fake)
 
     def snapshot(self):
         from optuna.trial import TrialState
@@ -508,16 +510,26 @@ class _Study:
         from optuna.trial import TrialState
 
         seed = int(hashlib.sha256(f"{self.r.study_name}#{trial.number}".encode()).hexdigest()[:8], 16)
+        limit, budget_cut = self.r.trial_timeout, False
+        if self.deadline is not None:
+            # --timeout bounds the run: a trial still running BUDGET_GRACE_S after it is cut off
+            # and re-queued (not counted), rather than keeping the user waiting.
+            left = self.deadline - time.monotonic() + BUDGET_GRACE_S
+            if left < limit:
+                limit, budget_cut = max(left, 1.0), True
         with Heartbeat(self.storage, trial._trial_id, self.opts.heartbeat_s):
             try:
-                out = runner.run(config, seed=seed, timeout_s=self.r.trial_timeout,
-                                 on_phase=None)
+                out = runner.run(config, seed=seed, timeout_s=limit, on_phase=None)
             except RunnerError:
                 self._requeue(trial, config, "interrupted", "the trial process could not be started")
                 raise
         if self.stop.is_set() and out.get("status") != "ok":
             # Ctrl-C killed the child: not the config's fault; run it again on resume.
             self._requeue(trial, config, "interrupted", "interrupted (Ctrl-C); re-queued for the next run")
+            return
+        if budget_cut and out.get("kind") == "timeout":
+            self._requeue(trial, config, "interrupted", "cut off by --timeout; re-queued for the next run")
+            self.notes.append(f"trial {trial.number} was cut off by --timeout and re-queued")
             return
         self.ran += 1
         attrs = {"status": out.get("status"), "counted": True, "config": config, "compile_s": out.get("compile_s"),
@@ -629,9 +641,7 @@ class _Study:
             retime_list.append(default)
         retimed: list[dict] = [{} for _ in retime_list]
         if not self.interrupted and self.opts.retime_repeats > 0:
-            runner = self.runners[0] if self.runners else TrialRunner(self.problem(0))
-            if runner not in self.runners:
-                self.runners.append(runner)
+            runner = self.runner0()
             try:
                 retimed = runner.retime(retime_list, repeat=self.opts.retime_repeats,
                                         timeout_s=max(120.0, 10 * self.r.trial_timeout))
@@ -664,7 +674,26 @@ class _Study:
                 "is_default": _key(t) == dkey,
             })
         rows.sort(key=lambda x: x["median_ms"])
-        win = rows[0]
+        # The would-be winner's final check (optional inputs, when the trials did not check
+        # them); a config that fails it is dropped and the next one is tried.
+        win = None
+        if not self.interrupted:
+            runner = self.runner0()
+            for i, row in enumerate(list(rows)):
+                v = runner.validate(row["config"], seed=104729 + i, timeout_s=max(60.0, 2 * self.r.trial_timeout))
+                row["validated"] = bool(v.get("ok"))
+                if v.get("ok"):
+                    win = row
+                    break
+                result.notes.append(f"trial {row['trial']} rejected by the final check with optional inputs: "
+                                    f"{str(v.get('error'))[:300]}")
+                rows.remove(row)
+        else:
+            win = rows[0] if rows else None
+        if win is None:
+            result.rows = rows
+            result.notes.append("no config passed the final check; nothing recorded")
+            return result
         result.rows, result.winner, result.winner_ms, result.default_ms = rows, win["config"], win["median_ms"], default_ms
         try:
             self.study.set_user_attr("ks_final", {"rows": rows, "default_ms": default_ms, "time": time.time()})
@@ -678,6 +707,11 @@ class _Study:
                            top=[x["config"] for x in rows[1:]])
             result.records_path = str(p)
         return result
+
+    def runner0(self) -> TrialRunner:
+        if not self.runners:
+            self.runners.append(TrialRunner(self.problem(0)))
+        return self.runners[0]
 
     def close(self) -> None:
         for rn in self.runners:

@@ -10,7 +10,10 @@ timing inputs (rotated copies) and then evaluates configs one after the other:
 2. *build and first call*: ``kernelsearch.load(spec, backend, config=config, **params)`` and one
    call on the timing inputs; the wall time of both is the config's *compile time*;
 3. *check*: output (and gradients for fwd+bwd) against the reference in float64 on fresh
-   random inputs (`check.py`), with and without the spec's optional inputs;
+   random inputs (`check.py`); with the spec's optional inputs too on CUDA (``check_optional``);
+   on the CPU, where ``torch.compile`` would compile every config twice for it, the would-be
+   winner is checked with them after re-timing (`Evaluator.validate`; the next best is taken
+   when it fails), so that no config is recorded without having passed both;
 4. *time*: `bench.py` on the rotated timing inputs.
 
 Failures raise `TrialFailure(kind, message)` with ``kind`` one of ``infeasible``,
@@ -19,6 +22,7 @@ into a failed outcome. Timeouts and crashes are detected by the parent (`trial.p
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -45,6 +49,7 @@ class Problem:
     params: dict = field(default_factory=dict)
     optional_inputs: bool = False    # time with the spec's optional inputs too
     check: bool = True
+    check_optional: bool | None = None  # also check with optional inputs in every trial (None: on CUDA only)
     seed: int = 0
     threads: int | None = None       # torch CPU threads in the child
     fake: dict | None = None         # behaviour of the fake target (tests, benchmarks)
@@ -54,6 +59,10 @@ class Problem:
     @property
     def device_type(self) -> str:
         return "cuda" if self.device.startswith("cuda") else "cpu"
+
+    @property
+    def per_trial_optional(self) -> bool:
+        return self.device_type == "cuda" if self.check_optional is None else bool(self.check_optional)
 
 
 class TrialFailure(Exception):
@@ -258,6 +267,7 @@ class Evaluator:
             phase("compile")
             t0 = time.perf_counter()
             fn = self.backend.build(config)
+            self._remember(config, fn)
             call, grads = self._timed_closure(fn)
             call()
             _sync(self.p.device)
@@ -266,7 +276,7 @@ class Evaluator:
 
             if self.p.check:
                 phase("check")
-                out["check"] = self._check(fn, trial_seed)
+                out["check"] = self._check(fn, trial_seed, required=True, optional=self.p.per_trial_optional)
 
             phase("time")
             synthetic = self.backend.synthetic_time(config)
@@ -302,12 +312,12 @@ class Evaluator:
                     out["restart"] = True
         return out
 
-    def _check(self, fn: Callable, trial_seed: int) -> dict:
+    def _check(self, fn: Callable, trial_seed: int, required: bool = True, optional: bool = True) -> dict:
         from .check import check_call
 
         ref = self.backend.reference()
         results = {}
-        variants = [False, True] if self._has_optional() else [False]
+        variants = ([False] if required else []) + ([True] if optional and self._has_optional() else [])
         for optional in variants:
             inputs = self.backend.inputs(self.check_sizes, 7919 * (trial_seed + 1) + optional, optional)
             res = check_call(fn, ref, inputs, direction=self.p.direction, dtype=self.dtype,
@@ -316,13 +326,47 @@ class Evaluator:
             if not res.ok:
                 which = "with optional inputs" if optional else "required inputs only"
                 raise TrialFailure("wrong_result", f"{res.message} ({which}, sizes {self.check_sizes})")
-        return {"ok": True, "worst": max(r["worst"] for r in results.values()), "sizes": self.check_sizes}
+        return {"ok": True, "worst": max((r["worst"] for r in results.values()), default=0.0),
+                "sizes": self.check_sizes, "variants": sorted(results)}
 
     def _has_optional(self) -> bool:
         if self._optional_exists is None:
             spec_inputs = getattr(self.backend.spec, "inputs", {}) or {}
             self._optional_exists = any(getattr(d, "optional", False) for d in dict(spec_inputs).values())
         return self._optional_exists
+
+    _KEEP = 32
+
+    def _remember(self, config: Mapping[str, Any], fn: Callable) -> None:
+        """Keep the last few built callables, so re-timing does not compile them again."""
+        if not hasattr(self, "_built"):
+            self._built = {}
+        key = json.dumps(dict(config), sort_keys=True)
+        self._built.pop(key, None)
+        self._built[key] = fn
+        while len(self._built) > self._KEEP:
+            self._built.pop(next(iter(self._built)))
+
+    def _get_fn(self, config: Mapping[str, Any]) -> Callable:
+        fn = getattr(self, "_built", {}).get(json.dumps(dict(config), sort_keys=True))
+        if fn is None:
+            fn = self.backend.build(config)
+            self._remember(config, fn)
+        return fn
+
+    def validate(self, config: Mapping[str, Any], seed: int) -> dict:
+        """The final check of a would-be winner with the spec's optional inputs (when the trials
+        did not check them); {"ok": True} or {"ok": False, "kind", "error"}."""
+        if not self.p.check or self.p.per_trial_optional or not self._has_optional():
+            return {"ok": True, "skipped": True}
+        try:
+            fn = self._get_fn(config)
+            self._check(fn, seed, required=False, optional=True)
+            return {"ok": True}
+        except TrialFailure as e:
+            return {"ok": False, "kind": e.kind, "error": f"{e.kind}: {e.message}"}
+        except Exception as e:  # noqa: BLE001
+            return {"ok": False, "kind": classify_exception(e), "error": f"{type(e).__name__}: {e}"}
 
     def retime(self, configs: list[Mapping[str, Any]], repeat: int = 5) -> list[dict]:
         """Re-time configs round-robin (interleaved); failures give {"error": ...}."""
@@ -332,7 +376,7 @@ class Evaluator:
         all_grads: list = []
         for i, c in enumerate(configs):
             try:
-                fn = self.backend.build(c)
+                fn = self._get_fn(c)
                 call, grads = self._timed_closure(fn)
                 call()
                 _sync(self.p.device)
@@ -340,7 +384,7 @@ class Evaluator:
                 all_grads += grads
                 idx.append(i)
             except Exception as e:  # noqa: BLE001
-                out[i] = {"error": f"{type(e).__name__}: {e}"}
+                out[i] = {"error": f"{type(e).__name__}: {e}", "kind": classify_exception(e)}
         synth = [self.backend.synthetic_time(configs[i]) for i in idx]
         if fns and all(s is not None for s in synth):
             timings = []

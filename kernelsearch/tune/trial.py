@@ -4,7 +4,8 @@
 reused while trials succeed (torch is imported and the timing inputs are made once). The child
 talks to the parent over a socket pair with pickled messages:
 
-    parent -> child   ("init", Problem) | ("eval", config, seed) | ("retime", configs, repeat) | ("stop",)
+    parent -> child   ("init", Problem) | ("eval", config, seed) | ("retime", configs, repeat)
+                      | ("validate", config, seed) | ("stop",)
     child -> parent   ("ready", info) | ("fatal", kind, message) | ("phase", name) | ("result", dict)
 
 The parent enforces the per-trial time limit: when it runs out, the child's whole process group
@@ -253,6 +254,21 @@ class TrialRunner:
                 return list(msg[1])
 
 
+    def validate(self, config: Mapping[str, Any], *, seed: int, timeout_s: float) -> dict:
+        """The final check of a would-be winner (see `Evaluator.validate`)."""
+        self.start()
+        conn, proc = self.conn, self.proc
+        assert conn is not None and proc is not None
+        conn.send(("validate", dict(config), int(seed)))
+        msg = self._recv(time.monotonic() + timeout_s, conn, proc)
+        if msg is None or msg[0] != "result":
+            timed_out = proc.poll() is None
+            self.close(kill=True)
+            return {"ok": False, "kind": "timeout" if timed_out else "crash",
+                    "error": "the final check " + ("timed out" if timed_out else "crashed")}
+        return dict(msg[1])
+
+
 def run_one(problem: Any, config: Mapping[str, Any], *, seed: int = 0, timeout_s: float = 60.0) -> dict:
     """Evaluate a single config in a fresh child (convenience for scripts and tests)."""
     r = TrialRunner(problem)
@@ -301,6 +317,9 @@ def _child_main(fd: int, parent: int) -> int:
             _, config, seed = msg
             res = ev.evaluate(config, seed, phase=lambda s: conn.send(("phase", s)))
             conn.send(("result", res))
+        elif msg[0] == "validate":
+            _, config, seed = msg
+            conn.send(("result", ev.validate(config, seed)))
         elif msg[0] == "retime":
             _, configs, repeat = msg
             conn.send(("result", ev.retime(configs, repeat)))
