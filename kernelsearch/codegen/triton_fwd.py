@@ -49,7 +49,7 @@ from ..layout import raw_inputs
 from ..passes.bounds import render_bound
 
 DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-DEFAULT_CONFIG_HEADS_IN_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+DEFAULT_CONFIG_HEADS_IN_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1}
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 INDEX_DIMS = ("b", "h", "i", "j")
 MIN_DOT_BLOCK = 16   # tl.dot needs every dim >= 16 on a GPU
@@ -902,7 +902,7 @@ class _KernelWriter:
 
 
 _HELPERS = '''
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
