@@ -95,6 +95,7 @@ def aot_signature(p, config: dict, sizes: dict, dtype: str):
     for feature, block in p.features:
         size = int(sizes.get(feature, sizes.get(feature.upper(), DEFAULT_SIZES["d"])))
         constexprs[block] = max(MIN_DOT_BLOCK, 1 << max(0, size - 1).bit_length())
+        constexprs[f"EVEN_{feature.upper()}"] = constexprs[block] == size
     if p.channels:
         heads = int(sizes.get("h", sizes.get("H", DEFAULT_SIZES["h"])))
         constexprs["CP"] = 1 << max(0, p.streams * heads - 1).bit_length()

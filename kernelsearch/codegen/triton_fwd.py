@@ -123,8 +123,8 @@ class KernelPlan:
         return args
 
     def constexpr_args(self) -> list[str]:
-        return ["BLOCK_M", "BLOCK_N"] + [b for _, b in self.features] + (["CP"] if self.channels else []) \
-            + ["DOT_PRECISION"]
+        return ["BLOCK_M", "BLOCK_N"] + [b for _, b in self.features] + [f"EVEN_{f.upper()}" for f, _ in self.features] \
+            + (["CP"] if self.channels else []) + ["DOT_PRECISION"]
 
 
 # --------------------------------------------------------------------------------------------- plan
@@ -738,7 +738,10 @@ class _KernelWriter:
         for feature, block in p.features:
             F = feature.upper()
             self.assign(f"offs_{feature}", f"tl.arange(0, {block})")
-            self.assign(f"{feature}_ok", f"offs_{feature} < {F}")
+            self.line(f"if EVEN_{F}:   # {F} == {block}: no feature mask, so loads stay vectorised")
+            self.line(f"    {feature}_ok = tl.full([{block}], 1, tl.int1)")
+            self.line("else:")
+            self.line(f"    {feature}_ok = offs_{feature} < {F}")
             if self._uses_rotation(feature):
                 self.assign(f"offs_{feature}_rot", f"tl.where({feature}_ok, (offs_{feature} + {F} // 2) % {F}, "
                                                    f"offs_{feature})", "rotate_half's partner feature")
@@ -986,7 +989,9 @@ def _launcher(graph: Graph, p: KernelPlan) -> str:
         lines.append(f"        {', '.join(a for a, _, _, _ in p.host)},")
     lines.append("        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,")
     for feature, block in p.features:
-        lines.append(f"        {block}=max({MIN_DOT_BLOCK}, triton.next_power_of_2({feature.upper()})),")
+        F = feature.upper()
+        lines.append(f"        {block}=max({MIN_DOT_BLOCK}, triton.next_power_of_2({F})), "
+                     f"EVEN_{F}={F} == max({MIN_DOT_BLOCK}, triton.next_power_of_2({F})),")
     if p.channels:
         lines.append(f"        CP=triton.next_power_of_2({p.streams} * H),")
     lines.append('        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",')
