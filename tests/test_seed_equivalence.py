@@ -108,3 +108,15 @@ def test_talking_heads_two_streams(backend, pre, post, causal):
     expected = oracles.talking_heads_attention(q, k, v, num_streams=streams, pre_mix=pre_mix if pre else None,
                                                post_mix=post_mix if post else None, causal=causal, mask=mask)
     torch.testing.assert_close(attention(q, k, v, mask=mask, pre_mix=pre_mix, post_mix=post_mix), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b[0] + (b[1] or {}).get("lowering", ""))
+def test_local_qk_rmsnorm_is_fused(backend):
+    """LocalMHA's qk-rmsnorm (l2norm, learned per-dim scales, scale 8) inside the attention."""
+    q, k, v = _qkv(2, 2, 20, 20, 8, seed=5)
+    q_scale, k_scale = torch.rand(8, dtype=torch.float64) + 0.5, torch.rand(8, dtype=torch.float64) + 0.5
+    attention = _load("local", backend, window_size=4, qk_rmsnorm=True, scale=8.0)
+    normalise = torch.nn.functional.normalize
+    expected = oracles.local_attention(normalise(q, dim=-1) * q_scale, normalise(k, dim=-1) * k_scale, v,
+                                       window_size=4, scale=8.0)
+    torch.testing.assert_close(attention(q, k, v, q_scale=q_scale, k_scale=k_scale), expected)
