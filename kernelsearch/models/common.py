@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SpecError
 from . import attention as _attention
 
 
@@ -59,7 +60,12 @@ class LM(nn.Module):
             self.resolved_attn_params = params
         # whatever the compiler draws from the RNG must not shift the model's initialisation
         with torch.random.fork_rng(devices=[]):
-            return _attention.make_attention(self.spec, self.backend, **params)
+            try:
+                return _attention.make_attention(self.spec, self.backend, **params)
+            except SpecError as e:
+                raise SpecError(f"{e.message} (the {self.family} model passes "
+                                f"{', '.join(f'{k}={v!r}' for k, v in params.items())})",
+                                e.location, e.hint) from None
 
     def set_attention(self, name: str, fn) -> None:
         # kept out of nn.Module's registry: the compiled attention has no learned state of its own

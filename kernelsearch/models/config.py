@@ -187,5 +187,7 @@ def resolve_model(model: str | None, spec: str | Path | None) -> ModelConfig:
 
 
 def build_model(cfg: ModelConfig, backend: str = "auto"):
+    """The family's LM for this config; fixes ``cfg.model["max_seq_len"]`` if it was implied."""
     cls = family_class(cfg.family)
-    return cls(spec=cfg.spec, backend=backend, attn_params=cfg.attn_params, **cfg.model_kwargs())
+    cfg.model = cfg.model_kwargs()
+    return cls(spec=cfg.spec, backend=backend, attn_params=cfg.attn_params, **cfg.model)

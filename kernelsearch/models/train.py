@@ -173,6 +173,8 @@ def run(cfg: ModelConfig, *, backend: str = "auto", seed: int = 0, device: str |
     else:
         model = make_model(cfg, backend, seed, device)
         optimizer = make_optimizer(model, t.lr)
+    if t.seq_len > model.max_seq_len:
+        raise UsageError(f"seq_len {t.seq_len} exceeds the model's max_seq_len {model.max_seq_len}")
     generator = torch.Generator().manual_seed(seed + start_step)
     t0 = time.perf_counter()
     losses = train_steps(model, optimizer, corpus, cfg, t.steps, generator=generator,
