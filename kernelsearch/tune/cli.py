@@ -51,6 +51,23 @@ def _params(items: list[str] | None) -> dict:
     return out
 
 
+def _only(items: list[str] | None) -> dict:
+    out: dict = {}
+    for it in items or []:
+        if "=" not in it:
+            raise UsageError(f"--only {it}: expected KNOB=V1,V2")
+        k, v = it.split("=", 1)
+        vals = []
+        for x in v.split(","):
+            x = x.strip()
+            try:
+                vals.append(json.loads(x))
+            except ValueError:
+                vals.append({"True": True, "False": False}.get(x, x))
+        out[k.strip()] = vals
+    return out
+
+
 def register(subparsers) -> None:
     from .study import DEFAULTS, SAMPLERS
 
@@ -61,7 +78,7 @@ def register(subparsers) -> None:
                     "the winner is recorded for kernelsearch.load.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", nargs="?", help="the spec file, e.g. specs/cosine_sim.yaml")
-    p.add_argument("--target", default="auto", choices=["auto", "cuda", "cpu", "fake"],
+    p.add_argument("--target", default="auto", choices=["auto", "cuda", "cpu", "fake"], metavar="{auto,cuda,cpu}",
                    help="auto (default): cuda when a GPU is present, else cpu. cuda tunes the Triton kernels' "
                         "tiles/warps/stages; cpu tunes the torch backend (lowering, chunk size, torch.compile)")
     p.add_argument("--shape", type=str, default=None, metavar="B,H,I,J,D",
@@ -86,6 +103,8 @@ def register(subparsers) -> None:
                    help="FILE.db | sqlite:///FILE | FILE.journal | journal:FILE | postgresql://USER@HOST/DB")
     p.add_argument("--seed", type=int, default=None, help="sampler seed")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="override a spec param (repeatable)")
+    p.add_argument("--only", action="append", metavar="KNOB=V1,V2",
+                   help="restrict a knob to some of its choices, e.g. --only compile=False (repeatable)")
     p.add_argument("--optional-inputs", action="store_true",
                    help="time with the spec's optional inputs (mask, bias...) given; they are always checked")
     p.add_argument("--top", type=int, default=5, help="configs to re-time and show at the end (default 5)")
@@ -128,7 +147,7 @@ def run_tune(args) -> int:
         spec=args.spec, target=args.target, shape=parse_shape(args.shape) if args.shape else None,
         dtype=args.dtype, direction=args.direction, sampler=args.sampler, trials=args.trials,
         timeout=args.timeout, workers=args.workers, storage=args.storage, seed=args.seed,
-        trial_timeout=args.trial_timeout, params=_params(args.param), top_k=args.top,
+        trial_timeout=args.trial_timeout, params=_params(args.param), only=_only(args.only), top_k=args.top,
         progress=not args.no_progress, record=not args.no_record, warm_start=not args.no_warm_start,
         optional_inputs=args.optional_inputs, fake=fake, out=sys.stderr if args.json else sys.stdout)
     res = tune(opts)

@@ -12,7 +12,9 @@ reference, so every failure path of a trial can be provoked on purpose with ``be
 - ``smem_limit``: configs with ``BLOCK_M*BLOCK_N*num_stages`` above it are out of resources
   (raised by the feasibility hook, like Triton's AOT shared-memory check);
 - ``sleep_s``: seconds each build takes (to simulate compile time; kill tests use it);
-- ``measure``: time the plain-PyTorch call for real instead of using the cost model.
+- ``measure``: time the plain-PyTorch call for real instead of using the cost model;
+- ``barrier``: ``{"dir": path, "n": n}``: each trial process, when it starts, waits until
+  ``n`` of them have started (tests of several workers, so that all of them take part).
 
 Never used unless asked for (``--target fake`` is hidden from ``--help``).
 """
@@ -144,6 +146,14 @@ class FakeBackend:
         self.p = problem
         self.behaviour = dict(problem.fake or {})
         self.spec = fake_spec(self.behaviour)
+        barrier = self.behaviour.get("barrier")
+        if barrier:
+            d = barrier["dir"]
+            os.makedirs(d, exist_ok=True)
+            open(os.path.join(d, str(os.getpid())), "w").close()
+            deadline = time.monotonic() + float(barrier.get("timeout", 120))
+            while len(os.listdir(d)) < int(barrier["n"]) and time.monotonic() < deadline:
+                time.sleep(0.1)
 
     def inputs(self, sizes: Mapping[str, int], seed: int, optional: bool, device: str) -> dict:
         import torch

@@ -125,7 +125,7 @@ class _Cache:
         self.lock = threading.Lock()
         self.path: Path | None = None
         self.sig: tuple | None = None
-        self.checked = 0.0
+        self.checked = -math.inf
         self.env: tuple | None = None
         self.data: dict = {}
         self.memo: dict = {}
@@ -160,6 +160,7 @@ class _Cache:
     def invalidate(self) -> None:
         with self.lock:
             self.path, self.sig, self.env, self.data, self.memo = None, None, None, {}, {}
+            self.checked = -math.inf
 
 
 _CACHE = _Cache()

@@ -36,6 +36,8 @@ __all__ = [
     "torch_space",
     "triton_space",
     "next_pow2",
+    "fix_choices",
+    "restrict",
 ]
 
 
@@ -391,6 +393,30 @@ def build_space(target: str, spec: Any, sizes: Mapping[str, int], direction: str
 
         return fake.fake_space(spec, sizes, direction)
     raise ValueError(f"unknown target {target!r}")
+
+
+def fix_choices(space: SearchSpace, only: Mapping[str, Sequence[Any]]) -> SearchSpace:
+    """A copy of ``space`` whose knobs take only the given choices (``--only NAME=V1,V2``).
+
+    Raises ValueError for an unknown knob or a choice that is not in the knob's list.
+    """
+    knobs = []
+    names = set(space.names)
+    for n in only:
+        if n not in names:
+            raise ValueError(f"unknown knob {n!r}; the knobs are {', '.join(space.names)}")
+    for k in space.knobs:
+        if k.name in only:
+            want = list(only[k.name])
+            bad = [v for v in want if v not in k.choices]
+            if bad or not want:
+                raise ValueError(f"{k.name}: {bad or want} not among its choices {list(k.choices)}")
+            choices = tuple(v for v in k.choices if v in want)
+            default = k.default if k.default in choices else choices[0]
+            knobs.append(Knob(k.name, choices, default, k.when, k.doc))
+        else:
+            knobs.append(k)
+    return SearchSpace(knobs, list(space.constraints), space.target, list(space.notes), space.enumerate_limit)
 
 
 def restrict(space: SearchSpace, configs: Iterable[Mapping[str, Any]]) -> list[dict]:

@@ -93,7 +93,7 @@ def parse_storage(url: str | None) -> StorageConfig:
         if not p.parent.is_dir():
             raise UsageError(f"--storage {url}: directory {p.parent} does not exist")
         return StorageConfig("sqlite", f"sqlite:///{p}", p, str(p))
-    if u.startswith(("postgresql://", "postgresql+psycopg2://", "postgres://")):
+    if u.startswith(("postgresql://", "postgresql+psycopg2://", "postgresql+psycopg://", "postgres://")):
         if u.startswith("postgres://"):
             u = "postgresql://" + u[len("postgres://"):]
         try:
@@ -102,10 +102,16 @@ def parse_storage(url: str | None) -> StorageConfig:
             make_url(u)
         except Exception as e:
             raise UsageError(f"--storage {url}: not a valid PostgreSQL URL ({e})") from None
-        try:
-            import psycopg2  # noqa: F401
-        except ImportError:
-            raise UsageError("--storage postgresql://... needs psycopg2: pip install psycopg2-binary") from None
+        if u.startswith("postgresql://"):
+            # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg (3); use whichever driver is here.
+            import importlib.util
+
+            if importlib.util.find_spec("psycopg2") is not None:
+                u = "postgresql+psycopg2://" + u[len("postgresql://"):]
+            elif importlib.util.find_spec("psycopg") is not None:
+                u = "postgresql+psycopg://" + u[len("postgresql://"):]
+            else:
+                raise UsageError("--storage postgresql://... needs a driver: pip install psycopg2-binary")
         return StorageConfig("postgresql", u, None, _hide_password(u))
     if u.startswith("journal:"):
         rest = u[len("journal:"):]
@@ -263,7 +269,8 @@ def budget_lock(cfg: StorageConfig, study_name: str):
         key = zlib.crc32(study_name.encode()) - (1 << 31)
         return lk.hold(key)
     assert cfg.path is not None
-    return _file_lock(cfg.path.with_name(cfg.path.name + ".lock"))
+    # not "<file>.lock": that is the name of Optuna's own journal-file lock
+    return _file_lock(cfg.path.with_name(cfg.path.name + ".budget-lock"))
 
 
 # ---------------------------------------------------------------------------------------

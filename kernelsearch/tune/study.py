@@ -50,7 +50,7 @@ from typing import Any, Mapping, TextIO
 
 from ..errors import UsageError
 from . import records as rec
-from .space import SearchSpace, build_space, config_key, restrict
+from .space import SearchSpace, build_space, config_key, fix_choices, restrict
 from .storage import (GRACE_S, HEARTBEAT_INTERVAL_S, Heartbeat, StorageConfig, budget_lock, open_storage,
                       parse_storage, reap_stale, worker_identity)
 from .target import Problem
@@ -87,6 +87,7 @@ class TuneOptions:
     seed: int | None = None
     trial_timeout: float | None = None
     params: dict = field(default_factory=dict)
+    only: dict = field(default_factory=dict)  # knob -> allowed choices (restricts the space)
     top_k: int = 5
     retime_repeats: int = 5
     progress: bool = True
@@ -231,6 +232,11 @@ def resolve(opts: TuneOptions) -> Resolved:
     device = "cuda" if target == "cuda" else "cpu"
     dev_name = rec.device_name(device)
     space = build_space(target, spec, sizes, opts.direction, dtype)
+    if opts.only:
+        try:
+            space = fix_choices(space, opts.only)
+        except ValueError as e:
+            raise UsageError(f"--only: {e}") from None
     size = space.size()
     if size == 0:
         raise UsageError("the search space is empty after its constraints:\n" + space.describe())

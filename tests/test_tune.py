@@ -1,0 +1,422 @@
+"""The autotuner: correctness guard, time limits, resume after kill -9, shared storage, records, CLI.
+
+Most tests drive the *fake* target (`kernelsearch.tune.fake`: the Triton knobs, a synthetic
+cost model, a real float64 correctness check), so they are fast and deterministic on a CPU;
+`test_torch_backend_tune_then_load` runs the real torch backend end to end.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kernelsearch.errors import UsageError
+from kernelsearch.tune import records
+from kernelsearch.tune.space import Constraint, Knob, SearchSpace, config_key, fix_choices
+from tests.pg_fixture import postgres_url  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def ks_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERNELSEARCH_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KERNELSEARCH_RECORDS", raising=False)
+    records.clear_cache()
+    yield tmp_path / "home"
+    records.clear_cache()
+
+
+def _tune(**kw):
+    from kernelsearch.tune.study import TuneOptions, tune
+
+    kw.setdefault("target", "fake")
+    kw.setdefault("progress", False)
+    kw.setdefault("retime_repeats", 2)
+    out = io.StringIO()
+    res = tune(TuneOptions(spec=None, out=out, **kw))
+    return res, out.getvalue()
+
+
+def _study(storage_url: str, fake: dict, sizes=None):
+    """Load the fake study from a storage URL (what the workers wrote)."""
+    import optuna
+
+    from kernelsearch.tune.storage import open_storage, parse_storage
+
+    st = open_storage(parse_storage(storage_url))
+    names = optuna.study.get_all_study_names(storage=st)
+    from kernelsearch.tune.fake import fake_spec
+
+    sha = fake_spec(fake).sha256[:16]
+    names = [n for n in names if f"|{sha}|" in n]
+    assert len(names) == 1, names
+    return optuna.load_study(study_name=names[0], storage=st)
+
+
+def _counted(study):
+    return [t for t in study.get_trials(deepcopy=False)
+            if t.state.is_finished() and (t.user_attrs.get("ks") or {}).get("counted")]
+
+
+def _fake_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kernelsearch.tune", "tune", "--target", "fake", "--no-progress", *args]
+
+
+def _env(home: Path) -> dict:
+    env = dict(os.environ)
+    env["KERNELSEARCH_HOME"] = str(home)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+# ---------------------------------------------------------------------------------------
+# Search space, tolerances, records (no processes)
+# ---------------------------------------------------------------------------------------
+
+def test_space_conditional_knobs_canonical_and_constraints():
+    space = SearchSpace(
+        [Knob("lowering", ("materialized", "chunked"), "materialized"),
+         Knob("CHUNK_N", (16, 24, 64), 64, when=("lowering", ("chunked",))),
+         Knob("compile", (False, True), False)],
+        [Constraint("CHUNK_N % 16 == 0", lambda c: c.get("CHUNK_N", 16) % 16 == 0, "CHUNK_N={CHUNK_N} not /16")])
+    assert space.default() == {"lowering": "materialized", "compile": False}
+    # an inactive knob does not make a different config
+    assert space.key({"lowering": "materialized", "CHUNK_N": 16, "compile": False}) == space.key(space.default())
+    assert space.violations({"lowering": "chunked", "CHUNK_N": 24, "compile": True}) == ["CHUNK_N=24 not /16"]
+    valid = space.enumerate()
+    assert valid[0] == space.default()
+    assert len(valid) == 2 + 2 * 2  # materialized x compile + chunked x {16, 64} x compile
+    assert len({config_key(c) for c in valid}) == len(valid)
+    only = fix_choices(space, {"compile": [False]})
+    assert only.size() == 3
+    with pytest.raises(ValueError):
+        fix_choices(space, {"compile": ["maybe"]})
+
+
+def test_triton_space_from_spec_tune_section():
+    import kernelsearch
+
+    from kernelsearch.tune.space import triton_space
+
+    spec = kernelsearch.load("specs/cosine_sim.yaml", backend="reference").spec
+    fwd = triton_space(spec, {"B": 1, "H": 1, "I": 48, "J": 1000, "D": 64}, "fwd")
+    assert fwd.names == ["BLOCK_M", "BLOCK_N", "num_warps", "num_stages"]
+    assert all(c["BLOCK_M"] <= 64 for c in fwd.enumerate())  # next_pow2(48) = 64
+    both = triton_space(spec, {"B": 1, "H": 1, "I": 256, "J": 256, "D": 64}, "fwd+bwd")
+    assert {"BLOCK_M_BWD", "BLOCK_N_BWD", "num_warps_bwd", "num_stages_bwd"} <= set(both.names)
+
+
+def test_tolerances_reject_wrong_accept_rounding():
+    import torch
+
+    from kernelsearch.tune.check import compare_outputs
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 4, 64, 32, generator=g, dtype=torch.float64)
+    lowp = ref.to(torch.float16)
+    ok = compare_outputs({"out": lowp}, {"out": ref}, {"out": lowp}, torch.float16, "cuda")
+    assert ok.ok, ok.message
+    wrong = lowp.clone()
+    wrong[0, 0, -1] += 0.25  # one row off: a skipped key block
+    bad = compare_outputs({"out": wrong}, {"out": ref}, {"out": lowp}, torch.float16, "cuda")
+    assert not bad.ok and "rel. error" in bad.message
+    nan = ref.clone()
+    nan[0, 0, 0] = float("nan")
+    assert not compare_outputs({"out": ref}, {"out": nan}, None, torch.float64, "cpu").ok
+
+
+def test_records_lookup_buckets_neighbours(ks_home):
+    assert records.shape_bucket({"B": 2, "H": 8, "I": 1000, "J": 1024, "D": 64}) == "D64-I1024-J1024-BH16"
+    dev = records.device_name("cpu")
+    b1 = records.shape_bucket({"B": 1, "H": 4, "I": 512, "J": 512, "D": 64})
+    b2 = records.shape_bucket({"B": 1, "H": 4, "I": 1024, "J": 1024, "D": 64})
+    assert records.lookup("abc", "torch", dev, b1, "float32") is None
+    records.record("abc", "torch", dev, b1, "float32", "fwd", {"lowering": "chunked", "CHUNK_N": 128},
+                   top=[{"lowering": "materialized"}])
+    assert records.lookup("abc", "torch", dev, b1, "float32") == {"lowering": "chunked", "CHUNK_N": 128}
+    assert records.lookup("abc", "torch", dev, b1, "float16") is None
+    nb = records.neighbours("abc", "torch", dev, b2, "float32", "fwd")
+    assert nb and nb[0][0] == b1 and nb[0][1][0] == {"lowering": "chunked", "CHUNK_N": 128}
+
+    class Spec:
+        sha256 = "abc"
+
+    import torch
+
+    sizes = {"b": 1, "h": 4, "i": 500, "j": 512, "d": 64}
+    assert records.lookup_for_call(Spec, "torch", sizes, torch.float32, torch.device("cpu")) == \
+        {"lowering": "chunked", "CHUNK_N": 128}
+    # a fwd+bwd record is found for forward calls when there is no fwd one, and vice versa
+    records.record("abc", "torch", dev, b2, "float32", "fwd+bwd", {"lowering": "materialized"})
+    assert records.lookup("abc", "torch", dev, b2, "float32") == {"lowering": "materialized"}
+
+
+# ---------------------------------------------------------------------------------------
+# Trials: wrong results, hangs, crashes, compile errors, out of resources
+# ---------------------------------------------------------------------------------------
+
+def test_wrong_config_is_rejected_and_never_wins(ks_home):
+    # num_stages=2 configs (the default among them) are wrong -- and twice as fast, to tempt.
+    fake = {"wrong": [{"num_stages": 2}]}
+    res, out = _tune(fake=fake, trials=10, seed=3, sampler="tpe")
+    from kernelsearch.tune.storage import default_storage_path
+
+    study = _study(f"sqlite:///{default_storage_path()}", fake)
+    trials = _counted(study)
+    assert len(trials) == 10
+    wrong = [t for t in trials if (t.user_attrs["ks"]).get("kind") == "wrong_result"]
+    assert wrong, "the default config is wrong and must have been rejected"
+    assert all(t.state.name == "FAIL" and "rel. error" in t.user_attrs["ks"]["reason"] for t in wrong)
+    assert all(t.params["num_stages"] == 2 for t in wrong)
+    assert all(t.params["num_stages"] != 2 for t in trials if t.state.name == "COMPLETE")
+    assert res.winner is not None and res.winner["num_stages"] != 2
+    assert "the default config failed (wrong_result)" in out
+    # the winner is recorded where the runtime looks
+    from kernelsearch.tune.fake import fake_spec
+
+    sizes = {"B": 1, "H": 2, "I": 64, "J": 64, "D": 16}
+    got = records.lookup(fake_spec(fake).sha256, "fake", records.device_name("cpu"), records.shape_bucket(sizes),
+                         "float32", "fwd")
+    assert got == res.winner
+    assert f"config = {{'BLOCK_M': {res.winner['BLOCK_M']!r}" in out  # pasteable literal
+
+
+def test_hanging_config_is_cut_off(ks_home):
+    fake = {"hang": [{"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}]}  # the default hangs
+    t0 = time.monotonic()
+    res, out = _tune(fake=fake, trials=3, seed=0, trial_timeout=3.0)
+    wall = time.monotonic() - t0
+    from kernelsearch.tune.storage import default_storage_path
+
+    trials = _counted(_study(f"sqlite:///{default_storage_path()}", fake))
+    kinds = [t.user_attrs["ks"].get("kind") for t in trials]
+    assert kinds.count("timeout") == 1 and len(trials) == 3
+    hung = next(t for t in trials if t.user_attrs["ks"].get("kind") == "timeout")
+    assert "no result after 3 s" in hung.user_attrs["ks"]["reason"]
+    assert res.winner is not None and res.winner != fake["hang"][0]
+    assert wall < 90
+
+
+def test_crash_compile_error_out_of_resources_become_failures():
+    from kernelsearch.tune.target import Problem
+    from kernelsearch.tune.trial import TrialRunner
+
+    base = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    p = Problem(None, "fake", {"B": 1, "H": 2, "I": 64, "J": 64, "D": 16},
+                fake={"crash": [{"num_warps": 2}], "compile_error": [{"num_warps": 8}], "smem_limit": 64 * 64 * 2})
+    r = TrialRunner(p)
+    try:
+        assert r.run(base, seed=0, timeout_s=30)["status"] == "ok"
+        oor = r.run({**base, "num_stages": 3}, seed=0, timeout_s=30)
+        assert oor["kind"] == "out_of_resources" and "shared memory" in oor["reason"]
+        ce = r.run({**base, "num_warps": 8}, seed=0, timeout_s=30)
+        assert ce["kind"] == "compile_error"
+        crash = r.run({**base, "num_warps": 2}, seed=0, timeout_s=30)
+        assert crash["kind"] == "crash" and "SIGSEGV" in crash["reason"]
+        assert r.run(base, seed=1, timeout_s=60)["status"] == "ok"  # a fresh child takes over
+        assert r.starts == 2
+    finally:
+        r.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Resume after kill -9; several workers on one storage
+# ---------------------------------------------------------------------------------------
+
+def _wait_for(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _children_of(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if b"kernelsearch.tune.trial" in cmd and str(pid).encode() in cmd:
+                out.append(int(d))
+    return out
+
+
+def test_resume_after_kill_9_loses_nothing(ks_home, tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    fake = {"sleep_s": 1.0}
+    db = tmp_path / "study.db"
+    url = f"sqlite:///{db}"
+    cmd = _fake_cmd("--fake", json.dumps(fake), "--trials", "6", "--storage", url, "--seed", "5")
+    proc = subprocess.Popen(cmd, env=_env(ks_home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def mid_trial():
+            if not db.exists():
+                return None
+            try:
+                st = _study(url, fake)
+            except Exception:
+                return None
+            done = _counted(st)
+            running = [t for t in st.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                       if t.user_attrs.get("ks_run")]
+            return (st, done, running) if len(done) >= 2 and running else None
+
+        _, done_before, running = _wait_for(mid_trial, 120, "two finished trials and one in flight")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # the trial's child process notices its parent died and exits
+    _wait_for(lambda: not _children_of(proc.pid), 10, "the orphaned trial process to exit")
+    before = {t.number: (t.state, t.value, dict(t.params)) for t in _counted(_study(url, fake))}
+    assert len(before) >= 2
+    lost = running[0]
+
+    res, _ = _tune(fake=fake, trials=6, storage=url, seed=5)
+    study = _study(url, fake)
+    after = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for n, (state, value, params) in before.items():  # nothing finished is lost or changed
+        assert after[n].state == state and after[n].value == value and dict(after[n].params) == params
+    stale = after[lost.number]
+    assert stale.state == TrialState.FAIL and stale.user_attrs["ks"]["kind"] == "stale"
+    assert not stale.user_attrs["ks"]["counted"]
+    retried = [t for t in after.values() if t.user_attrs.get("ks_retry_of") == lost.number]
+    assert retried and retried[0].state == TrialState.COMPLETE and dict(retried[0].params) == dict(lost.params)
+    counted = _counted(study)
+    assert len(counted) == 6
+    assert len({t.user_attrs["ks_run"]["key"] for t in counted}) == 6
+    assert not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    assert res.winner is not None
+
+
+def _two_workers(url: str, home: Path, barrier: Path, n: int = 8):
+    from optuna.trial import TrialState
+
+    # 3 trial processes (2 + 1) wait for each other, so that both tuner processes take part
+    fake = {"sleep_s": 0.5, "barrier": {"dir": str(barrier), "n": 3}}
+    procs = [subprocess.Popen(_fake_cmd("--fake", json.dumps(fake), "--trials", str(n), "--storage", url,
+                                        "--seed", str(seed), *extra),
+                              env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for seed, extra in ((11, ["--workers", "2"]), (12, []))]
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        outs.append(out)
+        assert p.returncode == 0, out[-3000:]
+    study = _study(url, fake)
+    counted = _counted(study)
+    assert len(counted) == n, [o[-1500:] for o in outs]
+    keys = [t.user_attrs["ks_run"]["key"] for t in counted]
+    assert len(set(keys)) == n, "a config was evaluated twice"
+    workers = {t.user_attrs["ks_run"]["worker"]["pid"] for t in counted}
+    assert len(workers) == 2, "both processes should have contributed"
+    assert not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+
+def test_two_workers_share_a_journal_file(ks_home, tmp_path):
+    _two_workers(f"journal:{tmp_path / 'tune.journal'}", ks_home, tmp_path / "barrier")
+
+
+def test_two_workers_share_postgresql(ks_home, postgres_url, tmp_path):  # noqa: F811
+    _two_workers(postgres_url, ks_home, tmp_path / "barrier")
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------
+
+def _run_cli(argv: list[str]) -> int:
+    import argparse
+
+    from kernelsearch.tune.cli import register
+
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = ap.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["tune", "specs/no_such_spec.yaml"], "spec file not found"),
+    (["tune"], "missing SPEC"),
+    (["tune", "specs/cosine_sim.yaml", "--trials", "0"], "--trials 0"),
+    (["tune", "specs/cosine_sim.yaml", "--storage", "mongodb://x/y"], "unsupported scheme"),
+    (["tune", "specs/cosine_sim.yaml", "--storage", "not-a-url"], "not a storage URL"),
+    (["tune", "specs/cosine_sim.yaml", "--storage", "/no/such/dir/t.db"], "does not exist"),
+    (["tune", "specs/cosine_sim.yaml", "--shape", "1,2,3"], "B,H,I,J,D"),
+    (["tune", "specs/cosine_sim.yaml", "--dtype", "int7"], "--dtype"),
+    (["tune", "specs/cosine_sim.yaml", "--only", "nope=1"], "unknown knob"),
+    (["report", "specs/no_such_spec.yaml"], "spec file not found"),
+])
+def test_cli_bad_input_is_a_usage_error(ks_home, argv, needle):
+    with pytest.raises(UsageError) as e:
+        _run_cli(argv)
+    assert needle in str(e.value)
+
+
+def test_cli_unreachable_postgres_is_a_usage_error(ks_home):
+    with pytest.raises(UsageError) as e:
+        _run_cli(["tune", "specs/cosine_sim.yaml", "--storage", "postgresql://nobody@127.0.0.1:1/none",
+                  "--trials", "1"])
+    assert "cannot open storage" in str(e.value)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["tune", "specs/no_such_spec.yaml"], "spec file not found"),
+    (["tune", "specs/cosine_sim.yaml", "--trials", "0"], "--trials 0"),
+    (["tune", "specs/cosine_sim.yaml", "--storage", "mongodb://x/y"], "unsupported scheme"),
+])
+def test_top_level_cli_exit_code_2(ks_home, capsys, argv, needle):
+    from kernelsearch import cli
+
+    if "tune" not in cli.build_parser().format_help():
+        pytest.skip("the top-level CLI does not register `tune` yet")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------
+# The real torch backend, end to end: tune, then load uses the winner
+# ---------------------------------------------------------------------------------------
+
+def test_torch_backend_tune_then_load(ks_home):
+    import torch
+
+    import kernelsearch
+
+    sizes = {"B": 1, "H": 2, "I": 128, "J": 128, "D": 32}
+    res, out = _tune_spec("specs/cosine_sim.yaml", sizes)
+    assert res.counts["complete"] == 3 and res.winner is not None
+    attn = kernelsearch.load("specs/cosine_sim.yaml", backend="torch")
+    q, k, v = (torch.randn(1, 2, 128, 32) for _ in range(3))
+    attn(q, k, v)
+    assert attn.last_config == res.winner
+    assert "kernelsearch.load('specs/cosine_sim.yaml', backend='torch', config=config)" in out
+
+
+def _tune_spec(spec: str, sizes: dict):
+    from kernelsearch.tune.study import TuneOptions, tune
+
+    out = io.StringIO()
+    res = tune(TuneOptions(spec=spec, target="cpu", shape=sizes, sampler="grid", progress=False, seed=0,
+                           only={"compile": [False], "CHUNK_N": [32, 64]}, retime_repeats=2, out=out))
+    return res, out.getvalue()
