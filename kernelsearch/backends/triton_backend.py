@@ -132,8 +132,10 @@ class TritonForward:
 
     _ops: dict = {}
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, interpret: bool | None = None):
         self.graph = graph
+        # decided once: under torch.compile nothing may ask triton's knobs (dynamo cannot trace them)
+        self.interpret = interpreting() if interpret is None else interpret
         self.plan = plan(graph)
         self.source = triton_source(graph)
         self.digest = source_hash(self.source)
@@ -145,14 +147,14 @@ class TritonForward:
     @property
     def module(self):
         if self._module is None:
-            self._module = load_module(self.source, self.stem)
+            self._module = load_module(self.source, self.stem, interpret=self.interpret)
         return self._module
 
     def op(self):
         """torch.ops.kernelsearch.<name>: triton_op (compiled kernels) or custom_op (interpreter)."""
         if self._op is not None:
             return self._op
-        interp = interpreting()
+        interp = self.interpret
         name = f"{self.stem}_{self.digest}" + ("_interp" if interp else "")
         if name in self._ops:
             self._op = self._ops[name]
@@ -187,7 +189,7 @@ class TritonForward:
     def __call__(self, tensors: dict, config: dict, poison: bool = False):
         args = [tensors[n] for n in self.inputs]
         q = tensors["q"]
-        if not interpreting() and q.device.type != "cuda":
+        if not self.interpret and q.device.type != "cuda":
             raise RuntimeError(f"{self.graph.spec.name}: the triton backend runs on CUDA tensors (got {q.device}); "
                                "set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU "
                                "in Triton's interpreter, or use backend='torch'")
@@ -196,8 +198,10 @@ class TritonForward:
 
 
 def resolve_config(attention, graph: Graph, sizes: dict, q) -> dict:
+    """attention.config, else the tuned config for this call (not while torch.compile traces: no
+    file I/O in a graph), else the defaults; knobs the config leaves out take their defaults."""
     config = attention.config if attention is not None and attention.config else None
-    if config is None:
+    if config is None and not torch.compiler.is_compiling():
         config = tuned_config(graph, sizes, q.dtype, q.device)
     merged = default_config(graph, sizes)
     if config:
