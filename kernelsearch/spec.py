@@ -37,6 +37,9 @@ INPUT_DTYPES = ("float", "bool", "int")
 INDEX_DIMS = ("b", "h", "i", "j")
 MAX_SPEC_BYTES = 256 * 1024
 MAX_GRAPH_ENTRIES = 256
+MAX_PARAMS = 64
+MAX_INPUTS = 32
+MAX_OPTIONAL_INPUTS = 8        # `check` compiles every combination of present optional inputs
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -104,10 +107,18 @@ def _scalar_value(path: str, node: yaml.ScalarNode) -> Any:
     try:
         return yaml.SafeLoader.construct_scalar(_CONSTRUCTOR, node) if node.tag.endswith(":str") else \
             _CONSTRUCTOR.construct_object(node, deep=True)
-    except (yaml.YAMLError, ValueError, TypeError, AttributeError, OverflowError):
-        # only an explicit tag (`!!int abc`, `!foo 1`, `!!python/...`) gets here
-        raise SpecError(f"cannot read {node.value!r} as a value with the YAML tag {node.tag!r}", _loc(path, node),
-                        "remove the tag (the `!...` before the value)")
+    except Exception:   # PyYAML's constructors fail in many ways (`!!int` with no value: IndexError)
+        # an explicit tag (`!!int abc`, `!foo 1`, `!!python/...`), or a number too long for Python (> 4300 digits)
+        text = node.value if len(node.value) <= 40 else node.value[:40] + "..."
+        implicit = _CONSTRUCTOR.resolve(yaml.ScalarNode, node.value, (True, False)) == node.tag
+        raise SpecError(f"cannot read {text!r} as a value with the YAML tag {node.tag!r}", _loc(path, node),
+                        "write a shorter number" if implicit else "remove the tag (the `!...` before the value)")
+
+
+def _show(value) -> str:
+    """repr(value), also for integers too long to print (Python refuses more than 4300 digits)."""
+    return repr(value) if not isinstance(value, int) or value.bit_length() < 1000 else \
+        f"an integer of {value.bit_length()} bits"
 
 
 class _Constructor(yaml.SafeLoader):
@@ -116,11 +127,22 @@ class _Constructor(yaml.SafeLoader):
 
 
 _CONSTRUCTOR = _Constructor()
+MAX_FLOW_DEPTH = 64
+
+
+class _Loader(yaml.SafeLoader):
+    """Refuses deeply nested [ { early: PyYAML's scanner is quadratic in their depth."""
+
+    def fetch_flow_collection_start(self, TokenClass):
+        if self.flow_level >= MAX_FLOW_DEPTH:
+            raise yaml.scanner.ScannerError(None, None, f"[ ] and {{ }} are nested more than {MAX_FLOW_DEPTH} deep",
+                                            self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
 
 
 def _compose(path: str, text: str) -> yaml.Node:
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = SourceLocation(path, mark.line + 1, mark.column + 1) if mark else SourceLocation(path, 1, 1)
@@ -189,7 +211,7 @@ def _name_list(path: str, node: yaml.Node, what: str, example: str = "[b, h, i, 
     for item in node.value:
         value = _scalar(path, item, f"an entry of {what}")
         if not isinstance(value, str) or not IDENTIFIER.match(value.rstrip("?")):
-            raise SpecError(f"{what} must list names, got {value!r}", _loc(path, item))
+            raise SpecError(f"{what} must list names, got {_show(value)}", _loc(path, item))
         names.append((value, _loc(path, item)))
     return names
 
@@ -204,7 +226,10 @@ def _suggest(name: str, options) -> str:
 
 def _parse_params(path: str, node: yaml.Node) -> dict[str, Param]:
     params = {}
-    for name, key_node, value_node in _mapping(path, node, "params"):
+    items = _mapping(path, node, "params")
+    if len(items) > MAX_PARAMS:
+        raise SpecError(f"the spec has {len(items)} params; at most {MAX_PARAMS} are allowed", _loc(path, node))
+    for name, key_node, value_node in items:
         where = _loc(path, key_node)
         if not IDENTIFIER.match(name):
             raise SpecError(f"param name '{name}' is not an identifier", where)
@@ -253,10 +278,10 @@ def _parse_params(path: str, node: yaml.Node) -> dict[str, Param]:
             if declared_type is None:
                 declared_type = inferred
             elif not _fits(declared_type, default):
-                raise SpecError(f"param '{name}' is declared {declared_type} but its default is {default!r}",
+                raise SpecError(f"param '{name}' is declared {declared_type} but its default is {_show(default)}",
                                 default_where, f"give a {declared_type} default")
         if choices is not None and not isinstance(default, ast.expr) and default not in choices:
-            raise SpecError(f"the default {default!r} of param '{name}' is not among its choices {list(choices)}",
+            raise SpecError(f"the default {_show(default)} of param '{name}' is not among its choices {list(choices)}",
                             default_where)
         params[name] = Param(name, declared_type, default, doc, where, choices)
     return params
@@ -282,12 +307,18 @@ def _fits(type_name: str, value) -> bool:
 def coerce_param(param: Param, value, where: SourceLocation | None = None):
     """A value given at load time for `param`, checked against its type."""
     if not _fits(param.type, value) or (param.type == "int" and isinstance(value, bool)):
-        raise SpecError(f"param '{param.name}' is a {param.type}, got {value!r} ({type(value).__name__})",
+        raise SpecError(f"param '{param.name}' is a {param.type}, got {_show(value)} ({type(value).__name__})",
                         where or param.location, f"pass a {param.type}")
     if param.choices is not None and value not in param.choices:
-        raise SpecError(f"param '{param.name}' must be one of {list(param.choices)}, got {value!r}",
+        raise SpecError(f"param '{param.name}' must be one of {list(param.choices)}, got {_show(value)}",
                         where or param.location)
-    return float(value) if param.type == "float" else value
+    if param.type == "float":
+        try:
+            return float(value)
+        except OverflowError:
+            raise SpecError(f"param '{param.name}' is a float, and {_show(value)} is too large for one",
+                            where or param.location)
+    return value
 
 
 def _check_param_defaults(params: dict[str, Param], inputs: dict[str, InputDecl]) -> None:
@@ -326,7 +357,10 @@ def _check_param_defaults(params: dict[str, Param], inputs: dict[str, InputDecl]
 
 def _parse_inputs(path: str, node: yaml.Node) -> dict[str, InputDecl]:
     inputs = {}
-    for name, key_node, value_node in _mapping(path, node, "inputs"):
+    items = _mapping(path, node, "inputs")
+    if len(items) > MAX_INPUTS:
+        raise SpecError(f"the spec has {len(items)} inputs; at most {MAX_INPUTS} are allowed", _loc(path, node))
+    for name, key_node, value_node in items:
         where = _loc(path, key_node)
         if not IDENTIFIER.match(name) or name in exprs.RESERVED_NAMES:
             raise SpecError(f"input name '{name}' is not allowed", where,
@@ -377,6 +411,10 @@ def _parse_inputs(path: str, node: yaml.Node) -> dict[str, InputDecl]:
             raise SpecError(f"input '{name}' has dtype {dtype} and cannot be differentiable", where)
         inputs[name] = InputDecl(name, tuple(shape), frozenset(optional_dims), dtype, optional,
                                  differentiable, where)
+    optional = [decl for decl in inputs.values() if decl.optional]
+    if len(optional) > MAX_OPTIONAL_INPUTS:
+        raise SpecError(f"the spec has {len(optional)} optional inputs; at most {MAX_OPTIONAL_INPUTS} are allowed",
+                        optional[MAX_OPTIONAL_INPUTS].location, "every combination of them is compiled and checked")
     for required, shape in (("q", ("b", "h", "i")), ("k", ("b", "h", "j")), ("v", ("b", "h", "j"))):
         if required not in inputs:
             raise SpecError(f"the inputs have no '{required}'", _loc(path, node),
@@ -424,13 +462,13 @@ def _parse_tune(path: str, node: yaml.Node) -> dict[str, tuple]:
             value = _scalar(path, item, f"a choice of '{knob}'")
             if knob.startswith("BLOCK") or knob.startswith("num_") or knob.startswith("CHUNK"):
                 if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                    raise SpecError(f"choices of '{knob}' must be positive integers, got {value!r}",
+                    raise SpecError(f"choices of '{knob}' must be positive integers, got {_show(value)}",
                                     _loc(path, item))
                 if knob.startswith("BLOCK") and value & (value - 1):
-                    raise SpecError(f"'{knob}' must be a power of two (Triton tiles are), got {value}",
+                    raise SpecError(f"'{knob}' must be a power of two (Triton tiles are), got {_show(value)}",
                                     _loc(path, item), "use 16, 32, 64 or 128")
             if value in choices:
-                raise SpecError(f"choice {value!r} of '{knob}' is listed twice", _loc(path, item))
+                raise SpecError(f"choice {_show(value)} of '{knob}' is listed twice", _loc(path, item))
             choices.append(value)
         tune[knob] = tuple(choices)
     return tune
@@ -455,7 +493,7 @@ def parse_spec(text: str, path: str = "<spec>") -> Spec:
                             f"a spec needs the sections {', '.join(REQUIRED_SECTIONS)}")
     name = _scalar(path, sections["name"], "name")
     if not isinstance(name, str) or not IDENTIFIER.match(name):
-        raise SpecError(f"name must be an identifier (it names generated/<name>.py), got {name!r}",
+        raise SpecError(f"name must be an identifier (it names generated/<name>.py), got {_show(name)}",
                         _loc(path, sections["name"]))
     summary = str(_scalar(path, sections["summary"], "summary")) if "summary" in sections else ""
     params = _parse_params(path, sections["params"]) if "params" in sections else {}
