@@ -10,8 +10,9 @@ row's alone and compilation caches do not leak between rows. Columns:
 - tokens/s: training tokens (batch x seq_len) per second over ``--steps`` Adam steps, after
   ``--warmup`` steps (which absorb code generation and torch.compile);
 - step ms: mean wall time of one step;
-- peak MiB: on CUDA, ``torch.cuda.max_memory_allocated``; on the CPU, the growth of the
-  process's peak resident set (``ru_maxrss``) from just before the model is built to the end;
+- peak MiB: on CUDA, ``torch.cuda.max_memory_allocated`` during training; on the CPU, the
+  process's peak resident set during training (``VmHWM``, reset through ``/proc/self/clear_refs``
+  once the model is built) minus its resident set at that moment;
 - saved MiB: bytes of the activations autograd keeps for backward in one step (distinct
   storages seen by ``saved_tensors_hooks``, parameters excluded) — the number the reversible
   stack exists to shrink; ``memory_efficient[plain]`` is the same model with a plain
@@ -66,6 +67,22 @@ def _saved_bytes(model, batch) -> int:
     return sum(seen.values())
 
 
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_peak_rss() -> int:
+    """Reset the peak-RSS mark (Linux); returns the resident set now, in KiB."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _rss_kib("VmRSS")
+
+
 def worker(family: str, backend: str, args) -> dict:
     import torch
     from kernelsearch.models import build_model
@@ -82,11 +99,10 @@ def worker(family: str, backend: str, args) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.manual_seed(0)
     model = build_model(cfg, attn_backend).to(device)
-    saved = _saved_bytes(model, batches[0])
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    rss0 = _reset_peak_rss()
     loss_fn = torch.compile(model.loss) if compile_model else model.loss
 
     def step(batch):
@@ -110,7 +126,8 @@ def worker(family: str, backend: str, args) -> dict:
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024  # KiB on Linux
+        peak = (_rss_kib("VmHWM") - rss0) * 1024
+    saved = _saved_bytes(model, batches[0])
     tokens = args.steps * args.batch_size * args.seq_len
     return {"family": family, "backend": backend, "tokens_per_s": tokens / seconds,
             "step_ms": seconds / args.steps * 1e3, "warmup_s": warm_s, "peak_mib": peak / 2**20,
@@ -140,9 +157,9 @@ def _table(rows, args) -> str:
         if "error" in r:
             lines.append(f"| {r['family']} | {r['backend']} | failed: {r['error']} |" + " |" * (len(head) - 3))
             continue
-        ratio = r["tokens_per_s"] / ref[r["family"]] if r["family"] in ref else float("nan")
+        ratio = f"{r['tokens_per_s'] / ref[r['family']]:.2f}x" if r["family"] in ref else "-"
         lines.append(f"| {r['family']} | {r['backend']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | "
-                     f"{ratio:.2f}x | {r['peak_mib']:.1f} | {r['saved_mib']:.2f} | {r['warmup_s']:.1f} | "
+                     f"{ratio} | {r['peak_mib']:.1f} | {r['saved_mib']:.2f} | {r['warmup_s']:.1f} | "
                      f"{r['final_loss']:.3f} |")
     return "\n".join(lines)
 
