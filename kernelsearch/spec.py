@@ -204,7 +204,8 @@ def _scalar(path: str, node: yaml.Node, what: str) -> Any:
     return _scalar_value(path, node)
 
 
-def _name_list(path: str, node: yaml.Node, what: str, example: str = "[b, h, i, d]") -> list[tuple[str, SourceLocation]]:
+def _name_list(path: str, node: yaml.Node, what: str,
+               example: str = "[b, h, i, d]") -> list[tuple[str, SourceLocation]]:
     if not isinstance(node, yaml.SequenceNode):
         raise SpecError(f"{what} must be a list like {example}, not a {_kind(node)}", _loc(path, node))
     names = []
@@ -337,7 +338,8 @@ def _check_param_defaults(params: dict[str, Param], inputs: dict[str, InputDecl]
             elif node.id not in sizes:
                 what = "an input" if node.id in inputs else "not a size or a param"
                 raise SpecError(f"the default of param '{param.name}' uses '{node.id}' ({what}); a param default "
-                                "is made of sizes and other params", node.location, _suggest(node.id, sizes | set(params)))
+                                "is made of sizes and other params", node.location,
+                                _suggest(node.id, sizes | set(params)))
     done: set[str] = set()
     for start in uses:
         path, pending = [start], [iter(uses[start])]
