@@ -89,13 +89,13 @@ def run(args) -> int:
                         progress=False if args.quiet else None)
     if args.plot:
         _train.plot_losses(args.plot, result.losses, result.val_loss,
-                           title=f"{cfg.family} · {cfg.spec} · {args.backend}")
+                           title=f"{cfg.family} · {cfg.spec} · {result.backend}")
     if args.json:
         print(json.dumps(result.summary()))
         return 0
     first = result.losses[0] if result.losses else float("nan")
     last = result.losses[-1] if result.losses else float("nan")
-    print(f"model     {cfg.family} around {cfg.spec} (backend {args.backend}, {device})")
+    print(f"model     {cfg.family} around {cfg.spec} (backend {result.backend}, {device})")
     print(f"train     {len(result.losses)} steps in {result.seconds:.1f} s, "
           f"{result.tokens_per_s:,.0f} tokens/s; loss {first:.3f} -> {last:.3f}")
     print(f"val loss  {result.val_loss:.4f} nats/byte")
