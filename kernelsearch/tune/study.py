@@ -624,6 +624,8 @@ class _Study:
                 k = _ks(t).get("kind", "fail")
                 counts[k] = counts.get(k, 0) + 1
         counts["uncounted"] = sum(1 for t in trials if t.state.is_finished() and not _ks(t).get("counted"))
+        if self.valid is not None and len(self._keys(done)) >= len(self.valid):
+            self.exhausted = True
         result = TuneResult(r.study_name, r.storage.display, None, None, None, [], counts, None,
                             self.interrupted, self.exhausted, self.ran, list(self.notes))
         if not complete:
