@@ -279,7 +279,7 @@ def test_resume_after_kill_9_loses_nothing(ks_home, tmp_path):
     assert len(in_flight) == 1, "the tuner was killed between trials; the window should be wide"
     lost = in_flight[0]
 
-    res, _ = _tune(fake=fake, trials=5, storage=url, seed=5)
+    res, _ = _tune(fake=fake, trials=5, storage=url, seed=5, top_k=1)
     study = _study(url, fake)
     after = {t.number: t for t in study.get_trials(deepcopy=False)}
     for n, (state, value, params) in before.items():  # nothing finished is lost or changed

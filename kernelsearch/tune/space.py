@@ -247,26 +247,47 @@ def _nearest(choices: Sequence[Any], want: Any) -> Any:
 
 
 def _backend_module(backend: str):
+    """``kernelsearch.backends.<backend>_backend`` (this repository's naming) or ``.<backend>``."""
     import importlib
 
-    try:
-        return importlib.import_module(f"kernelsearch.backends.{backend}")
-    except Exception:
-        return None
+    for name in (f"kernelsearch.backends.{backend}_backend", f"kernelsearch.backends.{backend}"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+        except Exception:
+            return None
+    return None
 
 
 def _backend_defaults(backend: str, spec: Any, sizes: Mapping[str, int]) -> dict:
+    """The config the backend uses when it is given none (the baseline of the speedup).
+
+    Asks ``default_config`` of the backend module: with ``(spec, {"B",...})`` or, as the torch
+    backend defines it, ``(graph, {"b", "h", "i", "j", ...})`` (it only reads the sizes).
+    """
     mod = _backend_module(backend)
     if mod is None:
         return {}
     fn = getattr(mod, "default_config", None)
-    try:
-        if callable(fn):
-            return dict(fn(spec, dict(sizes)) or {})
-        const = getattr(mod, "DEFAULT_CONFIG", None)
-        return dict(const or {})
-    except Exception:
-        return {}
+    if callable(fn):
+        both = {**{k.upper(): int(v) for k, v in sizes.items()}, **{k.lower(): int(v) for k, v in sizes.items()}}
+        try:
+            got = fn(spec, both)
+            if isinstance(got, Mapping):
+                return dict(got)
+        except Exception:
+            pass
+        try:  # the Triton backend's default_config(graph)
+            from ..compiler import compile_graph
+
+            got = fn(compile_graph(spec, {}, frozenset()))
+            if isinstance(got, Mapping):
+                return dict(got)
+        except Exception:
+            pass
+    const = getattr(mod, "DEFAULT_CONFIG", None)
+    return dict(const or {})
 
 
 def _backend_knobs(backend: str, spec: Any, sizes: Mapping[str, int], direction: str) -> list[Knob] | None:

@@ -130,12 +130,16 @@ class _Backend:
         self.impl = None
         self._aot = None
         if problem.backend == "triton":
-            try:
-                from kernelsearch.backends import triton as ks_triton
+            import importlib
 
-                self._aot = getattr(ks_triton, "aot_check", None)
-            except Exception:
-                self._aot = None
+            for name in ("kernelsearch.codegen.triton_aot", "kernelsearch.backends.triton_backend",
+                         "kernelsearch.backends.triton"):
+                try:
+                    self._aot = getattr(importlib.import_module(name), "aot_check", None)
+                except ImportError:
+                    continue
+                if self._aot is not None:
+                    break
 
     def inputs(self, sizes: Mapping[str, int], seed: int, optional: bool, device: str | None = None) -> dict:
         if self.impl is not None:
@@ -165,10 +169,22 @@ class _Backend:
 
             major, minor = torch.cuda.get_device_capability(self.p.device)
             arch = major * 10 + minor
-        res = self._aot(self.spec, dict(self.p.params), dict(config), arch=arch)
+        import inspect
+
+        kw: dict = {}
+        try:
+            accepted = inspect.signature(self._aot).parameters
+        except (TypeError, ValueError):
+            accepted = {}
+        for name, value in (("sizes", dict(self.sizes)), ("dtype", self.p.dtype), ("resources", False)):
+            if name in accepted:
+                kw[name] = value
+        res = self._aot(self.spec, dict(self.p.params), dict(config), arch=arch, **kw)
         if not res.get("ok", True):
             err = str(res.get("error") or "AOT check failed")
-            kind = "out_of_resources" if ("shared" in err.lower() or "resource" in err.lower()) else "compile_error"
+            low = err.lower()
+            kind = "out_of_resources" if ("out of resources" in low or "outofresources" in low
+                                          or "shared memory" in low) else "compile_error"
             raise TrialFailure(kind, err)
 
     def synthetic_time(self, config: Mapping[str, Any]) -> float | None:
@@ -184,7 +200,7 @@ class Evaluator:
         self.p = problem
         if problem.threads:
             torch.set_num_threads(int(problem.threads))
-        if problem.device_type == "cuda":
+        if problem.device_type == "cuda" and ":" in problem.device:
             torch.cuda.set_device(torch.device(problem.device))
         self.backend = _Backend(problem)
         self.dtype = _torch_dtype(problem.dtype)
