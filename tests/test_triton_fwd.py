@@ -284,13 +284,26 @@ def _assert_compiles(result, name, config):
         assert result["shared"] is not None and result["shared"] > 0
 
 
-@pytest.mark.parametrize("name,config", AOT_CASES,
+@pytest.fixture(scope="module")
+def aot_results():
+    """Every AOT case compiled once, in parallel fresh processes (spawned: Triton's interpreter leaves
+    this process's triton.language patched, and compiling is CPU-bound)."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from kernelsearch.codegen.aot_cli import _check_one
+    tasks = [(spec_path(n), {}, c, 90, {"d": 64, "h": 8}, "float16") for n, c in AOT_CASES]
+    with ProcessPoolExecutor(max(1, min(len(tasks), os.cpu_count() or 1)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        return dict(zip(range(len(tasks)), pool.map(_check_one, tasks)))
+
+
+@pytest.mark.parametrize("case", range(len(AOT_CASES)),
                          ids=[f"{n}-{c['BLOCK_M']}x{c['BLOCK_N']}-w{c['num_warps']}-s{c['num_stages']}"
                               for n, c in AOT_CASES])
-def test_aot_compiles_for_sm90(name, config):
-    from kernelsearch.codegen.triton_aot import aot_check
-    result = aot_check(spec_path(name), {}, config, arch=90)
-    _assert_compiles(result, name, config)
+def test_aot_compiles_for_sm90(aot_results, case):
+    name, config = AOT_CASES[case]
+    _assert_compiles(aot_results[case], name, config)
 
 
 def test_aot_reports_out_of_resources():

@@ -80,8 +80,9 @@ def run_aot(args) -> int:
         print(header)
         errors = []
         if args.jobs > 1 and len(tasks) > 1:
+            import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
-            with ProcessPoolExecutor(args.jobs) as pool:
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
                 results = pool.map(_check_one, tasks)
                 rows = zip(configs, results)
                 for config, result in rows:

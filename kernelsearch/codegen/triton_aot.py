@@ -161,6 +161,8 @@ def aot_check(spec_or_graph, params=None, config=None, arch=90, *, sizes: dict |
     from .triton_fwd import _sanitize, plan, triton_source
 
     arch = int(str(arch).lower().replace("sm_", "").replace("sm", "").rstrip("a"))
+    if language_patched_by_interpreter():
+        return _aot_check_in_subprocess(spec_or_graph, params, config, arch, sizes, dtype, present, resources)
     start = time.perf_counter()
     result = {"ok": False, "error": None, "shared": None, "n_regs": None, "n_spills": None, "compile_s": None,
               "arch": arch, "config": None}
@@ -203,6 +205,42 @@ def aot_check(spec_or_graph, params=None, config=None, arch=90, *, sizes: dict |
     return result
 
 
+def language_patched_by_interpreter() -> bool:
+    """Triton's interpreter leaves triton.language.core patched after a launch (triton 3.x): real
+    compilation in the same process then fails. True when that has happened here."""
+    try:
+        import triton.language as tl
+        return getattr(tl.core.program_id, "__name__", "") == "<lambda>"
+    except Exception:
+        return False
+
+
+def _aot_check_in_subprocess(spec_or_graph, params, config, arch, sizes, dtype, present, resources) -> dict:
+    """aot_check in a fresh interpreter (this one ran interpreted kernels)."""
+    import ast
+    import subprocess
+    import sys
+    from ..ir import Graph
+    if isinstance(spec_or_graph, Graph):
+        graph = spec_or_graph
+        spec_path = graph.spec.path
+        params = {k: v for k, v in graph.params.items() if not isinstance(v, ast.expr)}
+        present = sorted(graph.present)
+    else:
+        spec_path = spec_or_graph if isinstance(spec_or_graph, (str, os.PathLike)) else spec_or_graph.path
+        present = sorted(present) if present is not None else None
+    request = {"spec": str(spec_path), "params": params or {}, "config": config or {}, "arch": arch,
+               "sizes": sizes, "dtype": str(dtype), "present": present, "resources": resources}
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-m", "kernelsearch.codegen.triton_aot"], input=json.dumps(request),
+                         capture_output=True, text=True, env=env)
+    try:
+        return json.loads(run.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"ok": False, "error": f"AOT subprocess failed (exit {run.returncode}): {run.stderr[-2000:]}",
+                "shared": None, "n_regs": None, "n_spills": None, "compile_s": None, "arch": arch, "config": config}
+
+
 def _parse_ptxas_log(log: str) -> dict | None:
     regs = re.search(r"Used (\d+) registers", log)
     if not regs:
@@ -242,3 +280,17 @@ def is_resource_error(result: dict) -> bool:
     """True when a config failed only because it does not fit (the tuner skips those)."""
     error = (result.get("error") or "").lower()
     return "out of resources" in error or "outofresources" in error.replace(" ", "")
+
+
+def _main() -> None:
+    import sys
+    request = json.loads(sys.stdin.read())
+    with contextlib.redirect_stdout(sys.stderr):
+        result = aot_check(request["spec"], request["params"], request["config"], arch=request["arch"],
+                           sizes=request["sizes"], dtype=request["dtype"], present=request["present"],
+                           resources=request["resources"])
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _main()
