@@ -12,7 +12,7 @@ Method (a *tabular* benchmark, the standard way to compare samplers fairly):
 2. each sampler (``tpe``, ``random``, ``gp``; ``grid`` = the grid's own order, default first)
    is then replayed against that table with several seeds, through the same proposal policy as
    the tuner (`study.make_sampler`, the default config enqueued first, duplicates not
-   re-evaluated, a random untried config after two duplicates in a row), so every sampler sees
+   re-evaluated but replaced by the nearest untried config), so every sampler sees
    identical timings and noise cannot favour one;
 3. for each sampler and budget N (10, 20, 40 evaluations) it prints the fraction
    ``grid best / best found in N``, averaged over seeds (1.0 = found the grid's best), and the
@@ -88,7 +88,7 @@ def replay(space, table: dict, sampler: str, seed: int, budget: int) -> list[flo
     import optuna
     from optuna.trial import TrialState
 
-    from kernelsearch.tune.space import config_key
+    from kernelsearch.tune.space import config_key, nearest_untried
     from kernelsearch.tune.study import make_sampler
 
     valid = space.enumerate()
@@ -100,22 +100,30 @@ def replay(space, table: dict, sampler: str, seed: int, budget: int) -> list[flo
             best = min(best, v) if v is not None else best
             out.append(best)
         return out
-    study = optuna.create_study(direction="minimize", sampler=make_sampler(sampler, seed, budget))
+    study = optuna.create_study(direction="minimize", sampler=make_sampler(sampler, seed, budget, len(valid)))
     study.enqueue_trial(space.default())
     rng = random.Random(seed)
     evaluated: set[str] = set()
     best, out, dups = math.inf, [], 0
+    waiting = 1
     while len(out) < min(budget, len(valid)):
-        if dups >= 2:
+        if dups >= 3 and not waiting:
             rest = [c for c, k in zip(valid, keys_in_order) if k not in evaluated]
             study.enqueue_trial(rng.choice(rest))
+            waiting += 1
             dups = 0
         trial = study.ask()
+        waiting = max(0, waiting - 1)
         cfg = space.canonical(space.suggest(trial))
         key = config_key(cfg)
         if space.violations(cfg) or key in evaluated:
             study.tell(trial, state=TrialState.FAIL)
             dups += 1
+            if not waiting:
+                nxt = nearest_untried(space, cfg, evaluated, rng)
+                if nxt is not None:
+                    study.enqueue_trial(nxt)
+                    waiting += 1
             continue
         dups = 0
         evaluated.add(key)

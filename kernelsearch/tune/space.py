@@ -38,6 +38,7 @@ __all__ = [
     "next_pow2",
     "fix_choices",
     "restrict",
+    "nearest_untried",
 ]
 
 
@@ -438,6 +439,36 @@ def fix_choices(space: SearchSpace, only: Mapping[str, Sequence[Any]]) -> Search
         else:
             knobs.append(k)
     return SearchSpace(knobs, list(space.constraints), space.target, list(space.notes), space.enumerate_limit)
+
+
+def nearest_untried(space: SearchSpace, config: Mapping[str, Any], taken: set[str], rng: Any) -> dict | None:
+    """A valid config not in ``taken`` that differs from ``config`` in the fewest knobs (ties
+    broken at random; a knob differs less when its choice is adjacent in the knob's list).
+
+    The tuner's answer to a sampler proposing a config that was evaluated already: keep the
+    sampler's intent ("around here") without evaluating anything twice.
+    """
+    valid = space.enumerate()
+    if not valid:
+        return None
+    best, best_d = [], None
+    for c in valid:
+        if config_key(c) in taken:
+            continue
+        d = 0.0
+        for k in space.knobs:
+            a, b = config.get(k.name), c.get(k.name)
+            if a == b:
+                continue
+            if a in k.choices and b in k.choices:
+                d += 1.0 + 0.01 * abs(k.choices.index(a) - k.choices.index(b))
+            else:
+                d += 1.0
+        if best_d is None or d < best_d - 1e-9:
+            best, best_d = [c], d
+        elif abs(d - best_d) <= 1e-9:
+            best.append(c)
+    return rng.choice(best) if best else None
 
 
 def restrict(space: SearchSpace, configs: Iterable[Mapping[str, Any]]) -> list[dict]:

@@ -21,8 +21,10 @@ parsing. What it does, in order:
 Samplers: ``tpe`` (default; multivariate, grouped for the conditional knobs, constant liar for
 parallel workers), ``random`` (Optuna's), ``gp`` (Optuna's GPSampler; needs scipy) and
 ``grid`` (every valid config in order, default first, through the study's queue). Whatever
-the sampler proposes, a config is evaluated at most once per study; after two proposals in a
-row that were duplicates, a random config not yet evaluated is queued instead.
+the sampler proposes, a config is evaluated at most once per study: a proposal that repeats an
+evaluated config (or breaks a constraint) is told as an uncounted failure and the nearest
+config not yet evaluated (fewest knobs changed) is queued in its place, keeping the sampler's
+intent; after three such proposals in a row a random unevaluated config is queued.
 
 Trial user attributes (few, because every write is a storage transaction):
 ``ks_run = {"worker", "key", "config"}`` set when a config is accepted for evaluation;
@@ -30,7 +32,8 @@ Trial user attributes (few, because every write is a storage transaction):
 (failure kind), "reason", "config", "time_ms", "compile_s", "timing", "check", ...}`` set
 once when it is told. ``counted`` trials count toward ``--trials``; duplicates, statically
 invalid proposals and trials interrupted or orphaned by a dead worker do not.
-``ks_retry_of``/``ks_warm``/``ks_grid``/``ks_fallback`` mark where a queued config came from.
+``ks_retry_of``/``ks_warm``/``ks_grid``/``ks_near``/``ks_fallback`` mark where a queued config
+came from.
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ from typing import Any, Mapping, TextIO
 
 from ..errors import UsageError
 from . import records as rec
-from .space import SearchSpace, build_space, config_key, fix_choices, restrict
+from .space import SearchSpace, build_space, config_key, fix_choices, nearest_untried, restrict
 from .storage import (GRACE_S, HEARTBEAT_INTERVAL_S, Heartbeat, StorageConfig, budget_lock, open_storage,
                       parse_storage, reap_stale, worker_identity)
 from .target import Problem
@@ -255,10 +258,12 @@ def resolve(opts: TuneOptions) -> Resolved:
                     float(opts.trial_timeout or d["trial_timeout"]), seed)
 
 
-def make_sampler(name: str, seed: int, trials: int):
+def make_sampler(name: str, seed: int, trials: int, space_size: int | None = None):
+    """The Optuna sampler for ``--sampler``; random start-up trials scale with the budget and
+    the space (3 for a dozen configs, 10 for hundreds), the default config being the first."""
     import optuna
 
-    startup = max(3, min(10, trials // 4))
+    startup = max(3, min(10, trials // 4, (space_size // 8) if space_size else 10))
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
                                           n_startup_trials=startup)
@@ -345,7 +350,8 @@ class _Study:
         self.valid = r.space.enumerate()
         try:
             self.study = optuna.create_study(storage=self.storage, study_name=r.study_name, direction="minimize",
-                                             sampler=make_sampler(opts.sampler, r.seed, r.trials),
+                                             sampler=make_sampler(opts.sampler, r.seed, r.trials,
+                                                                  r.space.size()),
                                              load_if_exists=True)
         except Exception as e:
             raise UsageError(f"--storage {r.storage.display}: cannot create the study: {e}") from None
@@ -470,7 +476,7 @@ class _Study:
                             nxt = self._untried(done, running, waiting, rng, first=True)
                             if nxt is not None:
                                 study.enqueue_trial(nxt, user_attrs={"ks_grid": True})
-                        elif uncounted_in_a_row >= 2 and not waiting:
+                        elif uncounted_in_a_row >= 3 and not waiting:  # a sampler stuck: random
                             nxt = self._untried(done, running, waiting, rng)
                             if nxt is not None:
                                 study.enqueue_trial(nxt, user_attrs={"ks_fallback": True})
@@ -484,15 +490,21 @@ class _Study:
                             continue
                         key = config_key(config)
                         viol = space.violations(config)
-                        if viol:
-                            self._tell_uncounted(trial, "infeasible", "; ".join(viol), config)
+                        dup = None if viol else next((t for t in list(done) + list(running) if _key(t) == key), None)
+                        if viol or dup is not None:
+                            if viol:
+                                self._tell_uncounted(trial, "infeasible", "; ".join(viol), config)
+                            else:
+                                self._tell_uncounted(trial, "duplicate", f"same config as trial {dup.number}",
+                                                     config, dup_of=dup.number)
                             uncounted_in_a_row += 1
-                            continue
-                        dup = next((t for t in list(done) + list(running) if _key(t) == key), None)
-                        if dup is not None:
-                            self._tell_uncounted(trial, "duplicate", f"same config as trial {dup.number}", config,
-                                                 dup_of=dup.number)
-                            uncounted_in_a_row += 1
+                            # keep the sampler's intent ("around here"): queue the nearest config
+                            # not evaluated yet, which the next ask takes
+                            if not waiting and self.opts.sampler != "grid":
+                                taken = self._keys(list(done) + list(running), waiting)
+                                nxt = nearest_untried(space, config, taken, rng)
+                                if nxt is not None:
+                                    study.enqueue_trial(nxt, user_attrs={"ks_near": trial.number})
                             continue
                         uncounted_in_a_row = 0
                         trial.set_user_attr("ks_run", {"worker": self.identity, "key": key, "config": config})
@@ -580,12 +592,6 @@ class _Study:
                                   f"tune {self.r.spec.name} [{self.r.target}]")
         threads = [threading.Thread(target=self.worker, args=(i,), name=f"tune-worker-{i}", daemon=True)
                    for i in range(self.opts.workers)]
-        old_term = None
-        if threading.current_thread() is threading.main_thread():
-            def _term(signum, frame):
-                raise KeyboardInterrupt
-
-            old_term = signal.signal(signal.SIGTERM, _term)
         try:
             for t in threads:
                 t.start()
@@ -600,8 +606,6 @@ class _Study:
             for t in threads:
                 t.join(timeout=30)
         finally:
-            if old_term is not None:
-                signal.signal(signal.SIGTERM, old_term)
             self.progress.close()
         for e in self.errors:
             if isinstance(e, RunnerError):
@@ -707,7 +711,10 @@ class _Study:
             self.study.set_user_attr("ks_final", {"rows": rows, "default_ms": default_ms, "time": time.time()})
         except Exception:
             pass
-        if self.opts.record:
+        if self.interrupted:
+            result.notes.append("interrupted: the best config below was neither re-timed nor finally checked, "
+                                "and is not recorded; run the same command again to finish")
+        elif self.opts.record:
             p = rec.record(r.spec.sha256, r.backend, r.device_name, r.bucket, r.dtype, r.direction, win["config"],
                            time_ms=win["median_ms"], default_ms=default_ms,
                            speedup=win["speedup"], spec=r.spec.name, spec_path=r.spec_path, sizes=r.sizes,
@@ -786,8 +793,17 @@ def tune(opts: TuneOptions) -> TuneResult:
               + f", {r.trial_timeout:g} s per trial, {opts.workers} worker(s)\n"
               f"search space ({size if size is not None else 'many'} valid configs):\n{r.space.describe()}\n")
     out.flush()
-    st = _Study(opts, r)
+    # SIGTERM (kill, a batch system's time limit) is handled like Ctrl-C: in-flight trials are
+    # re-queued, finished ones are kept, and the summary of what exists is printed.
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        def _term(signum, frame):
+            raise KeyboardInterrupt
+
+        old_term = signal.signal(signal.SIGTERM, _term)
+    st = None
     try:
+        st = _Study(opts, r)
         st.warm_start()
         _, done, _, _ = st.snapshot()
         if len(done) >= r.trials:
@@ -797,7 +813,10 @@ def tune(opts: TuneOptions) -> TuneResult:
             st.run()
         res = st.finish()
     finally:
-        st.close()
+        if st is not None:
+            st.close()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     print_result(res, r, out)
     out.flush()
     return res
