@@ -171,7 +171,7 @@ def main(argv=None) -> int:
                    help="reference, torch, torch+compile, triton (default: all that fit the device)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--depth", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
@@ -203,7 +203,8 @@ def main(argv=None) -> int:
               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
     header = (f"LM training throughput — {datetime.date.today()} — {device} — torch {torch.__version__}\n"
               f"dim {args.dim}, depth {args.depth}, heads {args.heads}, batch {args.batch_size} x "
-              f"seq {args.seq_len} bytes, {args.steps} timed steps after {args.warmup} warm-up, fp32\n")
+              f"seq {args.seq_len} bytes, {args.steps} timed steps after {args.warmup} warm-up, fp32; "
+              f"load average at the end {os.getloadavg()[0]:.1f} (other processes share the CPUs)\n")
     table = header + "\n" + _table(rows, args)
     print(table)
     if args.out:
