@@ -11,6 +11,7 @@ KERNELSEARCH_FUZZ_EXAMPLES=20000 runs a longer search (the default keeps CI fast
 """
 from __future__ import annotations
 
+import ast
 import os
 import re
 from pathlib import Path
@@ -31,7 +32,7 @@ SCALE = int(os.environ.get("KERNELSEARCH_FUZZ_EXAMPLES", "0"))
 
 
 def _settings(examples: int):
-    return settings(max_examples=max(examples, SCALE * examples // 300), deadline=None, database=None,
+    return settings(max_examples=max(examples, SCALE * examples // 250), deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.filter_too_much])
 
@@ -126,7 +127,7 @@ def _mutate(data, text: str) -> str:
     return "\n".join(lines)
 
 
-@_settings(150)
+@_settings(120)
 @given(data=st.data(), name=st.sampled_from(sorted(SPECS)))
 def test_mutated_specs_raise_only_spec_errors(data, name):
     text = SPECS[name]
@@ -161,13 +162,27 @@ def _expression(rng, names, depth: int = 0) -> str:
     op = rng.choice(sorted(OPS) + ["foo"])
     arity = len(OPS[op].positional) if op in OPS and rng.random() < 0.8 else rng.randint(0, 3)
     args = [sub() for _ in range(arity)]
-    for _ in range(rng.randint(0, 2)):
+    known = sorted(OPS[op].keywords) if op in OPS else []
+    for _ in range(rng.randint(0, 2) if known or rng.random() < 0.1 else 0):
         value = sub() if rng.random() < 0.6 else "[" + ", ".join(sub() for _ in range(rng.randint(0, 3))) + "]"
-        args.append(f"{rng.choice(KEYWORD_ARGS)}={value}")
+        args.append(f"{rng.choice(known if known and rng.random() < 0.8 else KEYWORD_ARGS)}={value}")
     return f"{op}({', '.join(args)})"
 
 
-@_settings(100)
+def _rewrite(rng, source: str, names: list[str]) -> str:
+    """`source` with one random subexpression replaced by a random expression (which may reuse it)."""
+    tree = ast.parse(source.strip(), mode="eval")
+    functions = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    target = rng.choice([node for node in ast.walk(tree) if isinstance(node, ast.expr) and id(node) not in functions])
+    replacement = ast.parse(_expression(rng, names + [f"({ast.unparse(target)})"] * 3), mode="eval").body
+
+    class Replace(ast.NodeTransformer):
+        def visit(self, node):
+            return replacement if node is target else super().visit(node)
+    return ast.unparse(Replace().visit(tree))
+
+
+@_settings(80)
 @given(data=st.data(), name=st.sampled_from(sorted(SPECS)), rng=st.randoms(use_true_random=False))
 def test_random_graph_expressions_raise_only_spec_errors(data, name, rng):
     text = SPECS[name]
@@ -178,8 +193,8 @@ def test_random_graph_expressions_raise_only_spec_errors(data, name, rng):
                    and line.split(":")[0].strip() in spec.graph]
     for _ in range(data.draw(st.integers(1, 2), label="replaced")):
         n = data.draw(st.sampled_from(graph_lines), label="entry")
-        key = lines[n].split(":")[0]
-        expression = _expression(rng, names)
+        key, _, source = lines[n].partition(":")
+        expression = _rewrite(rng, source, names) if rng.random() < 0.8 else _expression(rng, names)
         lines[n] = f"{key}: {expression!r}" if rng.random() < 0.5 else f"{key}: {expression}"
     _assert_only_spec_errors("\n".join(lines))
 
@@ -191,7 +206,7 @@ PARAM_VALUES = st.one_of(st.booleans(), st.integers(-(10 ** 20), 10 ** 20), st.f
                                           2 ** 63]), st.text(max_size=5))
 
 
-@_settings(60)
+@_settings(50)
 @given(data=st.data(), name=st.sampled_from(sorted(SPECS)))
 def test_random_param_overrides_raise_only_spec_errors(data, name):
     spec = parse_spec(SPECS[name], PATH)
