@@ -112,6 +112,9 @@ VARIANTS = [
     ("local", {"window_size": 8, "causal": False, "xpos": True, "exact_windowsize": True}, (33, 33)),
     ("local", {"window_size": 8, "look_backward": 2, "exact_windowsize": True, "rotary_query_offset": 3}, (33, 17)),
     ("local", {"window_size": 16, "xpos": True, "xpos_scale_base": 8.0}, (33, 33)),
+    ("local", {"window_size": 16, "look_backward": 2, "causal": False, "look_forward": 1,
+               "exact_windowsize": True}, (80, 80)),                  # fully kept blocks inside windows
+    ("softmax", {"causal": True}, (64, 64)),                          # fully kept blocks below the diagonal
     ("talking_heads", {"pre_talking_heads": False}, (17, 33)),
     ("talking_heads", {"post_talking_heads": False, "causal": True}, (17, 33)),
     ("talking_heads", {"causal": True}, (33, 17)),

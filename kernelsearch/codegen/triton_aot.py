@@ -59,16 +59,19 @@ def nvidia_tool(name: str) -> str | None:
     return shutil.which(name)
 
 
-def aot_signature(p, config: dict, sizes: dict, dtype: str):
-    """(signature, constexprs, attrs) for ASTSource, mirroring what the JIT specialises at a call."""
-    from .triton_fwd import MIN_DOT_BLOCK
+def aot_signature(p, config: dict, sizes: dict, dtype: str, prepass: bool = False):
+    """(signature, constexprs, attrs) for ASTSource, mirroring what the JIT specialises at a call.
+
+    prepass: for the k-prologue prepass kernel instead of the forward kernel."""
+    from .triton_fwd import MIN_DOT_BLOCK, PREPASS_BLOCK_N
     elem = _TORCH_TO_TRITON.get(str(dtype), str(dtype))
     signature, constexprs, attrs = {}, {}, {}
-    args = p.runtime_args()
-    pointer_type = {t.ptr: {"float": f"*{elem}", "bool": "*i1", "int": "*i64"}[t.dtype] for t in p.tensors}
+    args = p.prepass_args() if prepass else p.runtime_args()
+    pointer_type = {t.ptr: {"float": f"*{elem}", "bool": "*i1", "int": "*i64"}[t.dtype]
+                    for t in p.tensors + p.materialized}
     pointer_type["out_ptr"] = f"*{elem}"
     unit_strides = set()
-    for t in list(p.tensors) + [None]:
+    for t in list(p.tensors) + list(p.materialized) + [None]:
         dims = p.out_dims if t is None else t.dims
         strides = p.out_strides if t is None else t.strides
         if dims and dims[-1] not in ("b", "h", "i", "j"):
@@ -88,14 +91,17 @@ def aot_signature(p, config: dict, sizes: dict, dtype: str):
             signature[arg] = host_type[arg]
         else:
             signature[arg] = "i32"
-    for name in p.constexpr_args():
+    for name in (p.prepass_constexpr_args() if prepass else p.constexpr_args()):
         signature[name] = "constexpr"
-    constexprs["BLOCK_M"] = int(config["BLOCK_M"])
-    constexprs["BLOCK_N"] = int(config["BLOCK_N"])
     for feature, block in p.features:
         size = int(sizes.get(feature, sizes.get(feature.upper(), DEFAULT_SIZES["d"])))
         constexprs[block] = max(MIN_DOT_BLOCK, 1 << max(0, size - 1).bit_length())
         constexprs[f"EVEN_{feature.upper()}"] = constexprs[block] == size
+    if prepass:
+        constexprs["BLOCK_N"] = PREPASS_BLOCK_N
+        return signature, constexprs, attrs
+    constexprs["BLOCK_M"] = int(config["BLOCK_M"])
+    constexprs["BLOCK_N"] = int(config["BLOCK_N"])
     if p.channels:
         heads = int(sizes.get("h", sizes.get("H", DEFAULT_SIZES["h"])))
         constexprs["CP"] = 1 << max(0, p.streams * heads - 1).bit_length()
@@ -173,8 +179,13 @@ def aot_check(spec_or_graph, params=None, config=None, arch=90, *, sizes: dict |
         result["config"] = merged
         p = plan(graph)
         module = load_module(triton_source(graph), f"{_sanitize(graph.spec.name)}_fwd", interpret=False)
+        all_sizes = {**DEFAULT_SIZES, **(sizes or {})}
+        if p.prepass_kernel:     # the k-prologue prepass: it must compile too (its resources are small)
+            signature, constexprs, attrs = aot_signature(p, merged, all_sizes, dtype, prepass=True)
+            triton.compile(ASTSource(getattr(module, p.prepass_kernel), signature, constexprs, attrs),
+                           target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 1})
         fn = getattr(module, p.kernel)
-        signature, constexprs, attrs = aot_signature(p, merged, {**DEFAULT_SIZES, **(sizes or {})}, dtype)
+        signature, constexprs, attrs = aot_signature(p, merged, all_sizes, dtype)
         source = ASTSource(fn, signature, constexprs, attrs)
         log = io.StringIO()
         with triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):

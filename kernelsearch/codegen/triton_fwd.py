@@ -53,6 +53,7 @@ DEFAULT_CONFIG_HEADS_IN_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "n
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 INDEX_DIMS = ("b", "h", "i", "j")
 MIN_DOT_BLOCK = 16   # tl.dot needs every dim >= 16 on a GPU
+PREPASS_BLOCK_N = 64
 
 _TL_UNARY = {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "rsqrt": "tl.rsqrt", "abs": "tl.abs",
              "sigmoid": "tl.sigmoid", "tanh": "_tanh"}
@@ -65,7 +66,7 @@ _PY_BINARY = {"and": "and", "or": "or"}
 _INTERNAL = {
     "tl", "triton", "torch", "math", "range", "min", "max", "float", "int", "LOG2E", "NEG_INF",
     "start_m", "pid", "off_b", "off_h", "off_bh", "sample", "offs_i", "offs_j", "offs_c", "row_ok", "col_ok",
-    "c_ok", "C", "CP", "S", "i_first", "i_last", "kv_lo", "kv_hi", "start_n", "m_i", "l_i", "m_new",
+    "c_ok", "C", "CP", "S", "i_first", "i_last", "kv_lo", "kv_hi", "full_lo", "full_hi", "start_n", "m_i", "l_i", "m_new",
     "m_use", "alpha", "p_tile", "s_tile", "keep_tile", "inv_l", "l_safe", "DOT_DTYPE", "DOT_PRECISION",
     "BLOCK_M", "BLOCK_N", "out_ptr", "out", "out_tile", "out_mask", "out_offs", "_floordiv", "_floormod",
     "_tanh", "_pow", "_mix_heads", "_strides", "_empty", "forward", "forward_op", "forward_fake",
@@ -110,17 +111,29 @@ class KernelPlan:
     features: list             # [(dim, BLOCK_<F> constexpr)]
     host: list                 # [(arg, node_id, dtype, python expression)]
     out_feature: str
-    source_hash: str = ""
+    materialized: list = field(default_factory=list)   # [TensorArg]: k-prologue values the prepass writes
+    prepass_kernel: str = ""
     notes: list = field(default_factory=list)
 
     def runtime_args(self) -> list[str]:
-        args = [t.ptr for t in self.tensors] + ["out_ptr"]
-        for t in self.tensors:
+        args = [t.ptr for t in self.tensors] + [t.ptr for t in self.materialized] + ["out_ptr"]
+        for t in self.tensors + self.materialized:
             args += list(t.strides)
         args += list(self.out_strides)
         args += [a for a, _ in self.sizes]
         args += [a for a, _, _, _ in self.host]
         return args
+
+    def prepass_args(self) -> list[str]:
+        args = [t.ptr for t in self.tensors] + [t.ptr for t in self.materialized]
+        for t in self.tensors + self.materialized:
+            args += list(t.strides)
+        args += [a for a, _ in self.sizes]
+        args += [a for a, _, _, _ in self.host]
+        return args
+
+    def prepass_constexpr_args(self) -> list[str]:
+        return ["BLOCK_N"] + [b for _, b in self.features] + [f"EVEN_{f.upper()}" for f, _ in self.features]
 
     def constexpr_args(self) -> list[str]:
         return ["BLOCK_M", "BLOCK_N"] + [b for _, b in self.features] + [f"EVEN_{f.upper()}" for f, _ in self.features] \
@@ -247,8 +260,39 @@ def plan(graph: Graph) -> KernelPlan:
         if _is_host(graph, node_id):
             host.append((names.of(node_id), node_id, node.dtype, _python_expression(graph, node_id, names)))
     kernel = f"_fwd_{_sanitize(spec.name)}"
+    materialized = []
+    for node_id in materialized_nodes(graph):
+        dims = graph.node(node_id).dims
+        var = names.of(node_id)
+        materialized.append(TensorArg(node_id, f"{var}_pre_ptr", dims, "float", False,
+                                      tuple(f"stride_{var}_pre_{d}" for d in dims)))
     return KernelPlan(kernel, graph.schedule, channels, exact, streams, tensors, out_dims, out_strides,
-                      sizes, size_sources, features, host, out_feature)
+                      sizes, size_sources, features, host, out_feature, materialized,
+                      f"_kprologue_{_sanitize(spec.name)}" if materialized else "")
+
+
+def materialized_nodes(graph: Graph) -> list[str]:
+    """k-prologue dot operands that are computed (not plain loads): a prepass kernel writes them once,
+    in the dot's input dtype, instead of every query tile recomputing them per key tile.
+
+    This is the schedule decision for per-key transforms (l2norm, rmsnorm, rotary, xpos of k or v):
+    the prepass costs one extra read and write of [B, H, J, D]; recomputing costs I / BLOCK_M times the
+    transform (cos/sin, norms on the CUDA cores next to every tensor-core tile)."""
+    out = []
+    accs = set(accumulator_dots(graph))
+    for node_id, node in graph.nodes():
+        if node.op != "dot":
+            continue
+        operand = node.args[1]
+        o = graph.node(operand)
+        if o.stage != "k_prologue" or o.op == "input" or not set(o.dims) <= ({"b", "h", "j"} | set(o.dims[-1:])):
+            continue
+        if o.dims[-1] in INDEX_DIMS:
+            continue
+        if node_id in accs or "j" in o.dims:
+            if operand not in out:
+                out.append(operand)
+    return out
 
 
 class _Names:
@@ -261,6 +305,7 @@ class _Names:
             | {f"offs_{d}_rot" for d in graph.dim_order} | {f"{d}_ok" for d in graph.dim_order}
         for name in graph.spec.inputs:
             self.taken.add(f"{_sanitize(name)}_ptr")
+        self.taken |= {f"{_sanitize(n)}_pre_ptr" for n in graph.ids()} | {f"{_sanitize(n)}_pre" for n in graph.ids()}
         self.names: dict = {}
 
     def of(self, node_id: str) -> str:
@@ -328,12 +373,15 @@ class _KernelWriter:
         self.indent = 1
         self.memo: dict = {}
         self.acc_names = {a: f"acc_{k}" for k, a in enumerate(self.accs)}
+        self.channels = p.channels
+        self.materialized = {t.name: t for t in p.materialized}
+        self.in_prepass = False
 
     # -- shapes
     def axes(self, node_id: str) -> tuple:
         dims = self.g.node(node_id).dims
         axes = []
-        if self.p.channels and ("b" in dims or "h" in dims):
+        if self.channels and ("b" in dims or "h" in dims):
             axes.append("c")
         for d in ("i", "j"):
             if d in dims:
@@ -403,7 +451,7 @@ class _KernelWriter:
             dim = node.attrs["dim"]
             if dim in ("i", "j"):
                 result = self.offsets(dim, 0)
-            elif self.p.channels:
+            elif self.channels:
                 result = _Value(f"off_{dim}", ("c",), "int")
             else:
                 result = _Value(f"off_{dim}", (), "int")
@@ -411,6 +459,12 @@ class _KernelWriter:
             result = self.memo[(node_id, 0)]   # set by the softmax section of the key loop
         elif node_id in self.acc_names:
             result = self.memo[(node_id, 0)]   # set after the key loop
+        elif node_id in self.materialized and not self.in_prepass:
+            t = self.materialized[node_id]
+            name = self.names.of(node_id) + ("_rot" if variant else "")
+            terms, masks = self.index_terms(t, axes, variant)
+            self.assign(name, self.load_expr(t, terms, masks), f"[{', '.join(node.dims)}] written by the prepass")
+            result = _Value(name, axes, "native")
         else:
             name = self.names.of(node_id) + ("_rot" if variant else "")
             expr, kind = self.compute(node_id, axes, variant, name)
@@ -496,7 +550,7 @@ class _KernelWriter:
             if index_of is not None and dim in index_of:
                 continue
             if dim in ("b", "h"):
-                if self.p.channels:
+                if self.channels:
                     terms.append(f"{self.view(_Value(f'off_{dim}', ('c',), 'int'), axes)} * {stride}")
                     if "c" in axes and self.axis_mask("c").expr not in masks:
                         masks.append(self.view(self.axis_mask("c"), axes))
@@ -550,7 +604,8 @@ class _KernelWriter:
         if key in self.memo:
             return self.memo[key].expr
         v = self.value(node_id, variant)
-        if v.kind == "native" and self.g.node(node_id).op == "input" and node_id in ("q", "k", "v"):
+        if v.kind == "native" and (node_id in self.materialized or
+                                   self.g.node(node_id).op == "input" and node_id in ("q", "k", "v")):
             result = v
         else:
             name = f"{v.expr}_mma"
@@ -643,7 +698,7 @@ class _KernelWriter:
 
     def mix_heads(self, node_id, axes, variant):
         node = self.g.node(node_id)
-        if not self.p.channels:
+        if not self.channels:
             raise CodegenError(f"triton codegen ({self.g.schedule}): mix_heads needs the heads-in-tile kernel")
         x = self.value(node.args[0], variant)
         if not axes or axes[0] != "c":
@@ -701,14 +756,15 @@ class _KernelWriter:
     # -- the kernel
     def kernel(self) -> str:
         p, g = self.p, self.g
+        self.lines, self.memo, self.indent = [], {}, 1
         header = []
         args = p.runtime_args()
         constexprs = p.constexpr_args()
         header.append("@triton.jit")
         header.append(f"def {p.kernel}(")
-        pointer_line = ", ".join([t.ptr for t in p.tensors] + ["out_ptr"])
+        pointer_line = ", ".join([t.ptr for t in p.tensors + p.materialized] + ["out_ptr"])
         header.append(f"    {pointer_line},")
-        for t in p.tensors:
+        for t in p.tensors + p.materialized:
             header.append(f"    {', '.join(t.strides)},")
         header.append(f"    {', '.join(p.out_strides)},")
         header.append(f"    {', '.join(a for a, _ in p.sizes)},")
@@ -735,16 +791,7 @@ class _KernelWriter:
             self.assign("off_h", "off_bh % H")
         self.assign("offs_i", "start_m * BLOCK_M + tl.arange(0, BLOCK_M)")
         self.assign("row_ok", "offs_i < I")
-        for feature, block in p.features:
-            F = feature.upper()
-            self.assign(f"offs_{feature}", f"tl.arange(0, {block})")
-            self.line(f"if EVEN_{F}:   # {F} == {block}: no feature mask, so loads stay vectorised")
-            self.line(f"    {feature}_ok = tl.full([{block}], 1, tl.int1)")
-            self.line("else:")
-            self.line(f"    {feature}_ok = offs_{feature} < {F}")
-            if self._uses_rotation(feature):
-                self.assign(f"offs_{feature}_rot", f"tl.where({feature}_ok, (offs_{feature} + {F} // 2) % {F}, "
-                                                   f"offs_{feature})", "rotate_half's partner feature")
+        self.feature_offsets()
         self.assign("DOT_DTYPE", f"{self.tensor['q'].ptr}.dtype.element_ty")
 
         stages = {n: g.node(n).stage for n in g.ids()}
@@ -775,58 +822,58 @@ class _KernelWriter:
         stat_shape = self.shape(stat_axes)
         expand = f"[{', '.join([':'] * len(stat_axes) + ['None'])}]"
         last = len(score_axes) - 1
-        outer = dict(self.memo)
+        self.outer = dict(self.memo)
+
+        def stats_update(full):
+            self.masked_scores(scores_id, keeps, score_axes, full)
+            self.assign("m_new", f"tl.maximum(m_i, tl.max(s_tile, axis={last}))")
+            self.assign("m_use", "tl.where(m_new == float('-inf'), 0.0, m_new)", "rows with nothing kept yet")
+            self.assign("l_i", f"l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s_tile - m_use{expand}), axis={last})")
+            self.assign("m_i", "m_new")
+
+        def accumulate(full):
+            self.masked_scores(scores_id, keeps, score_axes, full)
+            if p.exact:
+                self.assign("p_tile", f"tl.exp2(s_tile - m_use{expand}) * inv_l{expand}")
+            else:
+                self.assign("m_new", f"tl.maximum(m_i, tl.max(s_tile, axis={last}))")
+                self.assign("m_use", "tl.where(m_new == float('-inf'), 0.0, m_new)", "rows with nothing kept yet")
+                self.assign("alpha", "tl.exp2(m_i - m_use)")
+                self.assign("p_tile", f"tl.exp2(s_tile - m_use{expand})")
+                self.assign("l_i", f"l_i * alpha + tl.sum(p_tile, axis={last})")
+                self.assign("m_i", "m_new")
+            self.memo[(self.softmax, 0)] = _Value("p_tile", score_axes, "f32")
+            for acc in self.accs:
+                node = g.node(acc)
+                pv = self.value(node.args[0])
+                v_id = node.args[1]
+                v = self.value(v_id)
+                acc_name = self.acc_names[acc]
+                ptile = self.view(pv, score_axes)
+                vv = self.mma_operand(v_id)
+                if "c" in score_axes and "c" not in v.axes:
+                    vv = f"tl.broadcast_to({vv}[None, :, :], {self.shape(('c',) + v.axes)})"
+                if pv.axes != score_axes:
+                    ptile = f"tl.broadcast_to({ptile}, {self.shape(score_axes)})"
+                update = f"tl.dot({ptile}.to(DOT_DTYPE), {vv}, input_precision=DOT_PRECISION)"
+                if p.exact:
+                    self.assign(acc_name, f"{acc_name} + {update}")
+                else:
+                    self.assign(acc_name, f"{acc_name} * alpha{expand} + {update}")
 
         self.line()
         self.assign("m_i", f"tl.full({stat_shape}, float('-inf'), tl.float32)", "row max (log2 units)")
         self.assign("l_i", f"tl.zeros({stat_shape}, tl.float32)", "row sum")
         if p.exact:
             self.line("# -- sweep 1 of 2: exact row statistics --")
-            self.loop_head()
-            self.masked_scores(scores_id, keeps, score_axes)
-            self.assign("m_new", f"tl.maximum(m_i, tl.max(s_tile, axis={last}))")
-            self.assign("m_use", "tl.where(m_new == float('-inf'), 0.0, m_new)", "rows with nothing kept yet")
-            self.assign("l_i", f"l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s_tile - m_use{expand}), axis={last})")
-            self.assign("m_i", "m_new")
-            self.indent -= 1
-            self.memo = dict(outer)
+            self.sweep(stats_update)
             self.assign("m_use", "tl.where(m_i == float('-inf'), 0.0, m_i)")
             self.assign("inv_l", "tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)",
                         "rows with nothing kept give 0")
             self.line()
             self.line("# -- sweep 2 of 2: exact probabilities, post-softmax ops, p @ v --")
         self.init_accumulators()
-        self.loop_head()
-        self.masked_scores(scores_id, keeps, score_axes)
-        if p.exact:
-            self.assign("p_tile", f"tl.exp2(s_tile - m_use{expand}) * inv_l{expand}")
-        else:
-            self.assign("m_new", f"tl.maximum(m_i, tl.max(s_tile, axis={last}))")
-            self.assign("m_use", "tl.where(m_new == float('-inf'), 0.0, m_new)", "rows with nothing kept yet")
-            self.assign("alpha", "tl.exp2(m_i - m_use)")
-            self.assign("p_tile", f"tl.exp2(s_tile - m_use{expand})")
-            self.assign("l_i", f"l_i * alpha + tl.sum(p_tile, axis={last})")
-            self.assign("m_i", "m_new")
-        self.memo[(self.softmax, 0)] = _Value("p_tile", score_axes, "f32")
-        for acc in self.accs:
-            node = g.node(acc)
-            pv = self.value(node.args[0])
-            v_id = node.args[1]
-            v = self.value(v_id)
-            acc_name = self.acc_names[acc]
-            ptile = self.view(pv, score_axes)
-            vv = self.mma_operand(v_id)
-            if "c" in score_axes and "c" not in v.axes:
-                vv = f"tl.broadcast_to({vv}[None, :, :], {self.shape(('c',) + v.axes)})"
-            if pv.axes != score_axes:
-                ptile = f"tl.broadcast_to({ptile}, {self.shape(score_axes)})"
-            update = f"tl.dot({ptile}.to(DOT_DTYPE), {vv}, input_precision=DOT_PRECISION)"
-            if p.exact:
-                self.assign(acc_name, f"{acc_name} + {update}")
-            else:
-                self.assign(acc_name, f"{acc_name} * alpha{expand} + {update}")
-        self.indent -= 1
-        self.memo = dict(outer)
+        self.sweep(accumulate)
 
         self.line()
         self.line("# -- epilogue --")
@@ -847,6 +894,50 @@ class _KernelWriter:
         self.line(f"tl.store(out_ptr + out_offs, {self.f32(out)}.to(out_ptr.dtype.element_ty), mask=out_mask)")
         return "\n".join(header + self.lines) + "\n"
 
+    def prepass(self) -> str:
+        """The k-prologue prepass: one program per (key block, batch * head) writes the materialized values."""
+        p, g = self.p, self.g
+        self.in_prepass, self.channels = True, False
+        self.lines, self.memo, self.indent = [], {}, 1
+        header = ["@triton.jit", f"def {p.prepass_kernel}("]
+        header.append(f"    {', '.join(t.ptr for t in p.tensors + p.materialized)},")
+        for t in p.tensors + p.materialized:
+            header.append(f"    {', '.join(t.strides)},")
+        header.append(f"    {', '.join(a for a, _ in p.sizes)},")
+        if p.host:
+            header.append(f"    {', '.join(a for a, _, _, _ in p.host)},")
+        header.append(f"    {', '.join(f'{c}: tl.constexpr' for c in p.prepass_constexpr_args())},")
+        header.append("):")
+        names = ", ".join(t.name for t in p.materialized)
+        self.line(f'"""{g.spec.name}: per-key values computed once ({names}), stored in the dot dtype."""')
+        self.line("start_n = tl.program_id(0)")
+        self.line("off_bh = tl.program_id(1)")
+        self.assign("off_b", "off_bh // H")
+        self.assign("off_h", "off_bh % H")
+        self.assign("offs_j", "start_n * BLOCK_N + tl.arange(0, BLOCK_N)")
+        self.assign("col_ok", "offs_j < J")
+        self.feature_offsets()
+        self.assign("DOT_DTYPE", f"{self.tensor['q'].ptr}.dtype.element_ty")
+        for t in p.materialized:
+            v = self.value(t.name)
+            terms, masks = self.index_terms(t, v.axes, 0)
+            self.line(f"tl.store({t.ptr} + {' + '.join(terms)}, {self.f32(v)}.to(DOT_DTYPE), "
+                      f"mask={' & '.join(dict.fromkeys(masks))})")
+        self.in_prepass, self.channels = False, p.channels
+        return "\n".join(header + self.lines) + "\n"
+
+    def feature_offsets(self) -> None:
+        for feature, block in self.p.features:
+            F = feature.upper()
+            self.assign(f"offs_{feature}", f"tl.arange(0, {block})")
+            self.line(f"if EVEN_{F}:   # {F} == {block}: no feature mask, so loads stay vectorised")
+            self.line(f"    {feature}_ok = tl.full([{block}], 1, tl.int1)")
+            self.line("else:")
+            self.line(f"    {feature}_ok = offs_{feature} < {F}")
+            if self._uses_rotation(feature):
+                self.assign(f"offs_{feature}_rot", f"tl.where({feature}_ok, (offs_{feature} + {F} // 2) % {F}, "
+                                                   f"offs_{feature})", "rotate_half's partner feature")
+
     def _uses_rotation(self, feature: str) -> bool:
         return any(self.g.node(n).op == "rotary" and self.axes(n)[-1] == feature for n in self.g.ids())
 
@@ -863,44 +954,95 @@ class _KernelWriter:
         for acc in self.accs:
             self.assign(self.acc_names[acc], f"tl.zeros({self.shape(self.acc_axes(acc))}, tl.float32)")
 
+    def render_exact(self, bound, i_name: str) -> str:
+        """A bound tree with floor division (render_bound's `//` truncates in Triton: fine for
+        skipping, which only needs a conservative range, not for proving a block fully kept)."""
+        kind = bound[0]
+        if kind == "node":
+            return self.inline_int(bound[1], i_name)
+        if kind == "const":
+            return repr(bound[1])
+        a, b = (self.render_exact(x, i_name) for x in bound[1:])
+        if kind in ("min", "max"):
+            return f"tl.{kind}imum({a}, {b})"
+        if kind == "//":
+            return f"_floordiv({a}, {b})"
+        return f"({a} {kind} {b})"
+
     def key_range(self):
         bounds = self.g.key_bounds
-        self.line("# -- key blocks: the keep-predicates' interval analysis bounds the keys rows "
+        self.line("# -- key blocks: the keep-predicates' interval analysis bounds the keys that rows "
                   "i_first..i_last keep --")
         self.assign("i_first", "start_m * BLOCK_M")
         self.assign("i_last", "tl.minimum(i_first + BLOCK_M, I) - 1")
-        lower = upper = None
+        lower = upper = full_lower = full_upper = None
         try:
             if bounds is not None and bounds.lower is not None:
                 lower = self.render_key_bound(bounds.lower, "i_first")
+                full_lower = self.render_exact(bounds.lower, "i_last")
             if bounds is not None and bounds.upper is not None:
                 upper = self.render_key_bound(bounds.upper, "i_last")
+                full_upper = self.render_exact(bounds.upper, "i_first")
         except CodegenError:
-            lower = upper = None
-        used = ", ".join(bounds.conjuncts_used) if bounds is not None and bounds.conjuncts_used else ""
+            lower = upper = full_lower = full_upper = None
+        self.used_conjuncts = set(bounds.conjuncts_used) if (lower or upper) and bounds is not None else set()
+        self.has_lower = lower is not None
         if lower is None and upper is None:
             self.line("# (no keep-predicate bounds the keys: every key block is visited)")
-        elif used:
-            self.line(f"# from: {used}")
-        self.assign("kv_lo", f"tl.maximum({lower}, 0)" if lower else "0")
+        else:
+            self.line(f"# from: {', '.join(bounds.conjuncts_used)}")
+        self.assign("kv_lo", f"(tl.maximum({lower}, 0) // BLOCK_N) * BLOCK_N" if lower else "0")
         self.assign("kv_hi", f"tl.minimum({upper} + 1, J)" if upper else "J")
+        self.line("# blocks in which those predicates keep every (i, j) and j < J: no masks there")
         if lower:
-            self.assign("kv_lo", "(kv_lo // BLOCK_N) * BLOCK_N")
+            self.assign("full_lo", f"tl.minimum(tl.maximum(tl.cdiv(tl.maximum({full_lower}, 0), BLOCK_N) * BLOCK_N, "
+                                   "kv_lo), tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)")
+        else:
+            self.assign("full_lo", "kv_lo")
+        hi = f"tl.minimum({full_upper} + 1, kv_hi)" if upper else "kv_hi"
+        self.assign("full_hi", f"tl.maximum(({hi} // BLOCK_N) * BLOCK_N, full_lo)")
 
-    def loop_head(self):
-        self.line("for start_n in range(kv_lo, kv_hi, BLOCK_N):")
-        self.indent += 1
-        self.assign("offs_j", "start_n + tl.arange(0, BLOCK_N)")
-        self.assign("col_ok", "offs_j < J")
+    def sweep(self, body) -> None:
+        """One sweep over the key blocks: the fully kept ones without masks, then the edges."""
+        ranges = [("full_lo", "full_hi", True, "blocks fully kept: no masks")]
+        if self.has_lower:
+            ranges.append(("kv_lo", "full_lo", False, "edge blocks before them"))
+        ranges.append(("full_hi", "kv_hi", False, "edge blocks after them (the diagonal, the end of J)"))
+        for lo, hi, full, what in ranges:
+            self.memo = dict(self.outer)
+            self.line(f"for start_n in range({lo}, {hi}, BLOCK_N):  # {what}")
+            self.indent += 1
+            self.assign("offs_j", "start_n + tl.arange(0, BLOCK_N)")
+            self.assign("col_ok", "tl.full([BLOCK_N], 1, tl.int1)" if full else "offs_j < J")
+            body(full)
+            self.indent -= 1
+        self.memo = dict(self.outer)
 
-    def masked_scores(self, scores_id, keeps, score_axes):
+    def conjuncts(self, node_id: str) -> list[str]:
+        node = self.g.node(node_id)
+        if node.op == "and":
+            return [c for a in node.args for c in self.conjuncts(a)]
+        return [node_id]
+
+    def masked_scores(self, scores_id, keeps, score_axes, full: bool):
         s = self.value(scores_id)
-        terms = [self.view(_Value("col_ok", ("j",), "bool"), score_axes)]
-        for keep in keeps:
-            k = self.value(keep)
-            terms.append(self.view(k, score_axes) if k.axes else f"({k.expr})")
-        self.assign("keep_tile", " & ".join(terms))
         s_expr = self.f32v(s, score_axes)
+        if full:   # the bounded conjuncts hold for the whole block; the others still apply
+            terms = []
+            for keep in keeps:
+                for conjunct in self.conjuncts(keep):
+                    if conjunct not in self.used_conjuncts:
+                        k = self.value(conjunct)
+                        terms.append(self.view(k, score_axes) if k.axes else f"({k.expr})")
+            if not terms:
+                self.assign("s_tile", f"{s_expr} * LOG2E", "log2 units")
+                return
+        else:
+            terms = [self.view(_Value("col_ok", ("j",), "bool"), score_axes)]
+            for keep in keeps:
+                k = self.value(keep)
+                terms.append(self.view(k, score_axes) if k.axes else f"({k.expr})")
+        self.assign("keep_tile", " & ".join(terms))
         self.assign("s_tile", f"tl.where(keep_tile, {s_expr} * LOG2E, float('-inf'))", "log2 units; dropped: -inf")
 
 
@@ -974,15 +1116,43 @@ def _launcher(graph: Graph, p: KernelPlan) -> str:
         lines.append(f"        raise ValueError(f'{spec.name}: the batch ({{B}}) is not a multiple of streams={p.streams}')")
     lines.append("    if out.numel() == 0:")
     lines.append("        return out")
+    if p.materialized:
+        lines.append("    # per-key transforms, computed once for all query tiles (the k-prologue prepass)")
+        scratch = []
+        for t in p.materialized:
+            var = t.ptr[:-len("_ptr")]
+            scratch.append(var)
+            shape = ", ".join(d.upper() for d in t.dims)
+            lines.append(f"    {var} = torch.empty(({shape},), dtype=q.dtype, device=q.device)")
+        lines.append(f"    prepass = {p.prepass_kernel} if wrap is None else wrap({p.prepass_kernel})")
+        lines.append(f"    prepass[(max(1, triton.cdiv(J, {PREPASS_BLOCK_N})), B * H)](")
+        lines.append(f"        {', '.join([pnames[n] for n in params] + scratch)},")
+        for t in p.tensors:
+            lines.append(f"        *_strides({pnames[t.name]}, {len(t.dims)}),")
+        for t, var in zip(p.materialized, scratch):
+            lines.append(f"        *_strides({var}, {len(t.dims)}),")
+        lines.append(f"        {', '.join(a for a, _ in p.sizes)},")
+        if p.host:
+            lines.append(f"        {', '.join(a for a, _, _, _ in p.host)},")
+        lines.append(f"        BLOCK_N={PREPASS_BLOCK_N},")
+        for feature, block in p.features:
+            F = feature.upper()
+            lines.append(f"        {block}=max({MIN_DOT_BLOCK}, triton.next_power_of_2({F})), "
+                         f"EVEN_{F}={F} == max({MIN_DOT_BLOCK}, triton.next_power_of_2({F})),")
+        lines.append("        num_warps=4,")
+        lines.append("    )")
     if p.channels:
         lines.append(f"    grid = (triton.cdiv(I, BLOCK_M), B // {p.streams})")
     else:
         lines.append("    grid = (triton.cdiv(I, BLOCK_M), B * H)")
     lines.append(f"    kernel = {p.kernel} if wrap is None else wrap({p.kernel})")
     lines.append("    kernel[grid](")
-    lines.append(f"        {', '.join(pnames[n] for n in params)}, out,")
+    scratch = [t.ptr[:-len("_ptr")] for t in p.materialized]
+    lines.append(f"        {', '.join([pnames[n] for n in params] + scratch)}, out,")
     for t in p.tensors:
         lines.append(f"        *_strides({pnames[t.name]}, {len(t.dims)}),")
+    for t, var in zip(p.materialized, scratch):
+        lines.append(f"        *_strides({var}, {len(t.dims)}),")
     lines.append(f"        *_strides(out, {len(p.out_dims)}),")
     lines.append(f"        {', '.join(a for a, _ in p.sizes)},")
     if p.host:
@@ -1029,9 +1199,14 @@ def kernel_name(graph: Graph) -> str:
 
 
 def kernel_source(graph: Graph) -> tuple[str, KernelPlan]:
-    """The @triton.jit kernel alone (and its plan)."""
+    """The @triton.jit kernels alone - the k-prologue prepass (if any) and the forward kernel - and the plan."""
     p = plan(graph)
-    return _KernelWriter(graph, p).kernel(), p
+    writer = _KernelWriter(graph, p)
+    parts = []
+    if p.materialized:
+        parts.append(writer.prepass())
+    parts.append(writer.kernel())
+    return "\n\n".join(parts), p
 
 
 def triton_source(graph: Graph, config: dict | None = None) -> str:
