@@ -86,6 +86,9 @@ def _infer_node(graph, node_id, node, order):
                     raise SpecError(f"'&' / '|' / and / or combine predicates, but one side is {side.dtype}", where,
                                     "compare first, e.g. (j <= i) & mask")
             return dims, "bool"
+        if "bool" in (a.dtype, b.dtype):   # torch has no arithmetic on bool tensors (and True + True is 2)
+            raise SpecError(f"arithmetic ('{BINARY_OPS[op]}') on a predicate (bool)", where,
+                            "use where(predicate, a, b) to turn a predicate into numbers")
         if op == "div" or "float" in (a.dtype, b.dtype):
             return dims, "float"
         if op == "pow":
@@ -95,6 +98,9 @@ def _infer_node(graph, node_id, node, order):
         if data[0].dtype != "bool":
             raise SpecError("`not` / `~` applies to predicates", where)
         return data[0].dims, "bool"
+    if op in ("neg", "abs") + _FLOAT_UNARY and data[0].dtype == "bool":
+        raise SpecError(f"'{'-' if op == 'neg' else op}' of a predicate (bool)", where,
+                        "use where(predicate, a, b) to turn it into numbers")
     if op == "neg":
         return data[0].dims, data[0].dtype
     if op == "abs":
