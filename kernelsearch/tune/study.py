@@ -445,7 +445,10 @@ class _Study:
         r, study, space = self.r, self.study, self.r.space
         rng = random.Random(r.seed * 7919 + idx)
         runner = TrialRunner(self.problem(idx))
-        self.runners.append(runner)
+        if idx == 0:
+            self.runners.insert(0, runner)  # kept for re-timing and the final check
+        else:
+            self.runners.append(runner)
         uncounted_in_a_row = 0
         try:
             while not self.stop.is_set():
@@ -500,7 +503,7 @@ class _Study:
                             uncounted_in_a_row += 1
                             # keep the sampler's intent ("around here"): queue the nearest config
                             # not evaluated yet, which the next ask takes
-                            if not waiting and self.opts.sampler != "grid":
+                            if self.opts.sampler != "grid":
                                 taken = self._keys(list(done) + list(running), waiting)
                                 nxt = nearest_untried(space, config, taken, rng)
                                 if nxt is not None:
