@@ -198,6 +198,7 @@ def test_wrong_params_at_load_time(spec_name, params, message):
 @pytest.mark.parametrize("spec_name, params, message", [
     ("cosine_sim", {"groups": 0}, "l2norm groups must be a positive integer, got 0"),
     ("talking_heads", {"num_streams": 0}, "mix_heads streams must be a positive integer, got 0"),
+    ("local", {"window_size": 0}, "division by zero: the divisor is 0 for these params"),
 ])
 def test_param_values_that_only_compiling_can_refuse(spec_name, params, message):
     spec = load_spec(ROOT / "specs" / f"{spec_name}.yaml")

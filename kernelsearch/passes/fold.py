@@ -136,6 +136,8 @@ def _fold_node(graph: Graph, node_id: str) -> None:
         _forward(graph, node_id, None)
         return
 
+    if op in ("div", "floordiv", "mod") and _is_const(graph, args[1]) and _const(graph, args[1]) == 0:
+        raise SpecError("division by zero: the divisor is 0 for these params", node.location)
     # constant folding
     if args and all(_is_const(graph, a) for a in args):
         values = [_const(graph, a) for a in args]
