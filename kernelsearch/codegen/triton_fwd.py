@@ -1,20 +1,26 @@
 """Codegen: a scheduled graph -> the source of a fused Triton forward kernel and its launcher.
 
-Pure functions (no I/O): `triton_source(graph)` returns a module's source text; `plan(graph)`
-says what the kernel takes (the launcher and the AOT checker use it). Nothing here knows a
-variant by name: the kernel is assembled from the graph's stages, its schedule and its key
-bounds. The skeleton reads as an ordinary flash-attention kernel with slots for the layout
-(which tensors, strides, sizes), the flags (schedule, passes) and the user's code (the ops of
-each stage, rendered one line per graph node):
+Pure functions (no I/O): `triton_source(graph)` returns a module's source text (for one
+specialisation), `TRITON_PRELUDE` + `triton_functions(graph)` the same in pieces for a module that
+holds several; `plan(graph)` says what the kernels take (the launcher and the AOT check use it).
+Nothing here knows a variant by name: the kernel is assembled from the graph's stages, its
+schedule and its key bounds. The skeleton reads as an ordinary flash-attention kernel with slots
+for the layout (which tensors, strides, sizes), the flags (schedule, sweeps) and the user's code
+(the ops of each stage, rendered one line per graph node):
 
     constant      per program: loads with no i/j (per-head scales, mixing weights)
     q_prologue    once per query tile [BLOCK_M, BLOCK_D]: loads of q and its row transforms
                   (l2norm, rmsnorm, rotary, xpos need the whole feature dim: D is padded to a
-                  power of two and masked; rotary's rotate_half is the same chain evaluated at
-                  the permuted feature offsets (d + D/2) mod D, so no register shuffles)
+                  power of two and masked unless EVEN_D; rotary's rotate_half is the same chain
+                  evaluated at the permuted feature offsets (d + D/2) mod D, so no register shuffles)
     key loop      over the key blocks the interval analysis allows (graph.key_bounds): causal
-                  tiles stop at the diagonal, windows visit only their blocks
-      k_prologue  per key tile [BLOCK_N, BLOCK_D]
+                  tiles stop at the diagonal, windows visit only their blocks. Blocks in which
+                  the bounded predicates keep every (i, j) are swept first without masks; the
+                  edge blocks (diagonal, window ends, the end of J) after, with every mask
+      k_prologue  per key tile [BLOCK_N, BLOCK_D]; a computed dot operand (l2norm(k), rotary(k),
+                  a transformed v) is written once by a prepass kernel instead (schedule
+                  decision: one extra read and write of [B, H, J, D] against I / BLOCK_M
+                  recomputations next to the tensor cores)
       score/keep  elementwise on [BLOCK_M, BLOCK_N]; bias tables gathered with computed offsets;
                   keep-predicates -> tl.where(keep, s, -inf)
       softmax     online, fp32, base-2; rows with nothing kept give 0 (like the reference)
@@ -259,7 +265,7 @@ def plan(graph: Graph) -> KernelPlan:
     for node_id, node in graph.nodes():
         if _is_host(graph, node_id):
             host.append((names.of(node_id), node_id, node.dtype, _python_expression(graph, node_id, names)))
-    kernel = f"_fwd_{_sanitize(spec.name)}"
+    kernel = f"_fwd_{_sanitize(spec.name)}{presence_suffix(graph)}"
     materialized = []
     for node_id in materialized_nodes(graph):
         dims = graph.node(node_id).dims
@@ -268,7 +274,17 @@ def plan(graph: Graph) -> KernelPlan:
                                       tuple(f"stride_{var}_pre_{d}" for d in dims)))
     return KernelPlan(kernel, graph.schedule, channels, exact, streams, tensors, out_dims, out_strides,
                       sizes, size_sources, features, host, out_feature, materialized,
-                      f"_kprologue_{_sanitize(spec.name)}" if materialized else "")
+                      f"_kprologue_{_sanitize(spec.name)}{presence_suffix(graph)}" if materialized else "")
+
+
+def presence_suffix(graph: Graph) -> str:
+    """Names of one specialisation's functions differ by the optional inputs present (one module may hold all)."""
+    present = sorted(graph.present)
+    return ("__" + "__".join(_sanitize(n) for n in present)) if present else ""
+
+
+def triton_function_name(graph: Graph) -> str:
+    return f"triton_forward{presence_suffix(graph)}"
 
 
 def materialized_nodes(graph: Graph) -> list[str]:
@@ -1097,7 +1113,7 @@ def _launcher(graph: Graph, p: KernelPlan) -> str:
     pnames = {t.name: _sanitize(t.name) for t in p.tensors}
     lines = []
     sig = ", ".join(pnames[n] for n in params)
-    lines.append(f"def forward({sig}, *, BLOCK_M={DEFAULT_CONFIG['BLOCK_M']}, BLOCK_N={DEFAULT_CONFIG['BLOCK_N']}, "
+    lines.append(f"def {triton_function_name(graph)}({sig}, *, BLOCK_M={DEFAULT_CONFIG['BLOCK_M']}, BLOCK_N={DEFAULT_CONFIG['BLOCK_N']}, "
                  f"num_warps={DEFAULT_CONFIG['num_warps']}, num_stages={DEFAULT_CONFIG['num_stages']}, "
                  "wrap=None, poison=False):")
     lines.append(f'    """{spec.name} forward ({graph.schedule}); returns [b, h, i, {p.out_feature}] in q\'s dtype.')
@@ -1170,7 +1186,7 @@ def _launcher(graph: Graph, p: KernelPlan) -> str:
     lines.append("    return out")
     lines.append("")
     lines.append("")
-    lines.append(f"def forward_fake({sig}, *args, **kwargs):")
+    lines.append(f"def {triton_function_name(graph)}_fake({sig}, *args, **kwargs):")
     for arg, dim in p.sizes:
         if dim in p.out_dims:
             source, axis = p.size_sources[dim]
@@ -1195,7 +1211,7 @@ def _empty(shape, like, poison):
 
 
 def kernel_name(graph: Graph) -> str:
-    return f"_fwd_{_sanitize(graph.spec.name)}"
+    return plan(graph).kernel
 
 
 def kernel_source(graph: Graph) -> tuple[str, KernelPlan]:
@@ -1209,27 +1225,38 @@ def kernel_source(graph: Graph) -> tuple[str, KernelPlan]:
     return "\n\n".join(parts), p
 
 
-def triton_source(graph: Graph, config: dict | None = None) -> str:
-    """A complete module: imports, helpers, the kernel and `forward(...)` that launches it.
+TRITON_PRELUDE = "import math\n\nimport torch\nimport triton\nimport triton.language as tl\n" + _HELPERS \
+    + _LAUNCH_HELPERS
+"""Imports and helpers every generated Triton module needs once (before any `triton_functions`)."""
 
-    The source does not depend on the config (tile sizes are constexpr launch arguments); a
-    config only sets the launcher's default tile sizes.
-    """
+
+def triton_functions(graph: Graph, config: dict | None = None) -> str:
+    """The kernels and the launcher `triton_forward<__present inputs>(q, k, v, ..., BLOCK_M=...)` of one
+    specialisation; names are unique per set of present inputs, so one module can hold them all
+    after `TRITON_PRELUDE`. A config only sets the launcher's default knobs (tiles are constexpr
+    launch arguments, so the kernels do not depend on it)."""
     kernel, p = kernel_source(graph)
     launcher = _launcher(graph, p)
     if config:
         for key in CONFIG_KEYS:
             if key in config:
                 launcher = re.sub(rf"\b{key}=\d+", f"{key}={int(config[key])}", launcher, count=1)
+    return kernel + "\n\n" + launcher
+
+
+def triton_source(graph: Graph, config: dict | None = None) -> str:
+    """A complete module for one specialisation: prelude, kernels, launcher, and the aliases
+    `forward` / `forward_fake` the backend calls."""
     present = sorted(graph.present)
+    name = triton_function_name(graph)
     header = (f'"""Triton forward kernel for spec {graph.spec.name!r} (schedule {graph.schedule}).\n\n'
               f"generated by kernelsearch - do not edit\n"
               f"spec: {graph.spec.path}\n"
               f"spec sha256: {graph.spec.sha256}\n"
               f"present optional inputs: {present}\n"
-              f'"""\n'
-              "import math\n\nimport torch\nimport triton\nimport triton.language as tl\n")
-    return header + _HELPERS + "\n\n" + kernel + _LAUNCH_HELPERS + "\n\n" + launcher
+              f'"""\n')
+    return (header + TRITON_PRELUDE + "\n\n" + triton_functions(graph, config)
+            + f"\n\nforward = {name}\nforward_fake = {name}_fake\n")
 
 
 def source_hash(source: str) -> str:
