@@ -743,7 +743,7 @@ def print_result(res: TuneResult, r: Resolved, out: TextIO) -> None:
     w(f"\nstudy   {res.study_name}\nstorage {res.storage}\n")
     w(f"trials  {c.get('counted', 0)} evaluated ({c.get('complete', 0)} ok"
       + "".join(f", {v} {k.replace('_', ' ')}" for k, v in sorted(fails.items())) + ")"
-      + (f"; {c['uncounted']} duplicate/invalid proposals skipped" if c.get("uncounted") else "")
+      + (f"; {c['uncounted']} not counted (duplicate or invalid proposals, interrupted trials)" if c.get("uncounted") else "")
       + (f"; ran {res.ran} now" if res.ran else "") + "\n")
     if res.exhausted:
         w("        every valid config has been evaluated\n")
