@@ -38,7 +38,6 @@ came from.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import random
