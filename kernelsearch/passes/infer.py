@@ -11,6 +11,9 @@ from ..exprs import INDEX_VARIABLES
 from ..ir import BINARY_OPS, COMPARE_OPS, Graph
 
 _FLOAT_UNARY = ("exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh")
+# the types of the static keyword arguments of ops, once folded into attributes
+_STATIC_TYPES = {"groups": (int,), "streams": (int,), "eps": (int, float), "theta": (int, float),
+                 "scale_base": (int, float), "inverse": (bool,)}
 
 
 def dim_order(spec) -> tuple[str, ...]:
@@ -70,6 +73,10 @@ def _infer_node(graph, node_id, node, order):
             return _union(order, args[1].dims, args[2].dims), args[1].dtype if args[1].op != "absent" else args[2].dtype
         return (), "float"
     data = args[: node.attrs.get("data_arity", len(args))]
+    for name, value in node.attrs.items():
+        if name in _STATIC_TYPES and type(value) not in _STATIC_TYPES[name]:
+            kind = " or ".join({int: "an int", float: "a float", bool: "a bool"}[t] for t in _STATIC_TYPES[name])
+            raise SpecError(f"{op}(..., {name}=...) must be {kind}, got {value!r}", where)
     if any(a.dtype == "str" for a in data):
         if op in ("eq", "ne") and all(a.dtype == "str" for a in data):
             return (), "bool"
