@@ -25,4 +25,4 @@ def test_b1_h4_n16384_d64_fp32_peak_memory_well_under_1gib():
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["lowering"] == "chunked" and measured["finite"]
     # materialised scores alone would be 4 * 16384^2 * 4 bytes = 4 GiB
-    assert measured["peak_increase_mib"] < 512, measured
+    assert measured["peak_increase_mib"] < 512, measured   # half of 1 GiB; RSS counts freed-but-kept heap too

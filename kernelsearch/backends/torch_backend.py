@@ -18,6 +18,7 @@ from ..layout import bind
 from . import torch_ops
 
 MATERIALIZE_MAX_SCORES = 1 << 22
+CHUNK_MAX_SCORES = 1 << 22      # score elements per key chunk (all query rows at once)
 DEFAULT_CHUNK_N = 256
 
 
@@ -33,7 +34,11 @@ def default_config(graph: Graph, sizes: dict) -> dict:
     scores = sizes.get("b", 1) * sizes.get("h", 1) * sizes.get("i", 1) * sizes.get("j", 1)
     if scores <= MATERIALIZE_MAX_SCORES:
         return {"lowering": "materialized", "compile": False}
-    return {"lowering": "chunked", "CHUNK_N": DEFAULT_CHUNK_N, "compile": False}
+    rows = scores // sizes.get("j", 1)
+    chunk = 16
+    while chunk < 512 and rows * chunk * 2 <= CHUNK_MAX_SCORES:
+        chunk *= 2          # the largest power of two keeping one chunk's scores under the budget
+    return {"lowering": "chunked", "CHUNK_N": chunk, "compile": False}
 
 
 def tuned_config(graph: Graph, sizes: dict, dtype, device) -> dict | None:
