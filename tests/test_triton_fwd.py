@@ -17,8 +17,9 @@ What is covered, and why these samples:
 - block skipping: keys the interval analysis excludes are filled with NaN, so visiting them
   would show;
 - AOT for sm_90 (no GPU needed) of every spec at a documented sample of its tune space: the
-  default config, the smallest config and (per-head kernels) the largest; the whole tune space
-  is the `slow` test. A config fails the test unless compiled, or out of shared memory (what the
+  default config, the smallest config and (per-head kernels) the largest, in fp16, plus the
+  default config in bf16 / fp32; the whole tune space is the `slow` test (softmax's 192 configs
+  take about 13 minutes on 2 cores). A config fails the test unless compiled, or out of shared memory (what the
   tuner skips). The largest talking-heads tiles (64x64 x 16 channels in registers) take minutes
   to compile and do not fit anyway; they are only in the slow test.
 - GPU tests (marked `gpu`) run the same comparisons natively in fp16/bf16 and torch.compile.
@@ -277,7 +278,10 @@ def aot_sample(name: str) -> list[dict]:
     return configs
 
 
-AOT_CASES = [(name, config) for name in SPECS for config in aot_sample(name)]
+AOT_CASES = [(name, config, "float16") for name in SPECS for config in aot_sample(name)]
+# the other dtypes at the default config (fp32 dots are "ieee" precision: a different code path)
+AOT_CASES += [("softmax", None, "bfloat16"), ("cosine_sim", None, "float32"), ("local", None, "bfloat16"),
+              ("talking_heads", None, "bfloat16")]
 
 
 def _assert_compiles(result, name, config):
@@ -295,17 +299,21 @@ def aot_results():
     import os
     from concurrent.futures import ProcessPoolExecutor
     from kernelsearch.codegen.aot_cli import _check_one
-    tasks = [(spec_path(n), {}, c, 90, {"d": 64, "h": 8}, "float16") for n, c in AOT_CASES]
+    tasks = [(spec_path(n), {}, c, 90, {"d": 64, "h": 8}, dtype) for n, c, dtype in AOT_CASES]
     with ProcessPoolExecutor(max(1, min(len(tasks), os.cpu_count() or 1)),
                              mp_context=multiprocessing.get_context("spawn")) as pool:
         return dict(zip(range(len(tasks)), pool.map(_check_one, tasks)))
 
 
-@pytest.mark.parametrize("case", range(len(AOT_CASES)),
-                         ids=[f"{n}-{c['BLOCK_M']}x{c['BLOCK_N']}-w{c['num_warps']}-s{c['num_stages']}"
-                              for n, c in AOT_CASES])
+def _aot_id(name, config, dtype):
+    if config is None:
+        return f"{name}-default-{dtype}"
+    return f"{name}-{config['BLOCK_M']}x{config['BLOCK_N']}-w{config['num_warps']}-s{config['num_stages']}-{dtype}"
+
+
+@pytest.mark.parametrize("case", range(len(AOT_CASES)), ids=[_aot_id(*c) for c in AOT_CASES])
 def test_aot_compiles_for_sm90(aot_results, case):
-    name, config = AOT_CASES[case]
+    name, config, dtype = AOT_CASES[case]
     _assert_compiles(aot_results[case], name, config)
 
 
