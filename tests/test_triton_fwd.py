@@ -208,6 +208,15 @@ def test_local_windows_skip_blocks_before_the_window(interpreter):
     _check_skipped("local", {"window_size": 16}, sizes_for("local", 64, 64), slice(0, 16), slice(32, None))
 
 
+def test_mixing_weight_of_the_wrong_size_is_refused(interpreter):
+    attn = kernelsearch.load(spec_path("talking_heads"), backend="triton", config={"BLOCK_M": 16, "BLOCK_N": 16})
+    inputs = random_inputs(attn.spec, sizes_for("talking_heads", 17, 17))
+    inputs["pre_mix"] = torch.eye(3)
+    inputs["post_mix"] = torch.eye(3)
+    with pytest.raises(ValueError, match="pre_mix must be"):
+        attn(**inputs)
+
+
 def test_requires_grad_raises(interpreter):
     from kernelsearch.backends.triton_backend import BackwardNotImplemented
     attn = kernelsearch.load(spec_path("softmax"), backend="triton")

@@ -1130,6 +1130,11 @@ def _launcher(graph: Graph, p: KernelPlan) -> str:
     if p.channels:
         lines.append(f"    if B % {p.streams}:")
         lines.append(f"        raise ValueError(f'{spec.name}: the batch ({{B}}) is not a multiple of streams={p.streams}')")
+        for weight in dict.fromkeys(graph.node(m).args[1] for m in graph.find("mix_heads")):
+            w = pnames[weight]
+            lines.append(f"    if tuple({w}.shape) != ({p.streams} * H, {p.streams} * H):")
+            lines.append(f"        raise ValueError(f'{spec.name}: {weight} must be [(s h), (s h)] = "
+                         f"[{{{p.streams} * H}}, {{{p.streams} * H}}], got {{list({w}.shape)}}')")
     lines.append("    if out.numel() == 0:")
     lines.append("        return out")
     if p.materialized:
