@@ -4,7 +4,7 @@
 direction, device). `Evaluator(problem)` is created once per child process; it prepares the
 timing inputs (rotated copies) and then evaluates configs one after the other:
 
-1. *feasibility*: the backend's AOT check (``kernelsearch.backends.triton.aot_check``: compile
+1. *feasibility*: the backend's AOT check (``kernelsearch.codegen.triton_aot.aot_check``: compile
    for the device's architecture and compare shared memory with the device's limit) — a
    config that cannot compile or fit is dropped here, before anything runs;
 2. *build and first call*: ``kernelsearch.load(spec, backend, config=config, **params)`` and one
