@@ -1,8 +1,13 @@
 """The torch backend against PyTorch's own attention on the CPU, in one run.
 
-    python bench/bench_torch.py                         # N = 512 ... 8192, about 10 minutes
-    python bench/bench_torch.py --quick                 # N = 512, 1024, few repeats, about 2 minutes
+    python bench/bench_torch.py                         # N = 512, 2048, 8192
+    python bench/bench_torch.py --quick                 # N = 512, 1024, 3 timed calls per cell
     python bench/bench_torch.py --sizes 512,2048 --variants softmax,local --out table.md
+    python bench/bench_torch.py --threads 1             # steadier on a machine shared with busy processes
+
+On the 2-CPU development machine (shared, load average 3-7, --threads 1) the default run took
+12 minutes and --quick under 2 with inductor's compile cache warm; the first, cold run of each
+takes several minutes longer (compiling the flex and chunked graphs, up to ~90 s each at N=8192).
 
 For every seed spec and sequence length N (b=1, h=4, d=64, fp32) it times
 
@@ -498,11 +503,12 @@ def parse_args(argv):
         epilog="Timings are medians of --repeats calls after --warmup calls (time.perf_counter); "
                "cells predicted (from the previous N) to exceed --max-mem-gib or "
                "--max-call-s are skipped and say so.")
-    parser.add_argument("--quick", action="store_true", help="N=512,1024, 3 timed calls per cell (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="N=512,1024, 3 timed calls per cell (under 2 minutes with a warm compile cache)")
     parser.add_argument("--sizes", help="comma-separated sequence lengths (default 512,2048,8192)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated spec names (default: all five)")
     parser.add_argument("--impls", default="sdpa,flex,eager-materialized,eager-chunked,compiled-materialized,compiled-chunked",
-                        help="which implementations to run (default: all)")
+                        help="comma-separated, from sdpa, flex, eager-materialized, eager-chunked, compiled-materialized, "
+                             "compiled-chunked (default: all)")
     parser.add_argument("--warmup", type=int,
                         help="untimed calls after the checking (compiling) call and the memory call, for cells "
                              "whose call takes under a second (default 1)")
@@ -510,7 +516,9 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=0,
                         help="torch.set_num_threads (default 0: leave torch's default, one per CPU); on a "
                              "machine shared with other busy processes 1 gives steadier numbers")
-    parser.add_argument("--chunk-n", type=int, default=512, help="CHUNK_N of the chunked lowering (default 512)")
+    parser.add_argument("--chunk-n", type=int, default=512,
+                        help="CHUNK_N of the chunked lowering (default 512; the backend's own default is 256, "
+                             "which doubles the unrolled loop torch.compile has to compile)")
     parser.add_argument("--ref-max", type=int, default=2048,
                         help="check against the float64 reference backend up to this N (default 2048)")
     parser.add_argument("--max-mem-gib", type=float, default=1.5,
