@@ -300,8 +300,3 @@ def scalar_expression(graph: Graph, node_id: str, row: str) -> str:
     if node.op in ("abs", "minimum", "maximum"):
         return f"{_SCALAR_FUNCTION[node.op]}({', '.join(args)})"
     raise NotImplementedError(f"bound expression with op '{node.op}'")
-
-
-def module_source(graphs_by_lowering: list[tuple[Graph, str]]) -> str:
-    """All functions for a list of (graph, lowering), one after the other."""
-    return "\n\n".join(torch_source(graph, lowering) for graph, lowering in graphs_by_lowering)
