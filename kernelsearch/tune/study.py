@@ -1,4 +1,4 @@
-"""The search: an Optuna study per (spec, device, shape bucket, dtype, direction), run by workers.
+"""The search: an Optuna study per (spec, params, device, shape bucket, dtype, direction), run by workers.
 
 `tune(TuneOptions) -> TuneResult` is the whole `kernelsearch tune` command minus argument
 parsing. What it does, in order:
@@ -6,9 +6,11 @@ parsing. What it does, in order:
 1. resolve the target (``auto``: CUDA when present, else CPU), the backend it tunes (``triton``
    on CUDA, ``torch`` on CPU), the shape, dtype and the search space (`space.py`);
 2. open the storage (`storage.py`) and create or load the study named
-   ``"<spec name>|<sha256[:16]>|<backend>|<device name>|<shape bucket>|<dtype>|<direction>"``;
+   ``"<spec name>|<sha256[:16]>|<backend>|<device name>|<shape bucket>|<dtype>|<direction>|<params tag>"``
+   (`records.params_tag`: the resolved params and the optional inputs timed, so that e.g.
+   ``--param causal=false`` is a study of its own);
 3. warm start, once per study: enqueue the default config and the best configs recorded for
-   the nearest shape buckets (`records.neighbours`);
+   the nearest shape buckets with the same params (`records.neighbours`);
 4. run ``--workers`` worker threads until the study holds ``--trials`` counted trials or
    ``--timeout`` seconds passed. Each worker owns a `trial.TrialRunner` (a child process) and
    loops: under the budget lock, reap trials of dead workers, count, ask the sampler, drop
@@ -114,6 +116,9 @@ class Resolved:
     bucket: str
     dtype: str
     direction: str
+    params: dict           # resolved: the spec's defaults with --param applied
+    present: tuple         # the optional inputs given to the timed calls
+    params_tag: str        # records.params_tag(params, present)
     space: SearchSpace
     study_name: str
     storage: StorageConfig
@@ -156,8 +161,8 @@ def _parse_dtype(name: str) -> str:
 
 
 def study_name(spec_name: str, sha256: str, backend: str, device_name: str, bucket: str, dtype: str,
-               direction: str) -> str:
-    return "|".join((spec_name, sha256[:16], backend, device_name, bucket, dtype, direction))
+               direction: str, params_tag: str) -> str:
+    return "|".join((spec_name, sha256[:16], backend, device_name, bucket, dtype, direction, params_tag))
 
 
 def _cuda_available() -> bool:
@@ -213,6 +218,7 @@ def resolve(opts: TuneOptions) -> Resolved:
 
         spec = fake.fake_spec(opts.fake)
         spec_path = None
+        params = dict(opts.params)  # the fake target has no declared params
     else:
         if not opts.spec:
             raise UsageError("missing SPEC: e.g. kernelsearch tune specs/cosine_sim.yaml")
@@ -221,6 +227,9 @@ def resolve(opts: TuneOptions) -> Resolved:
             raise UsageError(f"spec file not found: {opts.spec}")
         spec_path = str(p)
         spec = _load_spec(spec_path, opts.params)
+        from ..compiler import resolve_params
+
+        params = resolve_params(spec, opts.params)
 
     if opts.shape is not None:
         sizes = {k: int(opts.shape[k]) for k in ("B", "H", "I", "J", "D")}
@@ -250,10 +259,13 @@ def resolve(opts: TuneOptions) -> Resolved:
         timeout = None
     storage = parse_storage(opts.storage)
     bucket = rec.shape_bucket(sizes)
-    name = study_name(spec.name, spec.sha256, backend, dev_name, bucket, dtype, opts.direction)
+    present = tuple(sorted(n for n, d in dict(spec.inputs).items() if getattr(d, "optional", False))) \
+        if opts.optional_inputs else ()
+    tag = rec.params_tag(params, present)
+    name = study_name(spec.name, spec.sha256, backend, dev_name, bucket, dtype, opts.direction, tag)
     seed = opts.seed if opts.seed is not None else int.from_bytes(os.urandom(4), "little")
     return Resolved(target, backend, device, dev_name, spec, spec_path, sizes, bucket, dtype, opts.direction,
-                    space, name, storage, int(trials), timeout,
+                    params, present, tag, space, name, storage, int(trials), timeout,
                     float(opts.trial_timeout or d["trial_timeout"]), seed)
 
 
@@ -289,6 +301,13 @@ def _fmt_ms(x: float | None) -> str:
     if x is None or not math.isfinite(x):
         return "-"
     return f"{x:.4g}"
+
+
+def _params_in_words(params: Mapping[str, Any]) -> dict:
+    """Resolved params for JSON and people: expressions as their source text."""
+    from ..compiler import params_key
+
+    return dict(params_key(dict(params)))
 
 
 def _literal(config: Mapping[str, Any]) -> str:
@@ -427,11 +446,12 @@ class _Study:
             meta = {"spec_name": r.spec.name, "spec_sha256": r.spec.sha256, "spec_path": r.spec_path,
                     "backend": r.backend, "target": r.target, "device": r.device_name, "bucket": r.bucket,
                     "sizes": r.sizes, "dtype": r.dtype, "direction": r.direction,
+                    "params": _params_in_words(r.params), "present": list(r.present), "params_tag": r.params_tag,
                     "space": r.space.as_dict(), "default": r.space.default(), "created": time.time()}
             configs = [r.space.default()]
             if self.opts.warm_start:
                 for bucket, cs in rec.neighbours(r.spec.sha256, r.backend, r.device_name, r.bucket, r.dtype,
-                                                 r.direction, k=3):
+                                                 r.direction, k=3, params_tag=r.params_tag):
                     configs += cs[:2]
             for c in restrict(r.space, configs)[: max(1, min(len(configs), r.trials // 3 + 1))]:
                 study.enqueue_trial(c, user_attrs={"ks_warm": True}, skip_if_exists=True)
@@ -718,6 +738,7 @@ class _Study:
                                 "and is not recorded; run the same command again to finish")
         elif self.opts.record:
             p = rec.record(r.spec.sha256, r.backend, r.device_name, r.bucket, r.dtype, r.direction, win["config"],
+                           params_tag=r.params_tag, params=_params_in_words(r.params), present=list(r.present),
                            time_ms=win["median_ms"], default_ms=default_ms,
                            speedup=win["speedup"], spec=r.spec.name, spec_path=r.spec_path, sizes=r.sizes,
                            study=r.study_name, storage=r.storage.display, trials=len(done),
@@ -777,7 +798,9 @@ def print_result(res: TuneResult, r: Resolved, out: TextIO) -> None:
     w(f"    attn = kernelsearch.load({spec_arg}, backend={r.backend!r}, config=config)\n\n")
     if res.records_path:
         w(f"recorded in {res.records_path}: kernelsearch.load({spec_arg}, backend={r.backend!r}) "
-          f"uses it on this device for shapes in {r.bucket}\n")
+          f"uses it on this device for shapes in {r.bucket}"
+          + (f" with params {_params_in_words(r.params)}" if r.params else "")
+          + (f" and the optional inputs {', '.join(r.present)}" if r.present else "") + "\n")
 
 
 def tune(opts: TuneOptions) -> TuneResult:
