@@ -1480,3 +1480,3664 @@ def attention(q, k, v, *, mask=None, pos_bias_table=None, q_scale=None, k_scale=
     if lowering == "chunked":
         return function(q, k, v, *inputs, CHUNK_N=chunk_n)
     return function(q, k, v, *inputs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton forward kernels (kernelsearch/codegen/triton_fwd.py), one launcher per set of present
+# optional inputs. Defined only when triton imports: the torch `attention` above needs no triton.
+# On a CPU, set TRITON_INTERPRET=1 before importing triton to run them in Triton's interpreter.
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no triton on this platform: only the torch path above
+    triton = None
+
+if triton is not None:
+    LOG2E = tl.constexpr(1.4426950408889634)
+
+
+    @triton.jit
+    def _floordiv(a, b):
+        """Floor division for integers, whatever the hardware's // rounds to."""
+        q = a // b
+        r = a - q * b
+        return tl.where((r != 0) & ((r < 0) != (b < 0)), q - 1, q)
+
+
+    @triton.jit
+    def _floormod(a, b):
+        return a - _floordiv(a, b) * b
+
+
+    @triton.jit
+    def _tanh(x):
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+    @triton.jit
+    def _pow(a, b):
+        return tl.exp2(b * tl.log2(a))
+
+
+    @triton.jit
+    def _mix_heads(x, w, CP: tl.constexpr, PRECISION: tl.constexpr):
+        """w @ x over channels: x [CP, rows] fp32, w [CP out, CP in] (zero outside the real channels)."""
+        if CP >= 16:
+            mixed = tl.dot(w, x, input_precision=PRECISION)
+        else:
+            offs_c = tl.arange(0, CP)
+            mixed = tl.zeros_like(x)
+            for o in tl.static_range(CP):
+                w_o = tl.sum(tl.where(offs_c[:, None] == o, w, 0.0), axis=0)      # row o of w
+                row = tl.sum(w_o[:, None] * x, axis=0)
+                mixed = tl.where(offs_c[:, None] == o, row[None, :], mixed)
+        return mixed
+
+
+    def _strides(tensor, ndim):
+        """One stride per declared dim: 0 for a missing leading dim or a broadcast (size-1) dim."""
+        strides = [0 if size == 1 else stride for size, stride in zip(tensor.shape, tensor.stride())]
+        return [0] * (ndim - tensor.ndim) + strides
+
+
+    def _empty(shape, like, poison):
+        if poison:
+            return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+    @triton.jit
+    def _kprologue_local(
+        q_ptr, k_ptr, v_ptr, k_rotated_33_pre_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        B, H, I, J, D,
+        scale_76,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    ):
+        """local: per-key values computed once (k_rotated.33), stored in the dot dtype."""
+        start_n = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)
+        off_h = (off_bh % H).to(tl.int64)
+        offs_j = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_j < J
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+        k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+        k_rotated_33_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        k_rotated_33_angle = offs_j.to(tl.float32)[:, None] * k_rotated_33_freq[None, :]
+        k_rotated_33_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        k_rot = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d_rot[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] at (d + D/2) mod D
+        k_rotated_33 = k.to(tl.float32) * tl.cos(k_rotated_33_angle) + k_rotated_33_sign[None, :] * k_rot.to(tl.float32) * tl.sin(k_rotated_33_angle)  # [b, h, j, d]
+        tl.store(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, k_rotated_33.to(DOT_DTYPE), mask=col_ok[:, None] & d_ok[None, :])
+
+
+    @triton.jit
+    def _fwd_local(
+        q_ptr, k_ptr, v_ptr, k_rotated_33_pre_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D,
+        scale_76,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """local: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+        q_rotated_15 = offs_i + 0  # [i]
+        window_distance_46 = _floordiv(offs_i, 64)  # [i]
+        q_scaled = q.to(tl.float32) * scale_76  # [b, h, i, d]
+        q_rotated_17_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        q_rotated_17_angle = q_rotated_15.to(tl.float32)[:, None] * q_rotated_17_freq[None, :]
+        q_rotated_17_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        q_rot = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d_rot[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d] at (d + D/2) mod D
+        q_scaled_rot = q_rot.to(tl.float32) * scale_76  # [b, h, i, d] at (d + D/2) mod D
+        q_rotated_17 = q_scaled * tl.cos(q_rotated_17_angle) + q_rotated_17_sign[None, :] * q_scaled_rot * tl.sin(q_rotated_17_angle)  # [b, h, i, d]
+        q_rotated_17_mma = q_rotated_17.to(DOT_DTYPE)
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # from: window_keep.50, window_keep.53, causal_keep.56
+        kv_lo = (tl.maximum(((_floordiv(i_first, 64) - 1) * 64), 0) // BLOCK_N) * BLOCK_N
+        kv_hi = tl.minimum(tl.minimum((((_floordiv(i_last, 64) - 0) * 64) + 63), i_last) + 1, J)
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(((_floordiv(i_last, 64) - 1) * 64), 0), BLOCK_N) * BLOCK_N, kv_lo), tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum((tl.minimum(tl.minimum((((_floordiv(i_first, 64) - 0) * 64) + 63), i_first) + 1, kv_hi) // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_tile = s_38 * LOG2E  # log2 units
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(kv_lo, full_lo, BLOCK_N):  # edge blocks before them
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward(q, k, v, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """local forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        scale_76 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        # per-key transforms, computed once for all query tiles (the k-prologue prepass)
+        k_rotated_33_pre = torch.empty((B, H, J, D,), dtype=q.dtype, device=q.device)
+        prepass = _kprologue_local if wrap is None else wrap(_kprologue_local)
+        prepass[(max(1, triton.cdiv(J, 64)), B * H)](
+            q, k, v, k_rotated_33_pre,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(k_rotated_33_pre, 4),
+            B, H, I, J, D,
+            scale_76,
+            BLOCK_N=64,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            num_warps=4,
+        )
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_local if wrap is None else wrap(_fwd_local)
+        kernel[grid](
+            q, k, v, k_rotated_33_pre, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(k_rotated_33_pre, 4),
+            *_strides(out, 4),
+            B, H, I, J, D,
+            scale_76,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward_fake(q, k, v, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    @triton.jit
+    def _kprologue_local__mask(
+        q_ptr, k_ptr, v_ptr, mask_ptr, k_rotated_33_pre_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_mask_b, stride_mask_j,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        B, H, I, J, D,
+        scale_76,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    ):
+        """local: per-key values computed once (k_rotated.33), stored in the dot dtype."""
+        start_n = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)
+        off_h = (off_bh % H).to(tl.int64)
+        offs_j = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_j < J
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+        k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+        k_rotated_33_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        k_rotated_33_angle = offs_j.to(tl.float32)[:, None] * k_rotated_33_freq[None, :]
+        k_rotated_33_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        k_rot = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d_rot[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] at (d + D/2) mod D
+        k_rotated_33 = k.to(tl.float32) * tl.cos(k_rotated_33_angle) + k_rotated_33_sign[None, :] * k_rot.to(tl.float32) * tl.sin(k_rotated_33_angle)  # [b, h, j, d]
+        tl.store(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, k_rotated_33.to(DOT_DTYPE), mask=col_ok[:, None] & d_ok[None, :])
+
+
+    @triton.jit
+    def _fwd_local__mask(
+        q_ptr, k_ptr, v_ptr, mask_ptr, k_rotated_33_pre_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_mask_b, stride_mask_j,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D,
+        scale_76,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """local: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+        q_rotated_15 = offs_i + 0  # [i]
+        window_distance_46 = _floordiv(offs_i, 64)  # [i]
+        q_scaled = q.to(tl.float32) * scale_76  # [b, h, i, d]
+        q_rotated_17_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        q_rotated_17_angle = q_rotated_15.to(tl.float32)[:, None] * q_rotated_17_freq[None, :]
+        q_rotated_17_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        q_rot = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d_rot[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d] at (d + D/2) mod D
+        q_scaled_rot = q_rot.to(tl.float32) * scale_76  # [b, h, i, d] at (d + D/2) mod D
+        q_rotated_17 = q_scaled * tl.cos(q_rotated_17_angle) + q_rotated_17_sign[None, :] * q_scaled_rot * tl.sin(q_rotated_17_angle)  # [b, h, i, d]
+        q_rotated_17_mma = q_rotated_17.to(DOT_DTYPE)
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # from: window_keep.50, window_keep.53, causal_keep.56
+        kv_lo = (tl.maximum(((_floordiv(i_first, 64) - 1) * 64), 0) // BLOCK_N) * BLOCK_N
+        kv_hi = tl.minimum(tl.minimum((((_floordiv(i_last, 64) - 0) * 64) + 63), i_last) + 1, J)
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(((_floordiv(i_last, 64) - 1) * 64), 0), BLOCK_N) * BLOCK_N, kv_lo), tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum((tl.minimum(tl.minimum((((_floordiv(i_first, 64) - 0) * 64) + 63), i_first) + 1, kv_hi) // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = mask[None, :]
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(kv_lo, full_lo, BLOCK_N):  # edge blocks before them
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56 & mask[None, :]
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56 & mask[None, :]
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward__mask(q, k, v, mask, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """local forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        scale_76 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        # per-key transforms, computed once for all query tiles (the k-prologue prepass)
+        k_rotated_33_pre = torch.empty((B, H, J, D,), dtype=q.dtype, device=q.device)
+        prepass = _kprologue_local__mask if wrap is None else wrap(_kprologue_local__mask)
+        prepass[(max(1, triton.cdiv(J, 64)), B * H)](
+            q, k, v, mask, k_rotated_33_pre,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(mask, 2),
+            *_strides(k_rotated_33_pre, 4),
+            B, H, I, J, D,
+            scale_76,
+            BLOCK_N=64,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            num_warps=4,
+        )
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_local__mask if wrap is None else wrap(_fwd_local__mask)
+        kernel[grid](
+            q, k, v, mask, k_rotated_33_pre, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(mask, 2),
+            *_strides(k_rotated_33_pre, 4),
+            *_strides(out, 4),
+            B, H, I, J, D,
+            scale_76,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward__mask_fake(q, k, v, mask, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    @triton.jit
+    def _kprologue_local__pos_bias_table(
+        q_ptr, k_ptr, v_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_pos_bias_table_h, stride_pos_bias_table_n,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        B, H, I, J, D, N,
+        scale_76,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    ):
+        """local: per-key values computed once (k_rotated.33), stored in the dot dtype."""
+        start_n = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)
+        off_h = (off_bh % H).to(tl.int64)
+        offs_j = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_j < J
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+        k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+        k_rotated_33_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        k_rotated_33_angle = offs_j.to(tl.float32)[:, None] * k_rotated_33_freq[None, :]
+        k_rotated_33_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        k_rot = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d_rot[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] at (d + D/2) mod D
+        k_rotated_33 = k.to(tl.float32) * tl.cos(k_rotated_33_angle) + k_rotated_33_sign[None, :] * k_rot.to(tl.float32) * tl.sin(k_rotated_33_angle)  # [b, h, j, d]
+        tl.store(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, k_rotated_33.to(DOT_DTYPE), mask=col_ok[:, None] & d_ok[None, :])
+
+
+    @triton.jit
+    def _fwd_local__pos_bias_table(
+        q_ptr, k_ptr, v_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_pos_bias_table_h, stride_pos_bias_table_n,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D, N,
+        scale_76,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """local: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+        q_rotated_15 = offs_i + 0  # [i]
+        window_distance_46 = _floordiv(offs_i, 64)  # [i]
+        q_scaled = q.to(tl.float32) * scale_76  # [b, h, i, d]
+        q_rotated_17_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        q_rotated_17_angle = q_rotated_15.to(tl.float32)[:, None] * q_rotated_17_freq[None, :]
+        q_rotated_17_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        q_rot = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d_rot[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d] at (d + D/2) mod D
+        q_scaled_rot = q_rot.to(tl.float32) * scale_76  # [b, h, i, d] at (d + D/2) mod D
+        q_rotated_17 = q_scaled * tl.cos(q_rotated_17_angle) + q_rotated_17_sign[None, :] * q_scaled_rot * tl.sin(q_rotated_17_angle)  # [b, h, i, d]
+        q_rotated_17_mma = q_rotated_17.to(DOT_DTYPE)
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # from: window_keep.50, window_keep.53, causal_keep.56
+        kv_lo = (tl.maximum(((_floordiv(i_first, 64) - 1) * 64), 0) // BLOCK_N) * BLOCK_N
+        kv_hi = tl.minimum(tl.minimum((((_floordiv(i_last, 64) - 0) * 64) + 63), i_last) + 1, J)
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(((_floordiv(i_last, 64) - 1) * 64), 0), BLOCK_N) * BLOCK_N, kv_lo), tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum((tl.minimum(tl.minimum((((_floordiv(i_first, 64) - 0) * 64) + 63), i_first) + 1, kv_hi) // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            s_tile = s * LOG2E  # log2 units
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(kv_lo, full_lo, BLOCK_N):  # edge blocks before them
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward__pos_bias_table(q, k, v, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """local forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        N = pos_bias_table.shape[-1]
+        scale_76 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        # per-key transforms, computed once for all query tiles (the k-prologue prepass)
+        k_rotated_33_pre = torch.empty((B, H, J, D,), dtype=q.dtype, device=q.device)
+        prepass = _kprologue_local__pos_bias_table if wrap is None else wrap(_kprologue_local__pos_bias_table)
+        prepass[(max(1, triton.cdiv(J, 64)), B * H)](
+            q, k, v, pos_bias_table, k_rotated_33_pre,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(pos_bias_table, 2),
+            *_strides(k_rotated_33_pre, 4),
+            B, H, I, J, D, N,
+            scale_76,
+            BLOCK_N=64,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            num_warps=4,
+        )
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_local__pos_bias_table if wrap is None else wrap(_fwd_local__pos_bias_table)
+        kernel[grid](
+            q, k, v, pos_bias_table, k_rotated_33_pre, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(pos_bias_table, 2),
+            *_strides(k_rotated_33_pre, 4),
+            *_strides(out, 4),
+            B, H, I, J, D, N,
+            scale_76,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward__pos_bias_table_fake(q, k, v, pos_bias_table, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    @triton.jit
+    def _kprologue_local__q_scale(
+        q_ptr, k_ptr, v_ptr, k_rotated_33_pre_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        B, H, I, J, D,
+        scale_76,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    ):
+        """local: per-key values computed once (k_rotated.33), stored in the dot dtype."""
+        start_n = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)
+        off_h = (off_bh % H).to(tl.int64)
+        offs_j = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_j < J
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+        k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+        k_rotated_33_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        k_rotated_33_angle = offs_j.to(tl.float32)[:, None] * k_rotated_33_freq[None, :]
+        k_rotated_33_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        k_rot = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d_rot[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] at (d + D/2) mod D
+        k_rotated_33 = k.to(tl.float32) * tl.cos(k_rotated_33_angle) + k_rotated_33_sign[None, :] * k_rot.to(tl.float32) * tl.sin(k_rotated_33_angle)  # [b, h, j, d]
+        tl.store(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, k_rotated_33.to(DOT_DTYPE), mask=col_ok[:, None] & d_ok[None, :])
+
+
+    @triton.jit
+    def _fwd_local__q_scale(
+        q_ptr, k_ptr, v_ptr, k_rotated_33_pre_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D,
+        scale_76,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """local: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+        q_rotated_15 = offs_i + 0  # [i]
+        window_distance_46 = _floordiv(offs_i, 64)  # [i]
+        q_scaled = q.to(tl.float32) * scale_76  # [b, h, i, d]
+        q_rotated_17_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        q_rotated_17_angle = q_rotated_15.to(tl.float32)[:, None] * q_rotated_17_freq[None, :]
+        q_rotated_17_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        q_rot = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d_rot[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d] at (d + D/2) mod D
+        q_scaled_rot = q_rot.to(tl.float32) * scale_76  # [b, h, i, d] at (d + D/2) mod D
+        q_rotated_17 = q_scaled * tl.cos(q_rotated_17_angle) + q_rotated_17_sign[None, :] * q_scaled_rot * tl.sin(q_rotated_17_angle)  # [b, h, i, d]
+        q_rotated_17_mma = q_rotated_17.to(DOT_DTYPE)
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # from: window_keep.50, window_keep.53, causal_keep.56
+        kv_lo = (tl.maximum(((_floordiv(i_first, 64) - 1) * 64), 0) // BLOCK_N) * BLOCK_N
+        kv_hi = tl.minimum(tl.minimum((((_floordiv(i_last, 64) - 0) * 64) + 63), i_last) + 1, J)
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(((_floordiv(i_last, 64) - 1) * 64), 0), BLOCK_N) * BLOCK_N, kv_lo), tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum((tl.minimum(tl.minimum((((_floordiv(i_first, 64) - 0) * 64) + 63), i_first) + 1, kv_hi) // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_tile = s_38 * LOG2E  # log2 units
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(kv_lo, full_lo, BLOCK_N):  # edge blocks before them
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward__q_scale(q, k, v, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """local forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        scale_76 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        # per-key transforms, computed once for all query tiles (the k-prologue prepass)
+        k_rotated_33_pre = torch.empty((B, H, J, D,), dtype=q.dtype, device=q.device)
+        prepass = _kprologue_local__q_scale if wrap is None else wrap(_kprologue_local__q_scale)
+        prepass[(max(1, triton.cdiv(J, 64)), B * H)](
+            q, k, v, k_rotated_33_pre,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(k_rotated_33_pre, 4),
+            B, H, I, J, D,
+            scale_76,
+            BLOCK_N=64,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            num_warps=4,
+        )
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_local__q_scale if wrap is None else wrap(_fwd_local__q_scale)
+        kernel[grid](
+            q, k, v, k_rotated_33_pre, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(k_rotated_33_pre, 4),
+            *_strides(out, 4),
+            B, H, I, J, D,
+            scale_76,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward__q_scale_fake(q, k, v, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    @triton.jit
+    def _kprologue_local__k_scale(
+        q_ptr, k_ptr, v_ptr, k_rotated_33_pre_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        B, H, I, J, D,
+        scale_76,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    ):
+        """local: per-key values computed once (k_rotated.33), stored in the dot dtype."""
+        start_n = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)
+        off_h = (off_bh % H).to(tl.int64)
+        offs_j = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_j < J
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+        k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+        k_rotated_33_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        k_rotated_33_angle = offs_j.to(tl.float32)[:, None] * k_rotated_33_freq[None, :]
+        k_rotated_33_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        k_rot = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d_rot[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] at (d + D/2) mod D
+        k_rotated_33 = k.to(tl.float32) * tl.cos(k_rotated_33_angle) + k_rotated_33_sign[None, :] * k_rot.to(tl.float32) * tl.sin(k_rotated_33_angle)  # [b, h, j, d]
+        tl.store(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, k_rotated_33.to(DOT_DTYPE), mask=col_ok[:, None] & d_ok[None, :])
+
+
+    @triton.jit
+    def _fwd_local__k_scale(
+        q_ptr, k_ptr, v_ptr, k_rotated_33_pre_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D,
+        scale_76,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """local: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+        q_rotated_15 = offs_i + 0  # [i]
+        window_distance_46 = _floordiv(offs_i, 64)  # [i]
+        q_scaled = q.to(tl.float32) * scale_76  # [b, h, i, d]
+        q_rotated_17_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        q_rotated_17_angle = q_rotated_15.to(tl.float32)[:, None] * q_rotated_17_freq[None, :]
+        q_rotated_17_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        q_rot = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d_rot[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d] at (d + D/2) mod D
+        q_scaled_rot = q_rot.to(tl.float32) * scale_76  # [b, h, i, d] at (d + D/2) mod D
+        q_rotated_17 = q_scaled * tl.cos(q_rotated_17_angle) + q_rotated_17_sign[None, :] * q_scaled_rot * tl.sin(q_rotated_17_angle)  # [b, h, i, d]
+        q_rotated_17_mma = q_rotated_17.to(DOT_DTYPE)
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # from: window_keep.50, window_keep.53, causal_keep.56
+        kv_lo = (tl.maximum(((_floordiv(i_first, 64) - 1) * 64), 0) // BLOCK_N) * BLOCK_N
+        kv_hi = tl.minimum(tl.minimum((((_floordiv(i_last, 64) - 0) * 64) + 63), i_last) + 1, J)
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(((_floordiv(i_last, 64) - 1) * 64), 0), BLOCK_N) * BLOCK_N, kv_lo), tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum((tl.minimum(tl.minimum((((_floordiv(i_first, 64) - 0) * 64) + 63), i_first) + 1, kv_hi) // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_tile = s_38 * LOG2E  # log2 units
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(kv_lo, full_lo, BLOCK_N):  # edge blocks before them
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward__k_scale(q, k, v, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """local forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        scale_76 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        # per-key transforms, computed once for all query tiles (the k-prologue prepass)
+        k_rotated_33_pre = torch.empty((B, H, J, D,), dtype=q.dtype, device=q.device)
+        prepass = _kprologue_local__k_scale if wrap is None else wrap(_kprologue_local__k_scale)
+        prepass[(max(1, triton.cdiv(J, 64)), B * H)](
+            q, k, v, k_rotated_33_pre,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(k_rotated_33_pre, 4),
+            B, H, I, J, D,
+            scale_76,
+            BLOCK_N=64,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            num_warps=4,
+        )
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_local__k_scale if wrap is None else wrap(_fwd_local__k_scale)
+        kernel[grid](
+            q, k, v, k_rotated_33_pre, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(k_rotated_33_pre, 4),
+            *_strides(out, 4),
+            B, H, I, J, D,
+            scale_76,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward__k_scale_fake(q, k, v, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    @triton.jit
+    def _kprologue_local__mask__pos_bias_table(
+        q_ptr, k_ptr, v_ptr, mask_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_mask_b, stride_mask_j,
+        stride_pos_bias_table_h, stride_pos_bias_table_n,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        B, H, I, J, D, N,
+        scale_76,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    ):
+        """local: per-key values computed once (k_rotated.33), stored in the dot dtype."""
+        start_n = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)
+        off_h = (off_bh % H).to(tl.int64)
+        offs_j = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_j < J
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+        k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+        k_rotated_33_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        k_rotated_33_angle = offs_j.to(tl.float32)[:, None] * k_rotated_33_freq[None, :]
+        k_rotated_33_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        k_rot = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d_rot[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] at (d + D/2) mod D
+        k_rotated_33 = k.to(tl.float32) * tl.cos(k_rotated_33_angle) + k_rotated_33_sign[None, :] * k_rot.to(tl.float32) * tl.sin(k_rotated_33_angle)  # [b, h, j, d]
+        tl.store(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, k_rotated_33.to(DOT_DTYPE), mask=col_ok[:, None] & d_ok[None, :])
+
+
+    @triton.jit
+    def _fwd_local__mask__pos_bias_table(
+        q_ptr, k_ptr, v_ptr, mask_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_mask_b, stride_mask_j,
+        stride_pos_bias_table_h, stride_pos_bias_table_n,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D, N,
+        scale_76,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """local: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+        q_rotated_15 = offs_i + 0  # [i]
+        window_distance_46 = _floordiv(offs_i, 64)  # [i]
+        q_scaled = q.to(tl.float32) * scale_76  # [b, h, i, d]
+        q_rotated_17_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        q_rotated_17_angle = q_rotated_15.to(tl.float32)[:, None] * q_rotated_17_freq[None, :]
+        q_rotated_17_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        q_rot = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d_rot[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d] at (d + D/2) mod D
+        q_scaled_rot = q_rot.to(tl.float32) * scale_76  # [b, h, i, d] at (d + D/2) mod D
+        q_rotated_17 = q_scaled * tl.cos(q_rotated_17_angle) + q_rotated_17_sign[None, :] * q_scaled_rot * tl.sin(q_rotated_17_angle)  # [b, h, i, d]
+        q_rotated_17_mma = q_rotated_17.to(DOT_DTYPE)
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # from: window_keep.50, window_keep.53, causal_keep.56
+        kv_lo = (tl.maximum(((_floordiv(i_first, 64) - 1) * 64), 0) // BLOCK_N) * BLOCK_N
+        kv_hi = tl.minimum(tl.minimum((((_floordiv(i_last, 64) - 0) * 64) + 63), i_last) + 1, J)
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(((_floordiv(i_last, 64) - 1) * 64), 0), BLOCK_N) * BLOCK_N, kv_lo), tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum((tl.minimum(tl.minimum((((_floordiv(i_first, 64) - 0) * 64) + 63), i_first) + 1, kv_hi) // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = mask[None, :]
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(kv_lo, full_lo, BLOCK_N):  # edge blocks before them
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56 & mask[None, :]
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56 & mask[None, :]
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward__mask__pos_bias_table(q, k, v, mask, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """local forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        N = pos_bias_table.shape[-1]
+        scale_76 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        # per-key transforms, computed once for all query tiles (the k-prologue prepass)
+        k_rotated_33_pre = torch.empty((B, H, J, D,), dtype=q.dtype, device=q.device)
+        prepass = _kprologue_local__mask__pos_bias_table if wrap is None else wrap(_kprologue_local__mask__pos_bias_table)
+        prepass[(max(1, triton.cdiv(J, 64)), B * H)](
+            q, k, v, mask, pos_bias_table, k_rotated_33_pre,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(mask, 2),
+            *_strides(pos_bias_table, 2),
+            *_strides(k_rotated_33_pre, 4),
+            B, H, I, J, D, N,
+            scale_76,
+            BLOCK_N=64,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            num_warps=4,
+        )
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_local__mask__pos_bias_table if wrap is None else wrap(_fwd_local__mask__pos_bias_table)
+        kernel[grid](
+            q, k, v, mask, pos_bias_table, k_rotated_33_pre, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(mask, 2),
+            *_strides(pos_bias_table, 2),
+            *_strides(k_rotated_33_pre, 4),
+            *_strides(out, 4),
+            B, H, I, J, D, N,
+            scale_76,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward__mask__pos_bias_table_fake(q, k, v, mask, pos_bias_table, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    @triton.jit
+    def _kprologue_local__mask__q_scale(
+        q_ptr, k_ptr, v_ptr, mask_ptr, k_rotated_33_pre_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_mask_b, stride_mask_j,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        B, H, I, J, D,
+        scale_76,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    ):
+        """local: per-key values computed once (k_rotated.33), stored in the dot dtype."""
+        start_n = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)
+        off_h = (off_bh % H).to(tl.int64)
+        offs_j = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_j < J
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+        k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+        k_rotated_33_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        k_rotated_33_angle = offs_j.to(tl.float32)[:, None] * k_rotated_33_freq[None, :]
+        k_rotated_33_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        k_rot = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d_rot[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] at (d + D/2) mod D
+        k_rotated_33 = k.to(tl.float32) * tl.cos(k_rotated_33_angle) + k_rotated_33_sign[None, :] * k_rot.to(tl.float32) * tl.sin(k_rotated_33_angle)  # [b, h, j, d]
+        tl.store(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, k_rotated_33.to(DOT_DTYPE), mask=col_ok[:, None] & d_ok[None, :])
+
+
+    @triton.jit
+    def _fwd_local__mask__q_scale(
+        q_ptr, k_ptr, v_ptr, mask_ptr, k_rotated_33_pre_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_mask_b, stride_mask_j,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D,
+        scale_76,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """local: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+        q_rotated_15 = offs_i + 0  # [i]
+        window_distance_46 = _floordiv(offs_i, 64)  # [i]
+        q_scaled = q.to(tl.float32) * scale_76  # [b, h, i, d]
+        q_rotated_17_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        q_rotated_17_angle = q_rotated_15.to(tl.float32)[:, None] * q_rotated_17_freq[None, :]
+        q_rotated_17_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        q_rot = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d_rot[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d] at (d + D/2) mod D
+        q_scaled_rot = q_rot.to(tl.float32) * scale_76  # [b, h, i, d] at (d + D/2) mod D
+        q_rotated_17 = q_scaled * tl.cos(q_rotated_17_angle) + q_rotated_17_sign[None, :] * q_scaled_rot * tl.sin(q_rotated_17_angle)  # [b, h, i, d]
+        q_rotated_17_mma = q_rotated_17.to(DOT_DTYPE)
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # from: window_keep.50, window_keep.53, causal_keep.56
+        kv_lo = (tl.maximum(((_floordiv(i_first, 64) - 1) * 64), 0) // BLOCK_N) * BLOCK_N
+        kv_hi = tl.minimum(tl.minimum((((_floordiv(i_last, 64) - 0) * 64) + 63), i_last) + 1, J)
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(((_floordiv(i_last, 64) - 1) * 64), 0), BLOCK_N) * BLOCK_N, kv_lo), tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum((tl.minimum(tl.minimum((((_floordiv(i_first, 64) - 0) * 64) + 63), i_first) + 1, kv_hi) // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = mask[None, :]
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(kv_lo, full_lo, BLOCK_N):  # edge blocks before them
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56 & mask[None, :]
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56 & mask[None, :]
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward__mask__q_scale(q, k, v, mask, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """local forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        scale_76 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        # per-key transforms, computed once for all query tiles (the k-prologue prepass)
+        k_rotated_33_pre = torch.empty((B, H, J, D,), dtype=q.dtype, device=q.device)
+        prepass = _kprologue_local__mask__q_scale if wrap is None else wrap(_kprologue_local__mask__q_scale)
+        prepass[(max(1, triton.cdiv(J, 64)), B * H)](
+            q, k, v, mask, k_rotated_33_pre,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(mask, 2),
+            *_strides(k_rotated_33_pre, 4),
+            B, H, I, J, D,
+            scale_76,
+            BLOCK_N=64,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            num_warps=4,
+        )
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_local__mask__q_scale if wrap is None else wrap(_fwd_local__mask__q_scale)
+        kernel[grid](
+            q, k, v, mask, k_rotated_33_pre, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(mask, 2),
+            *_strides(k_rotated_33_pre, 4),
+            *_strides(out, 4),
+            B, H, I, J, D,
+            scale_76,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward__mask__q_scale_fake(q, k, v, mask, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    @triton.jit
+    def _kprologue_local__k_scale__mask(
+        q_ptr, k_ptr, v_ptr, mask_ptr, k_rotated_33_pre_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_mask_b, stride_mask_j,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        B, H, I, J, D,
+        scale_76,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    ):
+        """local: per-key values computed once (k_rotated.33), stored in the dot dtype."""
+        start_n = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)
+        off_h = (off_bh % H).to(tl.int64)
+        offs_j = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_j < J
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+        k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+        k_rotated_33_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        k_rotated_33_angle = offs_j.to(tl.float32)[:, None] * k_rotated_33_freq[None, :]
+        k_rotated_33_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        k_rot = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d_rot[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] at (d + D/2) mod D
+        k_rotated_33 = k.to(tl.float32) * tl.cos(k_rotated_33_angle) + k_rotated_33_sign[None, :] * k_rot.to(tl.float32) * tl.sin(k_rotated_33_angle)  # [b, h, j, d]
+        tl.store(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, k_rotated_33.to(DOT_DTYPE), mask=col_ok[:, None] & d_ok[None, :])
+
+
+    @triton.jit
+    def _fwd_local__k_scale__mask(
+        q_ptr, k_ptr, v_ptr, mask_ptr, k_rotated_33_pre_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_mask_b, stride_mask_j,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D,
+        scale_76,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """local: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+        q_rotated_15 = offs_i + 0  # [i]
+        window_distance_46 = _floordiv(offs_i, 64)  # [i]
+        q_scaled = q.to(tl.float32) * scale_76  # [b, h, i, d]
+        q_rotated_17_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        q_rotated_17_angle = q_rotated_15.to(tl.float32)[:, None] * q_rotated_17_freq[None, :]
+        q_rotated_17_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        q_rot = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d_rot[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d] at (d + D/2) mod D
+        q_scaled_rot = q_rot.to(tl.float32) * scale_76  # [b, h, i, d] at (d + D/2) mod D
+        q_rotated_17 = q_scaled * tl.cos(q_rotated_17_angle) + q_rotated_17_sign[None, :] * q_scaled_rot * tl.sin(q_rotated_17_angle)  # [b, h, i, d]
+        q_rotated_17_mma = q_rotated_17.to(DOT_DTYPE)
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # from: window_keep.50, window_keep.53, causal_keep.56
+        kv_lo = (tl.maximum(((_floordiv(i_first, 64) - 1) * 64), 0) // BLOCK_N) * BLOCK_N
+        kv_hi = tl.minimum(tl.minimum((((_floordiv(i_last, 64) - 0) * 64) + 63), i_last) + 1, J)
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(((_floordiv(i_last, 64) - 1) * 64), 0), BLOCK_N) * BLOCK_N, kv_lo), tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum((tl.minimum(tl.minimum((((_floordiv(i_first, 64) - 0) * 64) + 63), i_first) + 1, kv_hi) // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = mask[None, :]
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(kv_lo, full_lo, BLOCK_N):  # edge blocks before them
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56 & mask[None, :]
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56 & mask[None, :]
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward__k_scale__mask(q, k, v, mask, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """local forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        scale_76 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        # per-key transforms, computed once for all query tiles (the k-prologue prepass)
+        k_rotated_33_pre = torch.empty((B, H, J, D,), dtype=q.dtype, device=q.device)
+        prepass = _kprologue_local__k_scale__mask if wrap is None else wrap(_kprologue_local__k_scale__mask)
+        prepass[(max(1, triton.cdiv(J, 64)), B * H)](
+            q, k, v, mask, k_rotated_33_pre,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(mask, 2),
+            *_strides(k_rotated_33_pre, 4),
+            B, H, I, J, D,
+            scale_76,
+            BLOCK_N=64,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            num_warps=4,
+        )
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_local__k_scale__mask if wrap is None else wrap(_fwd_local__k_scale__mask)
+        kernel[grid](
+            q, k, v, mask, k_rotated_33_pre, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(mask, 2),
+            *_strides(k_rotated_33_pre, 4),
+            *_strides(out, 4),
+            B, H, I, J, D,
+            scale_76,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward__k_scale__mask_fake(q, k, v, mask, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    @triton.jit
+    def _kprologue_local__pos_bias_table__q_scale(
+        q_ptr, k_ptr, v_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_pos_bias_table_h, stride_pos_bias_table_n,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        B, H, I, J, D, N,
+        scale_76,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    ):
+        """local: per-key values computed once (k_rotated.33), stored in the dot dtype."""
+        start_n = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)
+        off_h = (off_bh % H).to(tl.int64)
+        offs_j = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_j < J
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+        k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+        k_rotated_33_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        k_rotated_33_angle = offs_j.to(tl.float32)[:, None] * k_rotated_33_freq[None, :]
+        k_rotated_33_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        k_rot = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d_rot[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] at (d + D/2) mod D
+        k_rotated_33 = k.to(tl.float32) * tl.cos(k_rotated_33_angle) + k_rotated_33_sign[None, :] * k_rot.to(tl.float32) * tl.sin(k_rotated_33_angle)  # [b, h, j, d]
+        tl.store(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, k_rotated_33.to(DOT_DTYPE), mask=col_ok[:, None] & d_ok[None, :])
+
+
+    @triton.jit
+    def _fwd_local__pos_bias_table__q_scale(
+        q_ptr, k_ptr, v_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_pos_bias_table_h, stride_pos_bias_table_n,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D, N,
+        scale_76,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """local: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+        q_rotated_15 = offs_i + 0  # [i]
+        window_distance_46 = _floordiv(offs_i, 64)  # [i]
+        q_scaled = q.to(tl.float32) * scale_76  # [b, h, i, d]
+        q_rotated_17_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        q_rotated_17_angle = q_rotated_15.to(tl.float32)[:, None] * q_rotated_17_freq[None, :]
+        q_rotated_17_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        q_rot = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d_rot[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d] at (d + D/2) mod D
+        q_scaled_rot = q_rot.to(tl.float32) * scale_76  # [b, h, i, d] at (d + D/2) mod D
+        q_rotated_17 = q_scaled * tl.cos(q_rotated_17_angle) + q_rotated_17_sign[None, :] * q_scaled_rot * tl.sin(q_rotated_17_angle)  # [b, h, i, d]
+        q_rotated_17_mma = q_rotated_17.to(DOT_DTYPE)
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # from: window_keep.50, window_keep.53, causal_keep.56
+        kv_lo = (tl.maximum(((_floordiv(i_first, 64) - 1) * 64), 0) // BLOCK_N) * BLOCK_N
+        kv_hi = tl.minimum(tl.minimum((((_floordiv(i_last, 64) - 0) * 64) + 63), i_last) + 1, J)
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(((_floordiv(i_last, 64) - 1) * 64), 0), BLOCK_N) * BLOCK_N, kv_lo), tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum((tl.minimum(tl.minimum((((_floordiv(i_first, 64) - 0) * 64) + 63), i_first) + 1, kv_hi) // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            s_tile = s * LOG2E  # log2 units
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(kv_lo, full_lo, BLOCK_N):  # edge blocks before them
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward__pos_bias_table__q_scale(q, k, v, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """local forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        N = pos_bias_table.shape[-1]
+        scale_76 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        # per-key transforms, computed once for all query tiles (the k-prologue prepass)
+        k_rotated_33_pre = torch.empty((B, H, J, D,), dtype=q.dtype, device=q.device)
+        prepass = _kprologue_local__pos_bias_table__q_scale if wrap is None else wrap(_kprologue_local__pos_bias_table__q_scale)
+        prepass[(max(1, triton.cdiv(J, 64)), B * H)](
+            q, k, v, pos_bias_table, k_rotated_33_pre,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(pos_bias_table, 2),
+            *_strides(k_rotated_33_pre, 4),
+            B, H, I, J, D, N,
+            scale_76,
+            BLOCK_N=64,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            num_warps=4,
+        )
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_local__pos_bias_table__q_scale if wrap is None else wrap(_fwd_local__pos_bias_table__q_scale)
+        kernel[grid](
+            q, k, v, pos_bias_table, k_rotated_33_pre, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(pos_bias_table, 2),
+            *_strides(k_rotated_33_pre, 4),
+            *_strides(out, 4),
+            B, H, I, J, D, N,
+            scale_76,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward__pos_bias_table__q_scale_fake(q, k, v, pos_bias_table, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    @triton.jit
+    def _kprologue_local__k_scale__pos_bias_table(
+        q_ptr, k_ptr, v_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_pos_bias_table_h, stride_pos_bias_table_n,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        B, H, I, J, D, N,
+        scale_76,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    ):
+        """local: per-key values computed once (k_rotated.33), stored in the dot dtype."""
+        start_n = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)
+        off_h = (off_bh % H).to(tl.int64)
+        offs_j = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_j < J
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+        k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+        k_rotated_33_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        k_rotated_33_angle = offs_j.to(tl.float32)[:, None] * k_rotated_33_freq[None, :]
+        k_rotated_33_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        k_rot = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d_rot[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] at (d + D/2) mod D
+        k_rotated_33 = k.to(tl.float32) * tl.cos(k_rotated_33_angle) + k_rotated_33_sign[None, :] * k_rot.to(tl.float32) * tl.sin(k_rotated_33_angle)  # [b, h, j, d]
+        tl.store(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, k_rotated_33.to(DOT_DTYPE), mask=col_ok[:, None] & d_ok[None, :])
+
+
+    @triton.jit
+    def _fwd_local__k_scale__pos_bias_table(
+        q_ptr, k_ptr, v_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_pos_bias_table_h, stride_pos_bias_table_n,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D, N,
+        scale_76,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """local: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+        q_rotated_15 = offs_i + 0  # [i]
+        window_distance_46 = _floordiv(offs_i, 64)  # [i]
+        q_scaled = q.to(tl.float32) * scale_76  # [b, h, i, d]
+        q_rotated_17_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        q_rotated_17_angle = q_rotated_15.to(tl.float32)[:, None] * q_rotated_17_freq[None, :]
+        q_rotated_17_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        q_rot = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d_rot[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d] at (d + D/2) mod D
+        q_scaled_rot = q_rot.to(tl.float32) * scale_76  # [b, h, i, d] at (d + D/2) mod D
+        q_rotated_17 = q_scaled * tl.cos(q_rotated_17_angle) + q_rotated_17_sign[None, :] * q_scaled_rot * tl.sin(q_rotated_17_angle)  # [b, h, i, d]
+        q_rotated_17_mma = q_rotated_17.to(DOT_DTYPE)
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # from: window_keep.50, window_keep.53, causal_keep.56
+        kv_lo = (tl.maximum(((_floordiv(i_first, 64) - 1) * 64), 0) // BLOCK_N) * BLOCK_N
+        kv_hi = tl.minimum(tl.minimum((((_floordiv(i_last, 64) - 0) * 64) + 63), i_last) + 1, J)
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(((_floordiv(i_last, 64) - 1) * 64), 0), BLOCK_N) * BLOCK_N, kv_lo), tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum((tl.minimum(tl.minimum((((_floordiv(i_first, 64) - 0) * 64) + 63), i_first) + 1, kv_hi) // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            s_tile = s * LOG2E  # log2 units
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(kv_lo, full_lo, BLOCK_N):  # edge blocks before them
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward__k_scale__pos_bias_table(q, k, v, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """local forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        N = pos_bias_table.shape[-1]
+        scale_76 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        # per-key transforms, computed once for all query tiles (the k-prologue prepass)
+        k_rotated_33_pre = torch.empty((B, H, J, D,), dtype=q.dtype, device=q.device)
+        prepass = _kprologue_local__k_scale__pos_bias_table if wrap is None else wrap(_kprologue_local__k_scale__pos_bias_table)
+        prepass[(max(1, triton.cdiv(J, 64)), B * H)](
+            q, k, v, pos_bias_table, k_rotated_33_pre,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(pos_bias_table, 2),
+            *_strides(k_rotated_33_pre, 4),
+            B, H, I, J, D, N,
+            scale_76,
+            BLOCK_N=64,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            num_warps=4,
+        )
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_local__k_scale__pos_bias_table if wrap is None else wrap(_fwd_local__k_scale__pos_bias_table)
+        kernel[grid](
+            q, k, v, pos_bias_table, k_rotated_33_pre, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(pos_bias_table, 2),
+            *_strides(k_rotated_33_pre, 4),
+            *_strides(out, 4),
+            B, H, I, J, D, N,
+            scale_76,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward__k_scale__pos_bias_table_fake(q, k, v, pos_bias_table, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    @triton.jit
+    def _kprologue_local__k_scale__q_scale(
+        q_ptr, k_ptr, v_ptr, k_rotated_33_pre_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        B, H, I, J, D,
+        scale_76,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    ):
+        """local: per-key values computed once (k_rotated.33), stored in the dot dtype."""
+        start_n = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)
+        off_h = (off_bh % H).to(tl.int64)
+        offs_j = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_j < J
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+        k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+        k_rotated_33_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        k_rotated_33_angle = offs_j.to(tl.float32)[:, None] * k_rotated_33_freq[None, :]
+        k_rotated_33_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        k_rot = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d_rot[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] at (d + D/2) mod D
+        k_rotated_33 = k.to(tl.float32) * tl.cos(k_rotated_33_angle) + k_rotated_33_sign[None, :] * k_rot.to(tl.float32) * tl.sin(k_rotated_33_angle)  # [b, h, j, d]
+        tl.store(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, k_rotated_33.to(DOT_DTYPE), mask=col_ok[:, None] & d_ok[None, :])
+
+
+    @triton.jit
+    def _fwd_local__k_scale__q_scale(
+        q_ptr, k_ptr, v_ptr, k_rotated_33_pre_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D,
+        scale_76,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """local: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+        q_rotated_15 = offs_i + 0  # [i]
+        window_distance_46 = _floordiv(offs_i, 64)  # [i]
+        q_scaled = q.to(tl.float32) * scale_76  # [b, h, i, d]
+        q_rotated_17_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        q_rotated_17_angle = q_rotated_15.to(tl.float32)[:, None] * q_rotated_17_freq[None, :]
+        q_rotated_17_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        q_rot = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d_rot[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d] at (d + D/2) mod D
+        q_scaled_rot = q_rot.to(tl.float32) * scale_76  # [b, h, i, d] at (d + D/2) mod D
+        q_rotated_17 = q_scaled * tl.cos(q_rotated_17_angle) + q_rotated_17_sign[None, :] * q_scaled_rot * tl.sin(q_rotated_17_angle)  # [b, h, i, d]
+        q_rotated_17_mma = q_rotated_17.to(DOT_DTYPE)
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # from: window_keep.50, window_keep.53, causal_keep.56
+        kv_lo = (tl.maximum(((_floordiv(i_first, 64) - 1) * 64), 0) // BLOCK_N) * BLOCK_N
+        kv_hi = tl.minimum(tl.minimum((((_floordiv(i_last, 64) - 0) * 64) + 63), i_last) + 1, J)
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(((_floordiv(i_last, 64) - 1) * 64), 0), BLOCK_N) * BLOCK_N, kv_lo), tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum((tl.minimum(tl.minimum((((_floordiv(i_first, 64) - 0) * 64) + 63), i_first) + 1, kv_hi) // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_tile = s_38 * LOG2E  # log2 units
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(kv_lo, full_lo, BLOCK_N):  # edge blocks before them
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward__k_scale__q_scale(q, k, v, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """local forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        scale_76 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        # per-key transforms, computed once for all query tiles (the k-prologue prepass)
+        k_rotated_33_pre = torch.empty((B, H, J, D,), dtype=q.dtype, device=q.device)
+        prepass = _kprologue_local__k_scale__q_scale if wrap is None else wrap(_kprologue_local__k_scale__q_scale)
+        prepass[(max(1, triton.cdiv(J, 64)), B * H)](
+            q, k, v, k_rotated_33_pre,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(k_rotated_33_pre, 4),
+            B, H, I, J, D,
+            scale_76,
+            BLOCK_N=64,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            num_warps=4,
+        )
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_local__k_scale__q_scale if wrap is None else wrap(_fwd_local__k_scale__q_scale)
+        kernel[grid](
+            q, k, v, k_rotated_33_pre, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(k_rotated_33_pre, 4),
+            *_strides(out, 4),
+            B, H, I, J, D,
+            scale_76,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward__k_scale__q_scale_fake(q, k, v, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    @triton.jit
+    def _kprologue_local__mask__pos_bias_table__q_scale(
+        q_ptr, k_ptr, v_ptr, mask_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_mask_b, stride_mask_j,
+        stride_pos_bias_table_h, stride_pos_bias_table_n,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        B, H, I, J, D, N,
+        scale_76,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    ):
+        """local: per-key values computed once (k_rotated.33), stored in the dot dtype."""
+        start_n = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)
+        off_h = (off_bh % H).to(tl.int64)
+        offs_j = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_j < J
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+        k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+        k_rotated_33_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        k_rotated_33_angle = offs_j.to(tl.float32)[:, None] * k_rotated_33_freq[None, :]
+        k_rotated_33_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        k_rot = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d_rot[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] at (d + D/2) mod D
+        k_rotated_33 = k.to(tl.float32) * tl.cos(k_rotated_33_angle) + k_rotated_33_sign[None, :] * k_rot.to(tl.float32) * tl.sin(k_rotated_33_angle)  # [b, h, j, d]
+        tl.store(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, k_rotated_33.to(DOT_DTYPE), mask=col_ok[:, None] & d_ok[None, :])
+
+
+    @triton.jit
+    def _fwd_local__mask__pos_bias_table__q_scale(
+        q_ptr, k_ptr, v_ptr, mask_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_mask_b, stride_mask_j,
+        stride_pos_bias_table_h, stride_pos_bias_table_n,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D, N,
+        scale_76,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """local: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+        q_rotated_15 = offs_i + 0  # [i]
+        window_distance_46 = _floordiv(offs_i, 64)  # [i]
+        q_scaled = q.to(tl.float32) * scale_76  # [b, h, i, d]
+        q_rotated_17_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        q_rotated_17_angle = q_rotated_15.to(tl.float32)[:, None] * q_rotated_17_freq[None, :]
+        q_rotated_17_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        q_rot = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d_rot[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d] at (d + D/2) mod D
+        q_scaled_rot = q_rot.to(tl.float32) * scale_76  # [b, h, i, d] at (d + D/2) mod D
+        q_rotated_17 = q_scaled * tl.cos(q_rotated_17_angle) + q_rotated_17_sign[None, :] * q_scaled_rot * tl.sin(q_rotated_17_angle)  # [b, h, i, d]
+        q_rotated_17_mma = q_rotated_17.to(DOT_DTYPE)
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # from: window_keep.50, window_keep.53, causal_keep.56
+        kv_lo = (tl.maximum(((_floordiv(i_first, 64) - 1) * 64), 0) // BLOCK_N) * BLOCK_N
+        kv_hi = tl.minimum(tl.minimum((((_floordiv(i_last, 64) - 0) * 64) + 63), i_last) + 1, J)
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(((_floordiv(i_last, 64) - 1) * 64), 0), BLOCK_N) * BLOCK_N, kv_lo), tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum((tl.minimum(tl.minimum((((_floordiv(i_first, 64) - 0) * 64) + 63), i_first) + 1, kv_hi) // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = mask[None, :]
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(kv_lo, full_lo, BLOCK_N):  # edge blocks before them
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56 & mask[None, :]
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56 & mask[None, :]
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward__mask__pos_bias_table__q_scale(q, k, v, mask, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """local forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        N = pos_bias_table.shape[-1]
+        scale_76 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        # per-key transforms, computed once for all query tiles (the k-prologue prepass)
+        k_rotated_33_pre = torch.empty((B, H, J, D,), dtype=q.dtype, device=q.device)
+        prepass = _kprologue_local__mask__pos_bias_table__q_scale if wrap is None else wrap(_kprologue_local__mask__pos_bias_table__q_scale)
+        prepass[(max(1, triton.cdiv(J, 64)), B * H)](
+            q, k, v, mask, pos_bias_table, k_rotated_33_pre,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(mask, 2),
+            *_strides(pos_bias_table, 2),
+            *_strides(k_rotated_33_pre, 4),
+            B, H, I, J, D, N,
+            scale_76,
+            BLOCK_N=64,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            num_warps=4,
+        )
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_local__mask__pos_bias_table__q_scale if wrap is None else wrap(_fwd_local__mask__pos_bias_table__q_scale)
+        kernel[grid](
+            q, k, v, mask, pos_bias_table, k_rotated_33_pre, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(mask, 2),
+            *_strides(pos_bias_table, 2),
+            *_strides(k_rotated_33_pre, 4),
+            *_strides(out, 4),
+            B, H, I, J, D, N,
+            scale_76,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward__mask__pos_bias_table__q_scale_fake(q, k, v, mask, pos_bias_table, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    @triton.jit
+    def _kprologue_local__k_scale__mask__pos_bias_table(
+        q_ptr, k_ptr, v_ptr, mask_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_mask_b, stride_mask_j,
+        stride_pos_bias_table_h, stride_pos_bias_table_n,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        B, H, I, J, D, N,
+        scale_76,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    ):
+        """local: per-key values computed once (k_rotated.33), stored in the dot dtype."""
+        start_n = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)
+        off_h = (off_bh % H).to(tl.int64)
+        offs_j = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_j < J
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+        k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+        k_rotated_33_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        k_rotated_33_angle = offs_j.to(tl.float32)[:, None] * k_rotated_33_freq[None, :]
+        k_rotated_33_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        k_rot = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d_rot[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] at (d + D/2) mod D
+        k_rotated_33 = k.to(tl.float32) * tl.cos(k_rotated_33_angle) + k_rotated_33_sign[None, :] * k_rot.to(tl.float32) * tl.sin(k_rotated_33_angle)  # [b, h, j, d]
+        tl.store(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, k_rotated_33.to(DOT_DTYPE), mask=col_ok[:, None] & d_ok[None, :])
+
+
+    @triton.jit
+    def _fwd_local__k_scale__mask__pos_bias_table(
+        q_ptr, k_ptr, v_ptr, mask_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_mask_b, stride_mask_j,
+        stride_pos_bias_table_h, stride_pos_bias_table_n,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D, N,
+        scale_76,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """local: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+        q_rotated_15 = offs_i + 0  # [i]
+        window_distance_46 = _floordiv(offs_i, 64)  # [i]
+        q_scaled = q.to(tl.float32) * scale_76  # [b, h, i, d]
+        q_rotated_17_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        q_rotated_17_angle = q_rotated_15.to(tl.float32)[:, None] * q_rotated_17_freq[None, :]
+        q_rotated_17_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        q_rot = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d_rot[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d] at (d + D/2) mod D
+        q_scaled_rot = q_rot.to(tl.float32) * scale_76  # [b, h, i, d] at (d + D/2) mod D
+        q_rotated_17 = q_scaled * tl.cos(q_rotated_17_angle) + q_rotated_17_sign[None, :] * q_scaled_rot * tl.sin(q_rotated_17_angle)  # [b, h, i, d]
+        q_rotated_17_mma = q_rotated_17.to(DOT_DTYPE)
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # from: window_keep.50, window_keep.53, causal_keep.56
+        kv_lo = (tl.maximum(((_floordiv(i_first, 64) - 1) * 64), 0) // BLOCK_N) * BLOCK_N
+        kv_hi = tl.minimum(tl.minimum((((_floordiv(i_last, 64) - 0) * 64) + 63), i_last) + 1, J)
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(((_floordiv(i_last, 64) - 1) * 64), 0), BLOCK_N) * BLOCK_N, kv_lo), tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum((tl.minimum(tl.minimum((((_floordiv(i_first, 64) - 0) * 64) + 63), i_first) + 1, kv_hi) // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = mask[None, :]
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(kv_lo, full_lo, BLOCK_N):  # edge blocks before them
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56 & mask[None, :]
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56 & mask[None, :]
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward__k_scale__mask__pos_bias_table(q, k, v, mask, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """local forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        N = pos_bias_table.shape[-1]
+        scale_76 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        # per-key transforms, computed once for all query tiles (the k-prologue prepass)
+        k_rotated_33_pre = torch.empty((B, H, J, D,), dtype=q.dtype, device=q.device)
+        prepass = _kprologue_local__k_scale__mask__pos_bias_table if wrap is None else wrap(_kprologue_local__k_scale__mask__pos_bias_table)
+        prepass[(max(1, triton.cdiv(J, 64)), B * H)](
+            q, k, v, mask, pos_bias_table, k_rotated_33_pre,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(mask, 2),
+            *_strides(pos_bias_table, 2),
+            *_strides(k_rotated_33_pre, 4),
+            B, H, I, J, D, N,
+            scale_76,
+            BLOCK_N=64,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            num_warps=4,
+        )
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_local__k_scale__mask__pos_bias_table if wrap is None else wrap(_fwd_local__k_scale__mask__pos_bias_table)
+        kernel[grid](
+            q, k, v, mask, pos_bias_table, k_rotated_33_pre, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(mask, 2),
+            *_strides(pos_bias_table, 2),
+            *_strides(k_rotated_33_pre, 4),
+            *_strides(out, 4),
+            B, H, I, J, D, N,
+            scale_76,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward__k_scale__mask__pos_bias_table_fake(q, k, v, mask, pos_bias_table, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    @triton.jit
+    def _kprologue_local__k_scale__mask__q_scale(
+        q_ptr, k_ptr, v_ptr, mask_ptr, k_rotated_33_pre_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_mask_b, stride_mask_j,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        B, H, I, J, D,
+        scale_76,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    ):
+        """local: per-key values computed once (k_rotated.33), stored in the dot dtype."""
+        start_n = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)
+        off_h = (off_bh % H).to(tl.int64)
+        offs_j = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_j < J
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+        k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+        k_rotated_33_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        k_rotated_33_angle = offs_j.to(tl.float32)[:, None] * k_rotated_33_freq[None, :]
+        k_rotated_33_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        k_rot = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d_rot[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] at (d + D/2) mod D
+        k_rotated_33 = k.to(tl.float32) * tl.cos(k_rotated_33_angle) + k_rotated_33_sign[None, :] * k_rot.to(tl.float32) * tl.sin(k_rotated_33_angle)  # [b, h, j, d]
+        tl.store(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, k_rotated_33.to(DOT_DTYPE), mask=col_ok[:, None] & d_ok[None, :])
+
+
+    @triton.jit
+    def _fwd_local__k_scale__mask__q_scale(
+        q_ptr, k_ptr, v_ptr, mask_ptr, k_rotated_33_pre_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_mask_b, stride_mask_j,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D,
+        scale_76,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """local: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+        q_rotated_15 = offs_i + 0  # [i]
+        window_distance_46 = _floordiv(offs_i, 64)  # [i]
+        q_scaled = q.to(tl.float32) * scale_76  # [b, h, i, d]
+        q_rotated_17_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        q_rotated_17_angle = q_rotated_15.to(tl.float32)[:, None] * q_rotated_17_freq[None, :]
+        q_rotated_17_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        q_rot = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d_rot[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d] at (d + D/2) mod D
+        q_scaled_rot = q_rot.to(tl.float32) * scale_76  # [b, h, i, d] at (d + D/2) mod D
+        q_rotated_17 = q_scaled * tl.cos(q_rotated_17_angle) + q_rotated_17_sign[None, :] * q_scaled_rot * tl.sin(q_rotated_17_angle)  # [b, h, i, d]
+        q_rotated_17_mma = q_rotated_17.to(DOT_DTYPE)
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # from: window_keep.50, window_keep.53, causal_keep.56
+        kv_lo = (tl.maximum(((_floordiv(i_first, 64) - 1) * 64), 0) // BLOCK_N) * BLOCK_N
+        kv_hi = tl.minimum(tl.minimum((((_floordiv(i_last, 64) - 0) * 64) + 63), i_last) + 1, J)
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(((_floordiv(i_last, 64) - 1) * 64), 0), BLOCK_N) * BLOCK_N, kv_lo), tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum((tl.minimum(tl.minimum((((_floordiv(i_first, 64) - 0) * 64) + 63), i_first) + 1, kv_hi) // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = mask[None, :]
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(kv_lo, full_lo, BLOCK_N):  # edge blocks before them
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56 & mask[None, :]
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56 & mask[None, :]
+            s_tile = tl.where(keep_tile, s_38 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward__k_scale__mask__q_scale(q, k, v, mask, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """local forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        scale_76 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        # per-key transforms, computed once for all query tiles (the k-prologue prepass)
+        k_rotated_33_pre = torch.empty((B, H, J, D,), dtype=q.dtype, device=q.device)
+        prepass = _kprologue_local__k_scale__mask__q_scale if wrap is None else wrap(_kprologue_local__k_scale__mask__q_scale)
+        prepass[(max(1, triton.cdiv(J, 64)), B * H)](
+            q, k, v, mask, k_rotated_33_pre,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(mask, 2),
+            *_strides(k_rotated_33_pre, 4),
+            B, H, I, J, D,
+            scale_76,
+            BLOCK_N=64,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            num_warps=4,
+        )
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_local__k_scale__mask__q_scale if wrap is None else wrap(_fwd_local__k_scale__mask__q_scale)
+        kernel[grid](
+            q, k, v, mask, k_rotated_33_pre, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(mask, 2),
+            *_strides(k_rotated_33_pre, 4),
+            *_strides(out, 4),
+            B, H, I, J, D,
+            scale_76,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward__k_scale__mask__q_scale_fake(q, k, v, mask, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    @triton.jit
+    def _kprologue_local__k_scale__pos_bias_table__q_scale(
+        q_ptr, k_ptr, v_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_pos_bias_table_h, stride_pos_bias_table_n,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        B, H, I, J, D, N,
+        scale_76,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    ):
+        """local: per-key values computed once (k_rotated.33), stored in the dot dtype."""
+        start_n = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)
+        off_h = (off_bh % H).to(tl.int64)
+        offs_j = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_j < J
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+        k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+        k_rotated_33_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        k_rotated_33_angle = offs_j.to(tl.float32)[:, None] * k_rotated_33_freq[None, :]
+        k_rotated_33_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        k_rot = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d_rot[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] at (d + D/2) mod D
+        k_rotated_33 = k.to(tl.float32) * tl.cos(k_rotated_33_angle) + k_rotated_33_sign[None, :] * k_rot.to(tl.float32) * tl.sin(k_rotated_33_angle)  # [b, h, j, d]
+        tl.store(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, k_rotated_33.to(DOT_DTYPE), mask=col_ok[:, None] & d_ok[None, :])
+
+
+    @triton.jit
+    def _fwd_local__k_scale__pos_bias_table__q_scale(
+        q_ptr, k_ptr, v_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_pos_bias_table_h, stride_pos_bias_table_n,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D, N,
+        scale_76,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """local: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+        q_rotated_15 = offs_i + 0  # [i]
+        window_distance_46 = _floordiv(offs_i, 64)  # [i]
+        q_scaled = q.to(tl.float32) * scale_76  # [b, h, i, d]
+        q_rotated_17_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        q_rotated_17_angle = q_rotated_15.to(tl.float32)[:, None] * q_rotated_17_freq[None, :]
+        q_rotated_17_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        q_rot = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d_rot[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d] at (d + D/2) mod D
+        q_scaled_rot = q_rot.to(tl.float32) * scale_76  # [b, h, i, d] at (d + D/2) mod D
+        q_rotated_17 = q_scaled * tl.cos(q_rotated_17_angle) + q_rotated_17_sign[None, :] * q_scaled_rot * tl.sin(q_rotated_17_angle)  # [b, h, i, d]
+        q_rotated_17_mma = q_rotated_17.to(DOT_DTYPE)
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # from: window_keep.50, window_keep.53, causal_keep.56
+        kv_lo = (tl.maximum(((_floordiv(i_first, 64) - 1) * 64), 0) // BLOCK_N) * BLOCK_N
+        kv_hi = tl.minimum(tl.minimum((((_floordiv(i_last, 64) - 0) * 64) + 63), i_last) + 1, J)
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(((_floordiv(i_last, 64) - 1) * 64), 0), BLOCK_N) * BLOCK_N, kv_lo), tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum((tl.minimum(tl.minimum((((_floordiv(i_first, 64) - 0) * 64) + 63), i_first) + 1, kv_hi) // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            s_tile = s * LOG2E  # log2 units
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(kv_lo, full_lo, BLOCK_N):  # edge blocks before them
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward__k_scale__pos_bias_table__q_scale(q, k, v, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """local forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        N = pos_bias_table.shape[-1]
+        scale_76 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        # per-key transforms, computed once for all query tiles (the k-prologue prepass)
+        k_rotated_33_pre = torch.empty((B, H, J, D,), dtype=q.dtype, device=q.device)
+        prepass = _kprologue_local__k_scale__pos_bias_table__q_scale if wrap is None else wrap(_kprologue_local__k_scale__pos_bias_table__q_scale)
+        prepass[(max(1, triton.cdiv(J, 64)), B * H)](
+            q, k, v, pos_bias_table, k_rotated_33_pre,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(pos_bias_table, 2),
+            *_strides(k_rotated_33_pre, 4),
+            B, H, I, J, D, N,
+            scale_76,
+            BLOCK_N=64,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            num_warps=4,
+        )
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_local__k_scale__pos_bias_table__q_scale if wrap is None else wrap(_fwd_local__k_scale__pos_bias_table__q_scale)
+        kernel[grid](
+            q, k, v, pos_bias_table, k_rotated_33_pre, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(pos_bias_table, 2),
+            *_strides(k_rotated_33_pre, 4),
+            *_strides(out, 4),
+            B, H, I, J, D, N,
+            scale_76,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward__k_scale__pos_bias_table__q_scale_fake(q, k, v, pos_bias_table, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    @triton.jit
+    def _kprologue_local__k_scale__mask__pos_bias_table__q_scale(
+        q_ptr, k_ptr, v_ptr, mask_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_mask_b, stride_mask_j,
+        stride_pos_bias_table_h, stride_pos_bias_table_n,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        B, H, I, J, D, N,
+        scale_76,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    ):
+        """local: per-key values computed once (k_rotated.33), stored in the dot dtype."""
+        start_n = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)
+        off_h = (off_bh % H).to(tl.int64)
+        offs_j = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_j < J
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+        k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+        k_rotated_33_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        k_rotated_33_angle = offs_j.to(tl.float32)[:, None] * k_rotated_33_freq[None, :]
+        k_rotated_33_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        k_rot = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d_rot[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] at (d + D/2) mod D
+        k_rotated_33 = k.to(tl.float32) * tl.cos(k_rotated_33_angle) + k_rotated_33_sign[None, :] * k_rot.to(tl.float32) * tl.sin(k_rotated_33_angle)  # [b, h, j, d]
+        tl.store(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, k_rotated_33.to(DOT_DTYPE), mask=col_ok[:, None] & d_ok[None, :])
+
+
+    @triton.jit
+    def _fwd_local__k_scale__mask__pos_bias_table__q_scale(
+        q_ptr, k_ptr, v_ptr, mask_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_mask_b, stride_mask_j,
+        stride_pos_bias_table_h, stride_pos_bias_table_n,
+        stride_k_rotated_33_pre_b, stride_k_rotated_33_pre_h, stride_k_rotated_33_pre_j, stride_k_rotated_33_pre_d,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D, N,
+        scale_76,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """local: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        offs_d_rot = tl.where(d_ok, (offs_d + D // 2) % D, offs_d)  # rotate_half's partner feature
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+        q_rotated_15 = offs_i + 0  # [i]
+        window_distance_46 = _floordiv(offs_i, 64)  # [i]
+        q_scaled = q.to(tl.float32) * scale_76  # [b, h, i, d]
+        q_rotated_17_freq = tl.exp2((offs_d % (D // 2)).to(tl.float32) * -26.575424759098897 / D)  # theta ** (-2m / D)
+        q_rotated_17_angle = q_rotated_15.to(tl.float32)[:, None] * q_rotated_17_freq[None, :]
+        q_rotated_17_sign = tl.where(offs_d < D // 2, -1.0, 1.0)  # rotate_half: [-x2, x1]
+        q_rot = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d_rot[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d] at (d + D/2) mod D
+        q_scaled_rot = q_rot.to(tl.float32) * scale_76  # [b, h, i, d] at (d + D/2) mod D
+        q_rotated_17 = q_scaled * tl.cos(q_rotated_17_angle) + q_rotated_17_sign[None, :] * q_scaled_rot * tl.sin(q_rotated_17_angle)  # [b, h, i, d]
+        q_rotated_17_mma = q_rotated_17.to(DOT_DTYPE)
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # from: window_keep.50, window_keep.53, causal_keep.56
+        kv_lo = (tl.maximum(((_floordiv(i_first, 64) - 1) * 64), 0) // BLOCK_N) * BLOCK_N
+        kv_hi = tl.minimum(tl.minimum((((_floordiv(i_last, 64) - 0) * 64) + 63), i_last) + 1, J)
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(((_floordiv(i_last, 64) - 1) * 64), 0), BLOCK_N) * BLOCK_N, kv_lo), tl.cdiv(kv_hi, BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum((tl.minimum(tl.minimum((((_floordiv(i_first, 64) - 0) * 64) + 63), i_first) + 1, kv_hi) // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = mask[None, :]
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(kv_lo, full_lo, BLOCK_N):  # edge blocks before them
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56 & mask[None, :]
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k_rotated_33 = tl.load(k_rotated_33_pre_ptr + off_b * stride_k_rotated_33_pre_b + off_h * stride_k_rotated_33_pre_h + offs_j[:, None] * stride_k_rotated_33_pre_j + offs_d[None, :] * stride_k_rotated_33_pre_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d] written by the prepass
+            s_38 = tl.dot(q_rotated_17_mma, tl.trans(k_rotated_33), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_41 = offs_i[:, None] - offs_j[None, :]  # [i, j]
+            s_42 = tl.abs(s_41)  # [i, j]
+            s_43 = tl.load(pos_bias_table_ptr + (off_h) * stride_pos_bias_table_h + (s_42) * stride_pos_bias_table_n, mask=(off_h >= 0) & (off_h < H) & (s_42 >= 0) & (s_42 < N), other=0.0)  # [h, i, j]
+            s = s_38 + s_43.to(tl.float32)  # [b, h, i, j]
+            window_distance_47 = _floordiv(offs_j, 64)  # [j]
+            window_distance = window_distance_46[:, None] - window_distance_47[None, :]  # [i, j]
+            window_keep_50 = window_distance <= 1  # [i, j]
+            window_keep_53 = window_distance >= 0  # [i, j]
+            window_keep = window_keep_50 & window_keep_53  # [i, j]
+            causal_keep_56 = offs_j[None, :] <= offs_i[:, None]  # [i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = col_ok[None, :] & window_keep & causal_keep_56 & mask[None, :]
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward__k_scale__mask__pos_bias_table__q_scale(q, k, v, mask, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """local forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        N = pos_bias_table.shape[-1]
+        scale_76 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        # per-key transforms, computed once for all query tiles (the k-prologue prepass)
+        k_rotated_33_pre = torch.empty((B, H, J, D,), dtype=q.dtype, device=q.device)
+        prepass = _kprologue_local__k_scale__mask__pos_bias_table__q_scale if wrap is None else wrap(_kprologue_local__k_scale__mask__pos_bias_table__q_scale)
+        prepass[(max(1, triton.cdiv(J, 64)), B * H)](
+            q, k, v, mask, pos_bias_table, k_rotated_33_pre,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(mask, 2),
+            *_strides(pos_bias_table, 2),
+            *_strides(k_rotated_33_pre, 4),
+            B, H, I, J, D, N,
+            scale_76,
+            BLOCK_N=64,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            num_warps=4,
+        )
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_local__k_scale__mask__pos_bias_table__q_scale if wrap is None else wrap(_fwd_local__k_scale__mask__pos_bias_table__q_scale)
+        kernel[grid](
+            q, k, v, mask, pos_bias_table, k_rotated_33_pre, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(mask, 2),
+            *_strides(pos_bias_table, 2),
+            *_strides(k_rotated_33_pre, 4),
+            *_strides(out, 4),
+            B, H, I, J, D, N,
+            scale_76,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward__k_scale__mask__pos_bias_table__q_scale_fake(q, k, v, mask, pos_bias_table, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    _TRITON_FUNCTIONS = {
+        frozenset(): (triton_forward, ('q', 'k', 'v')),
+        frozenset(['mask']): (triton_forward__mask, ('q', 'k', 'v', 'mask')),
+        frozenset(['pos_bias_table']): (triton_forward__pos_bias_table, ('q', 'k', 'v', 'pos_bias_table')),
+        frozenset(['q_scale']): (triton_forward__q_scale, ('q', 'k', 'v')),
+        frozenset(['k_scale']): (triton_forward__k_scale, ('q', 'k', 'v')),
+        frozenset(['mask', 'pos_bias_table']): (triton_forward__mask__pos_bias_table, ('q', 'k', 'v', 'mask', 'pos_bias_table')),
+        frozenset(['mask', 'q_scale']): (triton_forward__mask__q_scale, ('q', 'k', 'v', 'mask')),
+        frozenset(['k_scale', 'mask']): (triton_forward__k_scale__mask, ('q', 'k', 'v', 'mask')),
+        frozenset(['pos_bias_table', 'q_scale']): (triton_forward__pos_bias_table__q_scale, ('q', 'k', 'v', 'pos_bias_table')),
+        frozenset(['k_scale', 'pos_bias_table']): (triton_forward__k_scale__pos_bias_table, ('q', 'k', 'v', 'pos_bias_table')),
+        frozenset(['k_scale', 'q_scale']): (triton_forward__k_scale__q_scale, ('q', 'k', 'v')),
+        frozenset(['mask', 'pos_bias_table', 'q_scale']): (triton_forward__mask__pos_bias_table__q_scale, ('q', 'k', 'v', 'mask', 'pos_bias_table')),
+        frozenset(['k_scale', 'mask', 'pos_bias_table']): (triton_forward__k_scale__mask__pos_bias_table, ('q', 'k', 'v', 'mask', 'pos_bias_table')),
+        frozenset(['k_scale', 'mask', 'q_scale']): (triton_forward__k_scale__mask__q_scale, ('q', 'k', 'v', 'mask')),
+        frozenset(['k_scale', 'pos_bias_table', 'q_scale']): (triton_forward__k_scale__pos_bias_table__q_scale, ('q', 'k', 'v', 'pos_bias_table')),
+        frozenset(['k_scale', 'mask', 'pos_bias_table', 'q_scale']): (triton_forward__k_scale__mask__pos_bias_table__q_scale, ('q', 'k', 'v', 'mask', 'pos_bias_table')),
+    }
+
+
+def triton_attention(q, k, v, *, mask=None, pos_bias_table=None, q_scale=None, k_scale=None, **knobs):
+    """local attention with the spec's default params, by the generated Triton forward kernels
+    (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); no backward: inference only.
+
+    knobs: the launcher's BLOCK_M, BLOCK_N, num_warps, num_stages (default: the schedule's).
+    """
+    if triton is None:
+        raise ModuleNotFoundError("triton_attention needs triton, which does not import here; use attention()")
+    present = frozenset(name for name, value in (('mask', mask), ('pos_bias_table', pos_bias_table), ('q_scale', q_scale), ('k_scale', k_scale)) if value is not None)
+    if present not in _TRITON_FUNCTIONS:
+        raise NotImplementedError(f"local: no Triton kernel for present inputs {sorted(present)}")
+    function, names = _TRITON_FUNCTIONS[present]
+    given = {'q': q, 'k': k, 'v': v, 'mask': mask, 'pos_bias_table': pos_bias_table, 'q_scale': q_scale, 'k_scale': k_scale}
+    return function(*(given[name] for name in names), **knobs)

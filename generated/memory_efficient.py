@@ -256,3 +256,606 @@ def attention(q, k, v, *, mask=None, attn_bias=None, lowering=None, chunk_n=256)
     if lowering == "chunked":
         return function(q, k, v, *inputs, CHUNK_N=chunk_n)
     return function(q, k, v, *inputs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton forward kernels (kernelsearch/codegen/triton_fwd.py), one launcher per set of present
+# optional inputs. Defined only when triton imports: the torch `attention` above needs no triton.
+# On a CPU, set TRITON_INTERPRET=1 before importing triton to run them in Triton's interpreter.
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no triton on this platform: only the torch path above
+    triton = None
+
+if triton is not None:
+    LOG2E = tl.constexpr(1.4426950408889634)
+
+
+    @triton.jit
+    def _floordiv(a, b):
+        """Floor division for integers, whatever the hardware's // rounds to."""
+        q = a // b
+        r = a - q * b
+        return tl.where((r != 0) & ((r < 0) != (b < 0)), q - 1, q)
+
+
+    @triton.jit
+    def _floormod(a, b):
+        return a - _floordiv(a, b) * b
+
+
+    @triton.jit
+    def _tanh(x):
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+    @triton.jit
+    def _pow(a, b):
+        return tl.exp2(b * tl.log2(a))
+
+
+    @triton.jit
+    def _mix_heads(x, w, CP: tl.constexpr, PRECISION: tl.constexpr):
+        """w @ x over channels: x [CP, rows] fp32, w [CP out, CP in] (zero outside the real channels)."""
+        if CP >= 16:
+            mixed = tl.dot(w, x, input_precision=PRECISION)
+        else:
+            offs_c = tl.arange(0, CP)
+            mixed = tl.zeros_like(x)
+            for o in tl.static_range(CP):
+                w_o = tl.sum(tl.where(offs_c[:, None] == o, w, 0.0), axis=0)      # row o of w
+                row = tl.sum(w_o[:, None] * x, axis=0)
+                mixed = tl.where(offs_c[:, None] == o, row[None, :], mixed)
+        return mixed
+
+
+    def _strides(tensor, ndim):
+        """One stride per declared dim: 0 for a missing leading dim or a broadcast (size-1) dim."""
+        strides = [0 if size == 1 else stride for size, stride in zip(tensor.shape, tensor.stride())]
+        return [0] * (ndim - tensor.ndim) + strides
+
+
+    def _empty(shape, like, poison):
+        if poison:
+            return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+    @triton.jit
+    def _fwd_memory_efficient(
+        q_ptr, k_ptr, v_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D,
+        scale_37,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """memory_efficient: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # (no keep-predicate bounds the keys: every key block is visited)
+        kv_lo = 0
+        kv_hi = J
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = kv_lo
+        full_hi = tl.maximum((kv_hi // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            s_3 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_5 = s_3 * scale_37  # [b, h, i, j]
+            s_tile = s_5 * LOG2E  # log2 units
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            s_3 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_5 = s_3 * scale_37  # [b, h, i, j]
+            keep_tile = col_ok[None, :]
+            s_tile = tl.where(keep_tile, s_5 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward(q, k, v, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """memory_efficient forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        scale_37 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_memory_efficient if wrap is None else wrap(_fwd_memory_efficient)
+        kernel[grid](
+            q, k, v, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(out, 4),
+            B, H, I, J, D,
+            scale_37,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward_fake(q, k, v, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    @triton.jit
+    def _fwd_memory_efficient__mask(
+        q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_mask_b, stride_mask_j,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D,
+        scale_37,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """memory_efficient: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # (no keep-predicate bounds the keys: every key block is visited)
+        kv_lo = 0
+        kv_hi = J
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = kv_lo
+        full_hi = tl.maximum((kv_hi // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            s_3 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_5 = s_3 * scale_37  # [b, h, i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = mask[None, :]
+            s_tile = tl.where(keep_tile, s_5 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            s_3 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_5 = s_3 * scale_37  # [b, h, i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = col_ok[None, :] & mask[None, :]
+            s_tile = tl.where(keep_tile, s_5 * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward__mask(q, k, v, mask, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """memory_efficient forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        scale_37 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_memory_efficient__mask if wrap is None else wrap(_fwd_memory_efficient__mask)
+        kernel[grid](
+            q, k, v, mask, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(mask, 2),
+            *_strides(out, 4),
+            B, H, I, J, D,
+            scale_37,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward__mask_fake(q, k, v, mask, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    @triton.jit
+    def _fwd_memory_efficient__attn_bias(
+        q_ptr, k_ptr, v_ptr, attn_bias_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_attn_bias_b, stride_attn_bias_h, stride_attn_bias_i, stride_attn_bias_j,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D,
+        scale_37,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """memory_efficient: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # (no keep-predicate bounds the keys: every key block is visited)
+        kv_lo = 0
+        kv_hi = J
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = kv_lo
+        full_hi = tl.maximum((kv_hi // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            s_3 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_5 = s_3 * scale_37  # [b, h, i, j]
+            attn_bias = tl.load(attn_bias_ptr + off_b * stride_attn_bias_b + off_h * stride_attn_bias_h + offs_i[:, None] * stride_attn_bias_i + offs_j[None, :] * stride_attn_bias_j, mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [b, h, i, j]
+            s = s_5 + attn_bias.to(tl.float32)  # [b, h, i, j]
+            s_tile = s * LOG2E  # log2 units
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            s_3 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_5 = s_3 * scale_37  # [b, h, i, j]
+            attn_bias = tl.load(attn_bias_ptr + off_b * stride_attn_bias_b + off_h * stride_attn_bias_h + offs_i[:, None] * stride_attn_bias_i + offs_j[None, :] * stride_attn_bias_j, mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [b, h, i, j]
+            s = s_5 + attn_bias.to(tl.float32)  # [b, h, i, j]
+            keep_tile = col_ok[None, :]
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward__attn_bias(q, k, v, attn_bias, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """memory_efficient forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        scale_37 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_memory_efficient__attn_bias if wrap is None else wrap(_fwd_memory_efficient__attn_bias)
+        kernel[grid](
+            q, k, v, attn_bias, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(attn_bias, 4),
+            *_strides(out, 4),
+            B, H, I, J, D,
+            scale_37,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward__attn_bias_fake(q, k, v, attn_bias, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    @triton.jit
+    def _fwd_memory_efficient__attn_bias__mask(
+        q_ptr, k_ptr, v_ptr, mask_ptr, attn_bias_ptr, out_ptr,
+        stride_q_b, stride_q_h, stride_q_i, stride_q_d,
+        stride_k_b, stride_k_h, stride_k_j, stride_k_d,
+        stride_v_b, stride_v_h, stride_v_j, stride_v_d,
+        stride_mask_b, stride_mask_j,
+        stride_attn_bias_b, stride_attn_bias_h, stride_attn_bias_i, stride_attn_bias_j,
+        stride_out_b, stride_out_h, stride_out_i, stride_out_d,
+        B, H, I, J, D,
+        scale_37,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """memory_efficient: schedule one_pass, per-head programs, online softmax."""
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H).to(tl.int64)  # 64-bit: base offsets of large tensors
+        off_h = (off_bh % H).to(tl.int64)
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+        offs_d = tl.arange(0, BLOCK_D)
+        if EVEN_D:   # D == BLOCK_D: no feature mask, so loads stay vectorised
+            d_ok = tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            d_ok = offs_d < D
+        DOT_DTYPE = q_ptr.dtype.element_ty
+
+        # -- per program: values without i or j --
+
+        # -- q prologue: once per query tile --
+        q = tl.load(q_ptr + off_b * stride_q_b + off_h * stride_q_h + offs_i[:, None] * stride_q_i + offs_d[None, :] * stride_q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, i, d]
+
+        # -- key blocks: the keep-predicates' interval analysis bounds the keys that rows i_first..i_last keep --
+        i_first = start_m * BLOCK_M
+        i_last = tl.minimum(i_first + BLOCK_M, I) - 1
+        # (no keep-predicate bounds the keys: every key block is visited)
+        kv_lo = 0
+        kv_hi = J
+        # blocks in which those predicates keep every (i, j) and j < J: no masks there
+        full_lo = kv_lo
+        full_hi = tl.maximum((kv_hi // BLOCK_N) * BLOCK_N, full_lo)
+
+        m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # row max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # row sum
+        acc_0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # blocks fully kept: no masks
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = tl.full([BLOCK_N], 1, tl.int1)
+            k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            s_3 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_5 = s_3 * scale_37  # [b, h, i, j]
+            attn_bias = tl.load(attn_bias_ptr + off_b * stride_attn_bias_b + off_h * stride_attn_bias_h + offs_i[:, None] * stride_attn_bias_i + offs_j[None, :] * stride_attn_bias_j, mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [b, h, i, j]
+            s = s_5 + attn_bias.to(tl.float32)  # [b, h, i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = mask[None, :]
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        for start_n in range(full_hi, kv_hi, BLOCK_N):  # edge blocks after them (the diagonal, the end of J)
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_j < J
+            k = tl.load(k_ptr + off_b * stride_k_b + off_h * stride_k_h + offs_j[:, None] * stride_k_j + offs_d[None, :] * stride_k_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            s_3 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [b, h, i, j]
+            s_5 = s_3 * scale_37  # [b, h, i, j]
+            attn_bias = tl.load(attn_bias_ptr + off_b * stride_attn_bias_b + off_h * stride_attn_bias_h + offs_i[:, None] * stride_attn_bias_i + offs_j[None, :] * stride_attn_bias_j, mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [b, h, i, j]
+            s = s_5 + attn_bias.to(tl.float32)  # [b, h, i, j]
+            mask = tl.load(mask_ptr + off_b * stride_mask_b + offs_j * stride_mask_j, mask=col_ok, other=0) != 0  # [b, j]
+            keep_tile = col_ok[None, :] & mask[None, :]
+            s_tile = tl.where(keep_tile, s * LOG2E, float('-inf'))  # log2 units; dropped: -inf
+            m_new = tl.maximum(m_i, tl.max(s_tile, axis=1))
+            m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+            alpha = tl.exp2(m_i - m_use)
+            p_tile = tl.exp2(s_tile - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p_tile, axis=1)
+            m_i = m_new
+            v = tl.load(v_ptr + off_b * stride_v_b + off_h * stride_v_h + offs_j[:, None] * stride_v_j + offs_d[None, :] * stride_v_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [b, h, j, d]
+            acc_0 = acc_0 * alpha[:, None] + tl.dot(p_tile.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+        # -- epilogue --
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0
+        o = acc_0 / l_safe[:, None]  # [b, h, i, d]
+        out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+    def triton_forward__attn_bias__mask(q, k, v, mask, attn_bias, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+        """memory_efficient forward (one_pass); returns [b, h, i, d] in q's dtype.
+
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        """
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        J = k.shape[-2]
+        D = q.shape[-1]
+        scale_37 = (D ** -0.5)
+        out = _empty((B, H, I, D,), q, poison)
+        if out.numel() == 0:
+            return out
+        grid = (triton.cdiv(I, BLOCK_M), B * H)
+        kernel = _fwd_memory_efficient__attn_bias__mask if wrap is None else wrap(_fwd_memory_efficient__attn_bias__mask)
+        kernel[grid](
+            q, k, v, mask, attn_bias, out,
+            *_strides(q, 4),
+            *_strides(k, 4),
+            *_strides(v, 4),
+            *_strides(mask, 2),
+            *_strides(attn_bias, 4),
+            *_strides(out, 4),
+            B, H, I, J, D,
+            scale_37,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+    def triton_forward__attn_bias__mask_fake(q, k, v, mask, attn_bias, *args, **kwargs):
+        B = q.shape[-4]
+        H = q.shape[-3]
+        I = q.shape[-2]
+        D = q.shape[-1]
+        return q.new_empty((B, H, I, D,))
+
+
+    _TRITON_FUNCTIONS = {
+        frozenset(): (triton_forward, ('q', 'k', 'v')),
+        frozenset(['mask']): (triton_forward__mask, ('q', 'k', 'v', 'mask')),
+        frozenset(['attn_bias']): (triton_forward__attn_bias, ('q', 'k', 'v', 'attn_bias')),
+        frozenset(['attn_bias', 'mask']): (triton_forward__attn_bias__mask, ('q', 'k', 'v', 'mask', 'attn_bias')),
+    }
+
+
+def triton_attention(q, k, v, *, mask=None, attn_bias=None, **knobs):
+    """memory_efficient attention with the spec's default params, by the generated Triton forward kernels
+    (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); no backward: inference only.
+
+    knobs: the launcher's BLOCK_M, BLOCK_N, num_warps, num_stages (default: the schedule's).
+    """
+    if triton is None:
+        raise ModuleNotFoundError("triton_attention needs triton, which does not import here; use attention()")
+    present = frozenset(name for name, value in (('mask', mask), ('attn_bias', attn_bias)) if value is not None)
+    if present not in _TRITON_FUNCTIONS:
+        raise NotImplementedError(f"memory_efficient: no Triton kernel for present inputs {sorted(present)}")
+    function, names = _TRITON_FUNCTIONS[present]
+    given = {'q': q, 'k': k, 'v': v, 'mask': mask, 'attn_bias': attn_bias}
+    return function(*(given[name] for name in names), **knobs)

@@ -1,13 +1,22 @@
 """Codegen: the whole generated/<variant>.py for a spec's default params (returns a string).
 
 The module holds, for every combination of present optional inputs, the generated torch
-functions (materialized and chunked) and - when the Triton code generator is available - the
-Triton kernels, plus `attention(q, k, v, **inputs)`: the contract's callable for the default
-params, importable as `from generated.<variant> import attention`.
+functions (materialized and chunked), plus `attention(q, k, v, **inputs)`: the contract's callable
+for the default params, importable as `from generated.<variant> import attention`.
+
+After them comes the Triton section: the forward kernels and launchers of every specialisation
+(codegen/triton_fwd.py: `TRITON_PRELUDE` once, then `triton_functions` per presence set, with the
+schedule's default knobs), and `triton_attention(q, k, v, **inputs, **knobs)`, which picks the
+launcher by the optional inputs given. The section is indented under `if triton is not None:`
+(triton is imported in a try/except ImportError), so the torch path imports where triton does
+not; the kernels are still module-level functions, whose source Triton's @jit reads with inspect
+(it dedents). A specialisation the Triton code generator refuses (CodegenError) is left out and
+named in a comment; `triton_attention` raises for it.
 """
 from __future__ import annotations
 
 import itertools
+import textwrap
 from pathlib import Path
 
 from .. import __version__
@@ -49,6 +58,41 @@ def attention(q, k, v, *, {keywords}lowering=None, chunk_n={chunk_n}):
 '''
 
 
+TORCH_IMPORTS = "import math\n\nimport torch\n\nfrom kernelsearch.backends import torch_ops as ops\n\n"
+
+TRITON_SECTION = '''
+
+# ----------------------------------------------------------------------------------------------
+# Triton forward kernels (kernelsearch/codegen/triton_fwd.py), one launcher per set of present
+# optional inputs. Defined only when triton imports: the torch `attention` above needs no triton.
+# On a CPU, set TRITON_INTERPRET=1 before importing triton to run them in Triton's interpreter.
+
+try:
+    {imports}
+except ImportError:  # no triton on this platform: only the torch path above
+    triton = None
+
+if triton is not None:
+{body}
+
+
+def triton_attention(q, k, v, *, {keywords}**knobs):
+    """{name} attention with the spec's default params, by the generated Triton forward kernels
+    (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); no backward: inference only.
+
+    knobs: the launcher's BLOCK_M, BLOCK_N, num_warps, num_stages (default: the schedule's).
+    """
+    if triton is None:
+        raise ModuleNotFoundError("triton_attention needs triton, which does not import here; use attention()")
+    present = frozenset(name for name, value in ({present_tuple}) if value is not None)
+    if present not in _TRITON_FUNCTIONS:
+        raise NotImplementedError(f"{name}: no Triton kernel for present inputs {{sorted(present)}}")
+    function, names = _TRITON_FUNCTIONS[present]
+    given = {given}
+    return function(*(given[name] for name in names), **knobs)
+'''
+
+
 def presence_sets(spec: Spec):
     optional = spec.optional_inputs
     for r in range(len(optional) + 1):
@@ -61,7 +105,7 @@ def module_source(spec: Spec) -> str:
     defaults = ", ".join(f"{n}={_shown(p.default)}" for n, p in spec.params.items())
     parts = [HEADER.format(name=spec.name, summary=spec.summary, version=__version__, path=spec.path,
                            sha256=spec.sha256, params=defaults or "(none)"),
-             "import math\n\nimport torch\n\nfrom kernelsearch.backends import torch_ops as ops\n\n"]
+             TORCH_IMPORTS]
     table = []
     for graph in graphs:
         for lowering in ("materialized", "chunked"):
@@ -75,7 +119,46 @@ def module_source(spec: Spec) -> str:
         present_tuple=named_pairs + ("," if len(spec.optional_inputs) == 1 else ""),
         input_tuple=", ".join(extra) + ("," if len(extra) == 1 else ""),
     ))
+    parts.append(triton_section(spec, graphs, extra, named_pairs))
     return "".join(parts)
+
+
+def triton_section(spec: Spec, graphs, extra, named_pairs) -> str:
+    """The guarded Triton part of the module: prelude, kernels and launchers, table, dispatcher."""
+    from .triton_fwd import TRITON_PRELUDE, CodegenError, default_config, plan, triton_function_name, \
+        triton_functions
+    imports, helpers = _split_imports(TRITON_PRELUDE)
+    body, table = [helpers.strip("\n")], []
+    for graph in graphs:
+        present = _frozenset(graph.present)
+        try:
+            functions = triton_functions(graph, default_config(graph))
+        except CodegenError as error:
+            body.append(f"# {present}: no Triton kernel ({error})")
+            continue
+        body.append(functions.strip("\n"))
+        names = tuple(t.name for t in plan(graph).tensors)
+        table.append(f"    {present}: ({triton_function_name(graph)}, {names!r}),")
+    body.append("_TRITON_FUNCTIONS = {\n" + "\n".join(table) + "\n}")
+    return TRITON_SECTION.format(
+        imports="\n    ".join(line for line in imports if line not in TORCH_IMPORTS.split("\n")),
+        body=textwrap.indent("\n\n\n".join(body), "    "),
+        name=spec.name,
+        keywords="".join(f"{n}=None, " if spec.inputs[n].optional else f"{n}, " for n in extra),
+        present_tuple=named_pairs + ("," if len(spec.optional_inputs) == 1 else ""),
+        given="{" + ", ".join(f"{n!r}: {n}" for n in ("q", "k", "v", *extra)) + "}",
+    )
+
+
+def _split_imports(prelude: str) -> tuple[list[str], str]:
+    """The prelude's leading import lines (guarded separately) and the rest (helpers)."""
+    lines = prelude.split("\n")
+    imports = []
+    while lines and (not lines[0].strip() or lines[0].startswith(("import ", "from "))):
+        line = lines.pop(0)
+        if line.strip():
+            imports.append(line)
+    return imports, "\n".join(lines)
 
 
 def _frozenset(names) -> str:
