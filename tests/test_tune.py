@@ -101,6 +101,16 @@ def test_space_conditional_knobs_canonical_and_constraints():
         fix_choices(space, {"compile": ["maybe"]})
 
 
+def test_cpu_space_has_no_threads_knob():
+    import kernelsearch
+
+    from kernelsearch.tune.space import torch_space
+
+    spec = kernelsearch.load("specs/softmax.yaml", backend="reference").spec
+    # the runtime cannot apply a thread count per call (see the docstring of tune/space.py)
+    assert "threads" not in torch_space(spec, {"B": 1, "H": 4, "I": 512, "J": 512, "D": 64}).names
+
+
 def test_triton_space_from_spec_tune_section():
     import kernelsearch
 

@@ -16,11 +16,12 @@ __all__ = ["register", "run_tune", "run_report", "parse_shape"]
 
 _EPILOG = """\
 The study is stored (default: SQLite at $KERNELSEARCH_HOME/tune.db, KERNELSEARCH_HOME defaulting
-to ~/.cache/kernelsearch) and named by the spec's sha256, the device, the shape bucket, the dtype
-and the direction: run the same command again to resume after Ctrl-C or kill -9, or on several
+to ~/.cache/kernelsearch) and named by the spec's sha256, the device, the shape bucket, the dtype,
+the direction and the params (--param, --optional-inputs): run the same command again to resume after Ctrl-C or kill -9, or on several
 machines with --storage postgresql://... (or a shared journal file) to share one study.
 --trials is the total number of evaluated configs the study should hold.
-The winner is recorded in $KERNELSEARCH_HOME/records.json, where kernelsearch.load finds it.
+The winner is recorded in $KERNELSEARCH_HOME/records.json, where kernelsearch.load finds it
+(for calls with the same params).
 """
 
 

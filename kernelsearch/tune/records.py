@@ -290,8 +290,13 @@ def lookup_for_call(spec: Any, backend: str, sizes: Mapping[str, int], dtype: An
 
     data = _CACHE.get()  # refreshes (and clears the memo) when the file changed
     memo = _CACHE.memo
-    # params values are hashable (literals; expressions hash by identity, a miss at worst)
-    params_id = None if params is None else tuple(sorted(params.items(), key=lambda kv: kv[0]))
+    # spec params are literals or expressions (hashed by identity); another order or another
+    # expression object is a memo miss at worst
+    params_id = None if params is None else tuple(params.items())
+    try:
+        hash(params_id)
+    except TypeError:
+        params_id = params_tag(params)
     mkey = ("call", spec.sha256, backend, tuple(sizes.items()), dtype, str(device), direction, params_id,
             frozenset(present or ()))
     if mkey in memo:

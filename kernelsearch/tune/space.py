@@ -18,6 +18,22 @@ Where the knobs come from: the spec's ``tune:`` section names the Triton knobs a
 choices; the backend module may add its own (``tune_knobs(spec, sizes, direction)`` returning
 dicts with ``name, choices, default, when``) and its defaults (``default_config(spec, sizes)``);
 when it does not, the built-in descriptions below are used.
+
+No ``threads`` knob on the CPU, because a recorded config only means something if the runtime
+applies it on every call, and it cannot apply a thread count cleanly:
+
+- ``torch.set_num_threads`` is process-wide: setting it around a call changes every other
+  thread's torch work meanwhile, and save/restore from two threads at once can leave the
+  process at the wrong count for good (the call itself would be cheap: about 0.5 us measured);
+- with ``compile=True``, Inductor writes ``#pragma omp parallel num_threads(N)`` with ``N`` =
+  ``torch.get_num_threads()`` *when it compiles* (``cpp.dynamic_threads`` is off by default), so
+  a count set at call time does not reach the compiled kernel;
+- the best count is a property of the machine's load, not of the kernel: on a shared 2-core
+  machine, softmax at (1, 4, 1024, 1024, 64), chunked, took 30 ms on 1 thread and 178 ms on 2
+  (materialized at 256 keys: 3.5 vs 18 ms), which a record would then impose on a quiet machine.
+
+So the thread count is left to the user (``torch.set_num_threads``), as for any other torch
+code; records are per CPU model and logical CPU count (``records.device_name``).
 """
 from __future__ import annotations
 
