@@ -48,7 +48,7 @@ def tuned_config(graph: Graph, sizes: dict, dtype, device) -> dict | None:
         from ..tune import records
     except ImportError:
         return None
-    return records.lookup_for_call(graph.spec, "torch", sizes, dtype, device)
+    return records.lookup_for_call(graph, "torch", sizes, dtype, device)
 
 
 class TorchFunctions:

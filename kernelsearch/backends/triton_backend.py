@@ -111,7 +111,7 @@ def default_config(spec_or_graph, sizes: dict | None = None) -> dict:
 def tuned_config(graph: Graph, sizes: dict, dtype, device) -> dict | None:
     try:
         from ..tune import records
-        return records.lookup_for_call(graph.spec, "triton", sizes, dtype, device)
+        return records.lookup_for_call(graph, "triton", sizes, dtype, device)
     except Exception:
         return None
 
