@@ -21,7 +21,14 @@ assert set(_TORCH_BINARY) == set(BINARY_OPS)
 
 def evaluate(graph: Graph, tensors: dict) -> torch.Tensor:
     """Run `graph` on q, k, v and the present optional inputs (by name). Returns [b, h, i, <feature>]."""
+    return evaluate_nodes(graph, tensors, [graph.output])[graph.output]
+
+
+def evaluate_nodes(graph: Graph, tensors: dict, targets) -> dict:
+    """The values of `targets` (node ids), each with its node's dims in canonical order; only what
+    they need is computed (the training path of the triton backend evaluates the prologue so)."""
     sizes = bind(graph, tensors)
+    needed = set().union(*(graph.upstream(t) for t in targets)) if targets else set()
     layout = layout_of(graph)
     raw = raw_inputs(graph)
     q = tensors["q"]
@@ -29,6 +36,8 @@ def evaluate(graph: Graph, tensors: dict) -> torch.Tensor:
     axis = {dim: n for n, dim in enumerate(layout)}
     values = {}
     for node_id, node in graph.nodes():
+        if node_id not in needed:
+            continue
         args = [values[a] for a in node.args]
         op = node.op
         if op == "input":
@@ -81,8 +90,11 @@ def evaluate(graph: Graph, tensors: dict) -> torch.Tensor:
             values[node_id] = ops.mix_heads(args[0], args[1], node.attrs["streams"], axis["b"], axis["h"])
         else:
             raise NotImplementedError(f"reference backend: no rule for op '{op}'")
-    out = values[graph.output]
-    out_dims = graph.node(graph.output).dims
-    out = torch.as_tensor(out).expand(*[sizes[d] if d in out_dims else 1 for d in layout])
-    squeeze = tuple(n for n, d in enumerate(layout) if d not in out_dims)
-    return out.squeeze(squeeze) if squeeze else out
+    return {t: _in_own_dims(values[t], graph.node(t).dims, layout, sizes) for t in targets}
+
+
+def _in_own_dims(value, dims, layout, sizes) -> torch.Tensor:
+    """A value of the aligned layout (size-1 axes where it does not vary) with exactly its dims."""
+    value = torch.as_tensor(value).expand(*[sizes[d] if d in dims else 1 for d in layout])
+    squeeze = tuple(n for n, d in enumerate(layout) if d not in dims)
+    return value.squeeze(squeeze) if squeeze else value

@@ -1,4 +1,4 @@
-"""The triton backend: generated fused forward kernels (kernelsearch/codegen/triton_fwd.py).
+"""The triton backend: generated fused kernels, forward (codegen/triton_fwd.py) and backward (triton_bwd.py).
 
 `build(graph, attention)` returns `run(tensors) -> o`. The generated module is written to a
 cache file and imported from it (Triton's @jit reads its function's source with `inspect`), and
@@ -9,11 +9,19 @@ Under TRITON_INTERPRET=1 the same kernels run on the CPU in Triton's interpreter
 the CPU); the launch is then registered as an opaque `torch.library.custom_op` instead, since
 `wrap_triton` only takes compiled kernels.
 
-Knobs (the config): BLOCK_M, BLOCK_N, num_warps, num_stages. Without `attention.config` the
-tuned config recorded for this device and shape is used, else `default_config`.
+Two paths per specialisation:
 
-There are no backward kernels yet: calling with inputs that require grad (with grad enabled)
-raises `BackwardNotImplemented` rather than silently detaching.
+    inference   (no input requires grad, or grad disabled): the forward kernel of the whole graph,
+                per-row q/k/v transforms fused into it.
+    training    the per-row transforms are evaluated by the reference ops in torch (autograd
+                differentiates them; O((I + J) * D)), and the rest - the core graph of
+                passes/split_prologue.py - runs as one op with a registered autograd formula:
+                forward kernel that also saves the rows' log-sum-exp, and the generated dq and
+                dkdv kernels in backward.
+
+Knobs (the config): BLOCK_M, BLOCK_N, num_warps, num_stages (forward) and BLOCK_M_BWD,
+BLOCK_N_BWD, num_warps_bwd, num_stages_bwd (backward). Without `attention.config` the tuned
+config recorded for this device, shape and params is used, else the defaults.
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..codegen import triton_fwd
+from ..codegen import triton_bwd, triton_fwd
 from ..codegen.triton_fwd import CONFIG_KEYS, CodegenError, plan, source_hash, triton_source
 from ..ir import Graph
 from ..layout import bind
@@ -38,7 +46,7 @@ __all__ = ["build", "default_config", "aot_check", "BackwardNotImplemented", "Co
 
 
 class BackwardNotImplemented(NotImplementedError):
-    pass
+    """A spec whose backward the code generator cannot derive (names the op), met with inputs that need grad."""
 
 
 def interpreting() -> bool:
@@ -99,12 +107,15 @@ def default_config(spec_or_graph, sizes: dict | None = None) -> dict:
         spec = graph if isinstance(graph, Spec) else load_spec(graph)
         graph = compile_graph(spec)
     config = triton_fwd.default_config(graph)
+    config.update(triton_bwd.default_config(graph))
     if sizes:
         # tiles no larger than the (padded) sequence they cover
         top_i = max(16, 1 << max(0, int(sizes.get("i", sizes.get("I", 1)) - 1)).bit_length())
         top_j = max(16, 1 << max(0, int(sizes.get("j", sizes.get("J", 1)) - 1)).bit_length())
         config["BLOCK_M"] = min(config["BLOCK_M"], top_i)
         config["BLOCK_N"] = min(config["BLOCK_N"], top_j)
+        config["BLOCK_M_BWD"] = min(config["BLOCK_M_BWD"], top_i)
+        config["BLOCK_N_BWD"] = min(config["BLOCK_N_BWD"], top_j)
     return config
 
 
@@ -116,15 +127,8 @@ def tuned_config(graph: Graph, sizes: dict, dtype, device) -> dict | None:
         return None
 
 
-def check_no_grad(spec_name: str, tensors: dict) -> None:
-    if not torch.is_grad_enabled():
-        return
-    needing = [n for n, t in tensors.items() if isinstance(t, torch.Tensor) and t.requires_grad]
-    if needing:
-        raise BackwardNotImplemented(
-            f"{spec_name}: the triton backend has no backward kernels yet, but input(s) {needing} require grad. "
-            "Use backend='torch' (differentiable) to train, or call under torch.no_grad() / with detached "
-            "inputs for inference.")
+def needs_grad(tensors: dict) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors.values())
 
 
 class TritonForward:
@@ -205,22 +209,129 @@ def resolve_config(attention, graph: Graph, sizes: dict, q) -> dict:
         config = tuned_config(graph, sizes, q.dtype, q.device)
     merged = default_config(graph, sizes)
     if config:
-        merged.update({k: config[k] for k in CONFIG_KEYS if k in config})
+        merged.update({k: config[k] for k in CONFIG_KEYS + triton_bwd.BWD_CONFIG_KEYS if k in config})
     return merged
+
+
+class TritonTraining:
+    """The training path of one specialisation: the core graph's forward (saving the row
+    log-sum-exp) and backward kernels as one torch.library op with a registered autograd formula."""
+
+    _ops: dict = {}
+
+    def __init__(self, graph: Graph, interpret: bool):
+        from ..passes.split_prologue import split_prologue
+        self.graph = graph
+        self.interpret = interpret
+        split = split_prologue(graph)
+        self.cuts, self.core = split.cuts, split.core
+        self.plan = plan(self.core)
+        self.backward_plan = triton_bwd.backward_plan(self.core)      # CodegenError if an op has no rule
+        self.source = (triton_source(self.core) + "\n\n" + triton_bwd.backward_functions(self.core)
+                       + f"\nbackward = {triton_bwd.backward_function_name(self.core)}\n")
+        self.digest = source_hash(self.source)
+        self.stem = f"{triton_fwd._sanitize(graph.spec.name)}_train"
+        self.inputs = [t.name for t in self.plan.tensors]
+        self.differentiable = [g.name.split(":", 1)[1] for g in self.backward_plan.grads]
+        self._op = None
+
+    def op(self):
+        if self._op is not None:
+            return self._op
+        name = f"{self.stem}_{self.digest}" + ("_interp" if self.interpret else "")
+        if name in self._ops:
+            self._op = self._ops[name]
+            return self._op
+        module = load_module(self.source, self.stem, interpret=self.interpret)
+        count = len(self.inputs)
+        tensors = ", ".join(f"Tensor {triton_fwd._sanitize(n)}" for n in self.inputs)
+        knobs = "int BLOCK_M, int BLOCK_N, int num_warps, int num_stages"
+        fwd_schema = f"({tensors}, {knobs}, int BLOCK_M_BWD, int BLOCK_N_BWD, int num_warps_bwd, " \
+                     "int num_stages_bwd, bool poison) -> (Tensor, Tensor)"
+        bwd_schema = f"(Tensor do, Tensor out, Tensor lse, {tensors}, {knobs}) -> Tensor[]"
+        if self.interpret:
+            make, wrap = torch.library.custom_op, None
+        else:
+            from torch.library import triton_op, wrap_triton
+            make, wrap = triton_op, wrap_triton
+
+        def forward(*args):
+            tensors, (bm, bn, warps, stages, _, _, _, _, poison) = args[:count], args[count:]
+            out_shape = module.forward_fake(*tensors).shape
+            lse = torch.empty(out_shape[:-1], dtype=torch.float32, device=tensors[0].device)
+            out = module.forward(*tensors, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+                                 poison=poison, lse=lse, wrap=wrap)
+            return out, lse
+
+        def backward(do, out, lse, *args):
+            tensors, (bm, bn, warps, stages) = args[:count], args[count:]
+            return module.backward(do, out, lse, *tensors, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                   num_stages=stages, wrap=wrap)
+
+        fwd_op = make(f"kernelsearch::{name}", forward, mutates_args=(), schema=fwd_schema)
+        bwd_op = make(f"kernelsearch::{name}_backward", backward, mutates_args=(), schema=bwd_schema)
+        differentiable = [self.inputs.index(n) for n in self.differentiable]
+
+        if self.interpret:
+            @fwd_op.register_fake
+            def _(*args):
+                out = module.forward_fake(*args[:count])
+                return out, out.new_empty(out.shape[:-1], dtype=torch.float32)
+
+            @bwd_op.register_fake
+            def _(do, out, lse, *args):
+                return [torch.empty_like(args[k]) for k in differentiable]
+
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs[:count], *output)
+            ctx.knobs = inputs[count + 4:count + 8]
+
+        def differentiate(ctx, grad_out, grad_lse):
+            *tensors, out, lse = ctx.saved_tensors
+            if grad_out is None:
+                grad_out = torch.zeros_like(out)
+            grads = bwd_op(grad_out, out, lse, *tensors, *ctx.knobs)
+            result = [None] * (count + 9)
+            for position, grad in zip(differentiable, grads):
+                result[position] = grad
+            return tuple(result)
+
+        fwd_op.register_autograd(differentiate, setup_context=setup_context)
+        self._ops[name] = fwd_op
+        self._op = fwd_op
+        return fwd_op
+
+    def __call__(self, tensors: dict, config: dict, poison: bool = False):
+        from . import reference
+        cut_values = reference.evaluate_nodes(self.graph, tensors, self.cuts) if self.cuts else {}
+        args = [cut_values[n] if n in cut_values else tensors[n] for n in self.inputs]
+        knobs = [int(config[k]) for k in CONFIG_KEYS + triton_bwd.BWD_CONFIG_KEYS]
+        out, _ = self.op()(*args, *knobs, bool(poison))
+        return out
 
 
 def build(graph: Graph, attention):
     forward = TritonForward(graph)
+    try:
+        training = TritonTraining(graph, forward.interpret)
+        why_not = None
+    except CodegenError as e:
+        training, why_not = None, str(e)
 
     def run(tensors: dict):
-        check_no_grad(graph.spec.name, tensors)
         sizes = bind(graph, tensors)
         config = resolve_config(attention, graph, sizes, tensors["q"])
         if attention is not None:
             attention.last_config = dict(config)
+        if needs_grad(tensors):
+            if training is None:
+                raise BackwardNotImplemented(f"{graph.spec.name}: inputs require grad, but the triton backward "
+                                             f"cannot be generated: {why_not}. Use backend='torch' to train.")
+            return training(tensors, config, poison=POISON_OUTPUTS)
         return forward(tensors, config, poison=POISON_OUTPUTS)
 
     run.forward = forward
+    run.training = training
     return run
 
 

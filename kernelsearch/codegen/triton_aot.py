@@ -70,6 +70,7 @@ def aot_signature(p, config: dict, sizes: dict, dtype: str, prepass: bool = Fals
     pointer_type = {t.ptr: {"float": f"*{elem}", "bool": "*i1", "int": "*i64"}[t.dtype]
                     for t in p.tensors + p.materialized}
     pointer_type["out_ptr"] = f"*{elem}"
+    pointer_type["lse_ptr"] = "*fp32"
     unit_strides = set()
     for t in list(p.tensors) + list(p.materialized) + [None]:
         dims = p.out_dims if t is None else t.dims
@@ -106,6 +107,7 @@ def aot_signature(p, config: dict, sizes: dict, dtype: str, prepass: bool = Fals
         heads = int(sizes.get("h", sizes.get("H", DEFAULT_SIZES["h"])))
         constexprs["CP"] = 1 << max(0, p.streams * heads - 1).bit_length()
     constexprs["DOT_PRECISION"] = "ieee" if elem == "fp32" else "tf32"
+    constexprs["STORE_LSE"] = bool(config.get("STORE_LSE", False))
     return signature, constexprs, attrs
 
 

@@ -120,9 +120,14 @@ class KernelPlan:
     materialized: list = field(default_factory=list)   # [TensorArg]: k-prologue values the prepass writes
     prepass_kernel: str = ""
     notes: list = field(default_factory=list)
+    lead: str = "q"            # the query-side input whose dtype and device the kernels follow
+
+    @property
+    def lse_axes(self) -> str:
+        return "[b, h, i] float32, contiguous"
 
     def runtime_args(self) -> list[str]:
-        args = [t.ptr for t in self.tensors] + [t.ptr for t in self.materialized] + ["out_ptr"]
+        args = [t.ptr for t in self.tensors] + [t.ptr for t in self.materialized] + ["out_ptr", "lse_ptr"]
         for t in self.tensors + self.materialized:
             args += list(t.strides)
         args += list(self.out_strides)
@@ -143,7 +148,7 @@ class KernelPlan:
 
     def constexpr_args(self) -> list[str]:
         return ["BLOCK_M", "BLOCK_N"] + [b for _, b in self.features] + [f"EVEN_{f.upper()}" for f, _ in self.features] \
-            + (["CP"] if self.channels else []) + ["DOT_PRECISION"]
+            + (["CP"] if self.channels else []) + ["DOT_PRECISION", "STORE_LSE"]
 
 
 # --------------------------------------------------------------------------------------------- plan
@@ -266,6 +271,7 @@ def plan(graph: Graph) -> KernelPlan:
         if _is_host(graph, node_id):
             host.append((names.of(node_id), node_id, node.dtype, _python_expression(graph, node_id, names)))
     kernel = f"_fwd_{_sanitize(spec.name)}{presence_suffix(graph)}"
+    lead = next(t.name for t in tensors if t.dtype == "float" and not t.raw and "i" in t.dims)
     materialized = []
     for node_id in materialized_nodes(graph):
         dims = graph.node(node_id).dims
@@ -274,7 +280,8 @@ def plan(graph: Graph) -> KernelPlan:
                                       tuple(f"stride_{var}_pre_{d}" for d in dims)))
     return KernelPlan(kernel, graph.schedule, channels, exact, streams, tensors, out_dims, out_strides,
                       sizes, size_sources, features, host, out_feature, materialized,
-                      f"_kprologue_{_sanitize(spec.name)}{presence_suffix(graph)}" if materialized else "")
+                      f"_kprologue_{_sanitize(spec.name)}{presence_suffix(graph)}" if materialized else "",
+                      lead=lead)
 
 
 def presence_suffix(graph: Graph) -> str:
@@ -596,15 +603,22 @@ class _KernelWriter:
             text += " != 0"
         return text
 
-    def gather(self, node_id, axes, variant):
+    def gather_offsets(self, node_id, axes, strides=None) -> tuple[list, list]:
+        """Offset terms and bounds masks of a gather's table entries at the tile (`strides`: of
+        another tensor of the table's shape, e.g. its gradient)."""
         node = self.g.node(node_id)
         table = self.tensor[node.args[0]]
-        indices = [self.value(a, variant) for a in node.args[1:]]
+        indices = [self.value(a) for a in node.args[1:]]
         terms, masks = [], []
-        for dim, stride, index in zip(table.dims, table.strides, indices):
+        for dim, stride, index in zip(table.dims, strides or table.strides, indices):
             idx = self.view(index, axes)
             terms.append(f"({idx}) * {stride}")
             masks.append(f"({idx} >= 0) & ({idx} < {dim.upper()})")
+        return terms, masks
+
+    def gather(self, node_id, axes, variant):
+        table = self.tensor[self.g.node(node_id).args[0]]
+        terms, masks = self.gather_offsets(node_id, axes)
         pointer = " + ".join([table.ptr] + terms)
         mask = " & ".join(masks)
         other = "0" if table.dtype in ("int", "bool") else "0.0"
@@ -725,15 +739,15 @@ class _KernelWriter:
         flat = f"tl.reshape({self.f32v(x, axes)}, [CP, {rows}])"
         return f"tl.reshape(_mix_heads({flat}, {weight}, CP, DOT_PRECISION), {self.shape(axes)})", "f32"
 
-    def weight_tile(self, weight_id) -> str:
-        key = (weight_id, "tile")
+    def weight_tile(self, weight_id, transposed: bool = False) -> str:
+        key = (weight_id, "tile_t" if transposed else "tile")
         if key not in self.memo:
             t = self.tensor[weight_id]
-            name = f"{self.names.of(weight_id)}_tile"
-            out_stride, in_stride = t.strides
+            name = f"{self.names.of(weight_id)}_tile" + ("_t" if transposed else "")
+            out_stride, in_stride = t.strides[::-1] if transposed else t.strides
             self.assign(name, f"tl.load({t.ptr} + offs_c[:, None] * {out_stride} + offs_c[None, :] * {in_stride}, "
                               f"mask=c_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)",
-                        "[(s h) out, (s h) in]")
+                        "[(s h) in, (s h) out]: transposed" if transposed else "[(s h) out, (s h) in]")
             self.memo[key] = _Value(name, ("c", "c"), "f32")
         return self.memo[key].expr
 
@@ -778,7 +792,7 @@ class _KernelWriter:
         constexprs = p.constexpr_args()
         header.append("@triton.jit")
         header.append(f"def {p.kernel}(")
-        pointer_line = ", ".join([t.ptr for t in p.tensors + p.materialized] + ["out_ptr"])
+        pointer_line = ", ".join([t.ptr for t in p.tensors + p.materialized] + ["out_ptr", "lse_ptr"])
         header.append(f"    {pointer_line},")
         for t in p.tensors + p.materialized:
             header.append(f"    {', '.join(t.strides)},")
@@ -808,7 +822,7 @@ class _KernelWriter:
         self.assign("offs_i", "start_m * BLOCK_M + tl.arange(0, BLOCK_M)")
         self.assign("row_ok", "offs_i < I")
         self.feature_offsets()
-        self.assign("DOT_DTYPE", f"{self.tensor['q'].ptr}.dtype.element_ty")
+        self.assign("DOT_DTYPE", f"{self.tensor[self.p.lead].ptr}.dtype.element_ty")
 
         stages = {n: g.node(n).stage for n in g.ids()}
         self.line()
@@ -908,7 +922,19 @@ class _KernelWriter:
         self.assign("out_offs", " + ".join(terms))
         self.assign("out_mask", " & ".join(dict.fromkeys(masks)))
         self.line(f"tl.store(out_ptr + out_offs, {self.f32(out)}.to(out_ptr.dtype.element_ty), mask=out_mask)")
+        self.line("if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf")
+        self.indent += 1
+        offs, mask = self.lse_offsets()
+        self.line(f"tl.store(lse_ptr + {offs}, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), "
+                  f"float('inf')), mask={mask})")
+        self.indent -= 1
         return "\n".join(header + self.lines) + "\n"
+
+    def lse_offsets(self) -> tuple[str, str]:
+        """Offsets and mask of the row statistics ([B, H, I] fp32, contiguous) of the program's rows."""
+        if self.channels:
+            return "(off_b * H + off_h)[:, None] * I + offs_i[None, :]", "c_ok[:, None] & row_ok[None, :]"
+        return "(off_b * H + off_h) * I + offs_i", "row_ok"
 
     def prepass(self) -> str:
         """The k-prologue prepass: one program per (key block, batch * head) writes the materialized values."""
@@ -933,7 +959,7 @@ class _KernelWriter:
         self.assign("offs_j", "start_n * BLOCK_N + tl.arange(0, BLOCK_N)")
         self.assign("col_ok", "offs_j < J")
         self.feature_offsets()
-        self.assign("DOT_DTYPE", f"{self.tensor['q'].ptr}.dtype.element_ty")
+        self.assign("DOT_DTYPE", f"{self.tensor[self.p.lead].ptr}.dtype.element_ty")
         for t in p.materialized:
             v = self.value(t.name)
             terms, masks = self.index_terms(t, v.axes, 0)
@@ -1115,10 +1141,11 @@ def _launcher(graph: Graph, p: KernelPlan) -> str:
     sig = ", ".join(pnames[n] for n in params)
     lines.append(f"def {triton_function_name(graph)}({sig}, *, BLOCK_M={DEFAULT_CONFIG['BLOCK_M']}, BLOCK_N={DEFAULT_CONFIG['BLOCK_N']}, "
                  f"num_warps={DEFAULT_CONFIG['num_warps']}, num_stages={DEFAULT_CONFIG['num_stages']}, "
-                 "wrap=None, poison=False):")
+                 "wrap=None, poison=False, lse=None):")
     lines.append(f'    """{spec.name} forward ({graph.schedule}); returns [b, h, i, {p.out_feature}] in q\'s dtype.')
     lines.append("")
-    lines.append("    wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.")
+    lines.append("    wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;")
+    lines.append("    lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.")
     lines.append('    """')
     for arg, dim in p.sizes:
         source, axis = p.size_sources[dim]
@@ -1126,7 +1153,8 @@ def _launcher(graph: Graph, p: KernelPlan) -> str:
     for arg, node_id, dtype, expr in p.host:
         lines.append(f"    {arg} = {expr}")
     out_shape = ", ".join(d.upper() for d in p.out_dims)
-    lines.append(f"    out = _empty(({out_shape},), q, poison)")
+    lead = pnames[p.lead]
+    lines.append(f"    out = _empty(({out_shape},), {lead}, poison)")
     if p.channels:
         lines.append(f"    if B % {p.streams}:")
         lines.append(f"        raise ValueError(f'{spec.name}: the batch ({{B}}) is not a multiple of streams={p.streams}')")
@@ -1144,7 +1172,7 @@ def _launcher(graph: Graph, p: KernelPlan) -> str:
             var = t.ptr[:-len("_ptr")]
             scratch.append(var)
             shape = ", ".join(d.upper() for d in t.dims)
-            lines.append(f"    {var} = torch.empty(({shape},), dtype=q.dtype, device=q.device)")
+            lines.append(f"    {var} = torch.empty(({shape},), dtype={lead}.dtype, device={lead}.device)")
         lines.append(f"    prepass = {p.prepass_kernel} if wrap is None else wrap({p.prepass_kernel})")
         lines.append(f"    prepass[(max(1, triton.cdiv(J, {PREPASS_BLOCK_N})), B * H)](")
         lines.append(f"        {', '.join([pnames[n] for n in params] + scratch)},")
@@ -1169,7 +1197,7 @@ def _launcher(graph: Graph, p: KernelPlan) -> str:
     lines.append(f"    kernel = {p.kernel} if wrap is None else wrap({p.kernel})")
     lines.append("    kernel[grid](")
     scratch = [t.ptr[:-len("_ptr")] for t in p.materialized]
-    lines.append(f"        {', '.join([pnames[n] for n in params] + scratch)}, out,")
+    lines.append(f"        {', '.join([pnames[n] for n in params] + scratch)}, out, out if lse is None else lse,")
     for t in p.tensors:
         lines.append(f"        *_strides({pnames[t.name]}, {len(t.dims)}),")
     for t, var in zip(p.materialized, scratch):
@@ -1185,7 +1213,7 @@ def _launcher(graph: Graph, p: KernelPlan) -> str:
                      f"EVEN_{F}={F} == max({MIN_DOT_BLOCK}, triton.next_power_of_2({F})),")
     if p.channels:
         lines.append(f"        CP=triton.next_power_of_2({p.streams} * H),")
-    lines.append('        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",')
+    lines.append(f'        DOT_PRECISION="ieee" if {lead}.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,')
     lines.append("        num_warps=num_warps, num_stages=num_stages,")
     lines.append("    )")
     lines.append("    return out")
@@ -1196,7 +1224,7 @@ def _launcher(graph: Graph, p: KernelPlan) -> str:
         if dim in p.out_dims:
             source, axis = p.size_sources[dim]
             lines.append(f"    {arg} = {pnames[source]}.shape[{axis}]")
-    lines.append(f"    return q.new_empty(({out_shape},))")
+    lines.append(f"    return {lead}.new_empty(({out_shape},))")
     return "\n".join(lines) + "\n"
 
 

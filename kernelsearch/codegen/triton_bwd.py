@@ -1,0 +1,589 @@
+"""Codegen: the backward kernels of a core graph (passes/split_prologue.py), derived op by op.
+
+FlashAttention-2 style: nothing of size I x J is stored. Each kernel recomputes its tiles' scores
+from the inputs and the rows' log-sum-exp that the forward saved, then walks the tile's ops in
+reverse with one local derivative rule per op (`_BackwardWriter.propagate`): a spec made of
+existing ops gets its backward without anything written for it, and an op without a rule is a
+CodegenError naming it.
+
+    dq kernel    a program per query tile (per batch * head, or per sample with all its
+                 channels when heads are coupled); it sweeps the key blocks the forward visited:
+                   delta sweep (only when p is transformed after softmax): delta = rowsum(p * dp)
+                   dp' = dO @ v'^T; post-softmax ops reversed -> dp; ds = p * (dp - delta)
+                   score ops reversed: dq' += ds_q @ k'; bias inputs, gathered tables and
+                   mixing weights get their gradients here (fp32 atomic adds)
+    dkdv kernel  a program per key tile; it loops over the query blocks and skips those whose key
+                 range (the same interval analysis) leaves this key block out, so blocks the
+                 forward skipped cost nothing here either:
+                   dv' += p'^T @ dO; dk' += ds_k^T @ q'
+
+When p goes straight into p @ v, delta = rowsum(dO * O) is computed by the launcher and the dq
+and dkdv kernels are independent; otherwise the dq kernel writes delta first and runs first.
+
+Determinism: q/k/v-side gradients are each written once. Inputs that are not dot operands (bias,
+tables, mixing weights) are accumulated with fp32 atomic adds into zeroed buffers: exact when
+every element receives one term (an unbroadcast [b, h, i, j] bias), but the summation order of
+broadcast biases, gathered tables (many (i, j) pairs share an entry) and mixing weights varies
+from run to run, so those are not bitwise reproducible.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ir import Graph
+from .triton_fwd import (INDEX_DIMS, MIN_DOT_BLOCK, CodegenError, KernelPlan, TensorArg, _KernelWriter, _Value,
+                         _sanitize, plan, presence_suffix)
+
+DEFAULT_BWD_CONFIG = {"BLOCK_M_BWD": 64, "BLOCK_N_BWD": 64, "num_warps_bwd": 4, "num_stages_bwd": 1}
+DEFAULT_BWD_CONFIG_HEADS_IN_TILE = {"BLOCK_M_BWD": 16, "BLOCK_N_BWD": 16, "num_warps_bwd": 8, "num_stages_bwd": 1}
+BWD_CONFIG_KEYS = tuple(DEFAULT_BWD_CONFIG)
+
+# ops whose derivative is a rule below; everything a float gradient may flow through
+ELEMENTWISE_RULES = ("add", "sub", "mul", "div", "neg", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "abs",
+                     "pow", "minimum", "maximum", "where", "mod", "floordiv")
+
+
+@dataclass
+class BackwardPlan:
+    forward: KernelPlan
+    dq_kernel: str
+    dkdv_kernel: str
+    grads: list              # [TensorArg] gradient buffers, one per differentiable input (same dims)
+    dout: TensorArg          # dO, dims of the output
+    atomic: tuple            # inputs whose gradient is atomically accumulated (fp32 buffer)
+    exact_delta: bool        # delta needs its own sweep (p transformed after softmax)
+
+    def runtime_args(self) -> list[str]:
+        p = self.forward
+        args = [t.ptr for t in p.tensors] + ["do_ptr", "lse_ptr", "delta_ptr"] + [g.ptr for g in self.grads]
+        for t in p.tensors + [self.dout] + self.grads:
+            args += list(t.strides)
+        args += [a for a, _ in p.sizes]
+        args += [a for a, _, _, _ in p.host]
+        return args
+
+    def constexpr_args(self) -> list[str]:
+        p = self.forward
+        return ["BLOCK_M", "BLOCK_N"] + [b for _, b in p.features] + [f"EVEN_{f.upper()}" for f, _ in p.features] \
+            + (["CP"] if p.channels else []) + ["DOT_PRECISION"]
+
+
+def differentiable_inputs(graph: Graph, p: KernelPlan) -> list[TensorArg]:
+    return [t for t in p.tensors if t.dtype == "float"]
+
+
+def backward_plan(graph: Graph) -> BackwardPlan:
+    p = plan(graph)
+    if p.materialized:
+        raise CodegenError("triton backward: the graph still has per-key transforms; split the prologue first "
+                           "(passes/split_prologue.py)")
+    accs = [n for n in graph.ids() if graph.node(n).op == "dot" and graph.node(graph.node(n).args[0]).dims
+            and graph.node(graph.node(n).args[0]).dims[-1] == "j"]
+    if len(accs) != 1 or graph.output != accs[0]:
+        later = [graph.node(n).op for n in graph.ids() if graph.node(n).stage == "epilogue" and n not in accs]
+        raise CodegenError(f"triton backward: ops after dot(p, v) ({', '.join(later) or 'a second dot(p, v)'}) "
+                           "have no backward kernel yet; the output must be dot(p, v)")
+    grads, atomic = [], []
+    dot_operands = set()
+    for node_id, node in graph.nodes():
+        if node.op == "dot":
+            dot_operands.update(node.args)
+    for t in differentiable_inputs(graph, p):
+        name = f"d_{_sanitize(t.name)}"
+        grads.append(TensorArg(f"grad:{t.name}", f"{name}_ptr", t.dims, "float", t.raw,
+                               tuple(f"stride_{name}_{d}" for d in t.dims)))
+        if t.name not in dot_operands:
+            atomic.append(t.name)
+    dout = TensorArg("dO", "do_ptr", p.out_dims, "float", False, tuple(f"stride_do_{d}" for d in p.out_dims))
+    (softmax,) = graph.find("softmax")
+    exact_delta = graph.node(accs[0]).args[0] != softmax
+    suffix = f"{_sanitize(graph.spec.name)}{presence_suffix(graph)}"
+    return BackwardPlan(p, f"_bwd_dq_{suffix}", f"_bwd_dkdv_{suffix}", grads, dout, tuple(atomic), exact_delta)
+
+
+class _BackwardWriter(_KernelWriter):
+    def __init__(self, graph: Graph, bp: BackwardPlan):
+        super().__init__(graph, bp.forward)
+        self.bp = bp
+        (self.acc,) = self.accs
+        self.p_mixed, self.v_operand = graph.node(self.acc).args
+        self.grad_of = {g.name.split(":", 1)[1]: g for g in bp.grads}
+        diff = set(self.grad_of)
+        self.needs_grad = set()
+        for name in diff:
+            self.needs_grad |= graph.downstream(name)
+        self.score_axes = tuple(a for a in ("c", "i", "j") if a != "c" or self.channels)
+        self.stat_axes = self.score_axes[:-1]
+        self.expand = f"[{', '.join([':'] * len(self.stat_axes) + ['None'])}]"
+        self.last = len(self.score_axes) - 1
+        self.operand_accs: dict = {}    # input name -> accumulator of its gradient (dot operands)
+        self.weight_accs: dict = {}     # mixing weight name -> [CP, CP] accumulator
+        self.counter = 0
+
+    # -- helpers
+    def fresh(self, base: str) -> str:
+        self.counter += 1
+        return f"{base}_{self.counter}"
+
+    def reduce_to(self, v: _Value, axes: tuple) -> str:
+        """v summed over its axes that `axes` lacks, then broadcast to `axes`."""
+        expr, have = v.expr, list(v.axes)
+        for position in reversed(range(len(have))):
+            if have[position] not in axes:
+                expr = f"tl.sum({expr}, axis={position})"
+                del have[position]
+        return self.view(_Value(expr, tuple(have), "f32"), axes)
+
+    def flat(self, expr: str, axes: tuple) -> str:
+        rows = " * ".join(self.block(a) for a in axes[1:]) or "1"
+        return f"tl.reshape({expr}, [CP, {rows}])"
+
+    def mma(self, expr: str) -> str:
+        return f"{expr}.to(DOT_DTYPE)"
+
+    def trans(self, expr: str, axes: tuple) -> str:
+        return f"tl.permute({expr}, (0, 2, 1))" if len(axes) == 3 else f"tl.trans({expr})"
+
+    def broadcast_channels(self, expr: str, value: _Value) -> str:
+        if self.channels and "c" not in value.axes:
+            return f"tl.broadcast_to({expr}[None, :, :], {self.shape(('c',) + value.axes)})"
+        return expr
+
+    # -- program set-up shared by both kernels
+    def header(self, kernel: str) -> list[str]:
+        bp, p = self.bp, self.p
+        lines = ["@triton.jit", f"def {kernel}("]
+        lines.append(f"    {', '.join([t.ptr for t in p.tensors] + ['do_ptr', 'lse_ptr', 'delta_ptr'])},")
+        lines.append(f"    {', '.join(g.ptr for g in bp.grads)},")
+        for t in p.tensors + [bp.dout] + bp.grads:
+            lines.append(f"    {', '.join(t.strides)},")
+        lines.append(f"    {', '.join(a for a, _ in p.sizes)},")
+        if p.host:
+            lines.append(f"    {', '.join(a for a, _, _, _ in p.host)},")
+        lines.append(f"    {', '.join(f'{c}: tl.constexpr' for c in bp.constexpr_args())},")
+        lines.append("):")
+        return lines
+
+    def program(self) -> None:
+        if self.channels:
+            S = self.p.streams
+            self.line(f"sample = tl.program_id(1)          # programs hold all {S} * H (stream, head) channels")
+            self.assign("C", f"{S} * H")
+            self.assign("offs_c", "tl.arange(0, CP)", "channel c = stream * H + head")
+            self.assign("c_ok", "offs_c < C")
+            self.assign("off_b", f"sample * {S} + offs_c // H", "batch is laid out (b s)")
+            self.assign("off_h", "offs_c % H")
+        else:
+            self.line("off_bh = tl.program_id(1)")
+            self.assign("off_b", "(off_bh // H).to(tl.int64)", "64-bit: base offsets of large tensors")
+            self.assign("off_h", "(off_bh % H).to(tl.int64)")
+
+    def values_of_stage(self, stage: str) -> None:
+        for node_id in self.g.ids():
+            if self.g.node(node_id).stage == stage and self._in_kernel(node_id):
+                self.value(node_id)
+
+    def weights(self) -> None:
+        for mix in self.g.find("mix_heads"):
+            self.weight_tile(self.g.node(mix).args[1])
+            self.weight_tile(self.g.node(mix).args[1], transposed=True)
+
+    def row_inputs(self, with_delta: bool) -> None:
+        """dO, the log-sum-exp and delta of the current query rows."""
+        out_axes = self.axes(self.g.output)
+        terms, masks = self.index_terms(self.bp.dout, out_axes, 0)
+        self.assign("do_tile", f"tl.load(do_ptr + {' + '.join(terms)}, mask={' & '.join(dict.fromkeys(masks))}, "
+                               "other=0.0)", f"[{', '.join(self.g.node(self.g.output).dims)}] dO")
+        self.memo[("dO", 0)] = _Value("do_tile", out_axes, "native")
+        offs, mask = self.lse_offsets()
+        self.assign("lse_i", f"tl.load(lse_ptr + {offs}, mask={mask}, other=float('inf'))",
+                    "log2 units; +inf: no key kept, p = 0")
+        if with_delta:
+            self.assign("delta_i", f"tl.load(delta_ptr + {offs}, mask={mask}, other=0.0)", "rowsum(p * dp)")
+
+    # -- one (query block, key block) tile
+    def tile(self, full: bool, kind: str) -> None:
+        """kind: delta (accumulate rowsum(p * dp)) | dq | dkdv."""
+        g = self.g
+        scores_id = g.node(self.softmax).args[0]
+        keeps = g.node(self.softmax).args[1:]
+        self.masked_scores(scores_id, keeps, self.score_axes, full)
+        self.assign("p_tile", f"tl.exp2(s_tile - lse_i{self.expand})", "the forward's probabilities")
+        self.memo[(self.softmax, 0)] = _Value("p_tile", self.score_axes, "f32")
+        p_mixed = self.value(self.p_mixed)
+        v = self.value(self.v_operand)
+        v_mma = self.broadcast_channels(self.mma_operand(self.v_operand), v)
+        self.assign("dp_tile", f"tl.dot(do_tile, {self.trans(v_mma, self.score_axes)}, input_precision=DOT_PRECISION)",
+                    "d p' = dO @ v'^T")
+        grads = self.propagate({self.p_mixed: [_Value("dp_tile", self.score_axes, "f32")]}, kind, stop=self.softmax)
+        dp = grads[self.softmax]
+        if kind == "delta":
+            self.assign("delta_acc", f"delta_acc + tl.sum(p_tile * {dp.expr}, axis={self.last})")
+            return
+        self.assign("ds_tile", f"p_tile * ({dp.expr} - delta_i{self.expand})", "softmax backward")
+        if kind == "dkdv" and self.v_operand in self.grad_of:
+            pm = self.f32v(p_mixed, self.score_axes)
+            if p_mixed.axes != self.score_axes:
+                pm = f"tl.broadcast_to({pm}, {self.shape(self.score_axes)})"
+            self.accumulate(self.v_operand, f"tl.dot({self.mma(self.trans(pm, self.score_axes))}, do_tile, "
+                                            "input_precision=DOT_PRECISION)")
+        self.propagate({scores_id: [_Value("ds_tile", self.score_axes, "f32")]}, kind, stop=None)
+
+    def accumulate(self, name: str, update: str) -> None:
+        acc = self.operand_accs[name]
+        self.assign(acc, f"{acc} + {update}")
+
+    # -- reverse mode over a tile's ops
+    def propagate(self, seeds: dict, kind: str, stop) -> dict:
+        """Push gradients from `seeds` back through the tile's ops in reverse order; returns the
+        gradient reaching `stop` (the softmax) if any."""
+        grads = {k: list(v) for k, v in seeds.items()}
+        result = {}
+        for node_id in reversed(self.g.ids()):
+            if node_id not in grads:
+                continue
+            node = self.g.node(node_id)
+            axes = self.axes(node_id)
+            total = self.total(node_id, grads.pop(node_id), axes)
+            if node_id == stop:
+                result[node_id] = total
+                continue
+            for arg, contribution in self.rule(node_id, node, total, axes, kind):
+                if arg in self.needs_grad and self.g.node(arg).dtype == "float" and self.wanted(arg, kind):
+                    grads.setdefault(arg, []).append(contribution)
+        return result
+
+    def wanted(self, node_id: str, kind: str) -> bool:
+        """Bias inputs and gathered tables get their gradients in the dq kernel only."""
+        if kind == "dq":
+            return True
+        node = self.g.node(node_id)
+        return not (node_id in self.bp.atomic or node.op == "gather")
+
+    def total(self, node_id: str, parts: list, axes: tuple) -> _Value:
+        terms = [self.reduce_to(v, axes) for v in parts]
+        name = self.fresh(f"grad_{self.names.of(node_id)}")
+        self.assign(name, " + ".join(terms), f"d {node_id}")
+        return _Value(name, axes, "f32")
+
+    def rule(self, node_id: str, node, gv: _Value, axes: tuple, kind: str):
+        """(argument, gradient contribution) pairs: the local derivative of one op."""
+        op, g = node.op, gv.expr
+        F = lambda a: _Value(a, axes, "f32")
+
+        def arg(n):
+            return self.f32v(self.value(node.args[n]), axes)
+        if op == "input":
+            if node_id in self.bp.atomic and kind == "dq":
+                self.store_input_grad(node_id, gv)
+            return []
+        if op == "dot":
+            return self.dot_grad(node_id, node, gv, kind)
+        if op == "gather":
+            if kind == "dq" and node.args[0] in self.grad_of:
+                self.store_gather_grad(node_id, gv, axes)
+            return []
+        if op == "mix_heads":
+            return self.mix_grad(node_id, node, gv, axes, kind)
+        if op in ("softmax",):
+            raise CodegenError("triton backward: a second softmax in the tile")
+        if op not in ELEMENTWISE_RULES:
+            raise CodegenError(f"triton backward: no derivative rule for op '{op}' (node '{node_id}'); "
+                               f"ops with rules: dot, gather, mix_heads, softmax, {', '.join(ELEMENTWISE_RULES)}")
+        out = lambda: self.f32v(self.value(node_id), axes)
+        a = node.args[0]
+        b = node.args[1] if len(node.args) > 1 else None
+        if op == "add":
+            return [(a, gv), (b, gv)]
+        if op == "sub":
+            return [(a, gv), (b, F(f"-{g}"))]
+        if op == "neg":
+            return [(a, F(f"-{g}"))]
+        if op == "mul":
+            return [(a, F(f"{g} * {arg(1)}")), (b, F(f"{g} * {arg(0)}"))]
+        if op == "div":
+            return [(a, F(f"{g} / {arg(1)}")), (b, F(f"-{g} * {arg(0)} / ({arg(1)} * {arg(1)})"))]
+        if op == "exp":
+            return [(a, F(f"{g} * {out()}"))]
+        if op == "log":
+            return [(a, F(f"{g} / {arg(0)}"))]
+        if op == "sqrt":
+            return [(a, F(f"{g} * 0.5 / {out()}"))]
+        if op == "rsqrt":
+            return [(a, F(f"{g} * -0.5 * {out()} * {out()} * {out()}"))]
+        if op == "tanh":
+            return [(a, F(f"{g} * (1.0 - {out()} * {out()})"))]
+        if op == "sigmoid":
+            return [(a, F(f"{g} * {out()} * (1.0 - {out()})"))]
+        if op == "abs":
+            return [(a, F(f"tl.where({arg(0)} >= 0.0, {g}, -{g})"))]
+        if op == "pow":
+            return [(a, F(f"{g} * {arg(1)} * _pow({arg(0)}, {arg(1)} - 1.0)")),
+                    (b, F(f"{g} * {out()} * tl.log({arg(0)})"))]
+        if op in ("minimum", "maximum"):
+            first = f"{arg(0)} {'<=' if op == 'minimum' else '>='} {arg(1)}"
+            return [(a, F(f"tl.where({first}, {g}, 0.0)")), (b, F(f"tl.where({first}, 0.0, {g})"))]
+        if op == "where":
+            cond = self.view(self.value(node.args[0]), axes)
+            return [(node.args[1], F(f"tl.where({cond}, {g}, 0.0)")), (node.args[2], F(f"tl.where({cond}, 0.0, {g})"))]
+        if op == "mod":
+            return [(a, gv), (b, F(f"-{g} * tl.floor({arg(0)} / {arg(1)})"))]
+        return []   # floordiv: piecewise constant
+
+    def dot_grad(self, node_id, node, gv: _Value, kind: str):
+        a_id, b_id = node.args
+        for operand in (a_id, b_id):
+            if operand in self.needs_grad and self.g.node(operand).op != "input":
+                raise CodegenError(f"triton backward: dot '{node_id}' has a computed operand '{operand}'; "
+                                   "split the prologue first")
+        a, b = self.value(a_id), self.value(b_id)
+        if not ("i" in a.axes and "j" in b.axes):
+            raise CodegenError(f"triton backward: dot '{node_id}' is not a [i, d] x [j, d] score product")
+        g = self.mma(gv.expr)
+        if kind == "dq" and a_id in self.grad_of:
+            kb = self.broadcast_channels(self.mma_operand(b_id), b)
+            self.accumulate(a_id, f"tl.dot({g}, {kb}, input_precision=DOT_PRECISION)")
+        if kind == "dkdv" and b_id in self.grad_of:
+            qa = self.broadcast_channels(self.mma_operand(a_id), a)
+            self.accumulate(b_id, f"tl.dot({self.trans(g, gv.axes)}, {qa}, input_precision=DOT_PRECISION)")
+        return []
+
+    def mix_grad(self, node_id, node, gv: _Value, axes: tuple, kind: str):
+        x_id, weight = node.args
+        flat_g = self.flat(gv.expr, axes)
+        if kind == "dq" and weight in self.grad_of:
+            x = self.value(x_id)
+            acc = self.weight_accs[weight]
+            self.assign(acc, f"{acc} + _mix_weight_grad({flat_g}, {self.flat(self.f32v(x, axes), axes)}, CP, "
+                             "DOT_PRECISION)", f"d {weight} [(s h) out, (s h) in]")
+        if x_id not in self.needs_grad:
+            return []
+        back = f"tl.reshape(_mix_heads({flat_g}, {self.weight_tile(weight, transposed=True)}, CP, DOT_PRECISION), " \
+               f"{self.shape(axes)})"
+        return [(x_id, _Value(back, axes, "f32"))]
+
+    # -- gradient stores
+    def grad_pointer(self, name: str, axes: tuple) -> tuple[str, str]:
+        grad = self.grad_of[name]
+        terms, masks = self.index_terms(grad, axes, 0)
+        return " + ".join([grad.ptr] + terms), " & ".join(dict.fromkeys(masks)) or "None"
+
+    def store_input_grad(self, name: str, gv: _Value) -> None:
+        axes = self.axes(name)
+        value = self.reduce_to(gv, axes)
+        if not set(axes) & {"i", "j"} and "c" not in axes:
+            self.line(f"tl.atomic_add({self.grad_of[name].ptr} + {self.scalar_offset(name)}, {value})")
+            return
+        pointer, mask = self.grad_pointer(name, axes)
+        self.line(f"tl.atomic_add({pointer}, {value}, mask={mask})  # d {name}")
+
+    def scalar_offset(self, name: str) -> str:
+        grad = self.grad_of[name]
+        terms = [f"off_{d} * {s}" for d, s in zip(grad.dims, grad.strides) if d in ("b", "h")]
+        return " + ".join(terms) or "0"
+
+    def store_gather_grad(self, node_id: str, gv: _Value, axes: tuple) -> None:
+        table = self.g.node(node_id).args[0]
+        grad = self.grad_of[table]
+        terms, masks = self.gather_offsets(node_id, axes, grad.strides)
+        mask = " & ".join(masks + ([self.view(_Value("row_ok", ("i",), "bool"), axes),
+                                    self.view(_Value("col_ok", ("j",), "bool"), axes)]))
+        if "c" in axes:
+            mask += f" & {self.view(_Value('c_ok', ('c',), 'bool'), axes)}"
+        self.line(f"tl.atomic_add({grad.ptr} + {' + '.join(terms)}, {gv.expr}, mask={mask})  "
+                  f"# d {table}: entries shared by many (i, j) add up")
+
+    def init_operand_accs(self, side: str) -> None:
+        """Register accumulators for the gradients of the dot operands on one side (i or j)."""
+        self.operand_accs = {}
+        for name in self.grad_of:
+            if name in self.bp.atomic:
+                continue
+            axes = self.axes(name)
+            if side in axes:
+                acc = f"d_{_sanitize(name)}_acc"
+                self.operand_accs[name] = acc
+                self.assign(acc, f"tl.zeros({self.shape(axes)}, tl.float32)", f"d {name}")
+
+    def store_operand_accs(self) -> None:
+        for name, acc in self.operand_accs.items():
+            pointer, mask = self.grad_pointer(name, self.axes(name))
+            self.line(f"tl.store({pointer}, {acc}.to({self.grad_of[name].ptr}.dtype.element_ty), mask={mask})")
+
+    # -- the kernels
+    def dq_kernel(self) -> str:
+        bp, p = self.bp, self.p
+        self.lines, self.memo, self.indent = [], {}, 1
+        header = self.header(bp.dq_kernel)
+        self.line(f'"""{self.g.spec.name} backward, per query tile: dq\' and the gradients of bias, tables and '
+                  'mixing weights."""')
+        self.line("start_m = tl.program_id(0)")
+        self.program()
+        self.assign("offs_i", "start_m * BLOCK_M + tl.arange(0, BLOCK_M)")
+        self.assign("row_ok", "offs_i < I")
+        self.feature_offsets()
+        self.assign("DOT_DTYPE", f"{self.tensor[p.lead].ptr}.dtype.element_ty")
+        self.values_of_stage("constant")
+        self.weights()
+        self.values_of_stage("q_prologue")
+        self.row_inputs(with_delta=not bp.exact_delta)
+        self.init_operand_accs("i")
+        self.weight_accs = {}
+        for mix in self.g.find("mix_heads"):
+            weight = self.g.node(mix).args[1]
+            if weight in self.grad_of and weight not in self.weight_accs:
+                self.weight_accs[weight] = f"d_{_sanitize(weight)}_acc"
+                self.assign(self.weight_accs[weight], "tl.zeros([CP, CP], tl.float32)")
+        self.line()
+        self.key_range()
+        self.outer = dict(self.memo)
+        if bp.exact_delta:
+            self.line("# -- sweep 1 of 2: delta = rowsum(p * dp), p transformed after softmax --")
+            self.assign("delta_acc", f"tl.zeros({self.shape(self.stat_axes)}, tl.float32)")
+            self.sweep(lambda full: self.tile(full, "delta"))
+            self.assign("delta_i", "delta_acc")
+            offs, mask = self.lse_offsets()
+            self.line(f"tl.store(delta_ptr + {offs}, delta_i, mask={mask})  # for the dkdv kernel")
+            self.line("# -- sweep 2 of 2: gradients --")
+        self.sweep(lambda full: self.tile(full, "dq"))
+        self.line()
+        self.store_operand_accs()
+        for weight, acc in self.weight_accs.items():
+            t = self.grad_of[weight]
+            out_stride, in_stride = t.strides
+            self.line(f"tl.atomic_add({t.ptr} + offs_c[:, None] * {out_stride} + offs_c[None, :] * {in_stride}, {acc}, "
+                      "mask=c_ok[:, None] & c_ok[None, :])")
+        return "\n".join(header + self.lines) + "\n"
+
+    def dkdv_kernel(self) -> str:
+        bp, p = self.bp, self.p
+        self.lines, self.memo, self.indent = [], {}, 1
+        header = self.header(bp.dkdv_kernel)
+        self.line(f'"""{self.g.spec.name} backward, per key tile: dk\', dv\' over the query blocks that keep it."""')
+        self.line("start_n = tl.program_id(0)")
+        self.program()
+        self.assign("offs_j", "start_n * BLOCK_N + tl.arange(0, BLOCK_N)")
+        self.assign("col_ok", "offs_j < J")
+        self.feature_offsets()
+        self.assign("DOT_DTYPE", f"{self.tensor[p.lead].ptr}.dtype.element_ty")
+        self.values_of_stage("constant")
+        self.weights()
+        self.values_of_stage("k_prologue")
+        self.init_operand_accs("j")
+        self.outer = dict(self.memo)
+        self.line()
+        self.line("for start_m in range(0, tl.cdiv(I, BLOCK_M)):")
+        self.indent += 1
+        self.assign("offs_i", "start_m * BLOCK_M + tl.arange(0, BLOCK_M)")
+        self.assign("row_ok", "offs_i < I")
+        self.key_range()
+        self.line("if (start_n * BLOCK_N >= kv_lo) & (start_n * BLOCK_N < kv_hi):   # the forward visited this tile")
+        self.indent += 1
+        self.memo = dict(self.outer)
+        self.row_inputs(with_delta=True)
+        self.tile(False, "dkdv")
+        self.indent -= 2
+        self.memo = dict(self.outer)
+        self.line()
+        self.store_operand_accs()
+        return "\n".join(header + self.lines) + "\n"
+
+
+_BWD_HELPERS = '''
+
+@triton.jit
+def _mix_weight_grad(g, x, CP: tl.constexpr, PRECISION: tl.constexpr):
+    """d w of w @ x over channels: g [CP out, rows] @ x^T [rows, CP in], fp32."""
+    if CP >= 16:
+        dw = tl.dot(g, tl.trans(x), input_precision=PRECISION)
+    else:
+        offs_c = tl.arange(0, CP)
+        dw = tl.zeros([CP, CP], tl.float32)
+        for o in tl.static_range(CP):
+            g_o = tl.sum(tl.where(offs_c[:, None] == o, g, 0.0), axis=0)      # row o of g
+            col = tl.sum(x * g_o[None, :], axis=1)
+            dw = tl.where(offs_c[:, None] == o, col[None, :], dw)
+    return dw
+'''
+
+
+def backward_function_name(graph: Graph) -> str:
+    return f"triton_backward{presence_suffix(graph)}"
+
+
+def _launcher(graph: Graph, bp: BackwardPlan) -> str:
+    p = bp.forward
+    pnames = {t.name: _sanitize(t.name) for t in p.tensors}
+    params = [pnames[t.name] for t in p.tensors]
+    lead = pnames[p.lead]
+    d = DEFAULT_BWD_CONFIG_HEADS_IN_TILE if p.channels else DEFAULT_BWD_CONFIG
+    lines = [f"def {backward_function_name(graph)}(do, out, lse, {', '.join(params)}, *, "
+             f"BLOCK_M={d['BLOCK_M_BWD']}, BLOCK_N={d['BLOCK_N_BWD']}, num_warps={d['num_warps_bwd']}, "
+             f"num_stages={d['num_stages_bwd']}, wrap=None):"]
+    names = ", ".join(g.name.split(":", 1)[1] for g in bp.grads)
+    lines.append(f'    """Gradients of ({names}) from dO, the output and the forward\'s row log-sum-exp."""')
+    for arg, dim in p.sizes:
+        source, axis = p.size_sources[dim]
+        lines.append(f"    {arg} = {pnames[source]}.shape[{axis}]")
+    for arg, node_id, dtype, expr in p.host:
+        lines.append(f"    {arg} = {expr}")
+    lines.append(f"    do = do.to({lead}.dtype)")
+    if bp.exact_delta:
+        lines.append(f"    delta = torch.empty((B, H, I), dtype=torch.float32, device={lead}.device)  # the dq kernel writes it")
+    else:
+        lines.append("    delta = (do.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O) = rowsum(p * dp)")
+    grads = []
+    for g in bp.grads:
+        name = g.name.split(":", 1)[1]
+        var = g.ptr[:-len("_ptr")]
+        grads.append((name, var))
+        if name in bp.atomic:
+            lines.append(f"    {var} = torch.zeros({pnames[name]}.shape, dtype=torch.float32, device={lead}.device)")
+        else:
+            lines.append(f"    {var} = torch.empty({pnames[name]}.shape, dtype={pnames[name]}.dtype, device={lead}.device)")
+    lines.append("    if B * H * I * J == 0:")
+    for name, var in grads:
+        lines.append(f"        {var}.zero_()")
+    lines.append(f"        return [{', '.join(var if n not in bp.atomic else f'{var}.to({pnames[n]}.dtype)' for n, var in grads)}]")
+    args = [", ".join(params + ["do", "lse", "delta"] + [v for _, v in grads]) + ","]
+    for t in p.tensors:
+        args.append(f"*_strides({pnames[t.name]}, {len(t.dims)}),")
+    args.append(f"*_strides(do, {len(p.out_dims)}),")
+    for (name, var), g in zip(grads, bp.grads):
+        args.append(f"*_strides({var}, {len(g.dims)}),")
+    args.append(", ".join(a for a, _ in p.sizes) + ",")
+    if p.host:
+        args.append(", ".join(a for a, _, _, _ in p.host) + ",")
+    args.append("BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,")
+    for feature, block in p.features:
+        F = feature.upper()
+        args.append(f"{block}=max({MIN_DOT_BLOCK}, triton.next_power_of_2({F})), "
+                    f"EVEN_{F}={F} == max({MIN_DOT_BLOCK}, triton.next_power_of_2({F})),")
+    if p.channels:
+        args.append(f"CP=triton.next_power_of_2({p.streams} * H),")
+    args.append(f'DOT_PRECISION="ieee" if {lead}.dtype == torch.float32 else "tf32",')
+    args.append("num_warps=num_warps, num_stages=num_stages,")
+    programs = f"B // {p.streams}" if p.channels else "B * H"
+    for kernel, tiles in ((bp.dq_kernel, "triton.cdiv(I, BLOCK_M)"), (bp.dkdv_kernel, "triton.cdiv(J, BLOCK_N)")):
+        lines.append(f"    ({kernel} if wrap is None else wrap({kernel}))[({tiles}, {programs})](")
+        lines += [f"        {a}" for a in args]
+        lines.append("    )")
+    converted = [var if n not in bp.atomic else f"{var}.to({pnames[n]}.dtype)" for n, var in grads]
+    lines.append(f"    return [{', '.join(converted)}]")
+    return "\n".join(lines) + "\n"
+
+
+def backward_functions(graph: Graph) -> str:
+    """The dq and dkdv kernels and the launcher `triton_backward<__present inputs>(do, out, lse, ...)`
+    of one specialisation of a core graph (after split_prologue); appended to a forward module."""
+    bp = backward_plan(graph)
+    writer = _BackwardWriter(graph, bp)
+    dq = writer.dq_kernel()
+    writer = _BackwardWriter(graph, bp)
+    dkdv = writer.dkdv_kernel()
+    return _BWD_HELPERS + "\n\n" + dq + "\n\n" + dkdv + "\n\n" + _launcher(graph, bp)
+
+
+def default_config(graph: Graph) -> dict:
+    return dict(DEFAULT_BWD_CONFIG_HEADS_IN_TILE if graph.schedule in ("heads_in_tile", "two_pass")
+                else DEFAULT_BWD_CONFIG)
