@@ -405,14 +405,14 @@ if triton is not None:
 
     @triton.jit
     def _fwd_cosine_sim(
-        q_ptr, k_ptr, v_ptr, kn_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, kn_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
         stride_kn_pre_b, stride_kn_pre_h, stride_kn_pre_j, stride_kn_pre_d,
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """cosine_sim: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -489,12 +489,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward(q, k, v, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward(q, k, v, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """cosine_sim forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -521,7 +524,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_cosine_sim if wrap is None else wrap(_fwd_cosine_sim)
         kernel[grid](
-            q, k, v, kn_pre, out,
+            q, k, v, kn_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -530,7 +533,7 @@ if triton is not None:
             B, H, I, J, D,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -575,7 +578,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_cosine_sim__mask(
-        q_ptr, k_ptr, v_ptr, mask_ptr, kn_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, mask_ptr, kn_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -583,7 +586,7 @@ if triton is not None:
         stride_kn_pre_b, stride_kn_pre_h, stride_kn_pre_j, stride_kn_pre_d,
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """cosine_sim: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -663,12 +666,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__mask(q, k, v, mask, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__mask(q, k, v, mask, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """cosine_sim forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -696,7 +702,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_cosine_sim__mask if wrap is None else wrap(_fwd_cosine_sim__mask)
         kernel[grid](
-            q, k, v, mask, kn_pre, out,
+            q, k, v, mask, kn_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -706,7 +712,7 @@ if triton is not None:
             B, H, I, J, D,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -751,7 +757,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_cosine_sim__attn_bias(
-        q_ptr, k_ptr, v_ptr, attn_bias_ptr, kn_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, attn_bias_ptr, kn_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -759,7 +765,7 @@ if triton is not None:
         stride_kn_pre_b, stride_kn_pre_h, stride_kn_pre_j, stride_kn_pre_d,
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """cosine_sim: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -840,12 +846,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__attn_bias(q, k, v, attn_bias, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__attn_bias(q, k, v, attn_bias, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """cosine_sim forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -873,7 +882,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_cosine_sim__attn_bias if wrap is None else wrap(_fwd_cosine_sim__attn_bias)
         kernel[grid](
-            q, k, v, attn_bias, kn_pre, out,
+            q, k, v, attn_bias, kn_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -883,7 +892,7 @@ if triton is not None:
             B, H, I, J, D,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -929,7 +938,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_cosine_sim__attn_bias__mask(
-        q_ptr, k_ptr, v_ptr, mask_ptr, attn_bias_ptr, kn_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, mask_ptr, attn_bias_ptr, kn_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -938,7 +947,7 @@ if triton is not None:
         stride_kn_pre_b, stride_kn_pre_h, stride_kn_pre_j, stride_kn_pre_d,
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """cosine_sim: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -1022,12 +1031,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__attn_bias__mask(q, k, v, mask, attn_bias, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__attn_bias__mask(q, k, v, mask, attn_bias, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """cosine_sim forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -1056,7 +1068,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_cosine_sim__attn_bias__mask if wrap is None else wrap(_fwd_cosine_sim__attn_bias__mask)
         kernel[grid](
-            q, k, v, mask, attn_bias, kn_pre, out,
+            q, k, v, mask, attn_bias, kn_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -1067,7 +1079,7 @@ if triton is not None:
             B, H, I, J, D,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out

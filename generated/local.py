@@ -1583,7 +1583,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_local(
-        q_ptr, k_ptr, v_ptr, k_rotated_33_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, k_rotated_33_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -1591,7 +1591,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D,
         scale_76,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """local: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -1699,12 +1699,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward(q, k, v, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward(q, k, v, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """local forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -1733,7 +1736,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_local if wrap is None else wrap(_fwd_local)
         kernel[grid](
-            q, k, v, k_rotated_33_pre, out,
+            q, k, v, k_rotated_33_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -1743,7 +1746,7 @@ if triton is not None:
             scale_76,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -1794,7 +1797,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_local__mask(
-        q_ptr, k_ptr, v_ptr, mask_ptr, k_rotated_33_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, mask_ptr, k_rotated_33_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -1803,7 +1806,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D,
         scale_76,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """local: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -1915,12 +1918,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__mask(q, k, v, mask, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__mask(q, k, v, mask, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """local forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -1950,7 +1956,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_local__mask if wrap is None else wrap(_fwd_local__mask)
         kernel[grid](
-            q, k, v, mask, k_rotated_33_pre, out,
+            q, k, v, mask, k_rotated_33_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -1961,7 +1967,7 @@ if triton is not None:
             scale_76,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -2012,7 +2018,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_local__pos_bias_table(
-        q_ptr, k_ptr, v_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -2021,7 +2027,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D, N,
         scale_76,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """local: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -2141,12 +2147,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__pos_bias_table(q, k, v, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__pos_bias_table(q, k, v, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """local forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -2177,7 +2186,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_local__pos_bias_table if wrap is None else wrap(_fwd_local__pos_bias_table)
         kernel[grid](
-            q, k, v, pos_bias_table, k_rotated_33_pre, out,
+            q, k, v, pos_bias_table, k_rotated_33_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -2188,7 +2197,7 @@ if triton is not None:
             scale_76,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -2238,7 +2247,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_local__q_scale(
-        q_ptr, k_ptr, v_ptr, k_rotated_33_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, k_rotated_33_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -2246,7 +2255,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D,
         scale_76,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """local: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -2354,12 +2363,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__q_scale(q, k, v, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__q_scale(q, k, v, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """local forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -2388,7 +2400,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_local__q_scale if wrap is None else wrap(_fwd_local__q_scale)
         kernel[grid](
-            q, k, v, k_rotated_33_pre, out,
+            q, k, v, k_rotated_33_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -2398,7 +2410,7 @@ if triton is not None:
             scale_76,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -2448,7 +2460,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_local__k_scale(
-        q_ptr, k_ptr, v_ptr, k_rotated_33_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, k_rotated_33_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -2456,7 +2468,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D,
         scale_76,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """local: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -2564,12 +2576,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__k_scale(q, k, v, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__k_scale(q, k, v, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """local forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -2598,7 +2613,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_local__k_scale if wrap is None else wrap(_fwd_local__k_scale)
         kernel[grid](
-            q, k, v, k_rotated_33_pre, out,
+            q, k, v, k_rotated_33_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -2608,7 +2623,7 @@ if triton is not None:
             scale_76,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -2660,7 +2675,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_local__mask__pos_bias_table(
-        q_ptr, k_ptr, v_ptr, mask_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, mask_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -2670,7 +2685,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D, N,
         scale_76,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """local: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -2794,12 +2809,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__mask__pos_bias_table(q, k, v, mask, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__mask__pos_bias_table(q, k, v, mask, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """local forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -2831,7 +2849,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_local__mask__pos_bias_table if wrap is None else wrap(_fwd_local__mask__pos_bias_table)
         kernel[grid](
-            q, k, v, mask, pos_bias_table, k_rotated_33_pre, out,
+            q, k, v, mask, pos_bias_table, k_rotated_33_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -2843,7 +2861,7 @@ if triton is not None:
             scale_76,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -2894,7 +2912,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_local__mask__q_scale(
-        q_ptr, k_ptr, v_ptr, mask_ptr, k_rotated_33_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, mask_ptr, k_rotated_33_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -2903,7 +2921,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D,
         scale_76,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """local: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -3015,12 +3033,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__mask__q_scale(q, k, v, mask, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__mask__q_scale(q, k, v, mask, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """local forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -3050,7 +3071,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_local__mask__q_scale if wrap is None else wrap(_fwd_local__mask__q_scale)
         kernel[grid](
-            q, k, v, mask, k_rotated_33_pre, out,
+            q, k, v, mask, k_rotated_33_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -3061,7 +3082,7 @@ if triton is not None:
             scale_76,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -3112,7 +3133,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_local__k_scale__mask(
-        q_ptr, k_ptr, v_ptr, mask_ptr, k_rotated_33_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, mask_ptr, k_rotated_33_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -3121,7 +3142,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D,
         scale_76,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """local: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -3233,12 +3254,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__k_scale__mask(q, k, v, mask, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__k_scale__mask(q, k, v, mask, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """local forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -3268,7 +3292,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_local__k_scale__mask if wrap is None else wrap(_fwd_local__k_scale__mask)
         kernel[grid](
-            q, k, v, mask, k_rotated_33_pre, out,
+            q, k, v, mask, k_rotated_33_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -3279,7 +3303,7 @@ if triton is not None:
             scale_76,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -3330,7 +3354,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_local__pos_bias_table__q_scale(
-        q_ptr, k_ptr, v_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -3339,7 +3363,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D, N,
         scale_76,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """local: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -3459,12 +3483,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__pos_bias_table__q_scale(q, k, v, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__pos_bias_table__q_scale(q, k, v, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """local forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -3495,7 +3522,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_local__pos_bias_table__q_scale if wrap is None else wrap(_fwd_local__pos_bias_table__q_scale)
         kernel[grid](
-            q, k, v, pos_bias_table, k_rotated_33_pre, out,
+            q, k, v, pos_bias_table, k_rotated_33_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -3506,7 +3533,7 @@ if triton is not None:
             scale_76,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -3557,7 +3584,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_local__k_scale__pos_bias_table(
-        q_ptr, k_ptr, v_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -3566,7 +3593,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D, N,
         scale_76,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """local: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -3686,12 +3713,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__k_scale__pos_bias_table(q, k, v, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__k_scale__pos_bias_table(q, k, v, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """local forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -3722,7 +3752,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_local__k_scale__pos_bias_table if wrap is None else wrap(_fwd_local__k_scale__pos_bias_table)
         kernel[grid](
-            q, k, v, pos_bias_table, k_rotated_33_pre, out,
+            q, k, v, pos_bias_table, k_rotated_33_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -3733,7 +3763,7 @@ if triton is not None:
             scale_76,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -3783,7 +3813,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_local__k_scale__q_scale(
-        q_ptr, k_ptr, v_ptr, k_rotated_33_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, k_rotated_33_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -3791,7 +3821,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D,
         scale_76,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """local: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -3899,12 +3929,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__k_scale__q_scale(q, k, v, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__k_scale__q_scale(q, k, v, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """local forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -3933,7 +3966,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_local__k_scale__q_scale if wrap is None else wrap(_fwd_local__k_scale__q_scale)
         kernel[grid](
-            q, k, v, k_rotated_33_pre, out,
+            q, k, v, k_rotated_33_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -3943,7 +3976,7 @@ if triton is not None:
             scale_76,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -3995,7 +4028,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_local__mask__pos_bias_table__q_scale(
-        q_ptr, k_ptr, v_ptr, mask_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, mask_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -4005,7 +4038,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D, N,
         scale_76,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """local: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -4129,12 +4162,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__mask__pos_bias_table__q_scale(q, k, v, mask, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__mask__pos_bias_table__q_scale(q, k, v, mask, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """local forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -4166,7 +4202,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_local__mask__pos_bias_table__q_scale if wrap is None else wrap(_fwd_local__mask__pos_bias_table__q_scale)
         kernel[grid](
-            q, k, v, mask, pos_bias_table, k_rotated_33_pre, out,
+            q, k, v, mask, pos_bias_table, k_rotated_33_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -4178,7 +4214,7 @@ if triton is not None:
             scale_76,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -4230,7 +4266,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_local__k_scale__mask__pos_bias_table(
-        q_ptr, k_ptr, v_ptr, mask_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, mask_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -4240,7 +4276,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D, N,
         scale_76,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """local: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -4364,12 +4400,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__k_scale__mask__pos_bias_table(q, k, v, mask, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__k_scale__mask__pos_bias_table(q, k, v, mask, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """local forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -4401,7 +4440,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_local__k_scale__mask__pos_bias_table if wrap is None else wrap(_fwd_local__k_scale__mask__pos_bias_table)
         kernel[grid](
-            q, k, v, mask, pos_bias_table, k_rotated_33_pre, out,
+            q, k, v, mask, pos_bias_table, k_rotated_33_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -4413,7 +4452,7 @@ if triton is not None:
             scale_76,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -4464,7 +4503,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_local__k_scale__mask__q_scale(
-        q_ptr, k_ptr, v_ptr, mask_ptr, k_rotated_33_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, mask_ptr, k_rotated_33_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -4473,7 +4512,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D,
         scale_76,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """local: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -4585,12 +4624,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__k_scale__mask__q_scale(q, k, v, mask, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__k_scale__mask__q_scale(q, k, v, mask, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """local forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -4620,7 +4662,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_local__k_scale__mask__q_scale if wrap is None else wrap(_fwd_local__k_scale__mask__q_scale)
         kernel[grid](
-            q, k, v, mask, k_rotated_33_pre, out,
+            q, k, v, mask, k_rotated_33_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -4631,7 +4673,7 @@ if triton is not None:
             scale_76,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -4682,7 +4724,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_local__k_scale__pos_bias_table__q_scale(
-        q_ptr, k_ptr, v_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -4691,7 +4733,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D, N,
         scale_76,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """local: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -4811,12 +4853,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__k_scale__pos_bias_table__q_scale(q, k, v, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__k_scale__pos_bias_table__q_scale(q, k, v, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """local forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -4847,7 +4892,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_local__k_scale__pos_bias_table__q_scale if wrap is None else wrap(_fwd_local__k_scale__pos_bias_table__q_scale)
         kernel[grid](
-            q, k, v, pos_bias_table, k_rotated_33_pre, out,
+            q, k, v, pos_bias_table, k_rotated_33_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -4858,7 +4903,7 @@ if triton is not None:
             scale_76,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -4910,7 +4955,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_local__k_scale__mask__pos_bias_table__q_scale(
-        q_ptr, k_ptr, v_ptr, mask_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, mask_ptr, pos_bias_table_ptr, k_rotated_33_pre_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -4920,7 +4965,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D, N,
         scale_76,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """local: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -5044,12 +5089,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__k_scale__mask__pos_bias_table__q_scale(q, k, v, mask, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__k_scale__mask__pos_bias_table__q_scale(q, k, v, mask, pos_bias_table, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """local forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -5081,7 +5129,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_local__k_scale__mask__pos_bias_table__q_scale if wrap is None else wrap(_fwd_local__k_scale__mask__pos_bias_table__q_scale)
         kernel[grid](
-            q, k, v, mask, pos_bias_table, k_rotated_33_pre, out,
+            q, k, v, mask, pos_bias_table, k_rotated_33_pre, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -5093,7 +5141,7 @@ if triton is not None:
             scale_76,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out

@@ -325,14 +325,14 @@ if triton is not None:
 
     @triton.jit
     def _fwd_memory_efficient(
-        q_ptr, k_ptr, v_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D,
         scale_37,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """memory_efficient: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -404,12 +404,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward(q, k, v, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward(q, k, v, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """memory_efficient forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -423,7 +426,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_memory_efficient if wrap is None else wrap(_fwd_memory_efficient)
         kernel[grid](
-            q, k, v, out,
+            q, k, v, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -432,7 +435,7 @@ if triton is not None:
             scale_37,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -448,7 +451,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_memory_efficient__mask(
-        q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -456,7 +459,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D,
         scale_37,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """memory_efficient: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -531,12 +534,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__mask(q, k, v, mask, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__mask(q, k, v, mask, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """memory_efficient forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -550,7 +556,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_memory_efficient__mask if wrap is None else wrap(_fwd_memory_efficient__mask)
         kernel[grid](
-            q, k, v, mask, out,
+            q, k, v, mask, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -560,7 +566,7 @@ if triton is not None:
             scale_37,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -576,7 +582,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_memory_efficient__attn_bias(
-        q_ptr, k_ptr, v_ptr, attn_bias_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, attn_bias_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -584,7 +590,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D,
         scale_37,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """memory_efficient: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -660,12 +666,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__attn_bias(q, k, v, attn_bias, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__attn_bias(q, k, v, attn_bias, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """memory_efficient forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -679,7 +688,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_memory_efficient__attn_bias if wrap is None else wrap(_fwd_memory_efficient__attn_bias)
         kernel[grid](
-            q, k, v, attn_bias, out,
+            q, k, v, attn_bias, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -689,7 +698,7 @@ if triton is not None:
             scale_37,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -705,7 +714,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_memory_efficient__attn_bias__mask(
-        q_ptr, k_ptr, v_ptr, mask_ptr, attn_bias_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, mask_ptr, attn_bias_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -714,7 +723,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D,
         scale_37,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """memory_efficient: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -793,12 +802,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__attn_bias__mask(q, k, v, mask, attn_bias, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__attn_bias__mask(q, k, v, mask, attn_bias, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """memory_efficient forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -812,7 +824,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_memory_efficient__attn_bias__mask if wrap is None else wrap(_fwd_memory_efficient__attn_bias__mask)
         kernel[grid](
-            q, k, v, mask, attn_bias, out,
+            q, k, v, mask, attn_bias, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -823,7 +835,7 @@ if triton is not None:
             scale_37,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out

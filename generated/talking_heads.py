@@ -565,14 +565,14 @@ if triton is not None:
 
     @triton.jit
     def _fwd_talking_heads(
-        q_ptr, k_ptr, v_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D,
         scale_32,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """talking_heads: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -644,12 +644,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward(q, k, v, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward(q, k, v, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """talking_heads forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -663,7 +666,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_talking_heads if wrap is None else wrap(_fwd_talking_heads)
         kernel[grid](
-            q, k, v, out,
+            q, k, v, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -672,7 +675,7 @@ if triton is not None:
             scale_32,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -688,7 +691,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_talking_heads__mask(
-        q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -696,7 +699,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D,
         scale_32,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """talking_heads: schedule one_pass, per-head programs, online softmax."""
         start_m = tl.program_id(0)
@@ -771,12 +774,15 @@ if triton is not None:
         out_offs = off_b * stride_out_b + off_h * stride_out_h + offs_i[:, None] * stride_out_i + offs_d[None, :] * stride_out_d
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h) * I + offs_i, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=row_ok)
 
 
-    def triton_forward__mask(q, k, v, mask, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False):
+    def triton_forward__mask(q, k, v, mask, *, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, wrap=None, poison=False, lse=None):
         """talking_heads forward (one_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -790,7 +796,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B * H)
         kernel = _fwd_talking_heads__mask if wrap is None else wrap(_fwd_talking_heads__mask)
         kernel[grid](
-            q, k, v, mask, out,
+            q, k, v, mask, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -800,7 +806,7 @@ if triton is not None:
             scale_32,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -816,7 +822,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_talking_heads__pre_mix(
-        q_ptr, k_ptr, v_ptr, pre_mix_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, pre_mix_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -824,7 +830,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D, MIX_OUT, MIX_IN,
         scale_32,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CP: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """talking_heads: schedule heads_in_tile, heads-in-tile programs, online softmax."""
         start_m = tl.program_id(0)
@@ -902,12 +908,15 @@ if triton is not None:
         out_offs = off_b[:, None, None] * stride_out_b + off_h[:, None, None] * stride_out_h + offs_i[None, :, None] * stride_out_i + offs_d[None, None, :] * stride_out_d
         out_mask = c_ok[:, None, None] & row_ok[None, :, None] & d_ok[None, None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h)[:, None] * I + offs_i[None, :], tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=c_ok[:, None] & row_ok[None, :])
 
 
-    def triton_forward__pre_mix(q, k, v, pre_mix, *, BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1, wrap=None, poison=False):
+    def triton_forward__pre_mix(q, k, v, pre_mix, *, BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1, wrap=None, poison=False, lse=None):
         """talking_heads forward (heads_in_tile); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -927,7 +936,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B // 2)
         kernel = _fwd_talking_heads__pre_mix if wrap is None else wrap(_fwd_talking_heads__pre_mix)
         kernel[grid](
-            q, k, v, pre_mix, out,
+            q, k, v, pre_mix, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -938,7 +947,7 @@ if triton is not None:
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
             CP=triton.next_power_of_2(2 * H),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -954,7 +963,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_talking_heads__post_mix(
-        q_ptr, k_ptr, v_ptr, post_mix_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, post_mix_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -962,7 +971,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D, MIX_OUT, MIX_IN,
         scale_32,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CP: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """talking_heads: schedule two_pass, heads-in-tile programs, two sweeps (exact softmax)."""
         start_m = tl.program_id(0)
@@ -1055,12 +1064,15 @@ if triton is not None:
         out_offs = off_b[:, None, None] * stride_out_b + off_h[:, None, None] * stride_out_h + offs_i[None, :, None] * stride_out_i + offs_d[None, None, :] * stride_out_d
         out_mask = c_ok[:, None, None] & row_ok[None, :, None] & d_ok[None, None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h)[:, None] * I + offs_i[None, :], tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=c_ok[:, None] & row_ok[None, :])
 
 
-    def triton_forward__post_mix(q, k, v, post_mix, *, BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1, wrap=None, poison=False):
+    def triton_forward__post_mix(q, k, v, post_mix, *, BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1, wrap=None, poison=False, lse=None):
         """talking_heads forward (two_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -1080,7 +1092,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B // 2)
         kernel = _fwd_talking_heads__post_mix if wrap is None else wrap(_fwd_talking_heads__post_mix)
         kernel[grid](
-            q, k, v, post_mix, out,
+            q, k, v, post_mix, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -1091,7 +1103,7 @@ if triton is not None:
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
             CP=triton.next_power_of_2(2 * H),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -1107,7 +1119,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_talking_heads__mask__pre_mix(
-        q_ptr, k_ptr, v_ptr, mask_ptr, pre_mix_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, mask_ptr, pre_mix_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -1116,7 +1128,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D, MIX_OUT, MIX_IN,
         scale_32,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CP: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """talking_heads: schedule heads_in_tile, heads-in-tile programs, online softmax."""
         start_m = tl.program_id(0)
@@ -1197,12 +1209,15 @@ if triton is not None:
         out_offs = off_b[:, None, None] * stride_out_b + off_h[:, None, None] * stride_out_h + offs_i[None, :, None] * stride_out_i + offs_d[None, None, :] * stride_out_d
         out_mask = c_ok[:, None, None] & row_ok[None, :, None] & d_ok[None, None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h)[:, None] * I + offs_i[None, :], tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=c_ok[:, None] & row_ok[None, :])
 
 
-    def triton_forward__mask__pre_mix(q, k, v, mask, pre_mix, *, BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1, wrap=None, poison=False):
+    def triton_forward__mask__pre_mix(q, k, v, mask, pre_mix, *, BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1, wrap=None, poison=False, lse=None):
         """talking_heads forward (heads_in_tile); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -1222,7 +1237,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B // 2)
         kernel = _fwd_talking_heads__mask__pre_mix if wrap is None else wrap(_fwd_talking_heads__mask__pre_mix)
         kernel[grid](
-            q, k, v, mask, pre_mix, out,
+            q, k, v, mask, pre_mix, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -1234,7 +1249,7 @@ if triton is not None:
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
             CP=triton.next_power_of_2(2 * H),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -1250,7 +1265,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_talking_heads__mask__post_mix(
-        q_ptr, k_ptr, v_ptr, mask_ptr, post_mix_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, mask_ptr, post_mix_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -1259,7 +1274,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D, MIX_OUT, MIX_IN,
         scale_32,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CP: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """talking_heads: schedule two_pass, heads-in-tile programs, two sweeps (exact softmax)."""
         start_m = tl.program_id(0)
@@ -1358,12 +1373,15 @@ if triton is not None:
         out_offs = off_b[:, None, None] * stride_out_b + off_h[:, None, None] * stride_out_h + offs_i[None, :, None] * stride_out_i + offs_d[None, None, :] * stride_out_d
         out_mask = c_ok[:, None, None] & row_ok[None, :, None] & d_ok[None, None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h)[:, None] * I + offs_i[None, :], tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=c_ok[:, None] & row_ok[None, :])
 
 
-    def triton_forward__mask__post_mix(q, k, v, mask, post_mix, *, BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1, wrap=None, poison=False):
+    def triton_forward__mask__post_mix(q, k, v, mask, post_mix, *, BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1, wrap=None, poison=False, lse=None):
         """talking_heads forward (two_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -1383,7 +1401,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B // 2)
         kernel = _fwd_talking_heads__mask__post_mix if wrap is None else wrap(_fwd_talking_heads__mask__post_mix)
         kernel[grid](
-            q, k, v, mask, post_mix, out,
+            q, k, v, mask, post_mix, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -1395,7 +1413,7 @@ if triton is not None:
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
             CP=triton.next_power_of_2(2 * H),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -1411,7 +1429,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_talking_heads__post_mix__pre_mix(
-        q_ptr, k_ptr, v_ptr, pre_mix_ptr, post_mix_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, pre_mix_ptr, post_mix_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -1420,7 +1438,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D, MIX_OUT, MIX_IN,
         scale_32,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CP: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """talking_heads: schedule two_pass, heads-in-tile programs, two sweeps (exact softmax)."""
         start_m = tl.program_id(0)
@@ -1518,12 +1536,15 @@ if triton is not None:
         out_offs = off_b[:, None, None] * stride_out_b + off_h[:, None, None] * stride_out_h + offs_i[None, :, None] * stride_out_i + offs_d[None, None, :] * stride_out_d
         out_mask = c_ok[:, None, None] & row_ok[None, :, None] & d_ok[None, None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h)[:, None] * I + offs_i[None, :], tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=c_ok[:, None] & row_ok[None, :])
 
 
-    def triton_forward__post_mix__pre_mix(q, k, v, pre_mix, post_mix, *, BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1, wrap=None, poison=False):
+    def triton_forward__post_mix__pre_mix(q, k, v, pre_mix, post_mix, *, BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1, wrap=None, poison=False, lse=None):
         """talking_heads forward (two_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -1545,7 +1566,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B // 2)
         kernel = _fwd_talking_heads__post_mix__pre_mix if wrap is None else wrap(_fwd_talking_heads__post_mix__pre_mix)
         kernel[grid](
-            q, k, v, pre_mix, post_mix, out,
+            q, k, v, pre_mix, post_mix, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -1557,7 +1578,7 @@ if triton is not None:
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
             CP=triton.next_power_of_2(2 * H),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -1573,7 +1594,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_talking_heads__mask__post_mix__pre_mix(
-        q_ptr, k_ptr, v_ptr, mask_ptr, pre_mix_ptr, post_mix_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, mask_ptr, pre_mix_ptr, post_mix_ptr, out_ptr, lse_ptr,
         stride_q_b, stride_q_h, stride_q_i, stride_q_d,
         stride_k_b, stride_k_h, stride_k_j, stride_k_d,
         stride_v_b, stride_v_h, stride_v_j, stride_v_d,
@@ -1583,7 +1604,7 @@ if triton is not None:
         stride_out_b, stride_out_h, stride_out_i, stride_out_d,
         B, H, I, J, D, MIX_OUT, MIX_IN,
         scale_32,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CP: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """talking_heads: schedule two_pass, heads-in-tile programs, two sweeps (exact softmax)."""
         start_m = tl.program_id(0)
@@ -1687,12 +1708,15 @@ if triton is not None:
         out_offs = off_b[:, None, None] * stride_out_b + off_h[:, None, None] * stride_out_h + offs_i[None, :, None] * stride_out_i + offs_d[None, None, :] * stride_out_d
         out_mask = c_ok[:, None, None] & row_ok[None, :, None] & d_ok[None, None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+            tl.store(lse_ptr + (off_b * H + off_h)[:, None] * I + offs_i[None, :], tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask=c_ok[:, None] & row_ok[None, :])
 
 
-    def triton_forward__mask__post_mix__pre_mix(q, k, v, mask, pre_mix, post_mix, *, BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1, wrap=None, poison=False):
+    def triton_forward__mask__post_mix__pre_mix(q, k, v, mask, pre_mix, post_mix, *, BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1, wrap=None, poison=False, lse=None):
         """talking_heads forward (two_pass); returns [b, h, i, d] in q's dtype.
 
-        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first.
+        wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;
+        lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.
         """
         B = q.shape[-4]
         H = q.shape[-3]
@@ -1714,7 +1738,7 @@ if triton is not None:
         grid = (triton.cdiv(I, BLOCK_M), B // 2)
         kernel = _fwd_talking_heads__mask__post_mix__pre_mix if wrap is None else wrap(_fwd_talking_heads__mask__post_mix__pre_mix)
         kernel[grid](
-            q, k, v, mask, pre_mix, post_mix, out,
+            q, k, v, mask, pre_mix, post_mix, out, out if lse is None else lse,
             *_strides(q, 4),
             *_strides(k, 4),
             *_strides(v, 4),
@@ -1727,7 +1751,7 @@ if triton is not None:
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_D=max(16, triton.next_power_of_2(D)), EVEN_D=D == max(16, triton.next_power_of_2(D)),
             CP=triton.next_power_of_2(2 * H),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out

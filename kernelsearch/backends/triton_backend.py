@@ -233,6 +233,8 @@ class TritonTraining:
         self.stem = f"{triton_fwd._sanitize(graph.spec.name)}_train"
         self.inputs = [t.name for t in self.plan.tensors]
         self.differentiable = [g.name.split(":", 1)[1] for g in self.backward_plan.grads]
+        from .reference import NodeEvaluator
+        self.prologue = NodeEvaluator(graph, self.cuts) if self.cuts else None
         self._op = None
 
     def op(self):
@@ -248,7 +250,7 @@ class TritonTraining:
         knobs = "int BLOCK_M, int BLOCK_N, int num_warps, int num_stages"
         fwd_schema = f"({tensors}, {knobs}, int BLOCK_M_BWD, int BLOCK_N_BWD, int num_warps_bwd, " \
                      "int num_stages_bwd, bool poison) -> (Tensor, Tensor)"
-        bwd_schema = f"(Tensor do, Tensor out, Tensor lse, {tensors}, {knobs}) -> Tensor[]"
+        bwd_schema = f"(Tensor do, Tensor out, Tensor lse, {tensors}, {knobs}, bool poison) -> Tensor[]"
         if self.interpret:
             make, wrap = torch.library.custom_op, None
         else:
@@ -264,9 +266,9 @@ class TritonTraining:
             return out, lse
 
         def backward(do, out, lse, *args):
-            tensors, (bm, bn, warps, stages) = args[:count], args[count:]
+            tensors, (bm, bn, warps, stages, poison) = args[:count], args[count:]
             return module.backward(do, out, lse, *tensors, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                                   num_stages=stages, wrap=wrap)
+                                   num_stages=stages, wrap=wrap, poison=poison)
 
         fwd_op = make(f"kernelsearch::{name}", forward, mutates_args=(), schema=fwd_schema)
         bwd_op = make(f"kernelsearch::{name}_backward", backward, mutates_args=(), schema=bwd_schema)
@@ -280,11 +282,11 @@ class TritonTraining:
 
             @bwd_op.register_fake
             def _(do, out, lse, *args):
-                return [torch.empty_like(args[k]) for k in differentiable]
+                return [args[k].new_empty(args[k].shape) for k in differentiable]   # contiguous, as allocated
 
         def setup_context(ctx, inputs, output):
             ctx.save_for_backward(*inputs[:count], *output)
-            ctx.knobs = inputs[count + 4:count + 8]
+            ctx.knobs = inputs[count + 4:count + 9]     # the *_BWD knobs and poison
 
         def differentiate(ctx, grad_out, grad_lse):
             *tensors, out, lse = ctx.saved_tensors
@@ -302,8 +304,7 @@ class TritonTraining:
         return fwd_op
 
     def __call__(self, tensors: dict, config: dict, poison: bool = False):
-        from . import reference
-        cut_values = reference.evaluate_nodes(self.graph, tensors, self.cuts) if self.cuts else {}
+        cut_values = self.prologue(tensors) if self.prologue is not None else {}
         args = [cut_values[n] if n in cut_values else tensors[n] for n in self.inputs]
         knobs = [int(config[k]) for k in CONFIG_KEYS + triton_bwd.BWD_CONFIG_KEYS]
         out, _ = self.op()(*args, *knobs, bool(poison))
@@ -311,9 +312,13 @@ class TritonTraining:
 
 
 def build(graph: Graph, attention):
+    """run(tensors) -> o. The ops are registered now, not at the first call: a call that
+    torch.compile traces must find them (no code generation or imports inside a graph)."""
     forward = TritonForward(graph)
+    forward.op()
     try:
         training = TritonTraining(graph, forward.interpret)
+        training.op()
         why_not = None
     except CodegenError as e:
         training, why_not = None, str(e)

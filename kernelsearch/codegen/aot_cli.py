@@ -1,6 +1,8 @@
-"""`kernelsearch aot SPEC... [--arch sm_90] [--all-configs]`: compile the Triton forward kernels
-for a GPU architecture without a GPU, and print one table per spec: for every config whether it
-compiled (or the compiler's error), its shared memory, registers and spills.
+"""`kernelsearch aot SPEC... [--arch sm_90] [--all-configs] [--backward]`: compile the Triton
+kernels for a GPU architecture without a GPU, and print one table per spec: for every config
+whether it compiled (or the compiler's error), its shared memory, registers and spills.
+With --backward the training path's kernels (forward saving the log-sum-exp, dq, dkdv) are
+compiled too, their *_BWD knobs equal to the forward's; the row shows the largest of all kernels.
 
 Exit code 0 when every config compiled or failed only for lack of resources (a config that does
 not fit is what the tuner skips), 1 when a config hit a compiler error, 2 on bad input.
@@ -14,6 +16,8 @@ import sys
 from ..errors import KernelsearchError
 
 KNOBS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+BWD_KNOBS = {"BLOCK_M_BWD": "BLOCK_M", "BLOCK_N_BWD": "BLOCK_N", "num_warps_bwd": "num_warps",
+             "num_stages_bwd": "num_stages"}
 BASE_CHOICES = {"BLOCK_M": [16, 32, 64, 128], "BLOCK_N": [16, 32, 64, 128], "num_warps": [2, 4, 8],
                 "num_stages": [1, 2, 3, 4]}
 
@@ -41,9 +45,9 @@ def parse_arch(text: str) -> int:
 
 
 def _check_one(task):
-    spec_path, params, config, arch, sizes, dtype = task
+    spec_path, params, config, arch, sizes, dtype, direction = task
     from .triton_aot import aot_check
-    return aot_check(spec_path, params, config, arch=arch, sizes=sizes, dtype=dtype)
+    return aot_check(spec_path, params, config, arch=arch, sizes=sizes, dtype=dtype, direction=direction)
 
 
 def _fmt(value, unit="") -> str:
@@ -72,8 +76,12 @@ def run_aot(args) -> int:
         else:
             from ..backends.triton_backend import default_config
             configs = [default_config(spec)] + (corner_configs(spec) if args.corners else [])
-        tasks = [(path, params, c, arch, sizes, args.dtype) for c in configs]
-        print(f"{spec.path}: {spec.name} forward kernel, sm_{arch}, {args.dtype}, D={args.head_dim}, "
+        direction = "fwd+bwd" if args.backward else "fwd"
+        if args.backward:
+            configs = [{**{k: c[v] for k, v in BWD_KNOBS.items()}, **c} for c in configs]
+        tasks = [(path, params, c, arch, sizes, args.dtype, direction) for c in configs]
+        what = "forward and backward kernels" if args.backward else "forward kernel"
+        print(f"{spec.path}: {spec.name} {what}, sm_{arch}, {args.dtype}, D={args.head_dim}, "
               f"H={args.heads}, {len(configs)} config(s)")
         header = f"  {'BLOCK_M':>7} {'BLOCK_N':>7} {'warps':>5} {'stages':>6}  {'result':<18} {'shared':>9} " \
                  f"{'regs':>5} {'spills':>7} {'compile':>8}"
@@ -116,8 +124,8 @@ def _parse_config(text: str):
         if "=" not in part:
             raise KernelsearchError(f"--config takes BLOCK_M=64,BLOCK_N=64,num_warps=4,num_stages=2; got {text!r}")
         key, value = part.split("=", 1)
-        if key.strip() not in KNOBS:
-            raise KernelsearchError(f"unknown knob {key.strip()!r}; knobs: {', '.join(KNOBS)}")
+        if key.strip() not in KNOBS + tuple(BWD_KNOBS):
+            raise KernelsearchError(f"unknown knob {key.strip()!r}; knobs: {', '.join(KNOBS + tuple(BWD_KNOBS))}")
         yield key.strip(), int(value)
 
 
@@ -136,6 +144,8 @@ def register(subparsers) -> None:
                    help="also the smallest and largest config of the tune space")
     p.add_argument("--config", default=None, metavar="K=V,...", help="one config, e.g. BLOCK_M=64,BLOCK_N=32")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="override a spec param")
+    p.add_argument("--backward", action="store_true",
+                   help="also the training kernels (forward saving lse, dq, dkdv), *_BWD knobs = forward knobs")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--head-dim", type=int, default=64, help="D the kernel is specialised for (default 64)")
     p.add_argument("--heads", type=int, default=8, help="H (matters for heads-in-tile kernels; default 8)")

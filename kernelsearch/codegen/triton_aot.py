@@ -59,24 +59,65 @@ def nvidia_tool(name: str) -> str | None:
     return shutil.which(name)
 
 
+def _pointer_types(p, elem: str) -> dict:
+    types = {t.ptr: {"float": f"*{elem}", "bool": "*i1", "int": "*i64"}[t.dtype] for t in p.tensors + p.materialized}
+    types.update({"out_ptr": f"*{elem}", "lse_ptr": "*fp32"})
+    return types
+
+
+def _unit_strides(tensors) -> set:
+    """Stride args of feature dims: rows are contiguous along their feature dim (a constexpr 1)."""
+    return {t.strides[-1] for t in tensors if t.dims and t.dims[-1] not in ("b", "h", "i", "j")}
+
+
 def aot_signature(p, config: dict, sizes: dict, dtype: str, prepass: bool = False):
     """(signature, constexprs, attrs) for ASTSource, mirroring what the JIT specialises at a call.
 
     prepass: for the k-prologue prepass kernel instead of the forward kernel."""
-    from .triton_fwd import MIN_DOT_BLOCK, PREPASS_BLOCK_N
+    from .triton_fwd import PREPASS_BLOCK_N, TensorArg
     elem = _TORCH_TO_TRITON.get(str(dtype), str(dtype))
-    signature, constexprs, attrs = {}, {}, {}
     args = p.prepass_args() if prepass else p.runtime_args()
-    pointer_type = {t.ptr: {"float": f"*{elem}", "bool": "*i1", "int": "*i64"}[t.dtype]
-                    for t in p.tensors + p.materialized}
-    pointer_type["out_ptr"] = f"*{elem}"
-    pointer_type["lse_ptr"] = "*fp32"
-    unit_strides = set()
-    for t in list(p.tensors) + list(p.materialized) + [None]:
-        dims = p.out_dims if t is None else t.dims
-        strides = p.out_strides if t is None else t.strides
-        if dims and dims[-1] not in ("b", "h", "i", "j"):
-            unit_strides.add(strides[-1])     # rows are contiguous along their feature dim
+    out = TensorArg("out", "out_ptr", p.out_dims, "float", False, p.out_strides)
+    signature, constexprs, attrs = _signature(p, args, _pointer_types(p, elem),
+                                              _unit_strides(list(p.tensors) + list(p.materialized) + [out]),
+                                              p.prepass_constexpr_args() if prepass else p.constexpr_args(), sizes)
+    if prepass:
+        constexprs["BLOCK_N"] = PREPASS_BLOCK_N
+        return signature, constexprs, attrs
+    constexprs["BLOCK_M"] = int(config["BLOCK_M"])
+    constexprs["BLOCK_N"] = int(config["BLOCK_N"])
+    _channels_and_precision(p, constexprs, sizes, elem)
+    constexprs["STORE_LSE"] = bool(config.get("STORE_LSE", False))
+    return signature, constexprs, attrs
+
+
+def aot_signature_backward(bp, config: dict, sizes: dict, dtype: str):
+    """(signature, constexprs, attrs) of the backward kernels (dq and dkdv take the same arguments)."""
+    p = bp.forward
+    elem = _TORCH_TO_TRITON.get(str(dtype), str(dtype))
+    pointers = _pointer_types(p, elem)
+    pointers.update({"do_ptr": f"*{elem}", "delta_ptr": "*fp32"})
+    for g in bp.grads:
+        pointers[g.ptr] = "*fp32" if g.name.split(":", 1)[1] in bp.atomic else f"*{elem}"
+    signature, constexprs, attrs = _signature(p, bp.runtime_args(), pointers,
+                                              _unit_strides(list(p.tensors) + [bp.dout] + list(bp.grads)),
+                                              bp.constexpr_args(), sizes)
+    constexprs["BLOCK_M"] = int(config["BLOCK_M_BWD"])
+    constexprs["BLOCK_N"] = int(config["BLOCK_N_BWD"])
+    _channels_and_precision(p, constexprs, sizes, elem)
+    return signature, constexprs, attrs
+
+
+def _channels_and_precision(p, constexprs: dict, sizes: dict, elem: str) -> None:
+    if p.channels:
+        heads = int(sizes.get("h", sizes.get("H", DEFAULT_SIZES["h"])))
+        constexprs["CP"] = 1 << max(0, p.streams * heads - 1).bit_length()
+    constexprs["DOT_PRECISION"] = "ieee" if elem == "fp32" else "tf32"
+
+
+def _signature(p, args, pointer_type, unit_strides, constexpr_names, sizes):
+    from .triton_fwd import MIN_DOT_BLOCK
+    signature, constexprs, attrs = {}, {}, {}
     host_type = {a: {"float": "fp32", "int": "i32", "bool": "i1"}.get(dtype_, "fp32") for a, _, dtype_, _ in p.host}
     for index, arg in enumerate(args):
         if arg in pointer_type:
@@ -92,22 +133,12 @@ def aot_signature(p, config: dict, sizes: dict, dtype: str, prepass: bool = Fals
             signature[arg] = host_type[arg]
         else:
             signature[arg] = "i32"
-    for name in (p.prepass_constexpr_args() if prepass else p.constexpr_args()):
+    for name in constexpr_names:
         signature[name] = "constexpr"
     for feature, block in p.features:
         size = int(sizes.get(feature, sizes.get(feature.upper(), DEFAULT_SIZES["d"])))
         constexprs[block] = max(MIN_DOT_BLOCK, 1 << max(0, size - 1).bit_length())
         constexprs[f"EVEN_{feature.upper()}"] = constexprs[block] == size
-    if prepass:
-        constexprs["BLOCK_N"] = PREPASS_BLOCK_N
-        return signature, constexprs, attrs
-    constexprs["BLOCK_M"] = int(config["BLOCK_M"])
-    constexprs["BLOCK_N"] = int(config["BLOCK_N"])
-    if p.channels:
-        heads = int(sizes.get("h", sizes.get("H", DEFAULT_SIZES["h"])))
-        constexprs["CP"] = 1 << max(0, p.streams * heads - 1).bit_length()
-    constexprs["DOT_PRECISION"] = "ieee" if elem == "fp32" else "tf32"
-    constexprs["STORE_LSE"] = bool(config.get("STORE_LSE", False))
     return signature, constexprs, attrs
 
 
@@ -159,8 +190,13 @@ def resource_usage(compiled, arch: int) -> dict:
 
 
 def aot_check(spec_or_graph, params=None, config=None, arch=90, *, sizes: dict | None = None,
-              dtype: str = "float16", present=None, resources: bool = True) -> dict:
-    """Compile the forward kernel for sm_<arch> without a GPU; see the module docstring."""
+              dtype: str = "float16", present=None, resources: bool = True, direction: str = "fwd") -> dict:
+    """Compile the kernels for sm_<arch> without a GPU; see the module docstring.
+
+    direction "fwd": the forward kernel (and its prepass); "fwd+bwd": also the training path's
+    kernels - the core graph's forward saving the row log-sum-exp, and the dq and dkdv kernels at
+    the *_BWD knobs. `shared`, `n_regs`, `n_spills` are the largest over the kernels; `kernels`
+    has each one's."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -170,51 +206,70 @@ def aot_check(spec_or_graph, params=None, config=None, arch=90, *, sizes: dict |
 
     arch = int(str(arch).lower().replace("sm_", "").replace("sm", "").rstrip("a"))
     if language_patched_by_interpreter():
-        return _aot_check_in_subprocess(spec_or_graph, params, config, arch, sizes, dtype, present, resources)
+        return _aot_check_in_subprocess(spec_or_graph, params, config, arch, sizes, dtype, present, resources,
+                                        direction)
     start = time.perf_counter()
     result = {"ok": False, "error": None, "shared": None, "n_regs": None, "n_spills": None, "compile_s": None,
-              "arch": arch, "config": None}
+              "arch": arch, "config": None, "kernels": {}}
+    target = GPUTarget("cuda", arch, 32)
+
+    def compile_kernel(fn, signature, constexprs, attrs, warps, stages, label=""):
+        log = io.StringIO()
+        with triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+            triton.knobs.nvidia.dump_ptxas_log = True    # Triton prints ptxas -v's report: keep it
+            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                      options={"num_warps": int(warps), "num_stages": int(stages)})
+        shared = int(getattr(compiled.metadata, "shared", 0) or 0)
+        entry = {"shared": shared, "n_regs": None, "n_spills": None}
+        if resources:
+            usage = _parse_ptxas_log(log.getvalue()) or _cached_usage(compiled)
+            if usage is None:   # compiled earlier (Triton's cache): ask the tools
+                usage = resource_usage(compiled, arch)
+            _store_usage(compiled, usage)
+            entry.update(n_regs=usage["n_regs"], n_spills=usage["n_spills"])
+        result["kernels"][getattr(fn, "__name__", str(fn)) + label] = entry
+
     try:
         graph = _graph_of(spec_or_graph, params, present)
         merged = default_config(graph)
         merged.update({k: v for k, v in (config or {}).items() if k in merged})
         result["config"] = merged
+        all_sizes = {**DEFAULT_SIZES, **(sizes or {})}
         p = plan(graph)
         module = load_module(triton_source(graph), f"{_sanitize(graph.spec.name)}_fwd", interpret=False)
-        all_sizes = {**DEFAULT_SIZES, **(sizes or {})}
         if p.prepass_kernel:     # the k-prologue prepass: it must compile too (its resources are small)
-            signature, constexprs, attrs = aot_signature(p, merged, all_sizes, dtype, prepass=True)
-            triton.compile(ASTSource(getattr(module, p.prepass_kernel), signature, constexprs, attrs),
-                           target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 1})
-        fn = getattr(module, p.kernel)
-        signature, constexprs, attrs = aot_signature(p, merged, all_sizes, dtype)
-        source = ASTSource(fn, signature, constexprs, attrs)
-        log = io.StringIO()
-        with triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
-            triton.knobs.nvidia.dump_ptxas_log = True    # Triton prints ptxas -v's report: keep it
-            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                      options={"num_warps": int(merged["num_warps"]),
-                                               "num_stages": int(merged["num_stages"])})
-    except NotImplementedError as e:
-        result.update(error=_short(e), compile_s=time.perf_counter() - start)
-        return result
+            compile_kernel(getattr(module, p.prepass_kernel), *aot_signature(p, merged, all_sizes, dtype, prepass=True),
+                           4, 1)
+        compile_kernel(getattr(module, p.kernel), *aot_signature(p, merged, all_sizes, dtype),
+                       merged["num_warps"], merged["num_stages"])
+        if direction == "fwd+bwd":
+            from ..passes.split_prologue import split_prologue
+            from .triton_bwd import backward_functions, backward_plan
+            core = split_prologue(graph).core
+            bp = backward_plan(core)
+            module = load_module(triton_source(core) + "\n\n" + backward_functions(core),
+                                 f"{_sanitize(graph.spec.name)}_train", interpret=False)
+            compile_kernel(getattr(module, bp.forward.kernel),
+                           *aot_signature(bp.forward, {**merged, "STORE_LSE": True}, all_sizes, dtype),
+                           merged["num_warps"], merged["num_stages"], label=" (training: saves lse)")
+            for kernel in (bp.dq_kernel, bp.dkdv_kernel):
+                compile_kernel(getattr(module, kernel), *aot_signature_backward(bp, merged, all_sizes, dtype),
+                               merged["num_warps_bwd"], merged["num_stages_bwd"])
     except Exception as e:   # the compiler's error is the answer, not a crash
         result.update(error=_short(e), compile_s=time.perf_counter() - start)
         return result
     result["compile_s"] = time.perf_counter() - start
-    shared = int(getattr(compiled.metadata, "shared", 0) or 0)
+    kernels = result["kernels"].values()
+    shared = max(k["shared"] for k in kernels)
     result["shared"] = shared
+    for key in ("n_regs", "n_spills"):
+        known = [k[key] for k in kernels if k[key] is not None]
+        result[key] = max(known) if known else None
     limit = SHARED_LIMIT.get(arch)
     if limit is not None and shared > limit:
         result["error"] = f"out of resources: shared memory {shared} B > {limit} B per block on sm_{arch}"
     else:
         result["ok"] = True
-    if resources:
-        usage = _parse_ptxas_log(log.getvalue()) or _cached_usage(compiled)
-        if usage is None:   # compiled earlier (Triton's cache): ask the tools
-            usage = resource_usage(compiled, arch)
-        _store_usage(compiled, usage)
-        result["n_regs"], result["n_spills"] = usage["n_regs"], usage["n_spills"]
     return result
 
 
@@ -228,7 +283,8 @@ def language_patched_by_interpreter() -> bool:
         return False
 
 
-def _aot_check_in_subprocess(spec_or_graph, params, config, arch, sizes, dtype, present, resources) -> dict:
+def _aot_check_in_subprocess(spec_or_graph, params, config, arch, sizes, dtype, present, resources,
+                             direction="fwd") -> dict:
     """aot_check in a fresh interpreter (this one ran interpreted kernels)."""
     import ast
     import subprocess
@@ -243,7 +299,8 @@ def _aot_check_in_subprocess(spec_or_graph, params, config, arch, sizes, dtype, 
         spec_path = spec_or_graph if isinstance(spec_or_graph, (str, os.PathLike)) else spec_or_graph.path
         present = sorted(present) if present is not None else None
     request = {"spec": str(spec_path), "params": params or {}, "config": config or {}, "arch": arch,
-               "sizes": sizes, "dtype": str(dtype), "present": present, "resources": resources}
+               "sizes": sizes, "dtype": str(dtype), "present": present, "resources": resources,
+               "direction": direction}
     env = dict(os.environ, TRITON_INTERPRET="0")
     run = subprocess.run([sys.executable, "-m", "kernelsearch.codegen.triton_aot"], input=json.dumps(request),
                          capture_output=True, text=True, env=env)
@@ -301,7 +358,7 @@ def _main() -> None:
     with contextlib.redirect_stdout(sys.stderr):
         result = aot_check(request["spec"], request["params"], request["config"], arch=request["arch"],
                            sizes=request["sizes"], dtype=request["dtype"], present=request["present"],
-                           resources=request["resources"])
+                           resources=request["resources"], direction=request.get("direction", "fwd"))
     print(json.dumps(result))
 
 

@@ -519,9 +519,10 @@ def _launcher(graph: Graph, bp: BackwardPlan) -> str:
     d = DEFAULT_BWD_CONFIG_HEADS_IN_TILE if p.channels else DEFAULT_BWD_CONFIG
     lines = [f"def {backward_function_name(graph)}(do, out, lse, {', '.join(params)}, *, "
              f"BLOCK_M={d['BLOCK_M_BWD']}, BLOCK_N={d['BLOCK_N_BWD']}, num_warps={d['num_warps_bwd']}, "
-             f"num_stages={d['num_stages_bwd']}, wrap=None):"]
+             f"num_stages={d['num_stages_bwd']}, wrap=None, poison=False):"]
     names = ", ".join(g.name.split(":", 1)[1] for g in bp.grads)
-    lines.append(f'    """Gradients of ({names}) from dO, the output and the forward\'s row log-sum-exp."""')
+    lines.append(f'    """Gradients of ({names}) from dO, the output and the forward\'s row log-sum-exp;')
+    lines.append('    poison: fill the gradients the kernels store (not accumulate) with NaN first."""')
     for arg, dim in p.sizes:
         source, axis = p.size_sources[dim]
         lines.append(f"    {arg} = {pnames[source]}.shape[{axis}]")
@@ -540,7 +541,7 @@ def _launcher(graph: Graph, bp: BackwardPlan) -> str:
         if name in bp.atomic:
             lines.append(f"    {var} = torch.zeros({pnames[name]}.shape, dtype=torch.float32, device={lead}.device)")
         else:
-            lines.append(f"    {var} = torch.empty({pnames[name]}.shape, dtype={pnames[name]}.dtype, device={lead}.device)")
+            lines.append(f"    {var} = _empty({pnames[name]}.shape, {pnames[name]}, poison)")
     lines.append("    if B * H * I * J == 0:")
     for name, var in grads:
         lines.append(f"        {var}.zero_()")

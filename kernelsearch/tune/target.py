@@ -176,7 +176,8 @@ class _Backend:
             accepted = inspect.signature(self._aot).parameters
         except (TypeError, ValueError):
             accepted = {}
-        for name, value in (("sizes", dict(self.p.sizes)), ("dtype", self.p.dtype), ("resources", False)):
+        for name, value in (("sizes", dict(self.p.sizes)), ("dtype", self.p.dtype), ("resources", False),
+                            ("direction", self.p.direction)):
             if name in accepted:
                 kw[name] = value
         res = self._aot(self.spec, dict(self.p.params), dict(config), arch=arch, **kw)
