@@ -217,17 +217,6 @@ def test_mixing_weight_of_the_wrong_size_is_refused(interpreter):
         attn(**inputs)
 
 
-def test_requires_grad_raises(interpreter):
-    from kernelsearch.backends.triton_backend import BackwardNotImplemented
-    attn = kernelsearch.load(spec_path("softmax"), backend="triton")
-    inputs = random_inputs(attn.spec, sizes_for("softmax", 17, 17), optional=False)
-    inputs["q"].requires_grad_(True)
-    with pytest.raises(BackwardNotImplemented, match="backward"):
-        attn(**inputs)
-    with torch.no_grad():
-        assert torch.isfinite(attn(**inputs)).all()
-
-
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if torch.cuda.is_available():

@@ -192,11 +192,6 @@ class TritonForward:
 
     def __call__(self, tensors: dict, config: dict, poison: bool = False):
         args = [tensors[n] for n in self.inputs]
-        q = tensors["q"]
-        if not self.interpret and q.device.type != "cuda":
-            raise RuntimeError(f"{self.graph.spec.name}: the triton backend runs on CUDA tensors (got {q.device}); "
-                               "set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU "
-                               "in Triton's interpreter, or use backend='torch'")
         return self.op()(*args, int(config["BLOCK_M"]), int(config["BLOCK_N"]), int(config["num_warps"]),
                          int(config["num_stages"]), bool(poison))
 
@@ -324,6 +319,11 @@ def build(graph: Graph, attention):
         training, why_not = None, str(e)
 
     def run(tensors: dict):
+        q = tensors["q"]
+        if not forward.interpret and q.device.type != "cuda":
+            raise RuntimeError(f"{graph.spec.name}: the triton backend runs on CUDA tensors (got {q.device}); "
+                               "set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU "
+                               "in Triton's interpreter, or use backend='torch'")
         sizes = bind(graph, tensors)
         config = resolve_config(attention, graph, sizes, tensors["q"])
         if attention is not None:
