@@ -42,7 +42,7 @@ from ..layout import bind
 POISON_OUTPUTS = os.environ.get("KERNELSEARCH_POISON", "") == "1"
 
 __all__ = ["build", "default_config", "aot_check", "BackwardNotImplemented", "CodegenError", "load_module",
-           "interpreting", "cache_dir"]
+           "interpreting", "cache_dir", "interpret_stdlib_jit_calls"]
 
 
 class BackwardNotImplemented(NotImplementedError):
@@ -53,6 +53,40 @@ def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     import triton
     return bool(triton.knobs.runtime.interpret)
+
+
+def interpret_stdlib_jit_calls() -> None:
+    """Let interpreted kernels call Triton's @jit standard library whatever the import order.
+
+    Triton's own helpers (tl.zeros, tl.max, tl.sum, tl.sigmoid, tl.cdiv, ...) are @triton.jit
+    functions, decorated once when triton.language is first imported: as InterpretedFunction if
+    TRITON_INTERPRET=1 then, else as JITFunction. Whatever first imports triton without it - torch.compile /
+    inductor does, as does any compiled-kernel test - leaves JITFunctions behind, and an interpreted kernel
+    calling one hits JITFunction.__call__, which always raises "Cannot call @triton.jit'd outside of the
+    scope of a kernel" (the interpreter patches only builtins, not these). Here such a call, made while
+    the interpreter is on, runs the function as the interpreter would have wrapped it. Compilation never
+    goes through __call__ (the code generator inlines JITFunctions), so compiled kernels are unaffected.
+    """
+    try:
+        import triton
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return
+    original = JITFunction.__call__
+    if getattr(original, "_kernelsearch_interprets", False):
+        return
+    interpreted = {}
+
+    def __call__(self, *args, **kwargs):
+        if not triton.knobs.runtime.interpret:
+            return original(self, *args, **kwargs)
+        if self.fn not in interpreted:
+            interpreted[self.fn] = InterpretedFunction(self.fn)
+        return interpreted[self.fn](*args, **kwargs)
+
+    __call__._kernelsearch_interprets = True
+    JITFunction.__call__ = __call__
 
 
 def cache_dir() -> Path:
@@ -85,6 +119,8 @@ def load_module(source: str, stem: str, interpret: bool | None = None):
         os.replace(tmp, path)
     if interpret is None:
         interpret = interpreting()
+    if interpret:
+        interpret_stdlib_jit_calls()
     name = f"kernelsearch_triton_{stem}_{digest}_{'interp' if interpret else 'jit'}"
     module = sys.modules.get(name)
     if module is not None:
