@@ -45,7 +45,8 @@ def parse_arch(text: str) -> int:
 
 
 def _check_one(task):
-    spec_path, params, config, arch, sizes, dtype, direction = task
+    spec_path, params, config, arch, sizes, dtype, *rest = task
+    direction = rest[0] if rest else "fwd"
     from .triton_aot import aot_check
     return aot_check(spec_path, params, config, arch=arch, sizes=sizes, dtype=dtype, direction=direction)
 
