@@ -204,7 +204,8 @@ def main(argv=None) -> int:
     header = (f"LM training throughput — {datetime.date.today()} — {device} — torch {torch.__version__}\n"
               f"dim {args.dim}, depth {args.depth}, heads {args.heads}, batch {args.batch_size} x "
               f"seq {args.seq_len} bytes, {args.steps} timed steps after {args.warmup} warm-up, fp32; "
-              f"load average at the end {os.getloadavg()[0]:.1f} (other processes share the CPUs)\n")
+              f"load average at the end {os.getloadavg()[0]:.1f} (other processes share the CPUs)\n"
+              f"command: python bench/bench_models.py {' '.join(sys.argv[1:] if argv is None else argv)}\n")
     table = header + "\n" + _table(rows, args)
     print(table)
     if args.out:
