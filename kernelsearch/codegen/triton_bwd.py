@@ -40,7 +40,7 @@ DEFAULT_BWD_CONFIG_HEADS_IN_TILE = {"BLOCK_M_BWD": 16, "BLOCK_N_BWD": 16, "num_w
 BWD_CONFIG_KEYS = tuple(DEFAULT_BWD_CONFIG)
 
 # ops whose derivative is a rule below; everything a float gradient may flow through
-ELEMENTWISE_RULES = ("add", "sub", "mul", "div", "neg", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "abs",
+ELEMENTWISE_RULES = ("add", "sub", "mul", "div", "neg", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "gelu", "abs",
                      "pow", "minimum", "maximum", "where", "mod", "floordiv")
 
 
@@ -318,6 +318,10 @@ class _BackwardWriter(_KernelWriter):
             return [(a, F(f"{g} * {out()} * (1.0 - {out()})"))]
         if op == "abs":
             return [(a, F(f"tl.where({arg(0)} >= 0.0, {g}, -{g})"))]
+        if op == "gelu":       # d/dx x Phi(x) = Phi(x) + x phi(x)
+            x = arg(0)
+            return [(a, F(f"{g} * (0.5 * (1.0 + tl.erf({x} * 0.7071067811865476)) + "
+                          f"{x} * 0.3989422804014327 * tl.exp(-0.5 * {x} * {x}))"))]
         if op == "pow":
             return [(a, F(f"{g} * {arg(1)} * _pow({arg(0)}, {arg(1)} - 1.0)")),
                     (b, F(f"{g} * {out()} * tl.log({arg(0)})"))]

@@ -62,10 +62,10 @@ MIN_DOT_BLOCK = 16   # tl.dot needs every dim >= 16 on a GPU
 PREPASS_BLOCK_N = 64
 
 _TL_UNARY = {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "rsqrt": "tl.rsqrt", "abs": "tl.abs",
-             "sigmoid": "tl.sigmoid", "tanh": "_tanh"}
+             "sigmoid": "tl.sigmoid", "tanh": "_tanh", "gelu": "_gelu"}
 _PY_UNARY = {"neg": "-{}", "not": "(not {})", "exp": "math.exp({})", "log": "math.log({})",
              "sqrt": "math.sqrt({})", "rsqrt": "({} ** -0.5)", "abs": "abs({})", "tanh": "math.tanh({})",
-             "sigmoid": "(1.0 / (1.0 + math.exp(-{})))"}
+             "sigmoid": "(1.0 / (1.0 + math.exp(-{})))", "gelu": "(0.5 * {0} * (1.0 + math.erf({0} / math.sqrt(2.0))))"}
 _PY_BINARY = {"and": "and", "or": "or"}
 
 # names the skeleton uses; graph values never take them
@@ -75,7 +75,7 @@ _INTERNAL = {
     "c_ok", "C", "CP", "S", "i_first", "i_last", "kv_lo", "kv_hi", "full_lo", "full_hi", "start_n", "m_i", "l_i", "m_new",
     "m_use", "alpha", "p_tile", "s_tile", "keep_tile", "inv_l", "l_safe", "DOT_DTYPE", "DOT_PRECISION",
     "BLOCK_M", "BLOCK_N", "out_ptr", "out", "out_tile", "out_mask", "out_offs", "_floordiv", "_floormod",
-    "_tanh", "_pow", "_mix_heads", "_strides", "_empty", "forward", "forward_op", "forward_fake",
+    "_tanh", "_gelu", "_pow", "_mix_heads", "_strides", "_empty", "forward", "forward_op", "forward_fake",
     "KERNEL", "wrap", "poison", "grid", "kernel", "num_warps", "num_stages", "tensors",
 }
 
@@ -1108,6 +1108,12 @@ def _floormod(a, b):
 @triton.jit
 def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _gelu(x):
+    """Exact GELU, x * Phi(x) (nn.GELU's default)."""
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
 
 
 @triton.jit

@@ -19,7 +19,10 @@
   non-causal), which makes next-token training leak the answer; an LM must be causal here.
 - Not reproduced (upstream bugs, SEMANTICS.md §5): identity init applied to absent mixers;
   separate position embeddings indexed by tokens; the mixing group hard-coded to 2 streams.
-  The non-linear talking-heads MLP is not implemented (the spec mixes linearly).
+- ``non_linear_talking_heads``: upstream's ``TalkingHeadsFeedForward`` (a residual MLP over the
+  ``(s h)`` channels: RMSNorm over channels -> 1x1 conv to 2C -> GELU -> 1x1 conv back, the last
+  zero-initialised) before and/or after softmax, with ``specs/talking_heads_mlp.yaml``: the model
+  owns the weights and passes them as that spec's inputs (``TalkingHeadsMLP.inputs``).
 
 **Stream-diversity auxiliary loss** (``stream_diversity_weight > 0`` and ``s > 1``):
 upstream's ``calc_stream_loss`` on each layer's post-softmax (pre-post-mix) attention
@@ -68,9 +71,29 @@ def calc_stream_loss(attn: torch.Tensor, streams: int) -> torch.Tensor:
     return (mean * torch.log(mean.clamp(min=1e-20))).sum(-1)
 
 
+class TalkingHeadsMLP(nn.Module):
+    """Upstream's TalkingHeadsFeedForward (mult 2) as inputs of specs/talking_heads_mlp.yaml:
+    x + W2 gelu(W1 (x * rsqrt(mean_c x^2 + eps) * g)) over C channels. The spec mixes C channels at a
+    time, so the 2C hidden channels go in two halves; the norm scale g is folded into W1."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(channels))
+        self.up = nn.Parameter(torch.empty(2 * channels, channels))
+        nn.init.kaiming_uniform_(self.up, a=math.sqrt(5))           # nn.Conv2d's default init
+        self.down = nn.Parameter(torch.zeros(channels, 2 * channels))  # zero init: starts as identity
+
+    def inputs(self, prefix: str) -> dict:
+        c = self.scale.numel()
+        up = self.up * self.scale[None, :]
+        return {f"{prefix}_up_a": up[:c], f"{prefix}_up_b": up[c:],
+                f"{prefix}_down_a": self.down[:, :c], f"{prefix}_down_b": self.down[:, c:]}
+
+
 class Attention(nn.Module):
     def __init__(self, *, dim: int, heads: int, dim_head: int, mix_streams: int,
-                 pre_talking_heads: bool, post_talking_heads: bool, attn, probe=None):
+                 pre_talking_heads: bool, post_talking_heads: bool, attn, probe=None,
+                 non_linear: bool = False):
         super().__init__()
         inner = heads * dim_head
         all_heads = mix_streams * heads
@@ -78,8 +101,16 @@ class Attention(nn.Module):
         self.rmsnorm = RMSNorm(dim)
         self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
         self.to_gates = nn.Linear(dim, heads)
-        self.pre_mix = nn.Parameter(torch.eye(all_heads)) if pre_talking_heads else None
-        self.post_mix = nn.Parameter(torch.eye(all_heads)) if post_talking_heads else None
+        self.non_linear = non_linear
+        if non_linear:
+            self.pre_mix = TalkingHeadsMLP(all_heads) if pre_talking_heads else None
+            self.post_mix = TalkingHeadsMLP(all_heads) if post_talking_heads else None
+            # the spec's inputs are all required: the channel mean, and zeros for a disabled MLP's weights
+            self.register_buffer("head_mean", torch.full((all_heads, all_heads), 1.0 / all_heads), persistent=False)
+            self.register_buffer("no_mix", torch.zeros(all_heads, all_heads), persistent=False)
+        else:
+            self.pre_mix = nn.Parameter(torch.eye(all_heads)) if pre_talking_heads else None
+            self.post_mix = nn.Parameter(torch.eye(all_heads)) if post_talking_heads else None
         self.to_out = nn.Linear(inner, dim, bias=False)
         object.__setattr__(self, "attn", attn)
         object.__setattr__(self, "probe", probe)
@@ -88,6 +119,14 @@ class Attention(nn.Module):
         inputs = {}
         if mask is not None:
             inputs["mask"] = mask
+        if self.non_linear:
+            inputs["head_mean"] = self.head_mean
+            for prefix, mlp in (("pre", self.pre_mix), ("post", self.post_mix)):
+                if mlp is not None:
+                    inputs.update(mlp.inputs(prefix))
+                else:
+                    inputs.update({f"{prefix}_{part}": self.no_mix for part in ("up_a", "up_b", "down_a", "down_b")})
+            return inputs
         if self.pre_mix is not None:
             inputs["pre_mix"] = self.pre_mix
         if post and self.post_mix is not None:
@@ -158,7 +197,7 @@ class TalkingHeadsLM(LM):
                  max_seq_len=256, dim=128, depth=2, heads=4, dim_head=32, ff_mult=4,
                  num_streams=2, pre_talking_heads=True, post_talking_heads=True,
                  cross_stream_talking_heads=True, separate_stream_emb=False,
-                 stream_diversity_weight=0.0):
+                 stream_diversity_weight=0.0, non_linear_talking_heads=False):
         super().__init__(spec=spec, backend=backend, attn_params=attn_params,
                          num_tokens=num_tokens, max_seq_len=max_seq_len)
         self.num_streams = num_streams
@@ -168,7 +207,15 @@ class TalkingHeadsLM(LM):
             structural.update(num_streams=mix_streams, pre_talking_heads=pre_talking_heads,
                               post_talking_heads=post_talking_heads)
         seed = {"scale": math.sqrt(dim_head)}
+        if non_linear_talking_heads:
+            self.native_spec = "talking_heads_mlp.yaml"
         attn = self.build_attention(structural, seed)
+        mlp_spec = "head_mean" in attn.spec.inputs
+        if non_linear_talking_heads != mlp_spec:
+            raise ValueError(f"non_linear_talking_heads={non_linear_talking_heads} needs a spec "
+                             f"{'with' if non_linear_talking_heads else 'without'} the talking-heads MLP's inputs "
+                             f"(specs/{'talking_heads_mlp' if non_linear_talking_heads else 'talking_heads'}.yaml); "
+                             f"got {self.spec}")
         self.set_attention("attn", attn)
         self.stream_diversity_weight = float(stream_diversity_weight)
         probe = None
@@ -183,7 +230,8 @@ class TalkingHeadsLM(LM):
             nn.ModuleList([
                 Attention(dim=dim, heads=heads, dim_head=dim_head, mix_streams=mix_streams,
                           pre_talking_heads=pre_talking_heads,
-                          post_talking_heads=post_talking_heads, attn=attn, probe=probe),
+                          post_talking_heads=post_talking_heads, attn=attn, probe=probe,
+                          non_linear=non_linear_talking_heads),
                 FeedForward(dim, ff_mult),
             ]) for _ in range(depth)])
         self.final_norm = RMSNorm(dim)

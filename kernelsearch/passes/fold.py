@@ -27,7 +27,7 @@ _PY_BINARY = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "di
               "minimum": min, "maximum": max}
 _PY_UNARY = {"neg": operator.neg, "not": operator.not_, "exp": math.exp, "log": math.log, "sqrt": math.sqrt,
              "rsqrt": lambda x: 1 / math.sqrt(x), "abs": abs, "sigmoid": lambda x: 1 / (1 + math.exp(-x)),
-             "tanh": math.tanh}
+             "tanh": math.tanh, "gelu": lambda x: 0.5 * x * (1 + math.erf(x / math.sqrt(2)))}
 # ops for which an absent argument is the identity: the result is the other (present) argument
 _ABSENT_IS_IDENTITY = set(BINARY_OPS) | {"minimum", "maximum"}
 # folded integer constants are kept below this size (`10 ** 10 ** 10` would take forever)

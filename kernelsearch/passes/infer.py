@@ -10,7 +10,7 @@ from ..errors import SpecError
 from ..exprs import INDEX_VARIABLES
 from ..ir import BINARY_OPS, COMPARE_OPS, Graph
 
-_FLOAT_UNARY = ("exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh")
+_FLOAT_UNARY = ("exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "gelu")
 # the types of the static keyword arguments of ops, once folded into attributes
 _STATIC_TYPES = {"groups": (int,), "streams": (int,), "eps": (int, float), "theta": (int, float),
                  "scale_base": (int, float), "inverse": (bool,)}
