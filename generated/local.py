@@ -44,7 +44,7 @@ def _materialized(q, k, v):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked(q, k, v, CHUNK_N: int = 128):
+def _chunked(q, k, v, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """local, chunked, schedule one_pass; inputs: q, k, v."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -66,32 +66,41 @@ def _chunked(q, k, v, CHUNK_N: int = 128):
     scale_76 = (D ** scale_75)
     q_scaled = (q * scale_76)  # [b, h, i, d]
     q_rotated_17 = ops.rotary(q_scaled, q_rotated_15, 4, theta=10000.0)  # [b, h, i, d]
-    s_38_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_38_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_38_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(max(0, ((((0) // 64) - 1) * 64)), min(J, min((((((I - 1) // 64) - 0) * 64) + 63), (I - 1)) + 1), CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        j_chunk = j[:, :, :, key_start:key_end]
-        k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
-        window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        window_distance = (window_distance_46 - window_distance_47_chunk)  # [i, j]
-        window_keep_50 = (window_distance <= look_backward)  # [i, j]
-        window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
-        window_keep = (window_keep_50 & window_keep_53)  # [i, j]
-        causal_keep_56 = (j_chunk <= i)  # [i, j]
-        s_38 = ops.dot(q_rotated_17, k_rotated_33_chunk, 4)  # [b, h, i, j]
-        logits = s_38.masked_fill(~(window_keep & causal_keep_56), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        i_rows = i[:, :, query_start:query_end]
+        q_rotated_17_rows = q_rotated_17[:, :, query_start:query_end]
+        window_distance_46_rows = window_distance_46[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(max(0, ((((query_start) // 64) - 1) * 64)), min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1), CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            j_chunk = j[:, :, :, key_start:key_end]
+            k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
+            window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            window_distance = (window_distance_46_rows - window_distance_47_chunk)  # [i, j]
+            window_keep_50 = (window_distance <= look_backward)  # [i, j]
+            window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
+            window_keep = (window_keep_50 & window_keep_53)  # [i, j]
+            causal_keep_56 = (j_chunk <= i_rows)  # [i, j]
+            s_38 = ops.dot(q_rotated_17_rows, k_rotated_33_chunk, 4)  # [b, h, i, j]
+            logits = s_38.masked_fill(~(window_keep & causal_keep_56), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__mask(q, k, v, mask):
@@ -127,7 +136,7 @@ def _materialized__mask(q, k, v, mask):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__mask(q, k, v, mask, CHUNK_N: int = 128):
+def _chunked__mask(q, k, v, mask, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """local, chunked, schedule one_pass; inputs: q, k, v, mask."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -150,33 +159,42 @@ def _chunked__mask(q, k, v, mask, CHUNK_N: int = 128):
     scale_76 = (D ** scale_75)
     q_scaled = (q * scale_76)  # [b, h, i, d]
     q_rotated_17 = ops.rotary(q_scaled, q_rotated_15, 4, theta=10000.0)  # [b, h, i, d]
-    s_38_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_38_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_38_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(max(0, ((((0) // 64) - 1) * 64)), min(J, min((((((I - 1) // 64) - 0) * 64) + 63), (I - 1)) + 1), CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        j_chunk = j[:, :, :, key_start:key_end]
-        k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
-        window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
-        mask_chunk = mask[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        window_distance = (window_distance_46 - window_distance_47_chunk)  # [i, j]
-        window_keep_50 = (window_distance <= look_backward)  # [i, j]
-        window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
-        window_keep = (window_keep_50 & window_keep_53)  # [i, j]
-        causal_keep_56 = (j_chunk <= i)  # [i, j]
-        s_38 = ops.dot(q_rotated_17, k_rotated_33_chunk, 4)  # [b, h, i, j]
-        logits = s_38.masked_fill(~(window_keep & causal_keep_56 & mask_chunk), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        i_rows = i[:, :, query_start:query_end]
+        q_rotated_17_rows = q_rotated_17[:, :, query_start:query_end]
+        window_distance_46_rows = window_distance_46[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(max(0, ((((query_start) // 64) - 1) * 64)), min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1), CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            j_chunk = j[:, :, :, key_start:key_end]
+            k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
+            window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
+            mask_chunk = mask[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            window_distance = (window_distance_46_rows - window_distance_47_chunk)  # [i, j]
+            window_keep_50 = (window_distance <= look_backward)  # [i, j]
+            window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
+            window_keep = (window_keep_50 & window_keep_53)  # [i, j]
+            causal_keep_56 = (j_chunk <= i_rows)  # [i, j]
+            s_38 = ops.dot(q_rotated_17_rows, k_rotated_33_chunk, 4)  # [b, h, i, j]
+            logits = s_38.masked_fill(~(window_keep & causal_keep_56 & mask_chunk), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__pos_bias_table(q, k, v, pos_bias_table):
@@ -216,7 +234,7 @@ def _materialized__pos_bias_table(q, k, v, pos_bias_table):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__pos_bias_table(q, k, v, pos_bias_table, CHUNK_N: int = 128):
+def _chunked__pos_bias_table(q, k, v, pos_bias_table, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """local, chunked, schedule one_pass; inputs: q, k, v, pos_bias_table."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -239,36 +257,45 @@ def _chunked__pos_bias_table(q, k, v, pos_bias_table, CHUNK_N: int = 128):
     scale_76 = (D ** scale_75)
     q_scaled = (q * scale_76)  # [b, h, i, d]
     q_rotated_17 = ops.rotary(q_scaled, q_rotated_15, 4, theta=10000.0)  # [b, h, i, d]
-    s_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(max(0, ((((0) // 64) - 1) * 64)), min(J, min((((((I - 1) // 64) - 0) * 64) + 63), (I - 1)) + 1), CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        j_chunk = j[:, :, :, key_start:key_end]
-        k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
-        window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s_41 = (i - j_chunk)  # [i, j]
-        s_42 = torch.abs(s_41)  # [i, j]
-        s_43 = ops.gather_unchecked(pos_bias_table, [h, s_42])  # [h, i, j]
-        window_distance = (window_distance_46 - window_distance_47_chunk)  # [i, j]
-        window_keep_50 = (window_distance <= look_backward)  # [i, j]
-        window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
-        window_keep = (window_keep_50 & window_keep_53)  # [i, j]
-        causal_keep_56 = (j_chunk <= i)  # [i, j]
-        s_38 = ops.dot(q_rotated_17, k_rotated_33_chunk, 4)  # [b, h, i, j]
-        s = (s_38 + s_43)  # [b, h, i, j]
-        logits = s.masked_fill(~(window_keep & causal_keep_56), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        i_rows = i[:, :, query_start:query_end]
+        q_rotated_17_rows = q_rotated_17[:, :, query_start:query_end]
+        window_distance_46_rows = window_distance_46[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(max(0, ((((query_start) // 64) - 1) * 64)), min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1), CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            j_chunk = j[:, :, :, key_start:key_end]
+            k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
+            window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s_41 = (i_rows - j_chunk)  # [i, j]
+            s_42 = torch.abs(s_41)  # [i, j]
+            s_43 = ops.gather_unchecked(pos_bias_table, [h, s_42])  # [h, i, j]
+            window_distance = (window_distance_46_rows - window_distance_47_chunk)  # [i, j]
+            window_keep_50 = (window_distance <= look_backward)  # [i, j]
+            window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
+            window_keep = (window_keep_50 & window_keep_53)  # [i, j]
+            causal_keep_56 = (j_chunk <= i_rows)  # [i, j]
+            s_38 = ops.dot(q_rotated_17_rows, k_rotated_33_chunk, 4)  # [b, h, i, j]
+            s = (s_38 + s_43)  # [b, h, i, j]
+            logits = s.masked_fill(~(window_keep & causal_keep_56), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__q_scale(q, k, v, q_scale):
@@ -303,7 +330,7 @@ def _materialized__q_scale(q, k, v, q_scale):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__q_scale(q, k, v, q_scale, CHUNK_N: int = 128):
+def _chunked__q_scale(q, k, v, q_scale, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """local, chunked, schedule one_pass; inputs: q, k, v, q_scale."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -325,32 +352,41 @@ def _chunked__q_scale(q, k, v, q_scale, CHUNK_N: int = 128):
     scale_76 = (D ** scale_75)
     q_scaled = (q * scale_76)  # [b, h, i, d]
     q_rotated_17 = ops.rotary(q_scaled, q_rotated_15, 4, theta=10000.0)  # [b, h, i, d]
-    s_38_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_38_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_38_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(max(0, ((((0) // 64) - 1) * 64)), min(J, min((((((I - 1) // 64) - 0) * 64) + 63), (I - 1)) + 1), CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        j_chunk = j[:, :, :, key_start:key_end]
-        k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
-        window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        window_distance = (window_distance_46 - window_distance_47_chunk)  # [i, j]
-        window_keep_50 = (window_distance <= look_backward)  # [i, j]
-        window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
-        window_keep = (window_keep_50 & window_keep_53)  # [i, j]
-        causal_keep_56 = (j_chunk <= i)  # [i, j]
-        s_38 = ops.dot(q_rotated_17, k_rotated_33_chunk, 4)  # [b, h, i, j]
-        logits = s_38.masked_fill(~(window_keep & causal_keep_56), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        i_rows = i[:, :, query_start:query_end]
+        q_rotated_17_rows = q_rotated_17[:, :, query_start:query_end]
+        window_distance_46_rows = window_distance_46[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(max(0, ((((query_start) // 64) - 1) * 64)), min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1), CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            j_chunk = j[:, :, :, key_start:key_end]
+            k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
+            window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            window_distance = (window_distance_46_rows - window_distance_47_chunk)  # [i, j]
+            window_keep_50 = (window_distance <= look_backward)  # [i, j]
+            window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
+            window_keep = (window_keep_50 & window_keep_53)  # [i, j]
+            causal_keep_56 = (j_chunk <= i_rows)  # [i, j]
+            s_38 = ops.dot(q_rotated_17_rows, k_rotated_33_chunk, 4)  # [b, h, i, j]
+            logits = s_38.masked_fill(~(window_keep & causal_keep_56), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__k_scale(q, k, v, k_scale):
@@ -385,7 +421,7 @@ def _materialized__k_scale(q, k, v, k_scale):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__k_scale(q, k, v, k_scale, CHUNK_N: int = 128):
+def _chunked__k_scale(q, k, v, k_scale, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """local, chunked, schedule one_pass; inputs: q, k, v, k_scale."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -407,32 +443,41 @@ def _chunked__k_scale(q, k, v, k_scale, CHUNK_N: int = 128):
     scale_76 = (D ** scale_75)
     q_scaled = (q * scale_76)  # [b, h, i, d]
     q_rotated_17 = ops.rotary(q_scaled, q_rotated_15, 4, theta=10000.0)  # [b, h, i, d]
-    s_38_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_38_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_38_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(max(0, ((((0) // 64) - 1) * 64)), min(J, min((((((I - 1) // 64) - 0) * 64) + 63), (I - 1)) + 1), CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        j_chunk = j[:, :, :, key_start:key_end]
-        k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
-        window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        window_distance = (window_distance_46 - window_distance_47_chunk)  # [i, j]
-        window_keep_50 = (window_distance <= look_backward)  # [i, j]
-        window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
-        window_keep = (window_keep_50 & window_keep_53)  # [i, j]
-        causal_keep_56 = (j_chunk <= i)  # [i, j]
-        s_38 = ops.dot(q_rotated_17, k_rotated_33_chunk, 4)  # [b, h, i, j]
-        logits = s_38.masked_fill(~(window_keep & causal_keep_56), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        i_rows = i[:, :, query_start:query_end]
+        q_rotated_17_rows = q_rotated_17[:, :, query_start:query_end]
+        window_distance_46_rows = window_distance_46[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(max(0, ((((query_start) // 64) - 1) * 64)), min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1), CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            j_chunk = j[:, :, :, key_start:key_end]
+            k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
+            window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            window_distance = (window_distance_46_rows - window_distance_47_chunk)  # [i, j]
+            window_keep_50 = (window_distance <= look_backward)  # [i, j]
+            window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
+            window_keep = (window_keep_50 & window_keep_53)  # [i, j]
+            causal_keep_56 = (j_chunk <= i_rows)  # [i, j]
+            s_38 = ops.dot(q_rotated_17_rows, k_rotated_33_chunk, 4)  # [b, h, i, j]
+            logits = s_38.masked_fill(~(window_keep & causal_keep_56), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__mask__pos_bias_table(q, k, v, mask, pos_bias_table):
@@ -473,7 +518,7 @@ def _materialized__mask__pos_bias_table(q, k, v, mask, pos_bias_table):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__mask__pos_bias_table(q, k, v, mask, pos_bias_table, CHUNK_N: int = 128):
+def _chunked__mask__pos_bias_table(q, k, v, mask, pos_bias_table, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """local, chunked, schedule one_pass; inputs: q, k, v, mask, pos_bias_table."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -497,37 +542,46 @@ def _chunked__mask__pos_bias_table(q, k, v, mask, pos_bias_table, CHUNK_N: int =
     scale_76 = (D ** scale_75)
     q_scaled = (q * scale_76)  # [b, h, i, d]
     q_rotated_17 = ops.rotary(q_scaled, q_rotated_15, 4, theta=10000.0)  # [b, h, i, d]
-    s_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(max(0, ((((0) // 64) - 1) * 64)), min(J, min((((((I - 1) // 64) - 0) * 64) + 63), (I - 1)) + 1), CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        j_chunk = j[:, :, :, key_start:key_end]
-        k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
-        window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
-        mask_chunk = mask[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s_41 = (i - j_chunk)  # [i, j]
-        s_42 = torch.abs(s_41)  # [i, j]
-        s_43 = ops.gather_unchecked(pos_bias_table, [h, s_42])  # [h, i, j]
-        window_distance = (window_distance_46 - window_distance_47_chunk)  # [i, j]
-        window_keep_50 = (window_distance <= look_backward)  # [i, j]
-        window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
-        window_keep = (window_keep_50 & window_keep_53)  # [i, j]
-        causal_keep_56 = (j_chunk <= i)  # [i, j]
-        s_38 = ops.dot(q_rotated_17, k_rotated_33_chunk, 4)  # [b, h, i, j]
-        s = (s_38 + s_43)  # [b, h, i, j]
-        logits = s.masked_fill(~(window_keep & causal_keep_56 & mask_chunk), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        i_rows = i[:, :, query_start:query_end]
+        q_rotated_17_rows = q_rotated_17[:, :, query_start:query_end]
+        window_distance_46_rows = window_distance_46[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(max(0, ((((query_start) // 64) - 1) * 64)), min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1), CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            j_chunk = j[:, :, :, key_start:key_end]
+            k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
+            window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
+            mask_chunk = mask[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s_41 = (i_rows - j_chunk)  # [i, j]
+            s_42 = torch.abs(s_41)  # [i, j]
+            s_43 = ops.gather_unchecked(pos_bias_table, [h, s_42])  # [h, i, j]
+            window_distance = (window_distance_46_rows - window_distance_47_chunk)  # [i, j]
+            window_keep_50 = (window_distance <= look_backward)  # [i, j]
+            window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
+            window_keep = (window_keep_50 & window_keep_53)  # [i, j]
+            causal_keep_56 = (j_chunk <= i_rows)  # [i, j]
+            s_38 = ops.dot(q_rotated_17_rows, k_rotated_33_chunk, 4)  # [b, h, i, j]
+            s = (s_38 + s_43)  # [b, h, i, j]
+            logits = s.masked_fill(~(window_keep & causal_keep_56 & mask_chunk), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__mask__q_scale(q, k, v, mask, q_scale):
@@ -563,7 +617,7 @@ def _materialized__mask__q_scale(q, k, v, mask, q_scale):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__mask__q_scale(q, k, v, mask, q_scale, CHUNK_N: int = 128):
+def _chunked__mask__q_scale(q, k, v, mask, q_scale, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """local, chunked, schedule one_pass; inputs: q, k, v, mask, q_scale."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -586,33 +640,42 @@ def _chunked__mask__q_scale(q, k, v, mask, q_scale, CHUNK_N: int = 128):
     scale_76 = (D ** scale_75)
     q_scaled = (q * scale_76)  # [b, h, i, d]
     q_rotated_17 = ops.rotary(q_scaled, q_rotated_15, 4, theta=10000.0)  # [b, h, i, d]
-    s_38_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_38_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_38_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(max(0, ((((0) // 64) - 1) * 64)), min(J, min((((((I - 1) // 64) - 0) * 64) + 63), (I - 1)) + 1), CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        j_chunk = j[:, :, :, key_start:key_end]
-        k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
-        window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
-        mask_chunk = mask[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        window_distance = (window_distance_46 - window_distance_47_chunk)  # [i, j]
-        window_keep_50 = (window_distance <= look_backward)  # [i, j]
-        window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
-        window_keep = (window_keep_50 & window_keep_53)  # [i, j]
-        causal_keep_56 = (j_chunk <= i)  # [i, j]
-        s_38 = ops.dot(q_rotated_17, k_rotated_33_chunk, 4)  # [b, h, i, j]
-        logits = s_38.masked_fill(~(window_keep & causal_keep_56 & mask_chunk), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        i_rows = i[:, :, query_start:query_end]
+        q_rotated_17_rows = q_rotated_17[:, :, query_start:query_end]
+        window_distance_46_rows = window_distance_46[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(max(0, ((((query_start) // 64) - 1) * 64)), min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1), CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            j_chunk = j[:, :, :, key_start:key_end]
+            k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
+            window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
+            mask_chunk = mask[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            window_distance = (window_distance_46_rows - window_distance_47_chunk)  # [i, j]
+            window_keep_50 = (window_distance <= look_backward)  # [i, j]
+            window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
+            window_keep = (window_keep_50 & window_keep_53)  # [i, j]
+            causal_keep_56 = (j_chunk <= i_rows)  # [i, j]
+            s_38 = ops.dot(q_rotated_17_rows, k_rotated_33_chunk, 4)  # [b, h, i, j]
+            logits = s_38.masked_fill(~(window_keep & causal_keep_56 & mask_chunk), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__k_scale__mask(q, k, v, mask, k_scale):
@@ -648,7 +711,7 @@ def _materialized__k_scale__mask(q, k, v, mask, k_scale):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__k_scale__mask(q, k, v, mask, k_scale, CHUNK_N: int = 128):
+def _chunked__k_scale__mask(q, k, v, mask, k_scale, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """local, chunked, schedule one_pass; inputs: q, k, v, mask, k_scale."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -671,33 +734,42 @@ def _chunked__k_scale__mask(q, k, v, mask, k_scale, CHUNK_N: int = 128):
     scale_76 = (D ** scale_75)
     q_scaled = (q * scale_76)  # [b, h, i, d]
     q_rotated_17 = ops.rotary(q_scaled, q_rotated_15, 4, theta=10000.0)  # [b, h, i, d]
-    s_38_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_38_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_38_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(max(0, ((((0) // 64) - 1) * 64)), min(J, min((((((I - 1) // 64) - 0) * 64) + 63), (I - 1)) + 1), CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        j_chunk = j[:, :, :, key_start:key_end]
-        k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
-        window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
-        mask_chunk = mask[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        window_distance = (window_distance_46 - window_distance_47_chunk)  # [i, j]
-        window_keep_50 = (window_distance <= look_backward)  # [i, j]
-        window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
-        window_keep = (window_keep_50 & window_keep_53)  # [i, j]
-        causal_keep_56 = (j_chunk <= i)  # [i, j]
-        s_38 = ops.dot(q_rotated_17, k_rotated_33_chunk, 4)  # [b, h, i, j]
-        logits = s_38.masked_fill(~(window_keep & causal_keep_56 & mask_chunk), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        i_rows = i[:, :, query_start:query_end]
+        q_rotated_17_rows = q_rotated_17[:, :, query_start:query_end]
+        window_distance_46_rows = window_distance_46[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(max(0, ((((query_start) // 64) - 1) * 64)), min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1), CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            j_chunk = j[:, :, :, key_start:key_end]
+            k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
+            window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
+            mask_chunk = mask[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            window_distance = (window_distance_46_rows - window_distance_47_chunk)  # [i, j]
+            window_keep_50 = (window_distance <= look_backward)  # [i, j]
+            window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
+            window_keep = (window_keep_50 & window_keep_53)  # [i, j]
+            causal_keep_56 = (j_chunk <= i_rows)  # [i, j]
+            s_38 = ops.dot(q_rotated_17_rows, k_rotated_33_chunk, 4)  # [b, h, i, j]
+            logits = s_38.masked_fill(~(window_keep & causal_keep_56 & mask_chunk), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__pos_bias_table__q_scale(q, k, v, pos_bias_table, q_scale):
@@ -737,7 +809,7 @@ def _materialized__pos_bias_table__q_scale(q, k, v, pos_bias_table, q_scale):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__pos_bias_table__q_scale(q, k, v, pos_bias_table, q_scale, CHUNK_N: int = 128):
+def _chunked__pos_bias_table__q_scale(q, k, v, pos_bias_table, q_scale, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """local, chunked, schedule one_pass; inputs: q, k, v, pos_bias_table, q_scale."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -760,36 +832,45 @@ def _chunked__pos_bias_table__q_scale(q, k, v, pos_bias_table, q_scale, CHUNK_N:
     scale_76 = (D ** scale_75)
     q_scaled = (q * scale_76)  # [b, h, i, d]
     q_rotated_17 = ops.rotary(q_scaled, q_rotated_15, 4, theta=10000.0)  # [b, h, i, d]
-    s_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(max(0, ((((0) // 64) - 1) * 64)), min(J, min((((((I - 1) // 64) - 0) * 64) + 63), (I - 1)) + 1), CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        j_chunk = j[:, :, :, key_start:key_end]
-        k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
-        window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s_41 = (i - j_chunk)  # [i, j]
-        s_42 = torch.abs(s_41)  # [i, j]
-        s_43 = ops.gather_unchecked(pos_bias_table, [h, s_42])  # [h, i, j]
-        window_distance = (window_distance_46 - window_distance_47_chunk)  # [i, j]
-        window_keep_50 = (window_distance <= look_backward)  # [i, j]
-        window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
-        window_keep = (window_keep_50 & window_keep_53)  # [i, j]
-        causal_keep_56 = (j_chunk <= i)  # [i, j]
-        s_38 = ops.dot(q_rotated_17, k_rotated_33_chunk, 4)  # [b, h, i, j]
-        s = (s_38 + s_43)  # [b, h, i, j]
-        logits = s.masked_fill(~(window_keep & causal_keep_56), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        i_rows = i[:, :, query_start:query_end]
+        q_rotated_17_rows = q_rotated_17[:, :, query_start:query_end]
+        window_distance_46_rows = window_distance_46[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(max(0, ((((query_start) // 64) - 1) * 64)), min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1), CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            j_chunk = j[:, :, :, key_start:key_end]
+            k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
+            window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s_41 = (i_rows - j_chunk)  # [i, j]
+            s_42 = torch.abs(s_41)  # [i, j]
+            s_43 = ops.gather_unchecked(pos_bias_table, [h, s_42])  # [h, i, j]
+            window_distance = (window_distance_46_rows - window_distance_47_chunk)  # [i, j]
+            window_keep_50 = (window_distance <= look_backward)  # [i, j]
+            window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
+            window_keep = (window_keep_50 & window_keep_53)  # [i, j]
+            causal_keep_56 = (j_chunk <= i_rows)  # [i, j]
+            s_38 = ops.dot(q_rotated_17_rows, k_rotated_33_chunk, 4)  # [b, h, i, j]
+            s = (s_38 + s_43)  # [b, h, i, j]
+            logits = s.masked_fill(~(window_keep & causal_keep_56), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__k_scale__pos_bias_table(q, k, v, pos_bias_table, k_scale):
@@ -829,7 +910,7 @@ def _materialized__k_scale__pos_bias_table(q, k, v, pos_bias_table, k_scale):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__k_scale__pos_bias_table(q, k, v, pos_bias_table, k_scale, CHUNK_N: int = 128):
+def _chunked__k_scale__pos_bias_table(q, k, v, pos_bias_table, k_scale, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """local, chunked, schedule one_pass; inputs: q, k, v, pos_bias_table, k_scale."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -852,36 +933,45 @@ def _chunked__k_scale__pos_bias_table(q, k, v, pos_bias_table, k_scale, CHUNK_N:
     scale_76 = (D ** scale_75)
     q_scaled = (q * scale_76)  # [b, h, i, d]
     q_rotated_17 = ops.rotary(q_scaled, q_rotated_15, 4, theta=10000.0)  # [b, h, i, d]
-    s_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(max(0, ((((0) // 64) - 1) * 64)), min(J, min((((((I - 1) // 64) - 0) * 64) + 63), (I - 1)) + 1), CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        j_chunk = j[:, :, :, key_start:key_end]
-        k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
-        window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s_41 = (i - j_chunk)  # [i, j]
-        s_42 = torch.abs(s_41)  # [i, j]
-        s_43 = ops.gather_unchecked(pos_bias_table, [h, s_42])  # [h, i, j]
-        window_distance = (window_distance_46 - window_distance_47_chunk)  # [i, j]
-        window_keep_50 = (window_distance <= look_backward)  # [i, j]
-        window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
-        window_keep = (window_keep_50 & window_keep_53)  # [i, j]
-        causal_keep_56 = (j_chunk <= i)  # [i, j]
-        s_38 = ops.dot(q_rotated_17, k_rotated_33_chunk, 4)  # [b, h, i, j]
-        s = (s_38 + s_43)  # [b, h, i, j]
-        logits = s.masked_fill(~(window_keep & causal_keep_56), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        i_rows = i[:, :, query_start:query_end]
+        q_rotated_17_rows = q_rotated_17[:, :, query_start:query_end]
+        window_distance_46_rows = window_distance_46[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(max(0, ((((query_start) // 64) - 1) * 64)), min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1), CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            j_chunk = j[:, :, :, key_start:key_end]
+            k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
+            window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s_41 = (i_rows - j_chunk)  # [i, j]
+            s_42 = torch.abs(s_41)  # [i, j]
+            s_43 = ops.gather_unchecked(pos_bias_table, [h, s_42])  # [h, i, j]
+            window_distance = (window_distance_46_rows - window_distance_47_chunk)  # [i, j]
+            window_keep_50 = (window_distance <= look_backward)  # [i, j]
+            window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
+            window_keep = (window_keep_50 & window_keep_53)  # [i, j]
+            causal_keep_56 = (j_chunk <= i_rows)  # [i, j]
+            s_38 = ops.dot(q_rotated_17_rows, k_rotated_33_chunk, 4)  # [b, h, i, j]
+            s = (s_38 + s_43)  # [b, h, i, j]
+            logits = s.masked_fill(~(window_keep & causal_keep_56), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__k_scale__q_scale(q, k, v, q_scale, k_scale):
@@ -916,7 +1006,7 @@ def _materialized__k_scale__q_scale(q, k, v, q_scale, k_scale):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__k_scale__q_scale(q, k, v, q_scale, k_scale, CHUNK_N: int = 128):
+def _chunked__k_scale__q_scale(q, k, v, q_scale, k_scale, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """local, chunked, schedule one_pass; inputs: q, k, v, q_scale, k_scale."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -938,32 +1028,41 @@ def _chunked__k_scale__q_scale(q, k, v, q_scale, k_scale, CHUNK_N: int = 128):
     scale_76 = (D ** scale_75)
     q_scaled = (q * scale_76)  # [b, h, i, d]
     q_rotated_17 = ops.rotary(q_scaled, q_rotated_15, 4, theta=10000.0)  # [b, h, i, d]
-    s_38_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_38_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_38_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(max(0, ((((0) // 64) - 1) * 64)), min(J, min((((((I - 1) // 64) - 0) * 64) + 63), (I - 1)) + 1), CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        j_chunk = j[:, :, :, key_start:key_end]
-        k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
-        window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        window_distance = (window_distance_46 - window_distance_47_chunk)  # [i, j]
-        window_keep_50 = (window_distance <= look_backward)  # [i, j]
-        window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
-        window_keep = (window_keep_50 & window_keep_53)  # [i, j]
-        causal_keep_56 = (j_chunk <= i)  # [i, j]
-        s_38 = ops.dot(q_rotated_17, k_rotated_33_chunk, 4)  # [b, h, i, j]
-        logits = s_38.masked_fill(~(window_keep & causal_keep_56), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        i_rows = i[:, :, query_start:query_end]
+        q_rotated_17_rows = q_rotated_17[:, :, query_start:query_end]
+        window_distance_46_rows = window_distance_46[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(max(0, ((((query_start) // 64) - 1) * 64)), min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1), CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            j_chunk = j[:, :, :, key_start:key_end]
+            k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
+            window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            window_distance = (window_distance_46_rows - window_distance_47_chunk)  # [i, j]
+            window_keep_50 = (window_distance <= look_backward)  # [i, j]
+            window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
+            window_keep = (window_keep_50 & window_keep_53)  # [i, j]
+            causal_keep_56 = (j_chunk <= i_rows)  # [i, j]
+            s_38 = ops.dot(q_rotated_17_rows, k_rotated_33_chunk, 4)  # [b, h, i, j]
+            logits = s_38.masked_fill(~(window_keep & causal_keep_56), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__mask__pos_bias_table__q_scale(q, k, v, mask, pos_bias_table, q_scale):
@@ -1004,7 +1103,7 @@ def _materialized__mask__pos_bias_table__q_scale(q, k, v, mask, pos_bias_table, 
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__mask__pos_bias_table__q_scale(q, k, v, mask, pos_bias_table, q_scale, CHUNK_N: int = 128):
+def _chunked__mask__pos_bias_table__q_scale(q, k, v, mask, pos_bias_table, q_scale, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """local, chunked, schedule one_pass; inputs: q, k, v, mask, pos_bias_table, q_scale."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -1028,37 +1127,46 @@ def _chunked__mask__pos_bias_table__q_scale(q, k, v, mask, pos_bias_table, q_sca
     scale_76 = (D ** scale_75)
     q_scaled = (q * scale_76)  # [b, h, i, d]
     q_rotated_17 = ops.rotary(q_scaled, q_rotated_15, 4, theta=10000.0)  # [b, h, i, d]
-    s_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(max(0, ((((0) // 64) - 1) * 64)), min(J, min((((((I - 1) // 64) - 0) * 64) + 63), (I - 1)) + 1), CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        j_chunk = j[:, :, :, key_start:key_end]
-        k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
-        window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
-        mask_chunk = mask[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s_41 = (i - j_chunk)  # [i, j]
-        s_42 = torch.abs(s_41)  # [i, j]
-        s_43 = ops.gather_unchecked(pos_bias_table, [h, s_42])  # [h, i, j]
-        window_distance = (window_distance_46 - window_distance_47_chunk)  # [i, j]
-        window_keep_50 = (window_distance <= look_backward)  # [i, j]
-        window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
-        window_keep = (window_keep_50 & window_keep_53)  # [i, j]
-        causal_keep_56 = (j_chunk <= i)  # [i, j]
-        s_38 = ops.dot(q_rotated_17, k_rotated_33_chunk, 4)  # [b, h, i, j]
-        s = (s_38 + s_43)  # [b, h, i, j]
-        logits = s.masked_fill(~(window_keep & causal_keep_56 & mask_chunk), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        i_rows = i[:, :, query_start:query_end]
+        q_rotated_17_rows = q_rotated_17[:, :, query_start:query_end]
+        window_distance_46_rows = window_distance_46[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(max(0, ((((query_start) // 64) - 1) * 64)), min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1), CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            j_chunk = j[:, :, :, key_start:key_end]
+            k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
+            window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
+            mask_chunk = mask[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s_41 = (i_rows - j_chunk)  # [i, j]
+            s_42 = torch.abs(s_41)  # [i, j]
+            s_43 = ops.gather_unchecked(pos_bias_table, [h, s_42])  # [h, i, j]
+            window_distance = (window_distance_46_rows - window_distance_47_chunk)  # [i, j]
+            window_keep_50 = (window_distance <= look_backward)  # [i, j]
+            window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
+            window_keep = (window_keep_50 & window_keep_53)  # [i, j]
+            causal_keep_56 = (j_chunk <= i_rows)  # [i, j]
+            s_38 = ops.dot(q_rotated_17_rows, k_rotated_33_chunk, 4)  # [b, h, i, j]
+            s = (s_38 + s_43)  # [b, h, i, j]
+            logits = s.masked_fill(~(window_keep & causal_keep_56 & mask_chunk), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__k_scale__mask__pos_bias_table(q, k, v, mask, pos_bias_table, k_scale):
@@ -1099,7 +1207,7 @@ def _materialized__k_scale__mask__pos_bias_table(q, k, v, mask, pos_bias_table, 
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__k_scale__mask__pos_bias_table(q, k, v, mask, pos_bias_table, k_scale, CHUNK_N: int = 128):
+def _chunked__k_scale__mask__pos_bias_table(q, k, v, mask, pos_bias_table, k_scale, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """local, chunked, schedule one_pass; inputs: q, k, v, mask, pos_bias_table, k_scale."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -1123,37 +1231,46 @@ def _chunked__k_scale__mask__pos_bias_table(q, k, v, mask, pos_bias_table, k_sca
     scale_76 = (D ** scale_75)
     q_scaled = (q * scale_76)  # [b, h, i, d]
     q_rotated_17 = ops.rotary(q_scaled, q_rotated_15, 4, theta=10000.0)  # [b, h, i, d]
-    s_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(max(0, ((((0) // 64) - 1) * 64)), min(J, min((((((I - 1) // 64) - 0) * 64) + 63), (I - 1)) + 1), CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        j_chunk = j[:, :, :, key_start:key_end]
-        k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
-        window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
-        mask_chunk = mask[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s_41 = (i - j_chunk)  # [i, j]
-        s_42 = torch.abs(s_41)  # [i, j]
-        s_43 = ops.gather_unchecked(pos_bias_table, [h, s_42])  # [h, i, j]
-        window_distance = (window_distance_46 - window_distance_47_chunk)  # [i, j]
-        window_keep_50 = (window_distance <= look_backward)  # [i, j]
-        window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
-        window_keep = (window_keep_50 & window_keep_53)  # [i, j]
-        causal_keep_56 = (j_chunk <= i)  # [i, j]
-        s_38 = ops.dot(q_rotated_17, k_rotated_33_chunk, 4)  # [b, h, i, j]
-        s = (s_38 + s_43)  # [b, h, i, j]
-        logits = s.masked_fill(~(window_keep & causal_keep_56 & mask_chunk), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        i_rows = i[:, :, query_start:query_end]
+        q_rotated_17_rows = q_rotated_17[:, :, query_start:query_end]
+        window_distance_46_rows = window_distance_46[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(max(0, ((((query_start) // 64) - 1) * 64)), min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1), CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            j_chunk = j[:, :, :, key_start:key_end]
+            k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
+            window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
+            mask_chunk = mask[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s_41 = (i_rows - j_chunk)  # [i, j]
+            s_42 = torch.abs(s_41)  # [i, j]
+            s_43 = ops.gather_unchecked(pos_bias_table, [h, s_42])  # [h, i, j]
+            window_distance = (window_distance_46_rows - window_distance_47_chunk)  # [i, j]
+            window_keep_50 = (window_distance <= look_backward)  # [i, j]
+            window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
+            window_keep = (window_keep_50 & window_keep_53)  # [i, j]
+            causal_keep_56 = (j_chunk <= i_rows)  # [i, j]
+            s_38 = ops.dot(q_rotated_17_rows, k_rotated_33_chunk, 4)  # [b, h, i, j]
+            s = (s_38 + s_43)  # [b, h, i, j]
+            logits = s.masked_fill(~(window_keep & causal_keep_56 & mask_chunk), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__k_scale__mask__q_scale(q, k, v, mask, q_scale, k_scale):
@@ -1189,7 +1306,7 @@ def _materialized__k_scale__mask__q_scale(q, k, v, mask, q_scale, k_scale):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__k_scale__mask__q_scale(q, k, v, mask, q_scale, k_scale, CHUNK_N: int = 128):
+def _chunked__k_scale__mask__q_scale(q, k, v, mask, q_scale, k_scale, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """local, chunked, schedule one_pass; inputs: q, k, v, mask, q_scale, k_scale."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -1212,33 +1329,42 @@ def _chunked__k_scale__mask__q_scale(q, k, v, mask, q_scale, k_scale, CHUNK_N: i
     scale_76 = (D ** scale_75)
     q_scaled = (q * scale_76)  # [b, h, i, d]
     q_rotated_17 = ops.rotary(q_scaled, q_rotated_15, 4, theta=10000.0)  # [b, h, i, d]
-    s_38_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_38_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_38_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(max(0, ((((0) // 64) - 1) * 64)), min(J, min((((((I - 1) // 64) - 0) * 64) + 63), (I - 1)) + 1), CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        j_chunk = j[:, :, :, key_start:key_end]
-        k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
-        window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
-        mask_chunk = mask[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        window_distance = (window_distance_46 - window_distance_47_chunk)  # [i, j]
-        window_keep_50 = (window_distance <= look_backward)  # [i, j]
-        window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
-        window_keep = (window_keep_50 & window_keep_53)  # [i, j]
-        causal_keep_56 = (j_chunk <= i)  # [i, j]
-        s_38 = ops.dot(q_rotated_17, k_rotated_33_chunk, 4)  # [b, h, i, j]
-        logits = s_38.masked_fill(~(window_keep & causal_keep_56 & mask_chunk), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        i_rows = i[:, :, query_start:query_end]
+        q_rotated_17_rows = q_rotated_17[:, :, query_start:query_end]
+        window_distance_46_rows = window_distance_46[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(max(0, ((((query_start) // 64) - 1) * 64)), min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1), CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            j_chunk = j[:, :, :, key_start:key_end]
+            k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
+            window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
+            mask_chunk = mask[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            window_distance = (window_distance_46_rows - window_distance_47_chunk)  # [i, j]
+            window_keep_50 = (window_distance <= look_backward)  # [i, j]
+            window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
+            window_keep = (window_keep_50 & window_keep_53)  # [i, j]
+            causal_keep_56 = (j_chunk <= i_rows)  # [i, j]
+            s_38 = ops.dot(q_rotated_17_rows, k_rotated_33_chunk, 4)  # [b, h, i, j]
+            logits = s_38.masked_fill(~(window_keep & causal_keep_56 & mask_chunk), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__k_scale__pos_bias_table__q_scale(q, k, v, pos_bias_table, q_scale, k_scale):
@@ -1278,7 +1404,7 @@ def _materialized__k_scale__pos_bias_table__q_scale(q, k, v, pos_bias_table, q_s
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__k_scale__pos_bias_table__q_scale(q, k, v, pos_bias_table, q_scale, k_scale, CHUNK_N: int = 128):
+def _chunked__k_scale__pos_bias_table__q_scale(q, k, v, pos_bias_table, q_scale, k_scale, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """local, chunked, schedule one_pass; inputs: q, k, v, pos_bias_table, q_scale, k_scale."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -1301,36 +1427,45 @@ def _chunked__k_scale__pos_bias_table__q_scale(q, k, v, pos_bias_table, q_scale,
     scale_76 = (D ** scale_75)
     q_scaled = (q * scale_76)  # [b, h, i, d]
     q_rotated_17 = ops.rotary(q_scaled, q_rotated_15, 4, theta=10000.0)  # [b, h, i, d]
-    s_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(max(0, ((((0) // 64) - 1) * 64)), min(J, min((((((I - 1) // 64) - 0) * 64) + 63), (I - 1)) + 1), CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        j_chunk = j[:, :, :, key_start:key_end]
-        k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
-        window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s_41 = (i - j_chunk)  # [i, j]
-        s_42 = torch.abs(s_41)  # [i, j]
-        s_43 = ops.gather_unchecked(pos_bias_table, [h, s_42])  # [h, i, j]
-        window_distance = (window_distance_46 - window_distance_47_chunk)  # [i, j]
-        window_keep_50 = (window_distance <= look_backward)  # [i, j]
-        window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
-        window_keep = (window_keep_50 & window_keep_53)  # [i, j]
-        causal_keep_56 = (j_chunk <= i)  # [i, j]
-        s_38 = ops.dot(q_rotated_17, k_rotated_33_chunk, 4)  # [b, h, i, j]
-        s = (s_38 + s_43)  # [b, h, i, j]
-        logits = s.masked_fill(~(window_keep & causal_keep_56), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        i_rows = i[:, :, query_start:query_end]
+        q_rotated_17_rows = q_rotated_17[:, :, query_start:query_end]
+        window_distance_46_rows = window_distance_46[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(max(0, ((((query_start) // 64) - 1) * 64)), min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1), CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            j_chunk = j[:, :, :, key_start:key_end]
+            k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
+            window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s_41 = (i_rows - j_chunk)  # [i, j]
+            s_42 = torch.abs(s_41)  # [i, j]
+            s_43 = ops.gather_unchecked(pos_bias_table, [h, s_42])  # [h, i, j]
+            window_distance = (window_distance_46_rows - window_distance_47_chunk)  # [i, j]
+            window_keep_50 = (window_distance <= look_backward)  # [i, j]
+            window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
+            window_keep = (window_keep_50 & window_keep_53)  # [i, j]
+            causal_keep_56 = (j_chunk <= i_rows)  # [i, j]
+            s_38 = ops.dot(q_rotated_17_rows, k_rotated_33_chunk, 4)  # [b, h, i, j]
+            s = (s_38 + s_43)  # [b, h, i, j]
+            logits = s.masked_fill(~(window_keep & causal_keep_56), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__k_scale__mask__pos_bias_table__q_scale(q, k, v, mask, pos_bias_table, q_scale, k_scale):
@@ -1371,7 +1506,7 @@ def _materialized__k_scale__mask__pos_bias_table__q_scale(q, k, v, mask, pos_bia
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__k_scale__mask__pos_bias_table__q_scale(q, k, v, mask, pos_bias_table, q_scale, k_scale, CHUNK_N: int = 128):
+def _chunked__k_scale__mask__pos_bias_table__q_scale(q, k, v, mask, pos_bias_table, q_scale, k_scale, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """local, chunked, schedule one_pass; inputs: q, k, v, mask, pos_bias_table, q_scale, k_scale."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -1395,37 +1530,46 @@ def _chunked__k_scale__mask__pos_bias_table__q_scale(q, k, v, mask, pos_bias_tab
     scale_76 = (D ** scale_75)
     q_scaled = (q * scale_76)  # [b, h, i, d]
     q_rotated_17 = ops.rotary(q_scaled, q_rotated_15, 4, theta=10000.0)  # [b, h, i, d]
-    s_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(max(0, ((((0) // 64) - 1) * 64)), min(J, min((((((I - 1) // 64) - 0) * 64) + 63), (I - 1)) + 1), CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        j_chunk = j[:, :, :, key_start:key_end]
-        k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
-        window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
-        mask_chunk = mask[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s_41 = (i - j_chunk)  # [i, j]
-        s_42 = torch.abs(s_41)  # [i, j]
-        s_43 = ops.gather_unchecked(pos_bias_table, [h, s_42])  # [h, i, j]
-        window_distance = (window_distance_46 - window_distance_47_chunk)  # [i, j]
-        window_keep_50 = (window_distance <= look_backward)  # [i, j]
-        window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
-        window_keep = (window_keep_50 & window_keep_53)  # [i, j]
-        causal_keep_56 = (j_chunk <= i)  # [i, j]
-        s_38 = ops.dot(q_rotated_17, k_rotated_33_chunk, 4)  # [b, h, i, j]
-        s = (s_38 + s_43)  # [b, h, i, j]
-        logits = s.masked_fill(~(window_keep & causal_keep_56 & mask_chunk), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        i_rows = i[:, :, query_start:query_end]
+        q_rotated_17_rows = q_rotated_17[:, :, query_start:query_end]
+        window_distance_46_rows = window_distance_46[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(max(0, ((((query_start) // 64) - 1) * 64)), min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1), CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            j_chunk = j[:, :, :, key_start:key_end]
+            k_rotated_33_chunk = k_rotated_33[:, :, :, key_start:key_end]
+            window_distance_47_chunk = window_distance_47[:, :, :, key_start:key_end]
+            mask_chunk = mask[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s_41 = (i_rows - j_chunk)  # [i, j]
+            s_42 = torch.abs(s_41)  # [i, j]
+            s_43 = ops.gather_unchecked(pos_bias_table, [h, s_42])  # [h, i, j]
+            window_distance = (window_distance_46_rows - window_distance_47_chunk)  # [i, j]
+            window_keep_50 = (window_distance <= look_backward)  # [i, j]
+            window_keep_53 = (window_distance >= window_keep_52)  # [i, j]
+            window_keep = (window_keep_50 & window_keep_53)  # [i, j]
+            causal_keep_56 = (j_chunk <= i_rows)  # [i, j]
+            s_38 = ops.dot(q_rotated_17_rows, k_rotated_33_chunk, 4)  # [b, h, i, j]
+            s = (s_38 + s_43)  # [b, h, i, j]
+            logits = s.masked_fill(~(window_keep & causal_keep_56 & mask_chunk), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 
@@ -1466,10 +1610,11 @@ _FUNCTIONS = {
 MATERIALIZE_MAX_SCORES = 4194304
 
 
-def attention(q, k, v, *, mask=None, pos_bias_table=None, q_scale=None, k_scale=None, lowering=None, chunk_n=256):
+def attention(q, k, v, *, mask=None, pos_bias_table=None, q_scale=None, k_scale=None, lowering=None, chunk_n=256, chunk_m=256):
     """local attention with the spec's default params: q [b, h, i, d], k and v [b, h, j, d].
 
-    lowering: "materialized" or "chunked" (None: materialized up to 4194304 score elements).
+    lowering: "materialized" or "chunked" (None: materialized up to 4194304 score elements);
+    chunk_n keys and chunk_m query rows (0: all) per chunk of the chunked lowering.
     """
     present = frozenset(name for name, value in (('mask', mask), ('pos_bias_table', pos_bias_table), ('q_scale', q_scale), ('k_scale', k_scale)) if value is not None)
     if lowering is None:
@@ -1478,7 +1623,7 @@ def attention(q, k, v, *, mask=None, pos_bias_table=None, q_scale=None, k_scale=
     function = _FUNCTIONS[present, lowering]
     inputs = [value for value in (mask, pos_bias_table, q_scale, k_scale) if value is not None]
     if lowering == "chunked":
-        return function(q, k, v, *inputs, CHUNK_N=chunk_n)
+        return function(q, k, v, *inputs, CHUNK_N=chunk_n, CHUNK_M=chunk_m)
     return function(q, k, v, *inputs)
 
 

@@ -28,7 +28,7 @@ def _materialized(q, k, v):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked(q, k, v, CHUNK_N: int = 128):
+def _chunked(q, k, v, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """memory_efficient, chunked, schedule one_pass; inputs: q, k, v."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -38,26 +38,33 @@ def _chunked(q, k, v, CHUNK_N: int = 128):
     v = ops.align(v.to(q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
     scale_36 = -0.5
     scale_37 = (D ** scale_36)
-    s_5_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_5_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_5_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s_3 = ops.dot(q, k_chunk, 4)  # [b, h, i, j]
-        s_5 = (s_3 * scale_37)  # [b, h, i, j]
-        logits = s_5  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        q_rows = q[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s_3 = ops.dot(q_rows, k_chunk, 4)  # [b, h, i, j]
+            s_5 = (s_3 * scale_37)  # [b, h, i, j]
+            logits = s_5  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__mask(q, k, v, mask):
@@ -77,7 +84,7 @@ def _materialized__mask(q, k, v, mask):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__mask(q, k, v, mask, CHUNK_N: int = 128):
+def _chunked__mask(q, k, v, mask, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """memory_efficient, chunked, schedule one_pass; inputs: q, k, v, mask."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -88,27 +95,34 @@ def _chunked__mask(q, k, v, mask, CHUNK_N: int = 128):
     mask = ops.align(mask, ('b', 'j'), ('b', 'h', 'i', 'j', 'd'))
     scale_36 = -0.5
     scale_37 = (D ** scale_36)
-    s_5_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_5_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_5_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        mask_chunk = mask[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s_3 = ops.dot(q, k_chunk, 4)  # [b, h, i, j]
-        s_5 = (s_3 * scale_37)  # [b, h, i, j]
-        logits = s_5.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        q_rows = q[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            mask_chunk = mask[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s_3 = ops.dot(q_rows, k_chunk, 4)  # [b, h, i, j]
+            s_5 = (s_3 * scale_37)  # [b, h, i, j]
+            logits = s_5.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__attn_bias(q, k, v, attn_bias):
@@ -131,7 +145,7 @@ def _materialized__attn_bias(q, k, v, attn_bias):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__attn_bias(q, k, v, attn_bias, CHUNK_N: int = 128):
+def _chunked__attn_bias(q, k, v, attn_bias, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """memory_efficient, chunked, schedule one_pass; inputs: q, k, v, attn_bias."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -144,28 +158,35 @@ def _chunked__attn_bias(q, k, v, attn_bias, CHUNK_N: int = 128):
     attn_bias = ops.align(attn_bias.to(q.dtype), ('b', 'h', 'i', 'j'), ('b', 'h', 'i', 'j', 'd'))
     scale_36 = -0.5
     scale_37 = (D ** scale_36)
-    s_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        attn_bias_chunk = attn_bias[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s_3 = ops.dot(q, k_chunk, 4)  # [b, h, i, j]
-        s_5 = (s_3 * scale_37)  # [b, h, i, j]
-        s = (s_5 + attn_bias_chunk)  # [b, h, i, j]
-        logits = s  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        q_rows = q[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            attn_bias_chunk = attn_bias[:, :, query_start:query_end, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s_3 = ops.dot(q_rows, k_chunk, 4)  # [b, h, i, j]
+            s_5 = (s_3 * scale_37)  # [b, h, i, j]
+            s = (s_5 + attn_bias_chunk)  # [b, h, i, j]
+            logits = s  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__attn_bias__mask(q, k, v, mask, attn_bias):
@@ -189,7 +210,7 @@ def _materialized__attn_bias__mask(q, k, v, mask, attn_bias):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__attn_bias__mask(q, k, v, mask, attn_bias, CHUNK_N: int = 128):
+def _chunked__attn_bias__mask(q, k, v, mask, attn_bias, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """memory_efficient, chunked, schedule one_pass; inputs: q, k, v, mask, attn_bias."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -203,29 +224,36 @@ def _chunked__attn_bias__mask(q, k, v, mask, attn_bias, CHUNK_N: int = 128):
     attn_bias = ops.align(attn_bias.to(q.dtype), ('b', 'h', 'i', 'j'), ('b', 'h', 'i', 'j', 'd'))
     scale_36 = -0.5
     scale_37 = (D ** scale_36)
-    s_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        attn_bias_chunk = attn_bias[:, :, :, key_start:key_end]
-        mask_chunk = mask[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s_3 = ops.dot(q, k_chunk, 4)  # [b, h, i, j]
-        s_5 = (s_3 * scale_37)  # [b, h, i, j]
-        s = (s_5 + attn_bias_chunk)  # [b, h, i, j]
-        logits = s.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        q_rows = q[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            attn_bias_chunk = attn_bias[:, :, query_start:query_end, key_start:key_end]
+            mask_chunk = mask[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s_3 = ops.dot(q_rows, k_chunk, 4)  # [b, h, i, j]
+            s_5 = (s_3 * scale_37)  # [b, h, i, j]
+            s = (s_5 + attn_bias_chunk)  # [b, h, i, j]
+            logits = s.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 
@@ -242,10 +270,11 @@ _FUNCTIONS = {
 MATERIALIZE_MAX_SCORES = 4194304
 
 
-def attention(q, k, v, *, mask=None, attn_bias=None, lowering=None, chunk_n=256):
+def attention(q, k, v, *, mask=None, attn_bias=None, lowering=None, chunk_n=256, chunk_m=256):
     """memory_efficient attention with the spec's default params: q [b, h, i, d], k and v [b, h, j, d].
 
-    lowering: "materialized" or "chunked" (None: materialized up to 4194304 score elements).
+    lowering: "materialized" or "chunked" (None: materialized up to 4194304 score elements);
+    chunk_n keys and chunk_m query rows (0: all) per chunk of the chunked lowering.
     """
     present = frozenset(name for name, value in (('mask', mask), ('attn_bias', attn_bias)) if value is not None)
     if lowering is None:
@@ -254,7 +283,7 @@ def attention(q, k, v, *, mask=None, attn_bias=None, lowering=None, chunk_n=256)
     function = _FUNCTIONS[present, lowering]
     inputs = [value for value in (mask, attn_bias) if value is not None]
     if lowering == "chunked":
-        return function(q, k, v, *inputs, CHUNK_N=chunk_n)
+        return function(q, k, v, *inputs, CHUNK_N=chunk_n, CHUNK_M=chunk_m)
     return function(q, k, v, *inputs)
 
 

@@ -28,7 +28,7 @@ def _materialized(q, k, v):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked(q, k, v, CHUNK_N: int = 128):
+def _chunked(q, k, v, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """talking_heads, chunked, schedule one_pass; inputs: q, k, v."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -39,25 +39,32 @@ def _chunked(q, k, v, CHUNK_N: int = 128):
     scale_31 = -0.5
     scale_32 = (D ** scale_31)
     s_5 = (q * scale_32)  # [b, h, i, d]
-    s_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s = ops.dot(s_5, k_chunk, 4)  # [b, h, i, j]
-        logits = s  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        s_5_rows = s_5[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s = ops.dot(s_5_rows, k_chunk, 4)  # [b, h, i, j]
+            logits = s  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__mask(q, k, v, mask):
@@ -77,7 +84,7 @@ def _materialized__mask(q, k, v, mask):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__mask(q, k, v, mask, CHUNK_N: int = 128):
+def _chunked__mask(q, k, v, mask, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """talking_heads, chunked, schedule one_pass; inputs: q, k, v, mask."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -89,26 +96,33 @@ def _chunked__mask(q, k, v, mask, CHUNK_N: int = 128):
     scale_31 = -0.5
     scale_32 = (D ** scale_31)
     s_5 = (q * scale_32)  # [b, h, i, d]
-    s_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        mask_chunk = mask[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s = ops.dot(s_5, k_chunk, 4)  # [b, h, i, j]
-        logits = s.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        s_5_rows = s_5[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            mask_chunk = mask[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s = ops.dot(s_5_rows, k_chunk, 4)  # [b, h, i, j]
+            logits = s.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__pre_mix(q, k, v, pre_mix):
@@ -128,7 +142,7 @@ def _materialized__pre_mix(q, k, v, pre_mix):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__pre_mix(q, k, v, pre_mix, CHUNK_N: int = 128):
+def _chunked__pre_mix(q, k, v, pre_mix, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """talking_heads, chunked, schedule heads_in_tile; inputs: q, k, v, pre_mix."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -139,26 +153,33 @@ def _chunked__pre_mix(q, k, v, pre_mix, CHUNK_N: int = 128):
     scale_31 = -0.5
     scale_32 = (D ** scale_31)
     s_5 = (q * scale_32)  # [b, h, i, d]
-    s_mixed_10_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_mixed_10_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_mixed_10_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s = ops.dot(s_5, k_chunk, 4)  # [b, h, i, j]
-        s_mixed_10 = ops.mix_heads(s, pre_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        logits = s_mixed_10  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        s_5_rows = s_5[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s = ops.dot(s_5_rows, k_chunk, 4)  # [b, h, i, j]
+            s_mixed_10 = ops.mix_heads(s, pre_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            logits = s_mixed_10  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__post_mix(q, k, v, post_mix):
@@ -178,7 +199,7 @@ def _materialized__post_mix(q, k, v, post_mix):
     o = ops.dot(p_mixed_25, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__post_mix(q, k, v, post_mix, CHUNK_N: int = 128):
+def _chunked__post_mix(q, k, v, post_mix, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """talking_heads, chunked, schedule two_pass; inputs: q, k, v, post_mix."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -189,34 +210,41 @@ def _chunked__post_mix(q, k, v, post_mix, CHUNK_N: int = 128):
     scale_31 = -0.5
     scale_32 = (D ** scale_31)
     s_5 = (q * scale_32)  # [b, h, i, d]
-    s_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    # pass 1: row max and sum of every head
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s = ops.dot(s_5, k_chunk, 4)  # [b, h, i, j]
-        logits = s  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum(3, keepdim=True)
-        row_max = chunk_max
-    safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-    # pass 2: probabilities, what follows softmax, and the key reduction
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s = ops.dot(s_5, k_chunk, 4)  # [b, h, i, j]
-        logits = s  # dropped keys: -inf
-        p = torch.exp(logits - safe_max) / row_sum  # [b, h, i, j]
-        p_mixed_25 = ops.mix_heads(p, post_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        accumulator = accumulator + ops.dot(p_mixed_25, v_chunk, 3)
-    o = accumulator
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        s_5_rows = s_5[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        # pass 1: row max and sum of every head
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s = ops.dot(s_5_rows, k_chunk, 4)  # [b, h, i, j]
+            logits = s  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum(3, keepdim=True)
+            row_max = chunk_max
+        safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+        # pass 2: probabilities, what follows softmax, and the key reduction
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s = ops.dot(s_5_rows, k_chunk, 4)  # [b, h, i, j]
+            logits = s  # dropped keys: -inf
+            p = torch.exp(logits - safe_max) / row_sum  # [b, h, i, j]
+            p_mixed_25 = ops.mix_heads(p, post_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            accumulator = accumulator + ops.dot(p_mixed_25, v_chunk, 3)
+        outputs.append(accumulator)
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__mask__pre_mix(q, k, v, mask, pre_mix):
@@ -237,7 +265,7 @@ def _materialized__mask__pre_mix(q, k, v, mask, pre_mix):
     o = ops.dot(p, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__mask__pre_mix(q, k, v, mask, pre_mix, CHUNK_N: int = 128):
+def _chunked__mask__pre_mix(q, k, v, mask, pre_mix, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """talking_heads, chunked, schedule heads_in_tile; inputs: q, k, v, mask, pre_mix."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -249,27 +277,34 @@ def _chunked__mask__pre_mix(q, k, v, mask, pre_mix, CHUNK_N: int = 128):
     scale_31 = -0.5
     scale_32 = (D ** scale_31)
     s_5 = (q * scale_32)  # [b, h, i, d]
-    s_mixed_10_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_mixed_10_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_mixed_10_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        mask_chunk = mask[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s = ops.dot(s_5, k_chunk, 4)  # [b, h, i, j]
-        s_mixed_10 = ops.mix_heads(s, pre_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        logits = s_mixed_10.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        weights = torch.exp(logits - safe_max)
-        rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-        row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-        accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
-        row_max = chunk_max
-    # rows that kept no key give 0
-    o = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        s_5_rows = s_5[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            mask_chunk = mask[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s = ops.dot(s_5_rows, k_chunk, 4)  # [b, h, i, j]
+            s_mixed_10 = ops.mix_heads(s, pre_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            logits = s_mixed_10.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            weights = torch.exp(logits - safe_max)
+            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+            accumulator = accumulator * rescale + ops.dot(weights, v_chunk, 3)
+            row_max = chunk_max
+        # rows that kept no key give 0
+        outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__mask__post_mix(q, k, v, mask, post_mix):
@@ -290,7 +325,7 @@ def _materialized__mask__post_mix(q, k, v, mask, post_mix):
     o = ops.dot(p_mixed_25, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__mask__post_mix(q, k, v, mask, post_mix, CHUNK_N: int = 128):
+def _chunked__mask__post_mix(q, k, v, mask, post_mix, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """talking_heads, chunked, schedule two_pass; inputs: q, k, v, mask, post_mix."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -302,36 +337,43 @@ def _chunked__mask__post_mix(q, k, v, mask, post_mix, CHUNK_N: int = 128):
     scale_31 = -0.5
     scale_32 = (D ** scale_31)
     s_5 = (q * scale_32)  # [b, h, i, d]
-    s_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    # pass 1: row max and sum of every head
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        mask_chunk = mask[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s = ops.dot(s_5, k_chunk, 4)  # [b, h, i, j]
-        logits = s.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum(3, keepdim=True)
-        row_max = chunk_max
-    safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-    # pass 2: probabilities, what follows softmax, and the key reduction
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        mask_chunk = mask[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s = ops.dot(s_5, k_chunk, 4)  # [b, h, i, j]
-        logits = s.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
-        p = torch.exp(logits - safe_max) / row_sum  # [b, h, i, j]
-        p_mixed_25 = ops.mix_heads(p, post_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        accumulator = accumulator + ops.dot(p_mixed_25, v_chunk, 3)
-    o = accumulator
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        s_5_rows = s_5[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        # pass 1: row max and sum of every head
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            mask_chunk = mask[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s = ops.dot(s_5_rows, k_chunk, 4)  # [b, h, i, j]
+            logits = s.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum(3, keepdim=True)
+            row_max = chunk_max
+        safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+        # pass 2: probabilities, what follows softmax, and the key reduction
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            mask_chunk = mask[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s = ops.dot(s_5_rows, k_chunk, 4)  # [b, h, i, j]
+            logits = s.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
+            p = torch.exp(logits - safe_max) / row_sum  # [b, h, i, j]
+            p_mixed_25 = ops.mix_heads(p, post_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            accumulator = accumulator + ops.dot(p_mixed_25, v_chunk, 3)
+        outputs.append(accumulator)
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__post_mix__pre_mix(q, k, v, pre_mix, post_mix):
@@ -352,7 +394,7 @@ def _materialized__post_mix__pre_mix(q, k, v, pre_mix, post_mix):
     o = ops.dot(p_mixed_25, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__post_mix__pre_mix(q, k, v, pre_mix, post_mix, CHUNK_N: int = 128):
+def _chunked__post_mix__pre_mix(q, k, v, pre_mix, post_mix, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """talking_heads, chunked, schedule two_pass; inputs: q, k, v, pre_mix, post_mix."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -363,36 +405,43 @@ def _chunked__post_mix__pre_mix(q, k, v, pre_mix, post_mix, CHUNK_N: int = 128):
     scale_31 = -0.5
     scale_32 = (D ** scale_31)
     s_5 = (q * scale_32)  # [b, h, i, d]
-    s_mixed_10_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_mixed_10_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_mixed_10_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    # pass 1: row max and sum of every head
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s = ops.dot(s_5, k_chunk, 4)  # [b, h, i, j]
-        s_mixed_10 = ops.mix_heads(s, pre_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        logits = s_mixed_10  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum(3, keepdim=True)
-        row_max = chunk_max
-    safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-    # pass 2: probabilities, what follows softmax, and the key reduction
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s = ops.dot(s_5, k_chunk, 4)  # [b, h, i, j]
-        s_mixed_10 = ops.mix_heads(s, pre_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        logits = s_mixed_10  # dropped keys: -inf
-        p = torch.exp(logits - safe_max) / row_sum  # [b, h, i, j]
-        p_mixed_25 = ops.mix_heads(p, post_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        accumulator = accumulator + ops.dot(p_mixed_25, v_chunk, 3)
-    o = accumulator
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        s_5_rows = s_5[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        # pass 1: row max and sum of every head
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s = ops.dot(s_5_rows, k_chunk, 4)  # [b, h, i, j]
+            s_mixed_10 = ops.mix_heads(s, pre_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            logits = s_mixed_10  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum(3, keepdim=True)
+            row_max = chunk_max
+        safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+        # pass 2: probabilities, what follows softmax, and the key reduction
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s = ops.dot(s_5_rows, k_chunk, 4)  # [b, h, i, j]
+            s_mixed_10 = ops.mix_heads(s, pre_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            logits = s_mixed_10  # dropped keys: -inf
+            p = torch.exp(logits - safe_max) / row_sum  # [b, h, i, j]
+            p_mixed_25 = ops.mix_heads(p, post_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            accumulator = accumulator + ops.dot(p_mixed_25, v_chunk, 3)
+        outputs.append(accumulator)
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__mask__post_mix__pre_mix(q, k, v, mask, pre_mix, post_mix):
@@ -414,7 +463,7 @@ def _materialized__mask__post_mix__pre_mix(q, k, v, mask, pre_mix, post_mix):
     o = ops.dot(p_mixed_25, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__mask__post_mix__pre_mix(q, k, v, mask, pre_mix, post_mix, CHUNK_N: int = 128):
+def _chunked__mask__post_mix__pre_mix(q, k, v, mask, pre_mix, post_mix, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """talking_heads, chunked, schedule two_pass; inputs: q, k, v, mask, pre_mix, post_mix."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -426,38 +475,45 @@ def _chunked__mask__post_mix__pre_mix(q, k, v, mask, pre_mix, post_mix, CHUNK_N:
     scale_31 = -0.5
     scale_32 = (D ** scale_31)
     s_5 = (q * scale_32)  # [b, h, i, d]
-    s_mixed_10_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_mixed_10_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_mixed_10_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    # pass 1: row max and sum of every head
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        mask_chunk = mask[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s = ops.dot(s_5, k_chunk, 4)  # [b, h, i, j]
-        s_mixed_10 = ops.mix_heads(s, pre_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        logits = s_mixed_10.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum(3, keepdim=True)
-        row_max = chunk_max
-    safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-    # pass 2: probabilities, what follows softmax, and the key reduction
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        mask_chunk = mask[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s = ops.dot(s_5, k_chunk, 4)  # [b, h, i, j]
-        s_mixed_10 = ops.mix_heads(s, pre_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        logits = s_mixed_10.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
-        p = torch.exp(logits - safe_max) / row_sum  # [b, h, i, j]
-        p_mixed_25 = ops.mix_heads(p, post_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        accumulator = accumulator + ops.dot(p_mixed_25, v_chunk, 3)
-    o = accumulator
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        s_5_rows = s_5[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        # pass 1: row max and sum of every head
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            mask_chunk = mask[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s = ops.dot(s_5_rows, k_chunk, 4)  # [b, h, i, j]
+            s_mixed_10 = ops.mix_heads(s, pre_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            logits = s_mixed_10.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum(3, keepdim=True)
+            row_max = chunk_max
+        safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+        # pass 2: probabilities, what follows softmax, and the key reduction
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            mask_chunk = mask[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s = ops.dot(s_5_rows, k_chunk, 4)  # [b, h, i, j]
+            s_mixed_10 = ops.mix_heads(s, pre_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            logits = s_mixed_10.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
+            p = torch.exp(logits - safe_max) / row_sum  # [b, h, i, j]
+            p_mixed_25 = ops.mix_heads(p, post_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            accumulator = accumulator + ops.dot(p_mixed_25, v_chunk, 3)
+        outputs.append(accumulator)
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 
@@ -482,10 +538,11 @@ _FUNCTIONS = {
 MATERIALIZE_MAX_SCORES = 4194304
 
 
-def attention(q, k, v, *, mask=None, pre_mix=None, post_mix=None, lowering=None, chunk_n=256):
+def attention(q, k, v, *, mask=None, pre_mix=None, post_mix=None, lowering=None, chunk_n=256, chunk_m=256):
     """talking_heads attention with the spec's default params: q [b, h, i, d], k and v [b, h, j, d].
 
-    lowering: "materialized" or "chunked" (None: materialized up to 4194304 score elements).
+    lowering: "materialized" or "chunked" (None: materialized up to 4194304 score elements);
+    chunk_n keys and chunk_m query rows (0: all) per chunk of the chunked lowering.
     """
     present = frozenset(name for name, value in (('mask', mask), ('pre_mix', pre_mix), ('post_mix', post_mix)) if value is not None)
     if lowering is None:
@@ -494,7 +551,7 @@ def attention(q, k, v, *, mask=None, pre_mix=None, post_mix=None, lowering=None,
     function = _FUNCTIONS[present, lowering]
     inputs = [value for value in (mask, pre_mix, post_mix) if value is not None]
     if lowering == "chunked":
-        return function(q, k, v, *inputs, CHUNK_N=chunk_n)
+        return function(q, k, v, *inputs, CHUNK_N=chunk_n, CHUNK_M=chunk_m)
     return function(q, k, v, *inputs)
 
 

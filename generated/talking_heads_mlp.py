@@ -55,7 +55,7 @@ def _materialized(q, k, v, head_mean, pre_up_a, pre_up_b, pre_down_a, pre_down_b
     o = ops.dot(p_mixed_57, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked(q, k, v, head_mean, pre_up_a, pre_up_b, pre_down_a, pre_down_b, post_up_a, post_up_b, post_down_a, post_down_b, CHUNK_N: int = 128):
+def _chunked(q, k, v, head_mean, pre_up_a, pre_up_b, pre_down_a, pre_down_b, post_up_a, post_up_b, post_down_a, post_down_b, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """talking_heads_mlp, chunked, schedule two_pass; inputs: q, k, v, head_mean, pre_up_a, pre_up_b, pre_down_a, pre_down_b, post_up_a, post_up_b, post_down_a, post_down_b."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -67,72 +67,79 @@ def _chunked(q, k, v, head_mean, pre_up_a, pre_up_b, pre_down_a, pre_down_b, pos
     scale_63 = -0.5
     scale_64 = (D ** scale_63)
     s_5 = (q * scale_64)  # [b, h, i, d]
-    s_mixed_27_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_mixed_27_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_mixed_27_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    # pass 1: row max and sum of every head
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s = ops.dot(s_5, k_chunk, 4)  # [b, h, i, j]
-        s_normed_8 = (s * s)  # [b, h, i, j]
-        s_normed_11 = ops.mix_heads(s_normed_8, head_mean, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_normed_13 = (s_normed_11 + eps)  # [b, h, i, j]
-        s_normed_14 = torch.rsqrt(s_normed_13)  # [b, h, i, j]
-        s_normed = (s * s_normed_14)  # [b, h, i, j]
-        s_hidden_17 = ops.mix_heads(s_normed, pre_up_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_hidden_18 = torch.nn.functional.gelu(s_hidden_17)  # [b, h, i, j]
-        s_hidden_20 = ops.mix_heads(s_hidden_18, pre_down_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_hidden_22 = ops.mix_heads(s_normed, pre_up_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_hidden_23 = torch.nn.functional.gelu(s_hidden_22)  # [b, h, i, j]
-        s_hidden_25 = ops.mix_heads(s_hidden_23, pre_down_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_hidden = (s_hidden_20 + s_hidden_25)  # [b, h, i, j]
-        s_mixed_27 = (s + s_hidden)  # [b, h, i, j]
-        logits = s_mixed_27  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum(3, keepdim=True)
-        row_max = chunk_max
-    safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-    # pass 2: probabilities, what follows softmax, and the key reduction
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s = ops.dot(s_5, k_chunk, 4)  # [b, h, i, j]
-        s_normed_8 = (s * s)  # [b, h, i, j]
-        s_normed_11 = ops.mix_heads(s_normed_8, head_mean, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_normed_13 = (s_normed_11 + eps)  # [b, h, i, j]
-        s_normed_14 = torch.rsqrt(s_normed_13)  # [b, h, i, j]
-        s_normed = (s * s_normed_14)  # [b, h, i, j]
-        s_hidden_17 = ops.mix_heads(s_normed, pre_up_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_hidden_18 = torch.nn.functional.gelu(s_hidden_17)  # [b, h, i, j]
-        s_hidden_20 = ops.mix_heads(s_hidden_18, pre_down_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_hidden_22 = ops.mix_heads(s_normed, pre_up_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_hidden_23 = torch.nn.functional.gelu(s_hidden_22)  # [b, h, i, j]
-        s_hidden_25 = ops.mix_heads(s_hidden_23, pre_down_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_hidden = (s_hidden_20 + s_hidden_25)  # [b, h, i, j]
-        s_mixed_27 = (s + s_hidden)  # [b, h, i, j]
-        logits = s_mixed_27  # dropped keys: -inf
-        p = torch.exp(logits - safe_max) / row_sum  # [b, h, i, j]
-        p_normed_41 = (p * p)  # [b, h, i, j]
-        p_normed_42 = ops.mix_heads(p_normed_41, head_mean, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        p_normed_43 = (p_normed_42 + eps)  # [b, h, i, j]
-        p_normed_44 = torch.rsqrt(p_normed_43)  # [b, h, i, j]
-        p_normed = (p * p_normed_44)  # [b, h, i, j]
-        p_hidden_47 = ops.mix_heads(p_normed, post_up_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        p_hidden_48 = torch.nn.functional.gelu(p_hidden_47)  # [b, h, i, j]
-        p_hidden_50 = ops.mix_heads(p_hidden_48, post_down_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        p_hidden_52 = ops.mix_heads(p_normed, post_up_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        p_hidden_53 = torch.nn.functional.gelu(p_hidden_52)  # [b, h, i, j]
-        p_hidden_55 = ops.mix_heads(p_hidden_53, post_down_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        p_hidden = (p_hidden_50 + p_hidden_55)  # [b, h, i, j]
-        p_mixed_57 = (p + p_hidden)  # [b, h, i, j]
-        accumulator = accumulator + ops.dot(p_mixed_57, v_chunk, 3)
-    o = accumulator
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        s_5_rows = s_5[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        # pass 1: row max and sum of every head
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s = ops.dot(s_5_rows, k_chunk, 4)  # [b, h, i, j]
+            s_normed_8 = (s * s)  # [b, h, i, j]
+            s_normed_11 = ops.mix_heads(s_normed_8, head_mean, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_normed_13 = (s_normed_11 + eps)  # [b, h, i, j]
+            s_normed_14 = torch.rsqrt(s_normed_13)  # [b, h, i, j]
+            s_normed = (s * s_normed_14)  # [b, h, i, j]
+            s_hidden_17 = ops.mix_heads(s_normed, pre_up_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_hidden_18 = torch.nn.functional.gelu(s_hidden_17)  # [b, h, i, j]
+            s_hidden_20 = ops.mix_heads(s_hidden_18, pre_down_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_hidden_22 = ops.mix_heads(s_normed, pre_up_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_hidden_23 = torch.nn.functional.gelu(s_hidden_22)  # [b, h, i, j]
+            s_hidden_25 = ops.mix_heads(s_hidden_23, pre_down_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_hidden = (s_hidden_20 + s_hidden_25)  # [b, h, i, j]
+            s_mixed_27 = (s + s_hidden)  # [b, h, i, j]
+            logits = s_mixed_27  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum(3, keepdim=True)
+            row_max = chunk_max
+        safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+        # pass 2: probabilities, what follows softmax, and the key reduction
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s = ops.dot(s_5_rows, k_chunk, 4)  # [b, h, i, j]
+            s_normed_8 = (s * s)  # [b, h, i, j]
+            s_normed_11 = ops.mix_heads(s_normed_8, head_mean, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_normed_13 = (s_normed_11 + eps)  # [b, h, i, j]
+            s_normed_14 = torch.rsqrt(s_normed_13)  # [b, h, i, j]
+            s_normed = (s * s_normed_14)  # [b, h, i, j]
+            s_hidden_17 = ops.mix_heads(s_normed, pre_up_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_hidden_18 = torch.nn.functional.gelu(s_hidden_17)  # [b, h, i, j]
+            s_hidden_20 = ops.mix_heads(s_hidden_18, pre_down_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_hidden_22 = ops.mix_heads(s_normed, pre_up_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_hidden_23 = torch.nn.functional.gelu(s_hidden_22)  # [b, h, i, j]
+            s_hidden_25 = ops.mix_heads(s_hidden_23, pre_down_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_hidden = (s_hidden_20 + s_hidden_25)  # [b, h, i, j]
+            s_mixed_27 = (s + s_hidden)  # [b, h, i, j]
+            logits = s_mixed_27  # dropped keys: -inf
+            p = torch.exp(logits - safe_max) / row_sum  # [b, h, i, j]
+            p_normed_41 = (p * p)  # [b, h, i, j]
+            p_normed_42 = ops.mix_heads(p_normed_41, head_mean, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            p_normed_43 = (p_normed_42 + eps)  # [b, h, i, j]
+            p_normed_44 = torch.rsqrt(p_normed_43)  # [b, h, i, j]
+            p_normed = (p * p_normed_44)  # [b, h, i, j]
+            p_hidden_47 = ops.mix_heads(p_normed, post_up_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            p_hidden_48 = torch.nn.functional.gelu(p_hidden_47)  # [b, h, i, j]
+            p_hidden_50 = ops.mix_heads(p_hidden_48, post_down_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            p_hidden_52 = ops.mix_heads(p_normed, post_up_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            p_hidden_53 = torch.nn.functional.gelu(p_hidden_52)  # [b, h, i, j]
+            p_hidden_55 = ops.mix_heads(p_hidden_53, post_down_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            p_hidden = (p_hidden_50 + p_hidden_55)  # [b, h, i, j]
+            p_mixed_57 = (p + p_hidden)  # [b, h, i, j]
+            accumulator = accumulator + ops.dot(p_mixed_57, v_chunk, 3)
+        outputs.append(accumulator)
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 def _materialized__mask(q, k, v, mask, head_mean, pre_up_a, pre_up_b, pre_down_a, pre_down_b, post_up_a, post_up_b, post_down_a, post_down_b):
@@ -179,7 +186,7 @@ def _materialized__mask(q, k, v, mask, head_mean, pre_up_a, pre_up_b, pre_down_a
     o = ops.dot(p_mixed_57, v, 3)  # [b, h, i, d]
     return o.squeeze((3,))  # [b, h, i, d]
 
-def _chunked__mask(q, k, v, mask, head_mean, pre_up_a, pre_up_b, pre_down_a, pre_down_b, post_up_a, post_up_b, post_down_a, post_down_b, CHUNK_N: int = 128):
+def _chunked__mask(q, k, v, mask, head_mean, pre_up_a, pre_up_b, pre_down_a, pre_down_b, post_up_a, post_up_b, post_down_a, post_down_b, CHUNK_N: int = 128, CHUNK_M: int = 0):
     """talking_heads_mlp, chunked, schedule two_pass; inputs: q, k, v, mask, head_mean, pre_up_a, pre_up_b, pre_down_a, pre_down_b, post_up_a, post_up_b, post_down_a, post_down_b."""
     B, H, I, D = q.shape
     _, _, J, _ = k.shape
@@ -192,74 +199,81 @@ def _chunked__mask(q, k, v, mask, head_mean, pre_up_a, pre_up_b, pre_down_a, pre
     scale_63 = -0.5
     scale_64 = (D ** scale_63)
     s_5 = (q * scale_64)  # [b, h, i, d]
-    s_mixed_27_rows = [B, H, I, 1, 1]  # one statistic per row: [b, h, i]
-    row_max = torch.full(s_mixed_27_rows, float('-inf'), dtype=q.dtype, device=q.device)
-    row_sum = torch.zeros(s_mixed_27_rows, dtype=q.dtype, device=q.device)
-    accumulator = torch.zeros([B, H, I, 1, D], dtype=q.dtype, device=q.device)
-    # pass 1: row max and sum of every head
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        mask_chunk = mask[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s = ops.dot(s_5, k_chunk, 4)  # [b, h, i, j]
-        s_normed_8 = (s * s)  # [b, h, i, j]
-        s_normed_11 = ops.mix_heads(s_normed_8, head_mean, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_normed_13 = (s_normed_11 + eps)  # [b, h, i, j]
-        s_normed_14 = torch.rsqrt(s_normed_13)  # [b, h, i, j]
-        s_normed = (s * s_normed_14)  # [b, h, i, j]
-        s_hidden_17 = ops.mix_heads(s_normed, pre_up_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_hidden_18 = torch.nn.functional.gelu(s_hidden_17)  # [b, h, i, j]
-        s_hidden_20 = ops.mix_heads(s_hidden_18, pre_down_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_hidden_22 = ops.mix_heads(s_normed, pre_up_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_hidden_23 = torch.nn.functional.gelu(s_hidden_22)  # [b, h, i, j]
-        s_hidden_25 = ops.mix_heads(s_hidden_23, pre_down_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_hidden = (s_hidden_20 + s_hidden_25)  # [b, h, i, j]
-        s_mixed_27 = (s + s_hidden)  # [b, h, i, j]
-        logits = s_mixed_27.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
-        chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-        safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum(3, keepdim=True)
-        row_max = chunk_max
-    safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-    # pass 2: probabilities, what follows softmax, and the key reduction
-    for key_start in range(0, J, CHUNK_N):  # keys outside the bounds are skipped
-        key_end = min(key_start + CHUNK_N, J)
-        k_chunk = k[:, :, :, key_start:key_end]
-        mask_chunk = mask[:, :, :, key_start:key_end]
-        v_chunk = v[:, :, :, key_start:key_end]
-        s = ops.dot(s_5, k_chunk, 4)  # [b, h, i, j]
-        s_normed_8 = (s * s)  # [b, h, i, j]
-        s_normed_11 = ops.mix_heads(s_normed_8, head_mean, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_normed_13 = (s_normed_11 + eps)  # [b, h, i, j]
-        s_normed_14 = torch.rsqrt(s_normed_13)  # [b, h, i, j]
-        s_normed = (s * s_normed_14)  # [b, h, i, j]
-        s_hidden_17 = ops.mix_heads(s_normed, pre_up_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_hidden_18 = torch.nn.functional.gelu(s_hidden_17)  # [b, h, i, j]
-        s_hidden_20 = ops.mix_heads(s_hidden_18, pre_down_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_hidden_22 = ops.mix_heads(s_normed, pre_up_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_hidden_23 = torch.nn.functional.gelu(s_hidden_22)  # [b, h, i, j]
-        s_hidden_25 = ops.mix_heads(s_hidden_23, pre_down_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        s_hidden = (s_hidden_20 + s_hidden_25)  # [b, h, i, j]
-        s_mixed_27 = (s + s_hidden)  # [b, h, i, j]
-        logits = s_mixed_27.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
-        p = torch.exp(logits - safe_max) / row_sum  # [b, h, i, j]
-        p_normed_41 = (p * p)  # [b, h, i, j]
-        p_normed_42 = ops.mix_heads(p_normed_41, head_mean, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        p_normed_43 = (p_normed_42 + eps)  # [b, h, i, j]
-        p_normed_44 = torch.rsqrt(p_normed_43)  # [b, h, i, j]
-        p_normed = (p * p_normed_44)  # [b, h, i, j]
-        p_hidden_47 = ops.mix_heads(p_normed, post_up_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        p_hidden_48 = torch.nn.functional.gelu(p_hidden_47)  # [b, h, i, j]
-        p_hidden_50 = ops.mix_heads(p_hidden_48, post_down_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        p_hidden_52 = ops.mix_heads(p_normed, post_up_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        p_hidden_53 = torch.nn.functional.gelu(p_hidden_52)  # [b, h, i, j]
-        p_hidden_55 = ops.mix_heads(p_hidden_53, post_down_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-        p_hidden = (p_hidden_50 + p_hidden_55)  # [b, h, i, j]
-        p_mixed_57 = (p + p_hidden)  # [b, h, i, j]
-        accumulator = accumulator + ops.dot(p_mixed_57, v_chunk, 3)
-    o = accumulator
+    # query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep
+    row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)
+    outputs = []
+    for query_start in range(0, I, row_step):
+        query_end = min(query_start + row_step, I)
+        query_rows = query_end - query_start
+        s_5_rows = s_5[:, :, query_start:query_end]
+        row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=q.dtype, device=q.device)  # per row: [b, h, i]
+        row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=q.dtype, device=q.device)
+        accumulator = torch.zeros([B, H, query_rows, 1, D], dtype=q.dtype, device=q.device)
+        # pass 1: row max and sum of every head
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            mask_chunk = mask[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s = ops.dot(s_5_rows, k_chunk, 4)  # [b, h, i, j]
+            s_normed_8 = (s * s)  # [b, h, i, j]
+            s_normed_11 = ops.mix_heads(s_normed_8, head_mean, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_normed_13 = (s_normed_11 + eps)  # [b, h, i, j]
+            s_normed_14 = torch.rsqrt(s_normed_13)  # [b, h, i, j]
+            s_normed = (s * s_normed_14)  # [b, h, i, j]
+            s_hidden_17 = ops.mix_heads(s_normed, pre_up_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_hidden_18 = torch.nn.functional.gelu(s_hidden_17)  # [b, h, i, j]
+            s_hidden_20 = ops.mix_heads(s_hidden_18, pre_down_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_hidden_22 = ops.mix_heads(s_normed, pre_up_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_hidden_23 = torch.nn.functional.gelu(s_hidden_22)  # [b, h, i, j]
+            s_hidden_25 = ops.mix_heads(s_hidden_23, pre_down_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_hidden = (s_hidden_20 + s_hidden_25)  # [b, h, i, j]
+            s_mixed_27 = (s + s_hidden)  # [b, h, i, j]
+            logits = s_mixed_27.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
+            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+            row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum(3, keepdim=True)
+            row_max = chunk_max
+        safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+        # pass 2: probabilities, what follows softmax, and the key reduction
+        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
+            key_end = min(key_start + CHUNK_N, J)
+            k_chunk = k[:, :, :, key_start:key_end]
+            mask_chunk = mask[:, :, :, key_start:key_end]
+            v_chunk = v[:, :, :, key_start:key_end]
+            s = ops.dot(s_5_rows, k_chunk, 4)  # [b, h, i, j]
+            s_normed_8 = (s * s)  # [b, h, i, j]
+            s_normed_11 = ops.mix_heads(s_normed_8, head_mean, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_normed_13 = (s_normed_11 + eps)  # [b, h, i, j]
+            s_normed_14 = torch.rsqrt(s_normed_13)  # [b, h, i, j]
+            s_normed = (s * s_normed_14)  # [b, h, i, j]
+            s_hidden_17 = ops.mix_heads(s_normed, pre_up_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_hidden_18 = torch.nn.functional.gelu(s_hidden_17)  # [b, h, i, j]
+            s_hidden_20 = ops.mix_heads(s_hidden_18, pre_down_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_hidden_22 = ops.mix_heads(s_normed, pre_up_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_hidden_23 = torch.nn.functional.gelu(s_hidden_22)  # [b, h, i, j]
+            s_hidden_25 = ops.mix_heads(s_hidden_23, pre_down_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            s_hidden = (s_hidden_20 + s_hidden_25)  # [b, h, i, j]
+            s_mixed_27 = (s + s_hidden)  # [b, h, i, j]
+            logits = s_mixed_27.masked_fill(~(mask_chunk), float('-inf'))  # dropped keys: -inf
+            p = torch.exp(logits - safe_max) / row_sum  # [b, h, i, j]
+            p_normed_41 = (p * p)  # [b, h, i, j]
+            p_normed_42 = ops.mix_heads(p_normed_41, head_mean, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            p_normed_43 = (p_normed_42 + eps)  # [b, h, i, j]
+            p_normed_44 = torch.rsqrt(p_normed_43)  # [b, h, i, j]
+            p_normed = (p * p_normed_44)  # [b, h, i, j]
+            p_hidden_47 = ops.mix_heads(p_normed, post_up_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            p_hidden_48 = torch.nn.functional.gelu(p_hidden_47)  # [b, h, i, j]
+            p_hidden_50 = ops.mix_heads(p_hidden_48, post_down_a, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            p_hidden_52 = ops.mix_heads(p_normed, post_up_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            p_hidden_53 = torch.nn.functional.gelu(p_hidden_52)  # [b, h, i, j]
+            p_hidden_55 = ops.mix_heads(p_hidden_53, post_down_b, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+            p_hidden = (p_hidden_50 + p_hidden_55)  # [b, h, i, j]
+            p_mixed_57 = (p + p_hidden)  # [b, h, i, j]
+            accumulator = accumulator + ops.dot(p_mixed_57, v_chunk, 3)
+        outputs.append(accumulator)
+    o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, D], dtype=q.dtype, device=q.device)
     return o.squeeze((3,))  # [b, h, i, d]
 
 
@@ -272,10 +286,11 @@ _FUNCTIONS = {
 MATERIALIZE_MAX_SCORES = 4194304
 
 
-def attention(q, k, v, *, mask=None, head_mean, pre_up_a, pre_up_b, pre_down_a, pre_down_b, post_up_a, post_up_b, post_down_a, post_down_b, lowering=None, chunk_n=256):
+def attention(q, k, v, *, mask=None, head_mean, pre_up_a, pre_up_b, pre_down_a, pre_down_b, post_up_a, post_up_b, post_down_a, post_down_b, lowering=None, chunk_n=256, chunk_m=256):
     """talking_heads_mlp attention with the spec's default params: q [b, h, i, d], k and v [b, h, j, d].
 
-    lowering: "materialized" or "chunked" (None: materialized up to 4194304 score elements).
+    lowering: "materialized" or "chunked" (None: materialized up to 4194304 score elements);
+    chunk_n keys and chunk_m query rows (0: all) per chunk of the chunked lowering.
     """
     present = frozenset(name for name, value in (('mask', mask),) if value is not None)
     if lowering is None:
@@ -284,7 +299,7 @@ def attention(q, k, v, *, mask=None, head_mean, pre_up_a, pre_up_b, pre_down_a, 
     function = _FUNCTIONS[present, lowering]
     inputs = [value for value in (mask, head_mean, pre_up_a, pre_up_b, pre_down_a, pre_down_b, post_up_a, post_up_b, post_down_a, post_down_b) if value is not None]
     if lowering == "chunked":
-        return function(q, k, v, *inputs, CHUNK_N=chunk_n)
+        return function(q, k, v, *inputs, CHUNK_N=chunk_n, CHUNK_M=chunk_m)
     return function(q, k, v, *inputs)
 
 

@@ -395,7 +395,7 @@ def test_chunked_torch_lowering_agrees_step_by_step(family, corpus, monkeypatch)
         if backend != "torch":
             return real(spec, backend, **params)
         return kernelsearch.load(str(spec), backend="torch",
-                                 config={"lowering": "chunked", "CHUNK_N": 16}, **params)
+                                 config={"lowering": "chunked", "CHUNK_N": 16, "CHUNK_M": 16}, **params)
     monkeypatch.setattr(lm_attention, "make_attention", chunked)
     ref = _steps(family, "reference", 3, corpus)
     tor = _steps(family, "torch", 3, corpus)

@@ -9,7 +9,7 @@ from . import oracles
 from .conftest import spec_path
 
 BACKENDS = [("reference", None), ("torch", {"lowering": "materialized"}),
-            ("torch", {"lowering": "chunked", "CHUNK_N": 8})]
+            ("torch", {"lowering": "chunked", "CHUNK_N": 8, "CHUNK_M": 16})]
 
 
 def _load(name, backend, **params):

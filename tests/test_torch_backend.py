@@ -23,8 +23,9 @@ PARAMS = {
 }
 CASES = [(name, params) for name, settings in PARAMS.items() for params in settings]
 SIZES = [(1, 1), (1, 17), (17, 33), (33, 17), (127, 129)]
+# chunked: all query rows at once, and in chunks of 16 / 7 rows (each visiting only the keys its rows keep)
 CONFIGS = [{"lowering": "materialized"}, {"lowering": "chunked", "CHUNK_N": 16},
-           {"lowering": "chunked", "CHUNK_N": 5}]
+           {"lowering": "chunked", "CHUNK_N": 5, "CHUNK_M": 16}, {"lowering": "chunked", "CHUNK_N": 16, "CHUNK_M": 7}]
 
 
 def _case_id(case):
@@ -33,7 +34,8 @@ def _case_id(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c['lowering']}{c.get('CHUNK_N', '')}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c['lowering']}{c.get('CHUNK_N', '')}"
+                                                         f"{'x' + str(c['CHUNK_M']) if 'CHUNK_M' in c else ''}")
 @pytest.mark.parametrize("optional", [False, True], ids=["bare", "all-inputs"])
 def test_matches_reference(case, config, optional):
     name, params = case

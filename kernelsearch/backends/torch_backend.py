@@ -1,6 +1,7 @@
 """The torch backend: generated PyTorch source, exec'd once per specialisation and lowering.
 
-Knobs (the config): lowering "materialized" | "chunked", CHUNK_N (keys per chunk), compile
+Knobs (the config): lowering "materialized" | "chunked", CHUNK_N (keys per chunk), CHUNK_M (query
+rows per chunk, 0 = all; a query chunk visits only the keys its rows can keep), compile
 (wrap in torch.compile(fullgraph=True)). Without a config: the tuned one recorded for this
 device and shape bucket if there is one, else materialized up to MATERIALIZE_MAX_SCORES score
 elements per call and chunked beyond, so that memory stays linear for long sequences.
@@ -20,6 +21,7 @@ from . import torch_ops
 MATERIALIZE_MAX_SCORES = 1 << 22
 CHUNK_MAX_SCORES = 1 << 22      # score elements per key chunk (all query rows at once)
 DEFAULT_CHUNK_N = 256
+DEFAULT_CHUNK_M = 256     # query rows per chunk: causal / windowed specs skip the keys a chunk cannot keep
 
 
 def exec_source(source: str, filename: str, names: dict | None = None) -> dict:
@@ -34,11 +36,12 @@ def default_config(graph: Graph, sizes: dict) -> dict:
     scores = sizes.get("b", 1) * sizes.get("h", 1) * sizes.get("i", 1) * sizes.get("j", 1)
     if scores <= MATERIALIZE_MAX_SCORES:
         return {"lowering": "materialized", "compile": False}
-    rows = scores // sizes.get("j", 1)
+    row_chunk = DEFAULT_CHUNK_M if sizes.get("i", 1) > DEFAULT_CHUNK_M else 0
+    rows = sizes.get("b", 1) * sizes.get("h", 1) * (row_chunk or sizes.get("i", 1))
     chunk = 16
     while chunk < 512 and rows * chunk * 2 <= CHUNK_MAX_SCORES:
-        chunk *= 2          # the largest power of two keeping one chunk's scores under the budget
-    return {"lowering": "chunked", "CHUNK_N": chunk, "compile": False}
+        chunk *= 2          # the largest power of two keeping one tile's scores under the budget
+    return {"lowering": "chunked", "CHUNK_N": chunk, "CHUNK_M": row_chunk, "compile": False}
 
 
 def tuned_config(graph: Graph, sizes: dict, dtype, device) -> dict | None:
@@ -85,7 +88,8 @@ def build(graph: Graph, attention):
         function = functions.get(config.get("lowering", "materialized"), bool(config.get("compile", False)))
         args = [tensors[n] for n in arguments if n in tensors]
         if config.get("lowering") == "chunked":
-            return function(*args, CHUNK_N=int(config.get("CHUNK_N", DEFAULT_CHUNK_N)))
+            return function(*args, CHUNK_N=int(config.get("CHUNK_N", DEFAULT_CHUNK_N)),
+                            CHUNK_M=int(config.get("CHUNK_M", 0)))
         return function(*args)
 
     run.functions = functions

@@ -41,10 +41,11 @@ _FUNCTIONS = {{
 MATERIALIZE_MAX_SCORES = {materialize_max}
 
 
-def attention(q, k, v, *, {keywords}lowering=None, chunk_n={chunk_n}):
+def attention(q, k, v, *, {keywords}lowering=None, chunk_n={chunk_n}, chunk_m={chunk_m}):
     """{name} attention with the spec's default params: q [b, h, i, d], k and v [b, h, j, d].
 
-    lowering: "materialized" or "chunked" (None: materialized up to {materialize_max} score elements).
+    lowering: "materialized" or "chunked" (None: materialized up to {materialize_max} score elements);
+    chunk_n keys and chunk_m query rows (0: all) per chunk of the chunked lowering.
     """
     present = frozenset(name for name, value in ({present_tuple}) if value is not None)
     if lowering is None:
@@ -53,7 +54,7 @@ def attention(q, k, v, *, {keywords}lowering=None, chunk_n={chunk_n}):
     function = _FUNCTIONS[present, lowering]
     inputs = [value for value in ({input_tuple}) if value is not None]
     if lowering == "chunked":
-        return function(q, k, v, *inputs, CHUNK_N=chunk_n)
+        return function(q, k, v, *inputs, CHUNK_N=chunk_n, CHUNK_M=chunk_m)
     return function(q, k, v, *inputs)
 '''
 
@@ -100,7 +101,7 @@ def presence_sets(spec: Spec):
 
 
 def module_source(spec: Spec) -> str:
-    from ..backends.torch_backend import DEFAULT_CHUNK_N, MATERIALIZE_MAX_SCORES
+    from ..backends.torch_backend import DEFAULT_CHUNK_M, DEFAULT_CHUNK_N, MATERIALIZE_MAX_SCORES
     graphs = [compile_graph(spec, None, present) for present in presence_sets(spec)]
     defaults = ", ".join(f"{n}={_shown(p.default)}" for n, p in spec.params.items())
     parts = [HEADER.format(name=spec.name, summary=spec.summary, version=__version__, path=spec.path,
@@ -114,7 +115,8 @@ def module_source(spec: Spec) -> str:
     extra = [n for n in spec.inputs if n not in ("q", "k", "v")]
     named_pairs = ", ".join(f"({n!r}, {n})" for n in spec.optional_inputs)
     parts.append(DISPATCH.format(
-        table="\n".join(table), name=spec.name, chunk_n=DEFAULT_CHUNK_N, materialize_max=MATERIALIZE_MAX_SCORES,
+        table="\n".join(table), name=spec.name, chunk_n=DEFAULT_CHUNK_N, chunk_m=DEFAULT_CHUNK_M,
+        materialize_max=MATERIALIZE_MAX_SCORES,
         keywords="".join(f"{n}=None, " if spec.inputs[n].optional else f"{n}, " for n in extra),
         present_tuple=named_pairs + ("," if len(spec.optional_inputs) == 1 else ""),
         input_tuple=", ".join(extra) + ("," if len(extra) == 1 else ""),

@@ -3,9 +3,11 @@
 Two lowerings of the same graph:
 
     materialized   every value computed whole; scores are [b, h, i, j]. Fast for short sequences.
-    chunked        keys visited in chunks of CHUNK_N with an online softmax (one pass), or with
-                   exact row statistics first when probabilities are transformed after softmax
-                   (two passes): memory grows with the sequence length, not its square.
+    chunked        query rows in chunks of CHUNK_M (0: all at once), and for each, the keys its
+                   rows can keep (the key-block bounds: causal and windowed specs skip the rest)
+                   in chunks of CHUNK_N, with an online softmax (one pass), or with exact row
+                   statistics first when probabilities are transformed after softmax (two
+                   passes): memory grows with the sequence length, not its square.
 
 Values live in the aligned layout of torch_ops (one axis per layout dim, size 1 where a value does
 not vary), so every op is one line of ordinary torch. The generated code runs under
@@ -122,13 +124,13 @@ def function_name(graph: Graph, lowering: str) -> str:
 
 
 def torch_source(graph: Graph, lowering: str) -> str:
-    """Source of `def <name>(q, k, v, <present inputs>, CHUNK_N=...)` for this graph and lowering."""
+    """Source of `def <name>(q, k, v, <present inputs>, CHUNK_N=..., CHUNK_M=...)` for this graph and lowering."""
     if lowering not in ("materialized", "chunked"):
         raise ValueError(f"unknown lowering {lowering!r}")
     emitter = _Emitter(graph)
     arguments = _signature(graph)
     name = function_name(graph, lowering)
-    extra = ", CHUNK_N: int = 128" if lowering == "chunked" else ""
+    extra = ", CHUNK_N: int = 128, CHUNK_M: int = 0" if lowering == "chunked" else ""
     lines = [f"def {name}({', '.join(arguments)}{extra}):"]
     doc = f"{graph.spec.name}, {lowering}, schedule {graph.schedule}"
     lines.append(f'    """{doc}; inputs: {", ".join(arguments)}."""')
@@ -181,9 +183,9 @@ def _combine_keeps(keeps, name) -> str:
 
 
 def _chunked_body(graph: Graph, emitter: _Emitter) -> list[str]:
-    """Keys in chunks: prologues once, scores per chunk, online (or two-pass) softmax."""
+    """Query rows in chunks, keys in chunks: prologues once, scores per tile, online (or two-pass) softmax."""
     (softmax,) = graph.find("softmax")
-    axis_j = emitter.axis["j"]
+    axis_i, axis_j = emitter.axis["i"], emitter.axis["j"]
     after = graph.downstream(softmax) - {softmax}
     # the key reduction: the dot that consumes (a function of) the probabilities
     (reduction,) = [n for n in after if graph.node(n).op == "dot" and "j" not in graph.node(n).dims]
@@ -196,39 +198,45 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> list[str]:
     before = [n for n, node in graph.nodes()
               if n not in loop_set and n not in epilogue and n != reduction and node.op not in ("input", "size")]
 
-    def sliced(n: str) -> str:
+    def key_sliced(n: str) -> str:
         return f"{variable(graph, n)}_chunk"
 
+    def row_sliced(n: str) -> str:
+        return f"{variable(graph, n)}_rows"
+
     def name(n: str) -> str:
-        # inside the loop, values with a key dim computed before the loop are read chunk by chunk
+        # inside the loops, values computed before them are read by query chunk (i) and key chunk (j)
         if n not in loop_set and "j" in graph.node(n).dims:
-            return sliced(n)
+            return key_sliced(n)
+        if n not in loop_set and "i" in graph.node(n).dims:
+            return row_sliced(n)
         return variable(graph, n)
 
     lines = [variable(graph, n) + " = " + emitter.expression(n, lambda a: variable(graph, a))
              + emitter.dims_comment(n) for n in before]
-    chunk_inputs = sorted({a for n in loop_set for a in graph.node(n).args
-                           if a not in loop_set and "j" in graph.node(a).dims} |
-                          ({values} if "j" in graph.node(values).dims else set()),
-                          key=lambda n: graph.node(n).order)
+    used = {a for n in loop_set | {reduction} for a in graph.node(n).args if a not in loop_set}
+    chunk_inputs = sorted({a for a in used if "j" in graph.node(a).dims}, key=lambda n: graph.node(n).order)
+    row_inputs = sorted({a for a in used if "i" in graph.node(a).dims and "j" not in graph.node(a).dims},
+                        key=lambda n: graph.node(n).order)
     bounds = graph.key_bounds
     first_key, last_key = "0", "J"
-    render = lambda n: scalar_expression(graph, n, row="0")  # noqa: E731
+    render = lambda n: scalar_expression(graph, n, row="query_start")  # noqa: E731
     if bounds.lower is not None:
         first_key = f"max(0, {render_bound(bounds.lower, render)})"
     if bounds.upper is not None:
-        render_last = lambda n: scalar_expression(graph, n, row="I - 1")  # noqa: E731
+        render_last = lambda n: scalar_expression(graph, n, row="query_end - 1")  # noqa: E731
         last_key = f"min(J, {render_bound(bounds.upper, render_last)} + 1)"
     scores = graph.node(softmax).args[0]
     keep = _combine_keeps(graph.node(softmax).args[1:], name)
-    row_shape = f"{variable(graph, scores)}_rows"
 
     def chunk_header():
-        out = [f"for key_start in range({first_key}, {last_key}, CHUNK_N):  # keys outside the bounds are skipped",
+        out = [f"for key_start in range({first_key}, {last_key}, CHUNK_N):  # the keys these rows can keep",
                "    key_end = min(key_start + CHUNK_N, J)"]
-        for n in chunk_inputs:
-            index = ", ".join([":"] * axis_j + ["key_start:key_end"])
-            out.append(f"    {sliced(n)} = {variable(graph, n)}[{index}]")
+        for n in chunk_inputs:   # a value over i and j (a bias) is cut to the query rows too
+            index = [":"] * axis_j + ["key_start:key_end"]
+            if "i" in graph.node(n).dims:
+                index[axis_i] = "query_start:query_end"
+            out.append(f"    {key_sliced(n)} = {variable(graph, n)}[{', '.join(index)}]")
         for n in loop_nodes:
             out.append(f"    {name(n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}")
         masked = name(scores) if keep == "None" else \
@@ -236,18 +244,27 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> list[str]:
         out.append(f"    logits = {masked}  # dropped keys: -inf")
         return out
 
-    scores_shape = "[" + ", ".join(
-        f"{d.upper()}" if d in graph.node(scores).dims and d != "j" else "1" for d in emitter.layout) + "]"
-    lines.append(f"{row_shape} = {scores_shape}  # one statistic per row: [{', '.join(d for d in graph.node(scores).dims if d != 'j')}]")
-    lines.append(f"row_max = torch.full({row_shape}, float('-inf'), dtype=q.dtype, device=q.device)")
-    lines.append(f"row_sum = torch.zeros({row_shape}, dtype=q.dtype, device=q.device)")
-    output_dims = graph.node(reduction).dims
-    output_shape = "[" + ", ".join(f"{d.upper()}" if d in output_dims else "1" for d in emitter.layout) + "]"
-    lines.append(f"accumulator = torch.zeros({output_shape}, dtype=q.dtype, device=q.device)")
+    def shape_of(dims):
+        return "[" + ", ".join("query_rows" if d == "i" and d in dims else f"{d.upper()}" if d in dims else "1"
+                               for d in emitter.layout) + "]"
+
+    lines.append("# query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep")
+    lines.append("row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)")
+    lines.append("outputs = []")
+    lines.append("for query_start in range(0, I, row_step):")
+    body = ["query_end = min(query_start + row_step, I)", "query_rows = query_end - query_start"]
+    for n in row_inputs:
+        index = ", ".join([":"] * axis_i + ["query_start:query_end"])
+        body.append(f"{row_sliced(n)} = {variable(graph, n)}[{index}]")
+    score_dims = [d for d in graph.node(scores).dims if d != "j"]
+    body.append(f"row_max = torch.full({shape_of(score_dims)}, float('-inf'), dtype=q.dtype, device=q.device)"
+                f"  # per row: [{', '.join(score_dims)}]")
+    body.append(f"row_sum = torch.zeros({shape_of(score_dims)}, dtype=q.dtype, device=q.device)")
+    body.append(f"accumulator = torch.zeros({shape_of(graph.node(reduction).dims)}, dtype=q.dtype, device=q.device)")
     one_pass = probabilities == softmax and not post_nodes
     if one_pass:
-        lines += chunk_header()
-        lines += [
+        body += chunk_header()
+        body += [
             f"    chunk_max = torch.maximum(row_max, logits.amax({axis_j}, keepdim=True))",
             "    safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))",
             "    weights = torch.exp(logits - safe_max)",
@@ -256,13 +273,13 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> list[str]:
             f"    accumulator = accumulator * rescale + ops.dot(weights, {name(values)}, {axis_j})",
             "    row_max = chunk_max",
             "# rows that kept no key give 0",
-            f"{variable(graph, reduction)} = accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))",
+            "outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))",
         ]
     else:
         # pass 1: exact row statistics; pass 2: normalised probabilities, transformed, times v
-        lines.append("# pass 1: row max and sum of every head")
-        lines += chunk_header()
-        lines += [
+        body.append("# pass 1: row max and sum of every head")
+        body += chunk_header()
+        body += [
             f"    chunk_max = torch.maximum(row_max, logits.amax({axis_j}, keepdim=True))",
             "    safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))",
             f"    row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum({axis_j}, keepdim=True)",
@@ -271,12 +288,16 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> list[str]:
             "row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))",
             "# pass 2: probabilities, what follows softmax, and the key reduction",
         ]
-        lines += chunk_header()
-        lines.append(f"    {variable(graph, softmax)} = torch.exp(logits - safe_max) / row_sum{emitter.dims_comment(softmax)}")
+        body += chunk_header()
+        body.append(f"    {variable(graph, softmax)} = torch.exp(logits - safe_max) / row_sum{emitter.dims_comment(softmax)}")
         for n in post_nodes:
-            lines.append(f"    {name(n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}")
-        lines.append(f"    accumulator = accumulator + ops.dot({name(probabilities)}, {name(values)}, {axis_j})")
-        lines.append(f"{variable(graph, reduction)} = accumulator")
+            body.append(f"    {name(n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}")
+        body.append(f"    accumulator = accumulator + ops.dot({name(probabilities)}, {name(values)}, {axis_j})")
+        body.append("outputs.append(accumulator)")
+    lines += ["    " + line for line in body]
+    empty = shape_of(graph.node(reduction).dims).replace("query_rows", "0")
+    lines.append(f"{variable(graph, reduction)} = torch.cat(outputs, {axis_i}) if outputs else "
+                 f"torch.zeros({empty}, dtype=q.dtype, device=q.device)")
     for n in epilogue:
         lines.append(f"{variable(graph, n)} = {emitter.expression(n, lambda a: variable(graph, a))}"
                      f"{emitter.dims_comment(n)}")

@@ -248,7 +248,7 @@ class SearchSpace:
 # Built-in spaces
 # ---------------------------------------------------------------------------------------
 
-TORCH_KNOBS = ("lowering", "CHUNK_N", "compile")
+TORCH_KNOBS = ("lowering", "CHUNK_N", "CHUNK_M", "compile")
 TRITON_FWD_KNOBS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 TRITON_BWD_KNOBS = ("BLOCK_M_BWD", "BLOCK_N_BWD", "num_warps_bwd", "num_stages_bwd")
 _TRITON_PREFERRED_DEFAULTS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
@@ -336,11 +336,14 @@ def torch_space(spec: Any, sizes: Mapping[str, int], direction: str = "fwd") -> 
       over key chunks, memory O(N));
     - ``CHUNK_N``: key chunk size, only for ``chunked``; powers of two up to the padded key
       length (a chunk larger than J is the same code as a chunk of next_pow2(J));
+    - ``CHUNK_M``: query rows per chunk, only for ``chunked`` (0: all rows at once); each query
+      chunk visits only the keys its rows can keep, so causal and windowed specs skip work;
     - ``compile``: run the generated function under ``torch.compile`` or eagerly.
 
     A spec's ``tune:`` section may override the choices of any of these by name.
     """
     J = int(sizes.get("J", 1024))
+    I = int(sizes.get("I", J))
     knobs = _backend_knobs("torch", spec, sizes, direction)
     if knobs is None:
         top = max(64, next_pow2(J))
@@ -349,6 +352,7 @@ def torch_space(spec: Any, sizes: Mapping[str, int], direction: str = "fwd") -> 
         lowering = tuple(spec_tune.get("lowering", ["materialized", "chunked"]))
         chunks = tuple(c for c in spec_tune.get("CHUNK_N", chunks) if c <= top) or (top,)
         compile_ = tuple(spec_tune.get("compile", [False, True]))
+        row_chunks = tuple(spec_tune.get("CHUNK_M", [0] + [c for c in (128, 512) if c < I]))
         defaults = _backend_defaults("torch", spec, sizes)
         lo_def = defaults.get("lowering", "materialized" if "materialized" in lowering else lowering[0])
         ch_def = _nearest(chunks, defaults.get("CHUNK_N", 256))
@@ -357,6 +361,8 @@ def torch_space(spec: Any, sizes: Mapping[str, int], direction: str = "fwd") -> 
             Knob("lowering", lowering, lo_def if lo_def in lowering else lowering[0],
                  doc="materialized scores or chunked online softmax"),
             Knob("CHUNK_N", chunks, ch_def, when=("lowering", ("chunked",)), doc="key chunk size"),
+            Knob("CHUNK_M", row_chunks, _nearest(row_chunks, defaults.get("CHUNK_M", 0)),
+                 when=("lowering", ("chunked",)), doc="query rows per chunk (0: all)"),
             Knob("compile", compile_, co_def if co_def in compile_ else compile_[0], doc="torch.compile"),
         ]
     return SearchSpace(knobs, [], target="cpu")
