@@ -59,10 +59,11 @@ class Attention:
     def _build(self, graph):
         if self.backend == "reference":
             from .backends import reference
+            evaluator = reference.NodeEvaluator(graph, [graph.output])   # the graph walked once, here
 
             def run_reference(tensors):
                 self.last_config = {}
-                return reference.evaluate(graph, tensors)
+                return evaluator(tensors)[graph.output]
             return run_reference
         if self.backend == "torch":
             from .backends import torch_backend

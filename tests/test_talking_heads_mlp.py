@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import kernelsearch
 from kernelsearch.models.talking_heads import TalkingHeadsMLP
+from tests.test_triton_bwd import gradients
 from tests.test_triton_fwd import interpreter  # noqa: F401
 
 SPEC = "specs/talking_heads_mlp.yaml"
@@ -75,17 +76,10 @@ def test_reference_matches_the_seed(pre_on, post_on, causal):
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
-def _grads(attn, inputs, dtype):
-    leaves = {n: (t.detach().to(dtype).requires_grad_() if t.is_floating_point() else t) for n, t in inputs.items()}
-    out = attn(**leaves)
-    out.backward(torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape).to(dtype))
-    return out.detach(), {n: t.grad for n, t in leaves.items() if t.is_floating_point()}
-
-
 def _compare(attn, tol):
     inputs, _, _ = problem()
-    out, grads = _grads(attn, inputs, torch.float32)
-    ref_out, ref_grads = _grads(kernelsearch.load(SPEC, backend="reference"), inputs, torch.float64)
+    out, grads = gradients(attn, inputs, torch.float32)
+    ref_out, ref_grads = gradients(kernelsearch.load(SPEC, backend="reference"), inputs, torch.float64)
     assert (out.double() - ref_out).abs().max() < tol
     for n, g in ref_grads.items():
         assert torch.isfinite(grads[n]).all(), n

@@ -203,25 +203,17 @@ class TritonForward:
         params = ", ".join(f"Tensor {triton_fwd._sanitize(n)}" for n in self.inputs)
         schema = f"({params}, int BLOCK_M, int BLOCK_N, int num_warps, int num_stages, bool poison) -> Tensor"
         count = len(self.inputs)
+        make, wrap = library_op_kind(interp)
 
+        def launch(*args):
+            tensors, (block_m, block_n, warps, stages, poison) = args[:count], args[count:]
+            return module.forward(*tensors, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+                                  num_stages=stages, poison=poison, wrap=wrap)
+        op = make(f"kernelsearch::{name}", launch, mutates_args=(), schema=schema)
         if interp:
-            def launch(*args):
-                tensors, (block_m, block_n, warps, stages, poison) = args[:count], args[count:]
-                return module.forward(*tensors, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-                                      num_stages=stages, poison=poison)
-            op = torch.library.custom_op(f"kernelsearch::{name}", launch, mutates_args=(), schema=schema)
-
             @op.register_fake
             def _(*args):
                 return module.forward_fake(*args[:count])
-        else:
-            from torch.library import triton_op, wrap_triton
-
-            def launch(*args):
-                tensors, (block_m, block_n, warps, stages, poison) = args[:count], args[count:]
-                return module.forward(*tensors, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-                                      num_stages=stages, poison=poison, wrap=wrap_triton)
-            op = triton_op(f"kernelsearch::{name}", launch, mutates_args=(), schema=schema)
         self._ops[name] = op
         self._op = op
         return op
@@ -230,6 +222,16 @@ class TritonForward:
         args = [tensors[n] for n in self.inputs]
         return self.op()(*args, int(config["BLOCK_M"]), int(config["BLOCK_N"]), int(config["num_warps"]),
                          int(config["num_stages"]), bool(poison))
+
+
+def library_op_kind(interpret: bool):
+    """(make, wrap): how to register a launcher as torch.ops.kernelsearch.<name>. Compiled kernels:
+    triton_op, kernels launched through wrap_triton (torch.compile sees into them). Interpreter:
+    an opaque custom_op (wrap_triton takes compiled kernels only; it needs a registered fake)."""
+    if interpret:
+        return torch.library.custom_op, None
+    from torch.library import triton_op, wrap_triton
+    return triton_op, wrap_triton
 
 
 def resolve_config(attention, graph: Graph, sizes: dict, q) -> dict:
@@ -263,7 +265,6 @@ class TritonTraining:
         self.digest = source_hash(self.source)
         self.stem = f"{triton_fwd._sanitize(graph.spec.name)}_train"
         self.inputs = [t.name for t in self.plan.tensors]
-        self.differentiable = [g.name.split(":", 1)[1] for g in self.backward_plan.grads]
         from .reference import NodeEvaluator
         self.prologue = NodeEvaluator(graph, self.cuts) if self.cuts else None
         self._op = None
@@ -282,11 +283,7 @@ class TritonTraining:
         fwd_schema = f"({tensors}, {knobs}, int BLOCK_M_BWD, int BLOCK_N_BWD, int num_warps_bwd, " \
                      "int num_stages_bwd, bool poison) -> (Tensor, Tensor)"
         bwd_schema = f"(Tensor do, Tensor out, Tensor lse, {tensors}, {knobs}, bool poison) -> Tensor[]"
-        if self.interpret:
-            make, wrap = torch.library.custom_op, None
-        else:
-            from torch.library import triton_op, wrap_triton
-            make, wrap = triton_op, wrap_triton
+        make, wrap = library_op_kind(self.interpret)
 
         def forward(*args):
             tensors, (bm, bn, warps, stages, _, _, _, _, poison) = args[:count], args[count:]
@@ -303,7 +300,7 @@ class TritonTraining:
 
         fwd_op = make(f"kernelsearch::{name}", forward, mutates_args=(), schema=fwd_schema)
         bwd_op = make(f"kernelsearch::{name}_backward", backward, mutates_args=(), schema=bwd_schema)
-        differentiable = [self.inputs.index(n) for n in self.differentiable]
+        differentiable = [self.inputs.index(n) for n in self.backward_plan.differentiable]
 
         if self.interpret:
             @fwd_op.register_fake

@@ -97,8 +97,8 @@ def aot_signature_backward(bp, config: dict, sizes: dict, dtype: str):
     elem = _TORCH_TO_TRITON.get(str(dtype), str(dtype))
     pointers = _pointer_types(p, elem)
     pointers.update({"do_ptr": f"*{elem}", "delta_ptr": "*fp32"})
-    for g in bp.grads:
-        pointers[g.ptr] = "*fp32" if g.name.split(":", 1)[1] in bp.atomic else f"*{elem}"
+    for name, g in zip(bp.differentiable, bp.grads):
+        pointers[g.ptr] = "*fp32" if name in bp.atomic else f"*{elem}"
     signature, constexprs, attrs = _signature(p, bp.runtime_args(), pointers,
                                               _unit_strides(list(p.tensors) + [bp.dout] + list(bp.grads)),
                                               bp.constexpr_args(), sizes)

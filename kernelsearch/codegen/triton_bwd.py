@@ -31,8 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir import Graph
-from .triton_fwd import (INDEX_DIMS, MIN_DOT_BLOCK, CodegenError, KernelPlan, TensorArg, _KernelWriter, _Value,
-                         _sanitize, plan, presence_suffix)
+from .triton_fwd import (CodegenError, KernelPlan, TensorArg, _KernelWriter, _Value, _sanitize,
+                         feature_launch_args, launcher_sizes, plan, presence_suffix)
 
 # 64x64 with 8 warps: no register spills in the dq kernels of the seed specs on sm_90 (4 warps spill 24-40 B)
 DEFAULT_BWD_CONFIG = {"BLOCK_M_BWD": 64, "BLOCK_N_BWD": 64, "num_warps_bwd": 8, "num_stages_bwd": 1}
@@ -49,7 +49,8 @@ class BackwardPlan:
     forward: KernelPlan
     dq_kernel: str
     dkdv_kernel: str
-    grads: list              # [TensorArg] gradient buffers, one per differentiable input (same dims)
+    differentiable: tuple    # the float inputs, in call order
+    grads: list              # [TensorArg] their gradient buffers (same dims), in the same order
     dout: TensorArg          # dO, dims of the output
     atomic: tuple            # inputs whose gradient is atomically accumulated (fp32 buffer)
     exact_delta: bool        # delta needs its own sweep (p transformed after softmax)
@@ -69,10 +70,6 @@ class BackwardPlan:
             + (["CP"] if p.channels else []) + ["DOT_PRECISION"]
 
 
-def differentiable_inputs(graph: Graph, p: KernelPlan) -> list[TensorArg]:
-    return [t for t in p.tensors if t.dtype == "float"]
-
-
 def backward_plan(graph: Graph) -> BackwardPlan:
     p = plan(graph)
     if p.materialized:
@@ -89,9 +86,10 @@ def backward_plan(graph: Graph) -> BackwardPlan:
     for node_id, node in graph.nodes():
         if node.op == "dot":
             dot_operands.update(node.args)
-    for t in differentiable_inputs(graph, p):
+    differentiable = tuple(t for t in p.tensors if t.dtype == "float")
+    for t in differentiable:
         name = f"d_{_sanitize(t.name)}"
-        grads.append(TensorArg(f"grad:{t.name}", f"{name}_ptr", t.dims, "float", t.raw,
+        grads.append(TensorArg(f"d {t.name}", f"{name}_ptr", t.dims, "float", t.raw,
                                tuple(f"stride_{name}_{d}" for d in t.dims)))
         if t.name not in dot_operands:
             atomic.append(t.name)
@@ -99,7 +97,8 @@ def backward_plan(graph: Graph) -> BackwardPlan:
     (softmax,) = graph.find("softmax")
     exact_delta = graph.node(accs[0]).args[0] != softmax
     suffix = f"{_sanitize(graph.spec.name)}{presence_suffix(graph)}"
-    return BackwardPlan(p, f"_bwd_dq_{suffix}", f"_bwd_dkdv_{suffix}", grads, dout, tuple(atomic), exact_delta)
+    return BackwardPlan(p, f"_bwd_dq_{suffix}", f"_bwd_dkdv_{suffix}", tuple(t.name for t in differentiable), grads,
+                        dout, tuple(atomic), exact_delta)
 
 
 class _BackwardWriter(_KernelWriter):
@@ -108,7 +107,7 @@ class _BackwardWriter(_KernelWriter):
         self.bp = bp
         (self.acc,) = self.accs
         self.p_mixed, self.v_operand = graph.node(self.acc).args
-        self.grad_of = {g.name.split(":", 1)[1]: g for g in bp.grads}
+        self.grad_of = dict(zip(bp.differentiable, bp.grads))
         diff = set(self.grad_of)
         self.needs_grad = set()
         for name in diff:
@@ -164,20 +163,6 @@ class _BackwardWriter(_KernelWriter):
         lines.append(f"    {', '.join(f'{c}: tl.constexpr' for c in bp.constexpr_args())},")
         lines.append("):")
         return lines
-
-    def program(self) -> None:
-        if self.channels:
-            S = self.p.streams
-            self.line(f"sample = tl.program_id(1)          # programs hold all {S} * H (stream, head) channels")
-            self.assign("C", f"{S} * H")
-            self.assign("offs_c", "tl.arange(0, CP)", "channel c = stream * H + head")
-            self.assign("c_ok", "offs_c < C")
-            self.assign("off_b", f"sample * {S} + offs_c // H", "batch is laid out (b s)")
-            self.assign("off_h", "offs_c % H")
-        else:
-            self.line("off_bh = tl.program_id(1)")
-            self.assign("off_b", "(off_bh // H).to(tl.int64)", "64-bit: base offsets of large tensors")
-            self.assign("off_h", "(off_bh % H).to(tl.int64)")
 
     def values_of_stage(self, stage: str) -> None:
         for node_id in self.g.ids():
@@ -423,7 +408,7 @@ class _BackwardWriter(_KernelWriter):
         self.line(f'"""{self.g.spec.name} backward, per query tile: dq\' and the gradients of bias, tables and '
                   'mixing weights."""')
         self.line("start_m = tl.program_id(0)")
-        self.program()
+        self.batch_and_heads()
         self.assign("offs_i", "start_m * BLOCK_M + tl.arange(0, BLOCK_M)")
         self.assign("row_ok", "offs_i < I")
         self.feature_offsets()
@@ -466,7 +451,7 @@ class _BackwardWriter(_KernelWriter):
         header = self.header(bp.dkdv_kernel)
         self.line(f'"""{self.g.spec.name} backward, per key tile: dk\', dv\' over the query blocks that keep it."""')
         self.line("start_n = tl.program_id(0)")
-        self.program()
+        self.batch_and_heads()
         self.assign("offs_j", "start_n * BLOCK_N + tl.arange(0, BLOCK_N)")
         self.assign("col_ok", "offs_j < J")
         self.feature_offsets()
@@ -525,32 +510,29 @@ def _launcher(graph: Graph, bp: BackwardPlan) -> str:
     lines = [f"def {backward_function_name(graph)}(do, out, lse, {', '.join(params)}, *, "
              f"BLOCK_M={d['BLOCK_M_BWD']}, BLOCK_N={d['BLOCK_N_BWD']}, num_warps={d['num_warps_bwd']}, "
              f"num_stages={d['num_stages_bwd']}, wrap=None, poison=False):"]
-    names = ", ".join(g.name.split(":", 1)[1] for g in bp.grads)
+    names = ", ".join(bp.differentiable)
     lines.append(f'    """Gradients of ({names}) from dO, the output and the forward\'s row log-sum-exp;')
     lines.append('    poison: fill the gradients the kernels store (not accumulate) with NaN first."""')
-    for arg, dim in p.sizes:
-        source, axis = p.size_sources[dim]
-        lines.append(f"    {arg} = {pnames[source]}.shape[{axis}]")
-    for arg, node_id, dtype, expr in p.host:
-        lines.append(f"    {arg} = {expr}")
+    lines += launcher_sizes(p, pnames)
     lines.append(f"    do = do.to({lead}.dtype)")
     if bp.exact_delta:
         lines.append(f"    delta = torch.empty((B, H, I), dtype=torch.float32, device={lead}.device)  # the dq kernel writes it")
     else:
         lines.append("    delta = (do.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O) = rowsum(p * dp)")
     grads = []
-    for g in bp.grads:
-        name = g.name.split(":", 1)[1]
+    for name, g in zip(bp.differentiable, bp.grads):
         var = g.ptr[:-len("_ptr")]
         grads.append((name, var))
         if name in bp.atomic:
             lines.append(f"    {var} = torch.zeros({pnames[name]}.shape, dtype=torch.float32, device={lead}.device)")
         else:
             lines.append(f"    {var} = _empty({pnames[name]}.shape, {pnames[name]}, poison)")
+    # atomically accumulated gradients are fp32: returned in their input's dtype
+    returned = f"[{', '.join(var if n not in bp.atomic else f'{var}.to({pnames[n]}.dtype)' for n, var in grads)}]"
     lines.append("    if B * H * I * J == 0:")
     for name, var in grads:
         lines.append(f"        {var}.zero_()")
-    lines.append(f"        return [{', '.join(var if n not in bp.atomic else f'{var}.to({pnames[n]}.dtype)' for n, var in grads)}]")
+    lines.append(f"        return {returned}")
     args = [", ".join(params + ["do", "lse", "delta"] + [v for _, v in grads]) + ","]
     for t in p.tensors:
         args.append(f"*_strides({pnames[t.name]}, {len(t.dims)}),")
@@ -561,10 +543,7 @@ def _launcher(graph: Graph, bp: BackwardPlan) -> str:
     if p.host:
         args.append(", ".join(a for a, _, _, _ in p.host) + ",")
     args.append("BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,")
-    for feature, block in p.features:
-        F = feature.upper()
-        args.append(f"{block}=max({MIN_DOT_BLOCK}, triton.next_power_of_2({F})), "
-                    f"EVEN_{F}={F} == max({MIN_DOT_BLOCK}, triton.next_power_of_2({F})),")
+    args += feature_launch_args(p)
     if p.channels:
         args.append(f"CP=triton.next_power_of_2({p.streams} * H),")
     args.append(f'DOT_PRECISION="ieee" if {lead}.dtype == torch.float32 else "tf32",')
@@ -574,8 +553,7 @@ def _launcher(graph: Graph, bp: BackwardPlan) -> str:
         lines.append(f"    ({kernel} if wrap is None else wrap({kernel}))[({tiles}, {programs})](")
         lines += [f"        {a}" for a in args]
         lines.append("    )")
-    converted = [var if n not in bp.atomic else f"{var}.to({pnames[n]}.dtype)" for n, var in grads]
-    lines.append(f"    return [{', '.join(converted)}]")
+    lines.append(f"    return {returned}")
     return "\n".join(lines) + "\n"
 
 

@@ -807,18 +807,7 @@ class _KernelWriter:
                   f'{"heads-in-tile" if p.channels else "per-head"} programs, '
                   f'{"two sweeps (exact softmax)" if p.exact else "online softmax"}."""')
         self.line("start_m = tl.program_id(0)")
-        if p.channels:
-            S = p.streams
-            self.line(f"sample = tl.program_id(1)          # programs hold all {S} * H (stream, head) channels")
-            self.assign("C", f"{S} * H")
-            self.assign("offs_c", "tl.arange(0, CP)", "channel c = stream * H + head")
-            self.assign("c_ok", "offs_c < C")
-            self.assign("off_b", f"sample * {S} + offs_c // H", "batch is laid out (b s)")
-            self.assign("off_h", "offs_c % H")
-        else:
-            self.line("off_bh = tl.program_id(1)")
-            self.assign("off_b", "(off_bh // H).to(tl.int64)", "64-bit: base offsets of large tensors")
-            self.assign("off_h", "(off_bh % H).to(tl.int64)")
+        self.batch_and_heads()
         self.assign("offs_i", "start_m * BLOCK_M + tl.arange(0, BLOCK_M)")
         self.assign("row_ok", "offs_i < I")
         self.feature_offsets()
@@ -929,6 +918,21 @@ class _KernelWriter:
                   f"float('inf')), mask={mask})")
         self.indent -= 1
         return "\n".join(header + self.lines) + "\n"
+
+    def batch_and_heads(self) -> None:
+        """off_b, off_h of the program (axis 1): one (batch, head), or every channel of a sample."""
+        if self.channels:
+            S = self.p.streams
+            self.line(f"sample = tl.program_id(1)          # programs hold all {S} * H (stream, head) channels")
+            self.assign("C", f"{S} * H")
+            self.assign("offs_c", "tl.arange(0, CP)", "channel c = stream * H + head")
+            self.assign("c_ok", "offs_c < C")
+            self.assign("off_b", f"sample * {S} + offs_c // H", "batch is laid out (b s)")
+            self.assign("off_h", "offs_c % H")
+        else:
+            self.line("off_bh = tl.program_id(1)")
+            self.assign("off_b", "(off_bh // H).to(tl.int64)", "64-bit: base offsets of large tensors")
+            self.assign("off_h", "(off_bh % H).to(tl.int64)")
 
     def lse_offsets(self) -> tuple[str, str]:
         """Offsets and mask of the row statistics ([B, H, I] fp32, contiguous) of the program's rows."""
@@ -1153,11 +1157,7 @@ def _launcher(graph: Graph, p: KernelPlan) -> str:
     lines.append("    wrap: torch.library.wrap_triton inside a triton_op; poison: fill the output with NaN first;")
     lines.append("    lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.")
     lines.append('    """')
-    for arg, dim in p.sizes:
-        source, axis = p.size_sources[dim]
-        lines.append(f"    {arg} = {pnames[source]}.shape[{axis}]")
-    for arg, node_id, dtype, expr in p.host:
-        lines.append(f"    {arg} = {expr}")
+    lines += launcher_sizes(p, pnames)
     out_shape = ", ".join(d.upper() for d in p.out_dims)
     lead = pnames[p.lead]
     lines.append(f"    out = _empty(({out_shape},), {lead}, poison)")
@@ -1190,10 +1190,7 @@ def _launcher(graph: Graph, p: KernelPlan) -> str:
         if p.host:
             lines.append(f"        {', '.join(a for a, _, _, _ in p.host)},")
         lines.append(f"        BLOCK_N={PREPASS_BLOCK_N},")
-        for feature, block in p.features:
-            F = feature.upper()
-            lines.append(f"        {block}=max({MIN_DOT_BLOCK}, triton.next_power_of_2({F})), "
-                         f"EVEN_{F}={F} == max({MIN_DOT_BLOCK}, triton.next_power_of_2({F})),")
+        lines += ["        " + arg for arg in feature_launch_args(p)]
         lines.append("        num_warps=4,")
         lines.append("    )")
     if p.channels:
@@ -1213,10 +1210,7 @@ def _launcher(graph: Graph, p: KernelPlan) -> str:
     if p.host:
         lines.append(f"        {', '.join(a for a, _, _, _ in p.host)},")
     lines.append("        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,")
-    for feature, block in p.features:
-        F = feature.upper()
-        lines.append(f"        {block}=max({MIN_DOT_BLOCK}, triton.next_power_of_2({F})), "
-                     f"EVEN_{F}={F} == max({MIN_DOT_BLOCK}, triton.next_power_of_2({F})),")
+    lines += ["        " + arg for arg in feature_launch_args(p)]
     if p.channels:
         lines.append(f"        CP=triton.next_power_of_2({p.streams} * H),")
     lines.append(f'        DOT_PRECISION="ieee" if {lead}.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,')
@@ -1232,6 +1226,27 @@ def _launcher(graph: Graph, p: KernelPlan) -> str:
             lines.append(f"    {arg} = {pnames[source]}.shape[{axis}]")
     lines.append(f"    return {lead}.new_empty(({out_shape},))")
     return "\n".join(lines) + "\n"
+
+
+def launcher_sizes(p: KernelPlan, pnames: dict) -> list[str]:
+    """Launcher lines reading every size from its input's shape, then the host-side constants."""
+    lines = []
+    for arg, dim in p.sizes:
+        source, axis = p.size_sources[dim]
+        lines.append(f"    {arg} = {pnames[source]}.shape[{axis}]")
+    for arg, node_id, dtype, expr in p.host:
+        lines.append(f"    {arg} = {expr}")
+    return lines
+
+
+def feature_launch_args(p: KernelPlan) -> list[str]:
+    """The feature dims' constexpr launch arguments: padded block, and whether it is exact."""
+    args = []
+    for feature, block in p.features:
+        F = feature.upper()
+        args.append(f"{block}=max({MIN_DOT_BLOCK}, triton.next_power_of_2({F})), "
+                    f"EVEN_{F}={F} == max({MIN_DOT_BLOCK}, triton.next_power_of_2({F})),")
+    return args
 
 
 _LAUNCH_HELPERS = '''
