@@ -544,3 +544,79 @@ def _tune_spec(spec: str, sizes: dict):
     res = tune(TuneOptions(spec=spec, target="cpu", shape=sizes, sampler="grid", progress=False, seed=0,
                            only={"compile": [False], "CHUNK_N": [32, 64]}, retime_repeats=2, out=out))
     return res, out.getvalue()
+
+
+# ---------------------------------------------------------------------------------------
+# The CUDA target's pipeline, rehearsed in Triton's interpreter (no GPU: TRITON_INTERPRET=1)
+# ---------------------------------------------------------------------------------------
+
+def _tune_triton(monkeypatch, spec: str, sizes: dict, only: dict, direction: str = "fwd"):
+    from kernelsearch.tune.study import TuneOptions, tune
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the trial processes inherit it
+    out = io.StringIO()
+    res = tune(TuneOptions(spec=spec, target="cuda", shape=sizes, dtype="float16", direction=direction,
+                           sampler="grid", progress=False, seed=0, only=only, retime_repeats=1, out=out))
+    return res, out.getvalue()
+
+
+def _trials(res):
+    import optuna
+
+    from kernelsearch.tune.storage import open_storage, parse_storage
+
+    study = optuna.load_study(study_name=res.study_name, storage=open_storage(parse_storage(res.storage)))
+    return [t.user_attrs["ks"] for t in _counted(study)]
+
+
+def test_cuda_target_in_the_interpreter_prunes_by_shared_memory_then_load_uses_the_winner(ks_home, monkeypatch):
+    """Space from the spec, AOT check for sm_90 at the tuned head dim (D=256: a 4-stage
+    16x128 pipeline needs > 227 KiB), checks, timing, record; then `load` uses the record."""
+    import torch
+
+    import kernelsearch
+    from kernelsearch.inputs import random_inputs
+
+    sizes = {"B": 1, "H": 1, "I": 33, "J": 128, "D": 256}
+    res, out = _tune_triton(monkeypatch, "specs/softmax.yaml", sizes,
+                            {"BLOCK_M": [16, 32], "BLOCK_N": [128], "num_warps": [4], "num_stages": [1, 4]})
+    assert "Triton's CPU interpreter" in out
+    trials = _trials(res)
+    assert len(trials) == 4
+    ok = [t for t in trials if t["status"] == "ok"]
+    pruned = [t for t in trials if t["status"] == "fail"]
+    assert {t["config"]["num_stages"] for t in ok} == {1} and len(ok) == 2
+    assert {t["config"]["num_stages"] for t in pruned} == {4}
+    for t in pruned:   # dropped by the AOT check, before anything ran
+        assert t["kind"] == "out_of_resources" and t["phase"] == "feasibility", t
+        assert "shared memory" in t["reason"] and "sm_90" in t["reason"]
+    for t in ok:
+        assert t["check"]["ok"] and 0 < t["aot"]["shared"] <= 232448 and t["aot"]["arch"] == "sm_90"
+    assert res.winner in [t["config"] for t in ok] and res.records_path
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    records.clear_cache()
+    attn = kernelsearch.load("specs/softmax.yaml", backend="triton")
+    x = random_inputs(attn.spec, sizes, dtype=torch.float16, device="cpu", seed=5)
+    attn(**x)
+    assert {k: attn.last_config[k] for k in res.winner} == res.winner
+
+
+def test_cuda_target_in_the_interpreter_tunes_forward_and_backward(ks_home, monkeypatch):
+    sizes = {"B": 1, "H": 2, "I": 17, "J": 33, "D": 16}
+    only = {"BLOCK_M": [16], "BLOCK_N": [16], "num_warps": [4], "num_stages": [1],
+            "BLOCK_M_BWD": [16, 32], "BLOCK_N_BWD": [16], "num_warps_bwd": [4], "num_stages_bwd": [1]}
+    res, out = _tune_triton(monkeypatch, "specs/cosine_sim.yaml", sizes, only, direction="fwd+bwd")
+    trials = _trials(res)
+    assert len(trials) == 2 and all(t["status"] == "ok" for t in trials), trials
+    for t in trials:   # gradients were checked, and every kernel (forward, dq, dkdv) fitted
+        assert t["check"]["ok"] and t["aot"]["shared"] > 0
+    assert set(res.winner) == set(only) and "fwd+bwd" in res.study_name
+
+
+def test_cuda_target_without_gpu_or_interpreter_is_a_usage_error(ks_home, monkeypatch):
+    from kernelsearch.tune.study import TuneOptions, resolve
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(UsageError, match="TRITON_INTERPRET=1"):
+        resolve(TuneOptions(spec="specs/softmax.yaml", target="cuda"))

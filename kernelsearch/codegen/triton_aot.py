@@ -110,7 +110,7 @@ def aot_signature_backward(bp, config: dict, sizes: dict, dtype: str):
 
 def _channels_and_precision(p, constexprs: dict, sizes: dict, elem: str) -> None:
     if p.channels:
-        heads = int(sizes.get("h", sizes.get("H", DEFAULT_SIZES["h"])))
+        heads = int(sizes.get("h", DEFAULT_SIZES["h"]))
         constexprs["CP"] = 1 << max(0, p.streams * heads - 1).bit_length()
     constexprs["DOT_PRECISION"] = "ieee" if elem == "fp32" else "tf32"
 
@@ -136,7 +136,7 @@ def _signature(p, args, pointer_type, unit_strides, constexpr_names, sizes):
     for name in constexpr_names:
         signature[name] = "constexpr"
     for feature, block in p.features:
-        size = int(sizes.get(feature, sizes.get(feature.upper(), DEFAULT_SIZES["d"])))
+        size = int(sizes.get(feature, DEFAULT_SIZES["d"]))
         constexprs[block] = max(MIN_DOT_BLOCK, 1 << max(0, size - 1).bit_length())
         constexprs[f"EVEN_{feature.upper()}"] = constexprs[block] == size
     return signature, constexprs, attrs
@@ -234,7 +234,8 @@ def aot_check(spec_or_graph, params=None, config=None, arch=90, *, sizes: dict |
         merged = default_config(graph)
         merged.update({k: v for k, v in (config or {}).items() if k in merged})
         result["config"] = merged
-        all_sizes = {**DEFAULT_SIZES, **(sizes or {})}
+        # callers name the sizes either way (the tuner: B, H, I, J, D; the CLI: d, h)
+        all_sizes = {**DEFAULT_SIZES, **{str(k).lower(): int(v) for k, v in (sizes or {}).items()}}
         p = plan(graph)
         module = load_module(triton_source(graph), f"{_sanitize(graph.spec.name)}_fwd", interpret=False)
         if p.prepass_kernel:     # the k-prologue prepass: it must compile too (its resources are small)
@@ -274,11 +275,16 @@ def aot_check(spec_or_graph, params=None, config=None, arch=90, *, sizes: dict |
 
 
 def language_patched_by_interpreter() -> bool:
-    """Triton's interpreter leaves triton.language.core patched after a launch (triton 3.x): real
-    compilation in the same process then fails. True when that has happened here."""
+    """True when real compilation cannot work in this process: Triton's interpreter leaves
+    triton.language.core patched after a launch (triton 3.x), and when TRITON_INTERPRET=1 was set
+    as triton.language was first imported its @jit standard library (tl.zeros, tl.cdiv, ...) is
+    made of InterpretedFunctions, which the code generator cannot inline."""
     try:
         import triton.language as tl
-        return getattr(tl.core.program_id, "__name__", "") == "<lambda>"
+        from triton.runtime.jit import JITFunction
+        if getattr(tl.core.program_id, "__name__", "") == "<lambda>":
+            return True
+        return not isinstance(tl.standard.cdiv, JITFunction)
     except Exception:
         return False
 

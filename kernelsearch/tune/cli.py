@@ -22,6 +22,8 @@ machines with --storage postgresql://... (or a shared journal file) to share one
 --trials is the total number of evaluated configs the study should hold.
 The winner is recorded in $KERNELSEARCH_HOME/records.json, where kernelsearch.load finds it
 (for calls with the same params).
+Without a GPU, TRITON_INTERPRET=1 with --target cuda rehearses the CUDA target in Triton's CPU
+interpreter (AOT checks for sm_90 at the tuned shape; interpreter timings, recorded for this CPU).
 """
 
 

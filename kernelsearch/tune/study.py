@@ -73,6 +73,9 @@ DEFAULTS = {
              "trial_timeout": 120.0},
     "fake": {"shape": (1, 2, 64, 64, 16), "dtype": "float32", "trials": 30, "timeout": None,
              "trial_timeout": 30.0},
+    # --target cuda in Triton's interpreter (no GPU, TRITON_INTERPRET=1): small, to rehearse
+    "interpret": {"shape": (1, 2, 64, 64, 32), "dtype": "float16", "trials": 6, "timeout": None,
+                  "trial_timeout": 300.0},
 }
 
 
@@ -126,6 +129,7 @@ class Resolved:
     timeout: float | None
     trial_timeout: float
     seed: int
+    interpret: bool = False  # the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)
 
 
 @dataclass
@@ -174,6 +178,10 @@ def _cuda_available() -> bool:
         return False
 
 
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _load_spec(path: str, params: Mapping[str, Any]) -> Any:
     try:
         import kernelsearch
@@ -208,10 +216,15 @@ def resolve(opts: TuneOptions) -> Resolved:
         target = "cuda" if _cuda_available() else "cpu"
     if target not in ("cuda", "cpu", "fake"):
         raise UsageError(f"--target {opts.target}: use auto, cuda or cpu")
-    if target == "cuda" and not _cuda_available():
-        raise UsageError("--target cuda: no CUDA device is available (use --target cpu)")
+    # --target cuda without a GPU but with TRITON_INTERPRET=1: the same Triton space, AOT checks
+    # for sm_90, correctness checks and records, with the kernels run by Triton's CPU interpreter
+    # (a rehearsal of the CUDA target's pipeline; its timings say nothing about a GPU).
+    interpret = target == "cuda" and not _cuda_available() and _triton_interpreting()
+    if target == "cuda" and not _cuda_available() and not interpret:
+        raise UsageError("--target cuda: no CUDA device is available (use --target cpu; or set "
+                         "TRITON_INTERPRET=1 to rehearse the CUDA target in Triton's CPU interpreter)")
     backend = {"cuda": "triton", "cpu": "torch", "fake": "fake"}[target]
-    d = DEFAULTS[target]
+    d = DEFAULTS["interpret" if interpret else target]
 
     if target == "fake":
         from . import fake
@@ -240,7 +253,7 @@ def resolve(opts: TuneOptions) -> Resolved:
     dtype = _parse_dtype(opts.dtype or d["dtype"])
     if target == "cpu" and dtype == "float16":
         warnings.warn("float16 on the CPU is slow and not what the CPU backend is for", stacklevel=2)
-    device = "cuda" if target == "cuda" else "cpu"
+    device = "cuda" if target == "cuda" and not interpret else "cpu"
     dev_name = rec.device_name(device)
     space = build_space(target, spec, sizes, opts.direction, dtype)
     if opts.only:
@@ -266,7 +279,7 @@ def resolve(opts: TuneOptions) -> Resolved:
     seed = opts.seed if opts.seed is not None else int.from_bytes(os.urandom(4), "little")
     return Resolved(target, backend, device, dev_name, spec, spec_path, sizes, bucket, dtype, opts.direction,
                     params, present, tag, space, name, storage, int(trials), timeout,
-                    float(opts.trial_timeout or d["trial_timeout"]), seed)
+                    float(opts.trial_timeout or d["trial_timeout"]), seed, interpret)
 
 
 def make_sampler(name: str, seed: int, trials: int, space_size: int | None = None):
@@ -383,7 +396,7 @@ class _Study:
         r = self.r
         device = r.device
         threads = None
-        if r.target == "cuda":
+        if r.device == "cuda":
             import torch
 
             n = torch.cuda.device_count()
@@ -573,7 +586,7 @@ class _Study:
             return
         self.ran += 1
         attrs = {"status": out.get("status"), "counted": True, "config": config, "compile_s": out.get("compile_s"),
-                 "wall_s": out.get("wall_s")}
+                 "wall_s": out.get("wall_s"), "aot": out.get("aot")}
         if out.get("status") == "ok":
             attrs.update(time_ms=out["time_ms"], timing=out.get("timing"), check=out.get("check"),
                          used_config=out.get("used_config"))
@@ -816,7 +829,11 @@ def tune(opts: TuneOptions) -> TuneResult:
               f"shape {r.sizes} (bucket {r.bucket}), {r.dtype}, {r.direction}; sampler {opts.sampler}, "
               f"{r.trials} trials" + (f", {r.timeout:g} s budget" if r.timeout else "")
               + f", {r.trial_timeout:g} s per trial, {opts.workers} worker(s)\n"
-              f"search space ({size if size is not None else 'many'} valid configs):\n{r.space.describe()}\n")
+              f"search space ({size if size is not None else 'many'} valid configs):\n{r.space.describe()}\n"
+              + ("note: no GPU, TRITON_INTERPRET=1: the Triton kernels run in Triton's CPU interpreter and are "
+                 "compiled for sm_90 only to check that they fit; the timings are the interpreter's, not a "
+                 "GPU's (records go under this CPU's name, where only interpreted calls look)\n"
+                 if r.interpret else ""))
     out.flush()
     # SIGTERM (kill, a batch system's time limit) is handled like Ctrl-C: in-flight trials are
     # re-queued, finished ones are kept, and the summary of what exists is printed.

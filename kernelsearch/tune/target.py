@@ -157,12 +157,14 @@ class _Backend:
             return self.impl.reference()
         return self.reference_fn
 
-    def feasibility(self, config: Mapping[str, Any]) -> None:
+    def feasibility(self, config: Mapping[str, Any]) -> dict | None:
+        """Raise TrialFailure when the config cannot compile or fit; else what the AOT check
+        measured ({"arch", "shared", "compile_s"}), or None when there is no such check."""
         if self.impl is not None:
             self.impl.feasibility(dict(config))
-            return
+            return None
         if self._aot is None:
-            return
+            return None
         arch = 90
         if self.p.device_type == "cuda":
             import torch
@@ -187,6 +189,7 @@ class _Backend:
             kind = "out_of_resources" if ("out of resources" in low or "outofresources" in low
                                           or "shared memory" in low) else "compile_error"
             raise TrialFailure(kind, err)
+        return {"arch": f"sm_{arch}", "shared": res.get("shared"), "compile_s": res.get("compile_s")}
 
     def synthetic_time(self, config: Mapping[str, Any]) -> float | None:
         if self.impl is not None:
@@ -277,9 +280,17 @@ class Evaluator:
         import torch
 
         out: dict[str, Any] = {"config": dict(config)}
+        reached = phase
+
+        def phase(name: str) -> None:  # a failure says in which phase it happened
+            out["phase"] = name
+            reached(name)
+
         try:
             phase("feasibility")
-            self.backend.feasibility(config)
+            aot = self.backend.feasibility(config)
+            if aot is not None:
+                out["aot"] = aot
 
             phase("compile")
             t0 = time.perf_counter()
@@ -312,6 +323,7 @@ class Evaluator:
             if not (math.isfinite(timing.median_ms) and timing.median_ms > 0):
                 raise TrialFailure("exception", f"timing gave {timing.median_ms!r} ms")
             out["status"] = "ok"
+            del out["phase"]
         except TrialFailure as e:
             out.update(status="fail", kind=e.kind, reason=e.message)
         except Exception as e:  # noqa: BLE001 - everything becomes a recorded failure
