@@ -620,3 +620,29 @@ def test_cuda_target_without_gpu_or_interpreter_is_a_usage_error(ks_home, monkey
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(UsageError, match="TRITON_INTERPRET=1"):
         resolve(TuneOptions(spec="specs/softmax.yaml", target="cuda"))
+
+
+def test_cpu_workers_compile_side_by_side_but_time_alone(ks_home, tmp_path):
+    """On the CPU, a config is never timed while another trial process builds, checks or times
+    (target.CpuLock), so --workers does not make the timings lie; building still overlaps."""
+    fake = {"measure": True, "sleep_s": 0.6, "barrier": {"dir": str(tmp_path / "barrier"), "n": 2}}
+    res, out = _tune(fake=fake, trials=6, workers=2, seed=3, storage=f"journal:{tmp_path / 'tune.journal'}")
+    assert res.counts["complete"] == 6, out
+    study = _study(f"journal:{tmp_path / 'tune.journal'}", fake)
+    spans = [(t.number, t.user_attrs["ks_run"]["worker"]["thread"], t.user_attrs["ks"]["spans"])
+             for t in _counted(study)]
+    assert len({w for _, w, _ in spans}) == 2
+
+    def overlap(a, b):
+        return a[0] < b[1] and b[0] < a[1]
+
+    builds_overlapped = False
+    for n1, w1, s1 in spans:
+        assert set(s1) >= {"feasibility", "compile", "check", "time"}, s1
+        for n2, w2, s2 in spans:
+            if w1 == w2:
+                continue
+            for phase, span in s2.items():
+                assert not overlap(s1["time"], span), f"trial {n1} was timed during trial {n2}'s {phase}"
+            builds_overlapped |= overlap(s1["compile"], s2["compile"])
+    assert builds_overlapped, "the workers should have built configs at the same time"

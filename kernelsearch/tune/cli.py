@@ -101,7 +101,8 @@ def register(subparsers) -> None:
                    help=f"time limit per trial, enforced in its child process (default cpu {cpu['trial_timeout']:g} s, "
                         f"cuda {cuda['trial_timeout']:g} s)")
     p.add_argument("--workers", type=int, default=1,
-                   help="worker threads in this process, each with its own trial process (one per GPU on CUDA)")
+                   help="worker threads in this process, each with its own trial process (one per GPU on CUDA; "
+                        "on the CPU they build and check side by side but time one at a time)")
     p.add_argument("--storage", default=None,
                    help="FILE.db | sqlite:///FILE | FILE.journal | journal:FILE | postgresql://USER@HOST/DB")
     p.add_argument("--seed", type=int, default=None, help="sampler seed")

@@ -56,7 +56,7 @@ from ..errors import UsageError
 from . import records as rec
 from .space import SearchSpace, build_space, config_key, fix_choices, nearest_untried, restrict
 from .storage import (GRACE_S, HEARTBEAT_INTERVAL_S, Heartbeat, StorageConfig, budget_lock, open_storage,
-                      parse_storage, reap_stale, worker_identity)
+                      home, parse_storage, reap_stale, worker_identity)
 from .target import Problem
 from .trial import RunnerError, TrialRunner
 
@@ -394,18 +394,19 @@ class _Study:
 
     def problem(self, idx: int) -> Problem:
         r = self.r
-        device = r.device
-        threads = None
+        device, cpu_lock = r.device, None
         if r.device == "cuda":
             import torch
 
             n = torch.cuda.device_count()
             device = f"cuda:{idx % max(n, 1)}"
-        elif self.opts.workers > 1:
-            threads = max(1, (os.cpu_count() or 1) // self.opts.workers)
+        else:
+            # the CPU is one shared device: workers compile side by side but time one at a time,
+            # with every core (target.CpuLock), also against other tune runs on this machine
+            cpu_lock = str(home() / "cpu.lock")
         return Problem(spec_path=r.spec_path, backend=r.backend, sizes=dict(r.sizes), dtype=r.dtype,
                        direction=r.direction, device=device, params=dict(self.opts.params),
-                       optional_inputs=self.opts.optional_inputs, seed=r.seed % 100000, threads=threads,
+                       optional_inputs=self.opts.optional_inputs, seed=r.seed % 100000, cpu_lock=cpu_lock,
                        fake=self.opts.fake)
 
     def snapshot(self):
@@ -542,7 +543,8 @@ class _Study:
                                     study.enqueue_trial(nxt, user_attrs={"ks_near": trial.number})
                             continue
                         uncounted_in_a_row = 0
-                        trial.set_user_attr("ks_run", {"worker": self.identity, "key": key, "config": config})
+                        trial.set_user_attr("ks_run", {"worker": {**self.identity, "thread": idx}, "key": key,
+                                                                "config": config})
                 if wait:
                     time.sleep(0.5)
                     continue
@@ -586,7 +588,7 @@ class _Study:
             return
         self.ran += 1
         attrs = {"status": out.get("status"), "counted": True, "config": config, "compile_s": out.get("compile_s"),
-                 "wall_s": out.get("wall_s"), "aot": out.get("aot")}
+                 "wall_s": out.get("wall_s"), "aot": out.get("aot"), "spans": out.get("spans")}
         if out.get("status") == "ok":
             attrs.update(time_ms=out["time_ms"], timing=out.get("timing"), check=out.get("check"),
                          used_config=out.get("used_config"))

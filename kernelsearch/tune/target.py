@@ -51,7 +51,8 @@ class Problem:
     check: bool = True
     check_optional: bool | None = None  # also check with optional inputs in every trial (None: on CUDA only)
     seed: int = 0
-    threads: int | None = None       # torch CPU threads in the child
+    threads: int | None = None       # torch CPU threads in the child (None: torch's default)
+    cpu_lock: str | None = None      # lock file shared by every trial process on this machine (CPU target)
     fake: dict | None = None         # behaviour of the fake target (tests, benchmarks)
     check_elements: int = 1 << 25    # cap on B*H*I*J for the float64 reference check
     bench: dict = field(default_factory=dict)  # options for bench.bench
@@ -100,6 +101,48 @@ def _torch_dtype(name: str):
 
 def _nbytes(inputs: Mapping[str, Any]) -> int:
     return sum(t.numel() * t.element_size() for t in inputs.values() if hasattr(t, "element_size"))
+
+
+class CpuLock:
+    """Who may use this machine's cores: timing needs them alone, the rest can share.
+
+    A readers-writer lock on a file (``flock``), shared by every trial process on the machine
+    (all workers, and other ``kernelsearch tune`` runs): building, compiling and checking hold
+    it shared, timing and re-timing exclusively. So several workers compile in parallel, but no
+    config is timed while another process compiles or times, and each one is timed with all the
+    threads the runtime will use. The kernel drops a dead process's hold, so a killed trial
+    cannot block the others. Waiting is reported as a ``waiting`` phase, which the parent does
+    not count against the trial's time limit.
+    """
+
+    def __init__(self, path: str | None, phase: Callable[[str], None]):
+        self.fd = None
+        if path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.phase = phase
+        self.held: str | None = None
+
+    def hold(self, mode: str, then: str) -> None:
+        """Hold the lock ``shared`` or ``exclusive`` (``none``: release), then enter phase ``then``."""
+        if self.fd is not None and mode != self.held:
+            import fcntl
+
+            flag = {"shared": fcntl.LOCK_SH, "exclusive": fcntl.LOCK_EX, "none": fcntl.LOCK_UN}[mode]
+            # the phase before ends here, before the lock changes hands
+            self.phase(f"waiting ({then} needs the CPU {'alone' if mode == 'exclusive' else 'shared'})")
+            fcntl.flock(self.fd, fcntl.LOCK_UN)  # no upgrade in place: two upgraders would deadlock
+            if mode != "none":
+                fcntl.flock(self.fd, flag)
+            self.held = mode
+        self.phase(then)
+
+    def release(self) -> None:
+        if self.fd is not None and self.held not in (None, "none"):
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        self.held = None
 
 
 def _sync(device: str) -> None:
@@ -280,14 +323,21 @@ class Evaluator:
         import torch
 
         out: dict[str, Any] = {"config": dict(config)}
+        spans: dict[str, list[float]] = {}
         reached = phase
 
         def phase(name: str) -> None:  # a failure says in which phase it happened
+            now = time.time()
+            if "phase" in out and not out["phase"].startswith("waiting"):
+                spans[out["phase"]][1] = now
+            if not name.startswith("waiting"):
+                spans[name] = [now, now]
             out["phase"] = name
             reached(name)
 
+        cpu = CpuLock(self.p.cpu_lock, phase)
         try:
-            phase("feasibility")
+            cpu.hold("shared", "feasibility")
             aot = self.backend.feasibility(config)
             if aot is not None:
                 out["aot"] = aot
@@ -306,7 +356,7 @@ class Evaluator:
                 phase("check")
                 out["check"] = self._check(fn, trial_seed, required=True, optional=self.p.per_trial_optional)
 
-            phase("time")
+            cpu.hold("exclusive", "time")
             synthetic = self.backend.synthetic_time(config)
             if synthetic is not None:
                 from .bench import Timing
@@ -322,6 +372,7 @@ class Evaluator:
             out["time_ms"] = timing.median_ms
             if not (math.isfinite(timing.median_ms) and timing.median_ms > 0):
                 raise TrialFailure("exception", f"timing gave {timing.median_ms!r} ms")
+            phase("done")
             out["status"] = "ok"
             del out["phase"]
         except TrialFailure as e:
@@ -334,6 +385,11 @@ class Evaluator:
                 # a CUDA error can poison the context; ask the parent to start a fresh child
                 out["restart"] = True
         finally:
+            spans.pop("done", None)
+            if "phase" in out and out["phase"] in spans:
+                spans[out["phase"]][1] = time.time()
+            cpu.release()
+            out["spans"] = spans  # wall-clock [start, end] of each phase (seconds since the epoch)
             if self.p.device_type == "cuda":
                 try:
                     torch.cuda.empty_cache()
@@ -388,7 +444,9 @@ class Evaluator:
         did not check them); {"ok": True} or {"ok": False, "kind", "error"}."""
         if not self.p.check or self.p.per_trial_optional or not self._has_optional():
             return {"ok": True, "skipped": True}
+        cpu = CpuLock(self.p.cpu_lock, lambda phase: None)
         try:
+            cpu.hold("shared", "check")
             fn = self._get_fn(config)
             self._check(fn, seed, required=False, optional=True)
             return {"ok": True}
@@ -396,6 +454,8 @@ class Evaluator:
             return {"ok": False, "kind": e.kind, "error": f"{e.kind}: {e.message}"}
         except Exception as e:  # noqa: BLE001
             return {"ok": False, "kind": classify_exception(e), "error": f"{type(e).__name__}: {e}"}
+        finally:
+            cpu.release()
 
     def retime(self, configs: list[Mapping[str, Any]], repeat: int = 5) -> list[dict]:
         """Re-time configs round-robin (interleaved); failures give {"error": ...}."""
@@ -403,26 +463,32 @@ class Evaluator:
 
         fns, idx, out = [], [], [dict() for _ in configs]
         all_grads: list = []
-        for i, c in enumerate(configs):
-            try:
-                fn = self._get_fn(c)
-                call, grads = self._timed_closure(fn)
-                call()
-                _sync(self.p.device)
-                fns.append(call)
-                all_grads += grads
-                idx.append(i)
-            except Exception as e:  # noqa: BLE001
-                out[i] = {"error": f"{type(e).__name__}: {e}", "kind": classify_exception(e)}
-        synth = [self.backend.synthetic_time(configs[i]) for i in idx]
-        if fns and all(s is not None for s in synth):
-            timings = []
-            for s in synth:
-                timings.append(Timing.from_samples([s * (1 + 0.002 * r) for r in range(repeat)]))
-        elif fns:
-            timings = interleaved(fns, self.p.device, repeat=repeat, grad_to_none=all_grads or None)
-        else:
-            timings = []
+        cpu = CpuLock(self.p.cpu_lock, lambda phase: None)
+        try:
+            cpu.hold("shared", "compile")
+            for i, c in enumerate(configs):
+                try:
+                    fn = self._get_fn(c)
+                    call, grads = self._timed_closure(fn)
+                    call()
+                    _sync(self.p.device)
+                    fns.append(call)
+                    all_grads += grads
+                    idx.append(i)
+                except Exception as e:  # noqa: BLE001
+                    out[i] = {"error": f"{type(e).__name__}: {e}", "kind": classify_exception(e)}
+            synth = [self.backend.synthetic_time(configs[i]) for i in idx]
+            if fns and all(s is not None for s in synth):
+                timings = []
+                for s in synth:
+                    timings.append(Timing.from_samples([s * (1 + 0.002 * r) for r in range(repeat)]))
+            elif fns:
+                cpu.hold("exclusive", "time")
+                timings = interleaved(fns, self.p.device, repeat=repeat, grad_to_none=all_grads or None)
+            else:
+                timings = []
+        finally:
+            cpu.release()
         for i, t in zip(idx, timings):
             out[i] = t.as_dict()
         return out

@@ -22,6 +22,7 @@ or ``{"status": "fail", "kind", "reason", ...}`` (kinds: `target.FAIL_KINDS`).
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import signal
 import socket
@@ -212,8 +213,9 @@ class TrialRunner:
         except OSError:
             pass
         deadline = t0 + timeout_s
+        waited_since = None  # time spent waiting for the machine (CpuLock) is not the config's
         while True:
-            msg = self._recv(deadline, conn, proc)
+            msg = self._recv(deadline if waited_since is None else math.inf, conn, proc)
             if msg is None:
                 code = proc.poll()
                 tail = self.log_tail()
@@ -228,7 +230,10 @@ class TrialRunner:
                                   + (f"; last output:\n{tail}" if tail else ""),
                         "wall_s": time.monotonic() - t0}
             if msg[0] == "phase":
+                if waited_since is not None:
+                    deadline += time.monotonic() - waited_since
                 phase = msg[1]
+                waited_since = time.monotonic() if phase.startswith("waiting") else None
                 if on_phase is not None:
                     on_phase(phase)
                 continue
