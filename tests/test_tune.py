@@ -646,3 +646,26 @@ def test_cpu_workers_compile_side_by_side_but_time_alone(ks_home, tmp_path):
                 assert not overlap(s1["time"], span), f"trial {n1} was timed during trial {n2}'s {phase}"
             builds_overlapped |= overlap(s1["compile"], s2["compile"])
     assert builds_overlapped, "the workers should have built configs at the same time"
+
+
+def test_only_after_a_full_run_is_a_study_of_its_own(ks_home, tmp_path):
+    # Optuna cannot change a knob's choices within a study: --only used to make every ask fail
+    storage = f"sqlite:///{tmp_path / 'tune.db'}"
+    full, _ = _tune(trials=3, storage=storage, seed=1)
+    narrow, out = _tune(trials=3, storage=storage, seed=1, only={"BLOCK_M": [32, 64]})
+    assert full.study_name != narrow.study_name
+    assert narrow.counts["complete"] == 3 and narrow.counts.get("uncounted", 0) <= 3, out
+    assert narrow.winner["BLOCK_M"] in (32, 64)
+    again, _ = _tune(trials=4, storage=storage, seed=1)   # the full study resumes where it was
+    assert again.study_name == full.study_name and again.counts["counted"] == 4 and again.ran == 1
+
+
+def test_a_sampler_that_always_fails_ends_the_study(ks_home, monkeypatch):
+    from kernelsearch.tune.space import SearchSpace
+
+    def broken(self, trial):
+        raise ValueError("no proposal")
+
+    monkeypatch.setattr(SearchSpace, "suggest", broken)
+    with pytest.raises(RuntimeError, match="failed 10 times in a row; last: ValueError: no proposal"):
+        _tune(trials=3)

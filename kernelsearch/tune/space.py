@@ -231,6 +231,16 @@ class SearchSpace:
         lines.append(f"  {size if size is not None else '>' + str(self.enumerate_limit)} valid configs")
         return "\n".join(lines)
 
+    def signature(self) -> str:
+        """A short hash of the knobs, their choices and the constraints: an Optuna study can only
+        go on with the distributions it started with, so a study is per space (``--only``, a
+        different J that changes the chunk sizes, a spec whose ``tune:`` section changed)."""
+        import hashlib
+
+        desc = [[k.name, [repr(c) for c in k.choices], repr(k.default), repr(k.when)] for k in self.knobs]
+        desc.append(sorted(c.name for c in self.constraints))
+        return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:8]
+
     def as_dict(self) -> dict:
         return {
             "target": self.target,

@@ -6,9 +6,10 @@ parsing. What it does, in order:
 1. resolve the target (``auto``: CUDA when present, else CPU), the backend it tunes (``triton``
    on CUDA, ``torch`` on CPU), the shape, dtype and the search space (`space.py`);
 2. open the storage (`storage.py`) and create or load the study named
-   ``"<spec name>|<sha256[:16]>|<backend>|<device name>|<shape bucket>|<dtype>|<direction>|<params tag>"``
+   ``"<spec name>|<sha256[:16]>|<backend>|<device name>|<shape bucket>|<dtype>|<direction>|<params tag>|s<space>"``
    (`records.params_tag`: the resolved params and the optional inputs timed, so that e.g.
-   ``--param causal=false`` is a study of its own);
+   ``--param causal=false`` is a study of its own; `SearchSpace.signature`: Optuna cannot change
+   a parameter's choices within a study, so ``--only`` searches in a study of its own, and so on);
 3. warm start, once per study: enqueue the default config and the best configs recorded for
    the nearest shape buckets with the same params (`records.neighbours`);
 4. run ``--workers`` worker threads until the study holds ``--trials`` counted trials or
@@ -165,8 +166,9 @@ def _parse_dtype(name: str) -> str:
 
 
 def study_name(spec_name: str, sha256: str, backend: str, device_name: str, bucket: str, dtype: str,
-               direction: str, params_tag: str) -> str:
-    return "|".join((spec_name, sha256[:16], backend, device_name, bucket, dtype, direction, params_tag))
+               direction: str, params_tag: str, space_signature: str) -> str:
+    return "|".join((spec_name, sha256[:16], backend, device_name, bucket, dtype, direction, params_tag,
+                     "s" + space_signature))
 
 
 def _cuda_available() -> bool:
@@ -275,7 +277,8 @@ def resolve(opts: TuneOptions) -> Resolved:
     present = tuple(sorted(n for n, d in dict(spec.inputs).items() if getattr(d, "optional", False))) \
         if opts.optional_inputs else ()
     tag = rec.params_tag(params, present)
-    name = study_name(spec.name, spec.sha256, backend, dev_name, bucket, dtype, opts.direction, tag)
+    name = study_name(spec.name, spec.sha256, backend, dev_name, bucket, dtype, opts.direction, tag,
+                      space.signature())
     seed = opts.seed if opts.seed is not None else int.from_bytes(os.urandom(4), "little")
     return Resolved(target, backend, device, dev_name, spec, spec_path, sizes, bucket, dtype, opts.direction,
                     params, present, tag, space, name, storage, int(trials), timeout,
@@ -482,7 +485,7 @@ class _Study:
             self.runners.insert(0, runner)  # kept for re-timing and the final check
         else:
             self.runners.append(runner)
-        uncounted_in_a_row = 0
+        uncounted_in_a_row = sampler_failures = 0
         try:
             while not self.stop.is_set():
                 if self.deadline is not None and time.monotonic() > self.deadline:
@@ -520,10 +523,15 @@ class _Study:
                         trial = study.ask()
                         try:
                             config = space.canonical(space.suggest(trial))
-                        except Exception as e:  # a sampler failure must not kill the study
+                        except Exception as e:  # a sampler failure must not kill the study...
                             self._tell_uncounted(trial, "exception", f"sampler: {type(e).__name__}: {e}", {})
                             uncounted_in_a_row += 1
+                            sampler_failures += 1
+                            if sampler_failures >= 10:  # ...but one that always fails must end it
+                                raise RuntimeError(f"the {self.opts.sampler} sampler failed 10 times in a row; "
+                                                   f"last: {type(e).__name__}: {e}") from e
                             continue
+                        sampler_failures = 0
                         key = config_key(config)
                         viol = space.violations(config)
                         dup = None if viol else next((t for t in list(done) + list(running) if _key(t) == key), None)
