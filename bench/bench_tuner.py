@@ -61,18 +61,22 @@ def grid_table_cpu(spec: str, shape: dict, trial_timeout: float, storage: str | 
     from kernelsearch.tune.storage import open_storage, parse_storage
 
     study = optuna.load_study(study_name=r.study_name, storage=open_storage(parse_storage(storage)))
-    table = {}
+    table, spans = {}, []
     for t in study.get_trials(deepcopy=False):
         ks = t.user_attrs.get("ks") or {}
         if not ks.get("counted"):
             continue
         key = (t.user_attrs.get("ks_run") or {}).get("key")
         table[key] = t.value if t.state.name == "COMPLETE" else None
+        if t.datetime_start and t.datetime_complete:
+            spans.append((t.datetime_start, t.datetime_complete))
     valid = r.space.enumerate()
     missing = [c for c in valid if config_key(c) not in table]
     if missing:
         print(f"warning: {len(missing)} grid configs were not evaluated", file=sys.stderr)
-    return r.space, table, time.monotonic() - t0, r
+    # how long the grid took when it was measured (this run may just have resumed it)
+    secs = (max(e for _, e in spans) - min(b for b, _ in spans)).total_seconds() if spans else time.monotonic() - t0
+    return r.space, table, secs, r
 
 
 def grid_table_synthetic(shape: dict):
@@ -89,7 +93,7 @@ def replay(space, table: dict, sampler: str, seed: int, budget: int) -> list[flo
     from optuna.trial import TrialState
 
     from kernelsearch.tune.space import config_key, nearest_untried
-    from kernelsearch.tune.study import make_sampler
+    from kernelsearch.tune.study import EVERY_KNOB, make_sampler
 
     valid = space.enumerate()
     keys_in_order = [config_key(c) for c in valid]
@@ -114,7 +118,7 @@ def replay(space, table: dict, sampler: str, seed: int, budget: int) -> list[flo
             dups = 0
         trial = study.ask()
         waiting = max(0, waiting - 1)
-        cfg = space.canonical(space.suggest(trial))
+        cfg = space.suggest(trial, every_knob=EVERY_KNOB[sampler])
         key = config_key(cfg)
         if space.violations(cfg) or key in evaluated:
             study.tell(trial, state=TrialState.FAIL)
@@ -160,7 +164,7 @@ def evaluate(name: str, space, table: dict, samplers: list[str], seeds: int, bud
             to5.append(hit if hit is not None else math.inf)
         med = statistics.median(to5)
         lines.append(f"{s:<8} {len(runs):>5} " + " ".join(f"{x:>7.3f}" for x in fr)
-                     + f" {('%d' % med) if math.isfinite(med) else '>' + str(max(budgets)):>22}")
+                     + f" {f'{med:g}' if math.isfinite(med) else '>' + str(max(budgets)):>22}")
     return "\n".join(lines) + "\n"
 
 

@@ -207,13 +207,20 @@ class SearchSpace:
         return None if valid is None else len(valid)
 
     # -- Optuna mapping ------------------------------------------------------------------
-    def suggest(self, trial: Any) -> dict:
-        """Define-by-run suggestion: only active knobs are suggested."""
+    def suggest(self, trial: Any, every_knob: bool = False) -> dict:
+        """Define-by-run suggestion: only active knobs are suggested, unless ``every_knob``
+        (samplers that model one fixed set of parameters, like Optuna's GP: the inactive knobs'
+        values are then proposed and ignored). Returns the canonical config.
+
+        Knobs are categorical. Numeric knobs as integer positions (so that a sampler could learn
+        that 32 and 64 behave alike) were tried and gave TPE no gain: evaluations to come within
+        5% of the grid's best, median of 30 seeds, 5.5 -> 6.0 (CPU, 22 configs) and 27.5 -> 28.5
+        (synthetic Triton space, 192 configs)."""
         cfg: dict[str, Any] = {}
         for k in self.knobs:
-            if k.active(cfg):
+            if every_knob or k.active(cfg):
                 cfg[k.name] = trial.suggest_categorical(k.name, list(k.choices))
-        return cfg
+        return self.canonical(cfg)
 
     def distributions(self) -> dict:
         import optuna

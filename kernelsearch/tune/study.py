@@ -64,6 +64,10 @@ from .trial import RunnerError, TrialRunner
 __all__ = ["TuneOptions", "TuneResult", "tune", "resolve", "Resolved", "study_name", "DEFAULTS", "SAMPLERS"]
 
 SAMPLERS = ("tpe", "random", "grid", "gp")
+# Optuna's GPSampler models one fixed set of parameters (a conditional knob would be drawn at
+# random, outside its model): it is asked for every knob, inactive ones ignored. TPE (grouped)
+# models the conditional space as it is.
+EVERY_KNOB = {"tpe": False, "random": False, "grid": False, "gp": True}
 BUDGET_GRACE_S = 15.0
 
 # Per-target defaults: shape (B, H, I, J, D), dtype, trial budget, time budget (s), per-trial limit (s).
@@ -295,7 +299,7 @@ def make_sampler(name: str, seed: int, trials: int, space_size: int | None = Non
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
                                           n_startup_trials=startup)
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
     return optuna.samplers.RandomSampler(seed=seed)  # random; grid is driven by the queue
 
 
@@ -522,7 +526,7 @@ class _Study:
                             uncounted_in_a_row = 0
                         trial = study.ask()
                         try:
-                            config = space.canonical(space.suggest(trial))
+                            config = space.suggest(trial, every_knob=EVERY_KNOB[self.opts.sampler])
                         except Exception as e:  # a sampler failure must not kill the study...
                             self._tell_uncounted(trial, "exception", f"sampler: {type(e).__name__}: {e}", {})
                             uncounted_in_a_row += 1
