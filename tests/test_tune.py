@@ -669,3 +669,24 @@ def test_a_sampler_that_always_fails_ends_the_study(ks_home, monkeypatch):
     monkeypatch.setattr(SearchSpace, "suggest", broken)
     with pytest.raises(RuntimeError, match="failed 10 times in a row; last: ValueError: no proposal"):
         _tune(trials=3)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "gp"])
+def test_every_sampler_searches_the_conditional_cpu_space(ks_home, sampler):
+    """The CPU space is conditional (CHUNK_N, CHUNK_M only for the chunked lowering): each
+    sampler proposes canonical configs, none is evaluated twice, the study reaches its budget."""
+    import optuna
+
+    from kernelsearch.tune.storage import open_storage, parse_storage
+    from kernelsearch.tune.study import TuneOptions, tune
+
+    res = tune(TuneOptions(spec="specs/softmax.yaml", target="cpu", shape={"B": 1, "H": 1, "I": 17, "J": 129, "D": 8},
+                           sampler=sampler, trials=5, seed=4, progress=False, retime_repeats=1,
+                           only={"compile": [False]}, out=io.StringIO()))
+    study = optuna.load_study(study_name=res.study_name, storage=open_storage(parse_storage(res.storage)))
+    configs = [t.user_attrs["ks"]["config"] for t in _counted(study)]
+    assert len(configs) == 5 and res.counts["complete"] == 5
+    assert len({config_key(c) for c in configs}) == 5
+    for c in configs:
+        assert ("CHUNK_N" in c) == (c["lowering"] == "chunked"), c
+    assert res.winner in configs

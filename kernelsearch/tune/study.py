@@ -4,7 +4,9 @@
 parsing. What it does, in order:
 
 1. resolve the target (``auto``: CUDA when present, else CPU), the backend it tunes (``triton``
-   on CUDA, ``torch`` on CPU), the shape, dtype and the search space (`space.py`);
+   on CUDA, ``torch`` on CPU), the shape, dtype and the search space (`space.py`); ``cuda``
+   without a GPU but with ``TRITON_INTERPRET=1`` runs the Triton target's whole pipeline with
+   the kernels in Triton's CPU interpreter (a rehearsal: its timings say nothing about a GPU);
 2. open the storage (`storage.py`) and create or load the study named
    ``"<spec name>|<sha256[:16]>|<backend>|<device name>|<shape bucket>|<dtype>|<direction>|<params tag>|s<space>"``
    (`records.params_tag`: the resolved params and the optional inputs timed, so that e.g.
@@ -13,7 +15,8 @@ parsing. What it does, in order:
 3. warm start, once per study: enqueue the default config and the best configs recorded for
    the nearest shape buckets with the same params (`records.neighbours`);
 4. run ``--workers`` worker threads until the study holds ``--trials`` counted trials or
-   ``--timeout`` seconds passed. Each worker owns a `trial.TrialRunner` (a child process) and
+   ``--timeout`` seconds passed (on the CPU their trial processes build side by side but time
+   one at a time: `target.CpuLock`). Each worker owns a `trial.TrialRunner` (a child process) and
    loops: under the budget lock, reap trials of dead workers, count, ask the sampler, drop
    duplicates and statically invalid configs (told as uncounted failures); then, outside the
    lock and with a heartbeat, run the trial in its child and tell the result;
