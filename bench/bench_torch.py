@@ -276,7 +276,8 @@ class Row:
     ratio: float | None = None
 
 
-def implementations(variant: Variant, spec, inputs: dict, n: int, chunk_n: int, which: set) -> list[Impl]:
+def implementations(variant: Variant, spec, inputs: dict, n: int, chunk_n: int, chunk_m: int,
+                    which: set) -> list[Impl]:
     import kernelsearch
     extra = {name: t for name, t in inputs.items() if name not in ("q", "k", "v")}
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
@@ -294,12 +295,13 @@ def implementations(variant: Variant, spec, inputs: dict, n: int, chunk_n: int, 
             config = {"lowering": lowering, "compile": compiled}
             if lowering == "chunked":
                 config["CHUNK_N"] = chunk_n
+                config["CHUNK_M"] = chunk_m if n > chunk_m else 0
 
             def build(config=config):
                 attn = kernelsearch.load(spec, backend="torch", config=config, **variant.params)
                 return lambda: attn(q, k, v, **extra)
             label = f"torch {'compiled' if compiled else 'eager'} {lowering}" + (
-                f" (CHUNK_N={chunk_n})" if lowering == "chunked" else "")
+                f" (CHUNK_N={chunk_n}, CHUNK_M={config['CHUNK_M']})" if lowering == "chunked" else "")
             impls.append(Impl(label, "torch", build, lowering, compiled))
     return impls
 
@@ -375,7 +377,7 @@ def run_cell_group(variant: Variant, n: int, args, history: dict, log) -> list[R
         check, check_name = reference_output(variant, spec, inputs), "reference (float64)"
     gc.collect()
 
-    for impl in implementations(variant, spec, inputs, n, args.chunk_n, args.impls):
+    for impl in implementations(variant, spec, inputs, n, args.chunk_n, args.chunk_m, args.impls):
         row = Row(variant.name, n, impl.label, impl.kind)
         rows.append(row)
         row.status = skip_reason(variant, impl, n, args, history)
@@ -519,6 +521,9 @@ def parse_args(argv):
     parser.add_argument("--chunk-n", type=int, default=512,
                         help="CHUNK_N of the chunked lowering (default 512; the backend's own default is 256, "
                              "which doubles the unrolled loop torch.compile has to compile)")
+    parser.add_argument("--chunk-m", type=int, default=256,
+                        help="CHUNK_M of the chunked lowering: query rows per chunk, each visiting only the keys "
+                             "its rows can keep (default 256, the backend's; 0 below N = 256 + 1)")
     parser.add_argument("--ref-max", type=int, default=2048,
                         help="check against the float64 reference backend up to this N (default 2048)")
     parser.add_argument("--max-mem-gib", type=float, default=1.5,
@@ -599,7 +604,8 @@ def main(argv=None) -> int:
         f"{args.time_budget_s:g} s) taken round-robin over the cell's implementations, "
         f"so that load changes hit them alike; median reported, min in the notes.",
         f"- b=1 (talking_heads: 1 sample x 2 streams), h={H}, d={D}, float32, {machine['threads']} torch threads, "
-        f"chunked lowering with CHUNK_N={args.chunk_n}; outputs under `torch.no_grad()`.",
+        f"chunked lowering with CHUNK_N={args.chunk_n} and CHUNK_M={args.chunk_m} (0 where N <= {args.chunk_m}); "
+        "outputs under `torch.no_grad()`.",
         "- vs best baseline: this row's median over the fastest baseline's (SDPA or compiled flex) median "
         "for the same variant and N in this run; below 1 is faster than PyTorch's own kernels.",
         "- peak MiB: the rise of the process's peak resident set (VmHWM, reset by writing 5 to "

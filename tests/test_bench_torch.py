@@ -45,7 +45,7 @@ def test_quick_plumbing_all_variants_eager_and_sdpa(tmp_path):
             assert ratio == "n/a (no baseline)", row
     impls = {(row[0], row[2]) for row in rows}
     assert ("memory_efficient", "SDPA") in impls and ("local", "SDPA") not in impls
-    assert ("talking_heads", "torch eager chunked (CHUNK_N=512)") in impls
+    assert ("talking_heads", "torch eager chunked (CHUNK_N=512, CHUNK_M=0)") in impls
 
 
 def test_quick_plumbing_compiled_flex(tmp_path):
@@ -53,6 +53,6 @@ def test_quick_plumbing_compiled_flex(tmp_path):
     # position-bias table and rotary applied outside; compiling it is most of this test's time
     text, rows = run_bench(tmp_path, "--variants", "local", "--impls", "flex,eager-chunked")
     assert_clean(text, rows)
-    assert [row[2] for row in rows] == ["flex (compiled)", "torch eager chunked (CHUNK_N=512)"]
+    assert [row[2] for row in rows] == ["flex (compiled)", "torch eager chunked (CHUNK_N=512, CHUNK_M=0)"]
     assert all(row[4].endswith("x") for row in rows)
     assert "first call (compile)" in rows[0][-1]

@@ -110,6 +110,19 @@ def test_default_lowering_switches_to_chunked_for_long_sequences():
     assert attention.last_config["lowering"] == "chunked"
 
 
+def test_a_partial_config_takes_the_defaults_for_what_it_leaves_out():
+    # {"lowering": "chunked", "CHUNK_N": 512} used to run all query rows as one chunk (CHUNK_M=0),
+    # 24x slower than the default for the local spec at N=8192
+    reference = kernelsearch.load(spec_path("local"), backend="reference")
+    attention = kernelsearch.load(spec_path("local"), backend="torch", config={"lowering": "chunked", "CHUNK_N": 64})
+    tensors = random_inputs(reference.spec, dict(B=1, H=2, I=300, J=300, D=8), dtype=torch.float64, seed=3)
+    torch.testing.assert_close(attention(**tensors), reference(**tensors), rtol=1e-10, atol=1e-10)
+    assert attention.last_config == {"lowering": "chunked", "CHUNK_N": 64, "CHUNK_M": 256, "compile": False}
+    attention = kernelsearch.load(spec_path("local"), backend="torch", config={"compile": False})
+    attention(**tensors)
+    assert attention.last_config == {"lowering": "materialized", "compile": False}
+
+
 def test_non_contiguous_and_broadcast_inputs():
     reference = kernelsearch.load(spec_path("cosine_sim"), backend="reference")
     generated = kernelsearch.load(spec_path("cosine_sim"), backend="torch", config={"lowering": "chunked", "CHUNK_N": 4})

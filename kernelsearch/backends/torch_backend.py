@@ -32,16 +32,30 @@ def exec_source(source: str, filename: str, names: dict | None = None) -> dict:
     return namespace
 
 
-def default_config(graph: Graph, sizes: dict) -> dict:
-    scores = sizes.get("b", 1) * sizes.get("h", 1) * sizes.get("i", 1) * sizes.get("j", 1)
-    if scores <= MATERIALIZE_MAX_SCORES:
-        return {"lowering": "materialized", "compile": False}
+def chunk_defaults(sizes: dict) -> dict:
+    """CHUNK_M and CHUNK_N of the chunked lowering when the config does not say."""
     row_chunk = DEFAULT_CHUNK_M if sizes.get("i", 1) > DEFAULT_CHUNK_M else 0
     rows = sizes.get("b", 1) * sizes.get("h", 1) * (row_chunk or sizes.get("i", 1))
     chunk = 16
     while chunk < 512 and rows * chunk * 2 <= CHUNK_MAX_SCORES:
         chunk *= 2          # the largest power of two keeping one tile's scores under the budget
-    return {"lowering": "chunked", "CHUNK_N": chunk, "CHUNK_M": row_chunk, "compile": False}
+    return {"CHUNK_N": chunk, "CHUNK_M": row_chunk}
+
+
+def default_config(graph: Graph, sizes: dict) -> dict:
+    scores = sizes.get("b", 1) * sizes.get("h", 1) * sizes.get("i", 1) * sizes.get("j", 1)
+    if scores <= MATERIALIZE_MAX_SCORES:
+        return {"lowering": "materialized", "compile": False}
+    return {"lowering": "chunked", **chunk_defaults(sizes), "compile": False}
+
+
+def complete_config(config: dict, sizes: dict) -> dict:
+    """A partial config (``{"lowering": "chunked", "CHUNK_N": 512}``) takes the defaults for the
+    knobs it leaves out, as the Triton backend's does; ``last_config`` shows the result."""
+    full = {"lowering": "materialized", "compile": False, **config}
+    if full["lowering"] == "chunked":
+        full = {**chunk_defaults(sizes), **full}
+    return full
 
 
 def tuned_config(graph: Graph, sizes: dict, dtype, device) -> dict | None:
@@ -82,14 +96,14 @@ def build(graph: Graph, attention):
 
     def run(tensors: dict):
         sizes = bind(graph, tensors)
-        config = attention.config or tuned_config(graph, sizes, tensors["q"].dtype, tensors["q"].device) \
-            or default_config(graph, sizes)
-        attention.last_config = dict(config)
-        function = functions.get(config.get("lowering", "materialized"), bool(config.get("compile", False)))
+        config = complete_config(attention.config or tuned_config(graph, sizes, tensors["q"].dtype,
+                                                                  tensors["q"].device)
+                                 or default_config(graph, sizes), sizes)
+        attention.last_config = config
+        function = functions.get(config["lowering"], bool(config["compile"]))
         args = [tensors[n] for n in arguments if n in tensors]
-        if config.get("lowering") == "chunked":
-            return function(*args, CHUNK_N=int(config.get("CHUNK_N", DEFAULT_CHUNK_N)),
-                            CHUNK_M=int(config.get("CHUNK_M", 0)))
+        if config["lowering"] == "chunked":
+            return function(*args, CHUNK_N=int(config["CHUNK_N"]), CHUNK_M=int(config["CHUNK_M"]))
         return function(*args)
 
     run.functions = functions

@@ -49,6 +49,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -60,7 +61,7 @@ from ..errors import UsageError
 from . import records as rec
 from .space import SearchSpace, build_space, config_key, fix_choices, nearest_untried, restrict
 from .storage import (GRACE_S, HEARTBEAT_INTERVAL_S, Heartbeat, StorageConfig, budget_lock, open_storage,
-                      home, parse_storage, reap_stale, worker_identity)
+                      parse_storage, reap_stale, worker_identity)
 from .target import Problem
 from .trial import RunnerError, TrialRunner
 
@@ -412,8 +413,9 @@ class _Study:
             device = f"cuda:{idx % max(n, 1)}"
         else:
             # the CPU is one shared device: workers compile side by side but time one at a time,
-            # with every core (target.CpuLock), also against other tune runs on this machine
-            cpu_lock = str(home() / "cpu.lock")
+            # with every core (target.CpuLock), also against other tune runs on this machine. The
+            # lock file is machine-local (a shared KERNELSEARCH_HOME on NFS would couple machines)
+            cpu_lock = os.path.join(tempfile.gettempdir(), f"kernelsearch-{os.getuid()}", "cpu.lock")
         return Problem(spec_path=r.spec_path, backend=r.backend, sizes=dict(r.sizes), dtype=r.dtype,
                        direction=r.direction, device=device, params=dict(self.opts.params),
                        optional_inputs=self.opts.optional_inputs, seed=r.seed % 100000, cpu_lock=cpu_lock,
