@@ -124,24 +124,21 @@ class CpuLock:
         self.held: str | None = None
 
     def hold(self, mode: str, then: str) -> None:
-        """Hold the lock ``shared`` or ``exclusive`` (``none``: release), then enter phase ``then``."""
+        """Hold the lock ``shared`` or ``exclusive``, then enter phase ``then``."""
         if self.fd is not None and mode != self.held:
             import fcntl
 
-            flag = {"shared": fcntl.LOCK_SH, "exclusive": fcntl.LOCK_EX, "none": fcntl.LOCK_UN}[mode]
             # the phase before ends here, before the lock changes hands
             self.phase(f"waiting ({then} needs the CPU {'alone' if mode == 'exclusive' else 'shared'})")
             fcntl.flock(self.fd, fcntl.LOCK_UN)  # no upgrade in place: two upgraders would deadlock
-            if mode != "none":
-                fcntl.flock(self.fd, flag)
+            fcntl.flock(self.fd, fcntl.LOCK_EX if mode == "exclusive" else fcntl.LOCK_SH)
             self.held = mode
         self.phase(then)
 
     def release(self) -> None:
-        if self.fd is not None and self.held not in (None, "none"):
-            import fcntl
-
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        if self.fd is not None:
+            os.close(self.fd)  # closing the file drops the lock
+            self.fd = None
         self.held = None
 
 
