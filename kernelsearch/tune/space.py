@@ -382,7 +382,26 @@ def torch_space(spec: Any, sizes: Mapping[str, int], direction: str = "fwd") -> 
                  when=("lowering", ("chunked",)), doc="query rows per chunk (0: all)"),
             Knob("compile", compile_, co_def if co_def in compile_ else compile_[0], doc="torch.compile"),
         ]
-    return SearchSpace(knobs, [], target="cpu")
+    return SearchSpace(knobs, [_compiled_blocks_constraint(I, J)], target="cpu")
+
+
+# torch.compile unrolls the chunked lowering's loops over query and key chunks; compiling takes
+# about a second per block on a 2-core machine (softmax: 32 blocks 29 s, 512 blocks 443 s), so
+# beyond this many a config would spend its whole --trial-timeout compiling.
+MAX_COMPILED_BLOCKS = 128
+
+
+def _compiled_blocks_constraint(I: int, J: int) -> Constraint:
+    def blocks(c: Mapping[str, Any]) -> int:
+        return math.ceil(I / (c.get("CHUNK_M") or I)) * math.ceil(J / c["CHUNK_N"])
+
+    def ok(c: Mapping[str, Any]) -> bool:
+        return not (c.get("compile") and c.get("lowering") == "chunked") or blocks(c) <= MAX_COMPILED_BLOCKS
+
+    return Constraint(f"compiled chunked lowering unrolls <= {MAX_COMPILED_BLOCKS} blocks", ok,
+                      f"compile=True with CHUNK_M={{CHUNK_M}}, CHUNK_N={{CHUNK_N}} unrolls "
+                      f"ceil({I}/CHUNK_M) x ceil({J}/CHUNK_N) blocks, more than {MAX_COMPILED_BLOCKS} "
+                      "(about a second each to compile)")
 
 
 def triton_space(spec: Any, sizes: Mapping[str, int], direction: str = "fwd",
