@@ -118,7 +118,7 @@ def replay(space, table: dict, sampler: str, seed: int, budget: int) -> list[flo
             dups = 0
         trial = study.ask()
         waiting = max(0, waiting - 1)
-        cfg = space.suggest(trial, every_knob=EVERY_KNOB[sampler])
+        cfg = space.suggest(trial, every_knob=sampler in EVERY_KNOB)
         key = config_key(cfg)
         if space.violations(cfg) or key in evaluated:
             study.tell(trial, state=TrialState.FAIL)

@@ -71,7 +71,7 @@ SAMPLERS = ("tpe", "random", "grid", "gp")
 # Optuna's GPSampler models one fixed set of parameters (a conditional knob would be drawn at
 # random, outside its model): it is asked for every knob, inactive ones ignored. TPE (grouped)
 # models the conditional space as it is.
-EVERY_KNOB = {"tpe": False, "random": False, "grid": False, "gp": True}
+EVERY_KNOB = frozenset({"gp"})
 BUDGET_GRACE_S = 15.0
 
 # Per-target defaults: shape (B, H, I, J, D), dtype, trial budget, time budget (s), per-trial limit (s).
@@ -189,7 +189,11 @@ def _cuda_available() -> bool:
 
 
 def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        from ..backends.triton_backend import interpreting
+    except ImportError:  # no triton here
+        return False
+    return interpreting()
 
 
 def _load_spec(path: str, params: Mapping[str, Any]) -> Any:
@@ -222,15 +226,16 @@ def resolve(opts: TuneOptions) -> Resolved:
             raise UsageError("--sampler gp needs scipy (Optuna's GPSampler): pip install scipy") from None
 
     target = opts.target
+    cuda = _cuda_available()
     if target == "auto":
-        target = "cuda" if _cuda_available() else "cpu"
+        target = "cuda" if cuda else "cpu"
     if target not in ("cuda", "cpu", "fake"):
         raise UsageError(f"--target {opts.target}: use auto, cuda or cpu")
     # --target cuda without a GPU but with TRITON_INTERPRET=1: the same Triton space, AOT checks
     # for sm_90, correctness checks and records, with the kernels run by Triton's CPU interpreter
     # (a rehearsal of the CUDA target's pipeline; its timings say nothing about a GPU).
-    interpret = target == "cuda" and not _cuda_available() and _triton_interpreting()
-    if target == "cuda" and not _cuda_available() and not interpret:
+    interpret = target == "cuda" and not cuda and _triton_interpreting()
+    if target == "cuda" and not cuda and not interpret:
         raise UsageError("--target cuda: no CUDA device is available (use --target cpu; or set "
                          "TRITON_INTERPRET=1 to rehearse the CUDA target in Triton's CPU interpreter)")
     backend = {"cuda": "triton", "cpu": "torch", "fake": "fake"}[target]
@@ -531,7 +536,7 @@ class _Study:
                             uncounted_in_a_row = 0
                         trial = study.ask()
                         try:
-                            config = space.suggest(trial, every_knob=EVERY_KNOB[self.opts.sampler])
+                            config = space.suggest(trial, every_knob=self.opts.sampler in EVERY_KNOB)
                         except Exception as e:  # a sampler failure must not kill the study...
                             self._tell_uncounted(trial, "exception", f"sampler: {type(e).__name__}: {e}", {})
                             uncounted_in_a_row += 1

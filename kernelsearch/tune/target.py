@@ -51,7 +51,6 @@ class Problem:
     check: bool = True
     check_optional: bool | None = None  # also check with optional inputs in every trial (None: on CUDA only)
     seed: int = 0
-    threads: int | None = None       # torch CPU threads in the child (None: torch's default)
     cpu_lock: str | None = None      # lock file shared by every trial process on this machine (CPU target)
     fake: dict | None = None         # behaviour of the fake target (tests, benchmarks)
     check_elements: int = 1 << 25    # cap on B*H*I*J for the float64 reference check
@@ -242,8 +241,6 @@ class Evaluator:
         import torch
 
         self.p = problem
-        if problem.threads:
-            torch.set_num_threads(int(problem.threads))
         if problem.device_type == "cuda" and ":" in problem.device:
             torch.cuda.set_device(torch.device(problem.device))
         self.backend = _Backend(problem)
@@ -320,15 +317,17 @@ class Evaluator:
         import torch
 
         out: dict[str, Any] = {"config": dict(config)}
-        spans: dict[str, list[float]] = {}
+        spans: dict[str, list[float]] = {}  # wall-clock [start, end] of each phase but waiting
         reached = phase
 
+        def end_phase() -> None:
+            if out.get("phase") in spans:
+                spans[out["phase"]][1] = time.time()
+
         def phase(name: str) -> None:  # a failure says in which phase it happened
-            now = time.time()
-            if "phase" in out and not out["phase"].startswith("waiting"):
-                spans[out["phase"]][1] = now
+            end_phase()
             if not name.startswith("waiting"):
-                spans[name] = [now, now]
+                spans[name] = [time.time()] * 2
             out["phase"] = name
             reached(name)
 
@@ -369,9 +368,7 @@ class Evaluator:
             out["time_ms"] = timing.median_ms
             if not (math.isfinite(timing.median_ms) and timing.median_ms > 0):
                 raise TrialFailure("exception", f"timing gave {timing.median_ms!r} ms")
-            phase("done")
             out["status"] = "ok"
-            del out["phase"]
         except TrialFailure as e:
             out.update(status="fail", kind=e.kind, reason=e.message)
         except Exception as e:  # noqa: BLE001 - everything becomes a recorded failure
@@ -382,11 +379,11 @@ class Evaluator:
                 # a CUDA error can poison the context; ask the parent to start a fresh child
                 out["restart"] = True
         finally:
-            spans.pop("done", None)
-            if "phase" in out and out["phase"] in spans:
-                spans[out["phase"]][1] = time.time()
+            end_phase()
             cpu.release()
-            out["spans"] = spans  # wall-clock [start, end] of each phase (seconds since the epoch)
+            out["spans"] = spans
+            if out.get("status") == "ok":
+                del out["phase"]
             if self.p.device_type == "cuda":
                 try:
                     torch.cuda.empty_cache()
