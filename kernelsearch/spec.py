@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import keyword
+import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +44,23 @@ MAX_GRAPH_ENTRIES = 256
 MAX_PARAMS = 64
 MAX_INPUTS = 32
 MAX_OPTIONAL_INPUTS = 8        # `check` compiles every combination of present optional inputs
-IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")   # used with fullmatch: `$` would accept "x\n"
+
+
+def is_identifier(name) -> bool:
+    """A name a spec may give to a param, input, dim, graph entry or output: ASCII, not a keyword."""
+    return isinstance(name, str) and IDENTIFIER.fullmatch(name) is not None and not keyword.iskeyword(name)
+
+
+def module_name_problem(name) -> str | None:
+    """Why `name` cannot name generated/<name>.py (a module users import), or None."""
+    if not isinstance(name, str) or IDENTIFIER.fullmatch(name) is None:
+        return "is not an identifier (letters, digits and _, not starting with a digit)"
+    if keyword.iskeyword(name):
+        return "is a Python keyword (`import generated.<name>` would be a syntax error)"
+    if name.startswith("__") and name.endswith("__"):
+        return "is a dunder name (generated/__init__.py and the like belong to Python)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -90,6 +110,7 @@ class Spec:
     sha256: str
     location: SourceLocation        # of the document
     section_locations: dict[str, SourceLocation] = field(default_factory=dict)
+    text: str = ""                  # the spec verbatim (generated/<variant>.py embeds it as a literal)
 
     @property
     def optional_inputs(self) -> tuple[str, ...]:
@@ -211,10 +232,14 @@ def _name_list(path: str, node: yaml.Node, what: str,
     names = []
     for item in node.value:
         value = _scalar(path, item, f"an entry of {what}")
-        if not isinstance(value, str) or not IDENTIFIER.match(value.rstrip("?")):
-            raise SpecError(f"{what} must list names, got {_show(value)}", _loc(path, item))
+        if not isinstance(value, str) or not is_identifier(value[:-1] if value.endswith("?") else value):
+            raise SpecError(f"{what} must list names, got {_show(value)}", _loc(path, item),
+                            "a name is an identifier that is not a Python keyword")
         names.append((value, _loc(path, item)))
     return names
+
+
+_IDENTIFIER_HINT = "a name is letters, digits and _, not starting with a digit, and not a Python keyword"
 
 
 def _suggest(name: str, options) -> str:
@@ -232,8 +257,8 @@ def _parse_params(path: str, node: yaml.Node) -> dict[str, Param]:
         raise SpecError(f"the spec has {len(items)} params; at most {MAX_PARAMS} are allowed", _loc(path, node))
     for name, key_node, value_node in items:
         where = _loc(path, key_node)
-        if not IDENTIFIER.match(name):
-            raise SpecError(f"param name '{name}' is not an identifier", where)
+        if not is_identifier(name):
+            raise SpecError(f"param name '{name}' is not an identifier", where, _IDENTIFIER_HINT)
         if name in exprs.RESERVED_NAMES:
             raise SpecError(f"param name '{name}' is reserved (an index variable or size)", where,
                             "choose another name")
@@ -281,6 +306,7 @@ def _parse_params(path: str, node: yaml.Node) -> dict[str, Param]:
             elif not _fits(declared_type, default):
                 raise SpecError(f"param '{name}' is declared {declared_type} but its default is {_show(default)}",
                                 default_where, f"give a {declared_type} default")
+            _check_finite(name, default, default_where)
         if choices is not None and not isinstance(default, ast.expr) and default not in choices:
             raise SpecError(f"the default {_show(default)} of param '{name}' is not among its choices {list(choices)}",
                             default_where)
@@ -315,11 +341,19 @@ def coerce_param(param: Param, value, where: SourceLocation | None = None):
                         where or param.location)
     if param.type == "float":
         try:
-            return float(value)
+            value = float(value)
         except OverflowError:
             raise SpecError(f"param '{param.name}' is a float, and {_show(value)} is too large for one",
                             where or param.location)
+        _check_finite(param.name, value, where or param.location)
     return value
+
+
+def _check_finite(name: str, value, where: SourceLocation) -> None:
+    """A float param is a finite number: inf and nan would be different results on every backend."""
+    if type(value) is float and not math.isfinite(value):
+        raise SpecError(f"param '{name}' is {value!r}; a param must be a finite number", where,
+                        "give a finite value (a large one, e.g. 1e9, where you mean 'no limit')")
 
 
 def _check_param_defaults(params: dict[str, Param], inputs: dict[str, InputDecl]) -> None:
@@ -364,7 +398,7 @@ def _parse_inputs(path: str, node: yaml.Node) -> dict[str, InputDecl]:
         raise SpecError(f"the spec has {len(items)} inputs; at most {MAX_INPUTS} are allowed", _loc(path, node))
     for name, key_node, value_node in items:
         where = _loc(path, key_node)
-        if not IDENTIFIER.match(name) or name in exprs.RESERVED_NAMES:
+        if not is_identifier(name) or name in exprs.RESERVED_NAMES:
             raise SpecError(f"input name '{name}' is not allowed", where,
                             "an input name is an identifier that is not an index variable, size or op")
         dtype, optional, differentiable = "float", False, None
@@ -438,8 +472,8 @@ def _parse_graph(path: str, node: yaml.Node) -> dict[str, GraphEntry]:
         raise SpecError("the graph is empty", _loc(path, node), "define at least `o: dot(softmax(...), v)`")
     for name, key_node, value_node in items:
         where = _loc(path, key_node)
-        if not IDENTIFIER.match(name):
-            raise SpecError(f"graph name '{name}' is not an identifier", where)
+        if not is_identifier(name):
+            raise SpecError(f"graph name '{name}' is not an identifier", where, _IDENTIFIER_HINT)
         if name in exprs.RESERVED_NAMES:
             raise SpecError(f"graph name '{name}' is reserved (an index variable or size)", where,
                             "choose another name")
@@ -494,9 +528,10 @@ def parse_spec(text: str, path: str = "<spec>") -> Spec:
             raise SpecError(f"the spec has no '{required}' section", _loc(path, root),
                             f"a spec needs the sections {', '.join(REQUIRED_SECTIONS)}")
     name = _scalar(path, sections["name"], "name")
-    if not isinstance(name, str) or not IDENTIFIER.match(name):
-        raise SpecError(f"name must be an identifier (it names generated/<name>.py), got {_show(name)}",
-                        _loc(path, sections["name"]))
+    problem = module_name_problem(name)
+    if problem:
+        raise SpecError(f"name must be an identifier (it names generated/<name>.py): {_show(name)} {problem}",
+                        _loc(path, sections["name"]), "e.g. `name: cosine_sim`")
     summary = str(_scalar(path, sections["summary"], "summary")) if "summary" in sections else ""
     params = _parse_params(path, sections["params"]) if "params" in sections else {}
     inputs = _parse_inputs(path, sections["inputs"])
@@ -509,6 +544,9 @@ def parse_spec(text: str, path: str = "<spec>") -> Spec:
                         "give the graph entry another name")
     outputs_node = sections["outputs"]
     if isinstance(outputs_node, yaml.ScalarNode) and outputs_node.value and outputs_node.tag.endswith(":str"):
+        if not is_identifier(outputs_node.value):
+            raise SpecError(f"outputs must list names, got {_show(outputs_node.value)}", _loc(path, outputs_node),
+                            _IDENTIFIER_HINT)
         outputs = [(str(outputs_node.value), _loc(path, outputs_node))]
     else:
         outputs = _name_list(path, outputs_node, "outputs", "[o]")
@@ -520,18 +558,44 @@ def parse_spec(text: str, path: str = "<spec>") -> Spec:
         path=path, name=name, summary=summary, params=params, inputs=inputs, graph=graph,
         outputs=tuple(n for n, _ in outputs), output_locations={n: w for n, w in outputs}, tune=tune,
         sha256=hashlib.sha256(text.encode()).hexdigest(), location=_loc(path, root),
-        section_locations=section_locations,
+        section_locations=section_locations, text=text,
     )
 
 
 def load_spec(path: str | Path) -> Spec:
+    return parse_spec(read_spec_text(path), str(path))
+
+
+def read_spec_text(path: str | Path) -> str:
+    """The text of a spec file, read without trusting it: a regular file, at most MAX_SPEC_BYTES.
+
+    The file is stat-ed before it is opened (a FIFO would block the open, a device never ends)
+    and at most one byte more than the limit is read (/proc files report size 0).
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"spec_path must be a path (str or pathlib.Path), got {type(path).__name__}")
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
     except FileNotFoundError:
         raise SpecError(f"no such spec file: {path}", None, "give the path of a .yaml spec, e.g. specs/softmax.yaml")
-    except IsADirectoryError:
+    except (OSError, ValueError) as e:   # ValueError: a NUL byte in the path
+        raise SpecError(f"cannot read the spec file {path}: {getattr(e, 'strerror', None) or e}", None)
+    if stat.S_ISDIR(mode):
         raise SpecError(f"{path} is a directory, not a spec file", None)
+    if not stat.S_ISREG(mode):
+        raise SpecError(f"{path} is not a regular file (a device, FIFO or socket), not a spec file", None,
+                        "give the path of a .yaml spec file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as e:
+        raise SpecError(f"cannot read the spec file {path}: {e.strerror or e}", None)
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"the spec is larger than {MAX_SPEC_BYTES // 1024} KiB", SourceLocation(str(path), 1, 1),
+                        "a spec describes one attention variant in a few dozen lines")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise SpecError(f"the spec is not UTF-8 text ({e.reason} at byte {e.start})", SourceLocation(str(path), 1, 1))
-    return parse_spec(text, str(path))
+    return text.replace("\r\n", "\n").replace("\r", "\n")   # universal newlines, as open() in text mode
