@@ -14,9 +14,11 @@ strings, slices - is refused with the location of the offending text.
 from __future__ import annotations
 
 import ast
+import math
 from dataclasses import dataclass
 
 from .errors import SourceLocation, SpecError
+from .ops import CALLABLE
 
 INDEX_VARIABLES = ("b", "h", "i", "j")
 SIZES = ("B", "H", "I", "J", "D")
@@ -25,36 +27,8 @@ MAX_EXPRESSION_NODES = 400
 MAX_EXPRESSION_DEPTH = 40
 
 
-@dataclass(frozen=True)
-class OpSignature:
-    name: str
-    positional: tuple[str, ...]            # required positional parameters
-    keywords: dict                         # optional keyword parameters -> default
-    doc: str
-
-
-def _sig(name, positional, doc, **keywords):
-    return OpSignature(name, tuple(positional), keywords, doc)
-
-
-OPS: dict[str, OpSignature] = {s.name: s for s in (
-    _sig("dot", ["a", "b"], "contract the last dim of a with the same dim of b"),
-    _sig("softmax", ["x"], "softmax over j; keep: predicate(s), False entries get probability 0",
-         keep=None, over="j"),
-    _sig("l2norm", ["x"], "x / max(||x||, eps) along the feature dim, in `groups` contiguous chunks",
-         groups=1, eps=1e-12),
-    _sig("rmsnorm", ["x"], "x * rsqrt(mean(x^2) + eps) along the feature dim", eps=1e-6),
-    _sig("rotary", ["x", "pos"], "rotary position embedding (rotate_half convention) at positions pos",
-         theta=10000.0),
-    _sig("xpos", ["x", "pos"], "xpos length scaling: x * sv**(pos/scale_base), divided when inverse",
-         scale_base=512.0, inverse=False),
-    _sig("mix_heads", ["x", "weight"], "mix the (streams*h) heads of a sample: weight[out_head, in_head]",
-         streams=1),
-    _sig("where", ["condition", "a", "b"], "a where condition else b"),
-    _sig("minimum", ["a", "b"], "elementwise minimum"),
-    _sig("maximum", ["a", "b"], "elementwise maximum"),
-    *(_sig(f, ["x"], f"elementwise {f}") for f in ("exp", "log", "sqrt", "rsqrt", "abs", "sigmoid", "tanh", "gelu")),
-)}
+# the ops a spec calls by name, with their signatures (positional, keywords, doc): ops.py declares them
+OPS = CALLABLE
 
 # op names are not reserved: `rotary` may be both a param (a flag) and an op (a call)
 RESERVED_NAMES = frozenset(INDEX_VARIABLES) | frozenset(SIZES) | {"True", "False", "None"}
@@ -147,6 +121,10 @@ def _check_node(node: ast.AST, path: str) -> None:
                         "use names, numbers, arithmetic, comparisons and op calls")
     if isinstance(node, ast.Constant) and not (node.value is None or type(node.value) in (bool, int, float, str)):
         raise SpecError(f"constant {node.value!r} is not allowed; only numbers, strings, True, False and None", where)
+    if isinstance(node, ast.Constant) and type(node.value) is float and not math.isfinite(node.value):
+        # 1e999 parses as inf: infinite scores make fully-masked rows NaN on one backend and 0 on another
+        raise SpecError("this number is too large for a float (it would be inf)", where,
+                        "write a finite number; to drop keys, give softmax a keep-predicate: softmax(s, keep=[...])")
     if isinstance(node, ast.Call):
         if not isinstance(node.func, ast.Name):
             raise SpecError("only ops can be called, by their bare name", where,

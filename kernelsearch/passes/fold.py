@@ -14,24 +14,11 @@ from __future__ import annotations
 
 import ast
 import math
-import operator
 
 from ..errors import SpecError
-from ..exprs import OPS
-from ..ir import BINARY_OPS, Graph, Node
-
-_PY_BINARY = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
-              "floordiv": operator.floordiv, "mod": operator.mod, "pow": operator.pow,
-              "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
-              "eq": operator.eq, "ne": operator.ne, "and": lambda a, b: a and b, "or": lambda a, b: a or b,
-              "minimum": min, "maximum": max}
-_PY_UNARY = {"neg": operator.neg, "not": operator.not_, "exp": math.exp, "log": math.log, "sqrt": math.sqrt,
-             "rsqrt": lambda x: 1 / math.sqrt(x), "abs": abs, "sigmoid": lambda x: 1 / (1 + math.exp(-x)),
-             "tanh": math.tanh, "gelu": lambda x: 0.5 * x * (1 + math.erf(x / math.sqrt(2)))}
-# ops for which an absent argument is the identity: the result is the other (present) argument
-_ABSENT_IS_IDENTITY = set(BINARY_OPS) | {"minimum", "maximum"}
-# folded integer constants are kept below this size (`10 ** 10 ** 10` would take forever)
-_MAX_INT_BITS = 1024
+from ..ir import Graph, Node
+from ..ops import MAX_INT_BITS as _MAX_INT_BITS
+from ..ops import OPS, ConstantTooLarge
 
 
 def _const(graph: Graph, node_id: str):
@@ -118,50 +105,100 @@ def _fold_node(graph: Graph, node_id: str) -> None:
         graph.set(node_id, node)
         args, absent = node.args, absent[:data_arity]
 
-    if op in _ABSENT_IS_IDENTITY and any(absent):
+    # an absent argument: what the op declares (ops.Op.absent)
+    absent_rule = OPS[op].absent if op in OPS else "absent"
+    if absent_rule == "identity" and any(absent):     # the result is the other (present) argument
         present_args = [a for a, is_absent in zip(args, absent) if not is_absent]
         _forward(graph, node_id, present_args[0] if present_args else None)
         return
-    if op == "softmax":
+    if absent_rule == "drop":                          # softmax drops an absent keep-predicate
         if absent[0]:
-            raise SpecError("softmax of an absent value", node.location)
+            raise SpecError(f"{op} of an absent value", node.location)
         graph.set(node_id, node.with_(args=tuple(a for a, is_absent in zip(args, absent) if not is_absent)))
         return
-    if op == "mix_heads" and absent[1]:
+    if absent_rule == "first" and any(absent[1:]):     # mix_heads(x, None) is x
         _forward(graph, node_id, args[0])
         return
-    if op == "dot" and any(absent):
-        raise SpecError("dot of an absent value (an optional input that was not given?)", node.location)
+    if absent_rule == "error" and any(absent):
+        raise SpecError(f"{op} of an absent value (an optional input that was not given?)", node.location)
     if any(absent):
         _forward(graph, node_id, None)
         return
 
-    if op in ("div", "floordiv", "mod") and _is_const(graph, args[1]) and _const(graph, args[1]) == 0:
-        raise SpecError("division by zero: the divisor is 0 for these params", node.location)
+    for position in OPS[op].nonzero if op in OPS else ():
+        if _is_const(graph, args[position]) and _const(graph, args[position]) == 0:
+            raise SpecError("division by zero: the divisor is 0 for these params", node.location)
     # constant folding
     if args and all(_is_const(graph, a) for a in args):
         values = [_const(graph, a) for a in args]
-        if any(isinstance(v, str) for v in values) and op not in ("eq", "ne"):
+        if any(isinstance(v, str) for v in values) and not (op in OPS and OPS[op].strings):
             raise SpecError("a string can only be compared with == or != (in a condition)", node.location)
-        if op == "pow" and all(type(v) is int for v in values) and abs(values[0]) > 1 \
-                and values[1] * values[0].bit_length() > 2 * _MAX_INT_BITS:
-            raise SpecError(f"this constant is too large (more than {_MAX_INT_BITS} bits)", node.location)
+        if op not in OPS or OPS[op].scalar is None:
+            return
         try:
-            if op in _PY_BINARY:
-                value = _PY_BINARY[op](*values)
-            elif op in _PY_UNARY:
-                value = _PY_UNARY[op](*values)
-            elif op == "where":
-                value = values[1] if values[0] else values[2]
-            else:
-                return
+            value = apply(op, values)
+        except NotARealNumber as e:
+            raise SpecError(str(e), node.location)
         except (ArithmeticError, ValueError, TypeError) as e:
             raise SpecError(f"cannot evaluate this constant expression: {e}", node.location)
-        if type(value) not in (bool, int, float):
-            raise SpecError(f"this constant expression is not a real number: {value!r}", node.location)
-        if type(value) is int and value.bit_length() > _MAX_INT_BITS:
-            raise SpecError(f"this constant is too large (more than {_MAX_INT_BITS} bits)", node.location)
         graph.set(node_id, node.with_(op="const", args=(), attrs={"value": value}))
+
+
+class NotARealNumber(ArithmeticError):
+    """A constant that is complex, infinite, NaN or too large to keep."""
+
+
+def apply(op: str, values: list):
+    """Python's value of `op` on constants, as folding computes it: a real, finite number.
+
+    Raises NotARealNumber, or what Python raises (ZeroDivisionError, ValueError: math domain error, ...).
+    """
+    too_large = f"this constant is too large (more than {_MAX_INT_BITS} bits)"
+    try:
+        value = OPS[op].scalar(*values)     # the op's meaning on Python numbers (ops.py)
+    except ConstantTooLarge as e:           # refused before it is computed
+        raise NotARealNumber(str(e))
+    if type(value) not in (bool, int, float):
+        raise NotARealNumber(f"this constant expression is not a real number: {value!r}")
+    if type(value) is int and value.bit_length() > _MAX_INT_BITS:
+        raise NotARealNumber(too_large)
+    if type(value) is float and not math.isfinite(value):   # 1e308 * 10: backends would disagree
+        raise NotARealNumber(f"this constant expression is not a finite number: {value!r}")
+    return value
+
+
+def evaluate(expr: ast.expr, env: dict):
+    """The value of a param default expression (`D ** -0.5`) with the names in `env` (sizes and
+    params), computed by `apply` as folding would: for checking defaults at the sizes of a call."""
+    from .build import _BINARY, _COMPARE
+    if isinstance(expr, ast.Constant):
+        return expr.value
+    if isinstance(expr, ast.Name):
+        if expr.id not in env:
+            raise ValueError(f"'{expr.id}' is not known for this call")
+        return env[expr.id]
+    if isinstance(expr, ast.BinOp):
+        return apply(_BINARY[type(expr.op)], [evaluate(expr.left, env), evaluate(expr.right, env)])
+    if isinstance(expr, ast.UnaryOp):
+        value = evaluate(expr.operand, env)
+        return value if isinstance(expr.op, ast.UAdd) else apply("neg" if isinstance(expr.op, ast.USub) else "not",
+                                                                 [value])
+    if isinstance(expr, ast.BoolOp):
+        values = [evaluate(value, env) for value in expr.values]
+        result = values[0]
+        for value in values[1:]:
+            result = apply("and" if isinstance(expr.op, ast.And) else "or", [result, value])
+        return result
+    if isinstance(expr, ast.Compare):
+        left, result = evaluate(expr.left, env), True
+        for op, comparator in zip(expr.ops, expr.comparators):
+            right = evaluate(comparator, env)
+            result = result and apply(_COMPARE[type(op)], [left, right])
+            left = right
+        return result
+    if isinstance(expr, ast.IfExp):
+        return evaluate(expr.body if evaluate(expr.test, env) else expr.orelse, env)
+    raise TypeError(f"{type(expr).__name__} is not a param default expression")
 
 
 def _forward(graph: Graph, node_id: str, target: str | None) -> None:
