@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import math
-from dataclasses import dataclass
 
 from .errors import SourceLocation, SpecError
 from .ops import CALLABLE

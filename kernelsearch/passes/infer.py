@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from ..errors import SpecError
 from ..exprs import INDEX_VARIABLES
-from ..ir import BINARY_OPS, COMPARE_OPS, Graph
+from ..ir import Graph
+from ..ops import OPS
 
-_FLOAT_UNARY = ("exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "gelu")
 # the types of the static keyword arguments of ops, once folded into attributes
 _STATIC_TYPES = {"groups": (int,), "streams": (int,), "eps": (int, float), "theta": (int, float),
                  "scale_base": (int, float), "inverse": (bool,)}
@@ -78,57 +78,25 @@ def _infer_node(graph, node_id, node, order):
             kind = " or ".join({int: "an int", float: "a float", bool: "a bool"}[t] for t in _STATIC_TYPES[name])
             raise SpecError(f"{op}(..., {name}=...) must be {kind}, got {value!r}", where)
     if any(a.dtype == "str" for a in data):
-        if op in ("eq", "ne") and all(a.dtype == "str" for a in data):
+        if op in OPS and OPS[op].strings and all(a.dtype == "str" for a in data):
             return (), "bool"
         raise SpecError("a string can only be compared with == or != (in a condition)", where,
                         'e.g. `... if causal_alignment == "top_left" else ...`')
-    if op in BINARY_OPS:
-        a, b = data
-        dims = _union(order, a.dims, b.dims)
-        if op in COMPARE_OPS:
-            return dims, "bool"
-        if op in ("and", "or"):
-            for side in (a, b):
-                if side.dtype != "bool":
-                    raise SpecError(f"'&' / '|' / and / or combine predicates, but one side is {side.dtype}", where,
-                                    "compare first, e.g. (j <= i) & mask")
-            return dims, "bool"
-        if "bool" in (a.dtype, b.dtype):   # torch has no arithmetic on bool tensors (and True + True is 2)
-            raise SpecError(f"arithmetic ('{BINARY_OPS[op]}') on a predicate (bool)", where,
-                            "use where(predicate, a, b) to turn a predicate into numbers")
-        if op == "div" or "float" in (a.dtype, b.dtype):
-            return dims, "float"
-        if op == "pow":
-            return dims, "float"
-        return dims, "int"
-    if op == "not":
-        if data[0].dtype != "bool":
-            raise SpecError("`not` / `~` applies to predicates", where)
-        return data[0].dims, "bool"
-    if op in ("neg", "abs") + _FLOAT_UNARY and data[0].dtype == "bool":
-        raise SpecError(f"'{'-' if op == 'neg' else op}' of a predicate (bool)", where,
-                        "use where(predicate, a, b) to turn it into numbers")
-    if op == "neg":
-        return data[0].dims, data[0].dtype
-    if op == "abs":
-        return data[0].dims, data[0].dtype
-    if op in _FLOAT_UNARY:
-        return data[0].dims, "float"
-    if op in ("minimum", "maximum"):
-        return _union(order, data[0].dims, data[1].dims), "float" if "float" in (data[0].dtype, data[1].dtype) else data[0].dtype
-    if op == "where":
-        if data[0].dtype != "bool":
-            raise SpecError("the condition of where(...) must be a predicate", where)
-        dtype = "float" if "float" in (data[1].dtype, data[2].dtype) else data[1].dtype
-        return _union(order, data[0].dims, data[1].dims, data[2].dims), dtype
-    if op == "gather":
+    entry = OPS.get(op)
+    if entry is None:
+        raise SpecError(f"internal: no dim rule for op '{op}'", where)
+    if entry.lowering == "elementwise":   # broadcast by name; the dtype by the op's rule
+        dtype = _DTYPE_RULES[entry.rule](entry, [a.dtype for a in data], where)
+        return _union(order, *(a.dims for a in data)), dtype
+    rule = entry.rule
+    if rule == "gather":
         table, *indices = data
         for index in indices:
             if index.dtype != "int":
                 raise SpecError(f"indices of '{table.name}' must be integer expressions (of b, h, i, j and sizes)",
                                 where, "e.g. abs(i - j)")
         return _union(order, *(i.dims for i in indices)), table.dtype
-    if op == "dot":
+    if rule == "dot":
         a, b = data
         if a.dtype != "float" or b.dtype != "float":
             raise SpecError("dot takes float tensors", where)
@@ -142,7 +110,7 @@ def _infer_node(graph, node_id, node, order):
                             "dot(q, k) contracts d giving [b, h, i, j]; dot(p, v) contracts j giving [b, h, i, d]")
         dims = _union(order, [d for d in a.dims if d != contracted], [d for d in b.dims if d != contracted])
         return dims, "float"
-    if op == "softmax":
+    if rule == "softmax":
         x, *keeps = data
         if "j" not in x.dims or "i" not in x.dims:
             raise SpecError(f"softmax needs scores over i and j, got {_fmt(x.dims)}", where,
@@ -159,13 +127,13 @@ def _infer_node(graph, node_id, node, order):
             if extra:
                 raise SpecError(f"a keep-predicate has dims {sorted(extra)} that the scores {_fmt(x.dims)} lack", where)
         return x.dims, "float"
-    if op in ("l2norm", "rmsnorm", "rotary", "xpos"):
+    if rule == "row_transform":
         x = data[0]
         feature = feature_dim(x.dims)
         if feature is None or x.dtype != "float":
             raise SpecError(f"{op} acts along a feature dim (like d), but its input has dims {_fmt(x.dims)}", where,
                             f"apply {op} to q, k or v")
-        if op in ("rotary", "xpos"):
+        if len(entry.positional) > 1:   # rotary, xpos: positions
             pos = data[1]
             if pos.dtype == "bool" or feature in pos.dims:
                 raise SpecError(f"{op}'s positions must be a number per row, got dims {_fmt(pos.dims)}", where,
@@ -173,10 +141,10 @@ def _infer_node(graph, node_id, node, order):
             extra = set(pos.dims) - set(x.dims)
             if extra:
                 raise SpecError(f"{op}'s positions vary along {sorted(extra)}, which its input lacks", where)
-        if op == "l2norm" and (not isinstance(node.attrs.get("groups", 1), int) or node.attrs.get("groups", 1) < 1):
+        if "groups" in entry.keywords and (not isinstance(node.attrs.get("groups", 1), int) or node.attrs.get("groups", 1) < 1):
             raise SpecError(f"l2norm groups must be a positive integer, got {node.attrs.get('groups')!r}", where)
         return x.dims, "float"
-    if op == "mix_heads":
+    if rule == "mix_heads":
         x, weight = data
         if "h" not in x.dims:
             raise SpecError(f"mix_heads mixes heads, but its input has dims {_fmt(x.dims)}", where)
@@ -192,3 +160,67 @@ def _infer_node(graph, node_id, node, order):
 def _label(graph, node_id):
     node = graph.node(node_id)
     return f"'{node.name}'" if node.name else "its argument"
+
+
+# -- dtype rules of the elementwise ops (ops.Op.rule): (op, argument dtypes, location) -> dtype
+
+def _no_predicates(entry, dtypes, where) -> None:
+    if "bool" not in dtypes:
+        return
+    if len(entry.positional) == 2 and entry.syntax:   # torch has no arithmetic on bool tensors (True + True is 2)
+        raise SpecError(f"arithmetic ('{entry.syntax}') on a predicate (bool)", where,
+                        "use where(predicate, a, b) to turn a predicate into numbers")
+    raise SpecError(f"'{entry.syntax or entry.name}' of a predicate (bool)", where,
+                    "use where(predicate, a, b) to turn it into numbers")
+
+
+def _arithmetic(entry, dtypes, where) -> str:
+    _no_predicates(entry, dtypes, where)
+    return "float" if "float" in dtypes else "int"
+
+
+def _float_arithmetic(entry, dtypes, where) -> str:
+    _no_predicates(entry, dtypes, where)
+    return "float"
+
+
+def _logic(entry, dtypes, where) -> str:
+    for dtype in dtypes:
+        if dtype != "bool":
+            raise SpecError(f"'&' / '|' / and / or combine predicates, but one side is {dtype}", where,
+                            "compare first, e.g. (j <= i) & mask")
+    return "bool"
+
+
+def _not(entry, dtypes, where) -> str:
+    if dtypes[0] != "bool":
+        raise SpecError("`not` / `~` applies to predicates", where)
+    return "bool"
+
+
+def _same(entry, dtypes, where) -> str:
+    _no_predicates(entry, dtypes, where)
+    return dtypes[0]
+
+
+def _minmax(entry, dtypes, where) -> str:
+    return "float" if "float" in dtypes else dtypes[0]
+
+
+def _where(entry, dtypes, where) -> str:
+    if dtypes[0] != "bool":
+        raise SpecError("the condition of where(...) must be a predicate", where)
+    return "float" if "float" in dtypes[1:] else dtypes[1]
+
+
+_DTYPE_RULES = {
+    "arithmetic": _arithmetic,              # + - * // %: int stays int
+    "float_arithmetic": _float_arithmetic,  # / **: always float
+    "compare": lambda entry, dtypes, where: "bool",
+    "logic": _logic,
+    "not": _not,
+    "same": _same,                          # neg, abs, rounding: the argument's dtype
+    "float": _float_arithmetic,             # exp, log, ...: float functions of numbers
+    "minmax": _minmax,
+    "where": _where,
+}
