@@ -237,8 +237,8 @@ class ReferenceContext:
     attrs: dict
     axis: dict                 # dim -> axis of the aligned layout
     feature: str | None        # the op's own last dim (row transforms: the feature dim)
-    contracted: str | None     # dot: the dim it contracts
-    table: str | None          # gather: the table's name (for its bounds-check message)
+    contracted: str | None     # the last dim of the first argument (what dot contracts)
+    table: str | None          # the first argument's node id (gather: the table, named in its bounds check)
     device: Any
     dtype: Any
 

@@ -6,17 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from ..ir import BINARY_OPS, Graph
+from .. import ops as registry
+from ..ir import Graph
 from ..layout import bind, input_dims, layout_of, raw_inputs
 from . import torch_ops as ops
-
-_TORCH_BINARY = {
-    "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b, "div": lambda a, b: a / b,
-    "floordiv": ops.floordiv, "mod": lambda a, b: a % b, "pow": lambda a, b: a ** b,
-    "lt": lambda a, b: a < b, "le": lambda a, b: a <= b, "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b,
-    "eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "and": lambda a, b: a & b, "or": lambda a, b: a | b,
-}
-assert set(_TORCH_BINARY) == set(BINARY_OPS)
 
 
 def evaluate(graph: Graph, tensors: dict) -> torch.Tensor:
@@ -38,8 +31,8 @@ class NodeEvaluator:
         self.graph = graph
         self.targets = tuple(targets)
         needed = set().union(*(graph.upstream(t) for t in self.targets)) if self.targets else set()
-        self.steps = [(node_id, node, graph.node(node.args[0]).dims[-1] if node.op == "dot" else None)
-                      for node_id, node in graph.nodes() if node_id in needed]
+        # each node with the last dim of its first argument (what a dot contracts)
+        self.steps = [(node_id, node, _last_dim(graph, node)) for node_id, node in graph.nodes() if node_id in needed]
         self.layout = layout_of(graph)
         self.raw = raw_inputs(graph)
         self.target_dims = {t: graph.node(t).dims for t in self.targets}
@@ -72,42 +65,18 @@ def _evaluate_node(node_id, node, args, tensors, contracted, graph, sizes, layou
     if op == "index":
         dim = node.attrs["dim"]
         return ops.index(sizes[dim], axis[dim], len(layout), device)
-    if op in _TORCH_BINARY:
-        return _TORCH_BINARY[op](*args)
-    if op in ops.UNARY:
-        x = args[0]
-        return ops.UNARY[op](x) if isinstance(x, torch.Tensor) else ops.SCALAR_UNARY[op](x)
-    if op in ("minimum", "maximum"):
-        a, b = (torch.as_tensor(x, device=device) for x in args)
-        return getattr(torch, op)(a, b)
-    if op == "where":
-        return torch.where(*(torch.as_tensor(x, device=device) for x in args))
-    if op == "gather":
-        table, *indices = args
-        return ops.gather(table.to(dtype), indices, node.args[0])
-    if op == "dot":
-        return ops.dot(args[0], args[1], axis[contracted])
-    if op == "softmax":
-        scores, *keeps = args
-        keep = None
-        for predicate in keeps:
-            keep = predicate if keep is None else keep & predicate
-        return ops.masked_softmax(scores, keep, axis["j"])
-    if op in ("l2norm", "rmsnorm", "rotary", "xpos"):
-        feature = axis[node.dims[-1]]
-        if op == "l2norm":
-            return ops.l2norm(args[0], feature, node.attrs["groups"], node.attrs["eps"])
-        elif op == "rmsnorm":
-            return ops.rmsnorm(args[0], feature, node.attrs["eps"])
-        elif op == "rotary":
-            return ops.rotary(args[0], torch.as_tensor(args[1], device=device), feature, node.attrs["theta"])
-        else:
-            return ops.xpos(args[0], torch.as_tensor(args[1], device=device), feature,
-                            node.attrs["scale_base"], node.attrs["inverse"])
-    if op == "mix_heads":
-        return ops.mix_heads(args[0], args[1], node.attrs["streams"], axis["b"], axis["h"])
-    raise NotImplementedError(f"reference backend: no rule for op '{op}'")
+    entry = registry.op(op)
+    if entry.lowering == "elementwise":
+        return registry.evaluate(op, args, node.dtype)
+    feature = node.dims[-1] if node.dims else None
+    first = node.args[0] if node.args else None
+    context = registry.ReferenceContext(node.attrs, axis, feature, contracted, first, device, dtype)
+    return entry.reference(args, context)
 
+
+def _last_dim(graph: Graph, node) -> str | None:
+    dims = graph.node(node.args[0]).dims if node.args else ()
+    return dims[-1] if dims else None
 
 
 def _in_own_dims(value, dims, layout, sizes) -> torch.Tensor:

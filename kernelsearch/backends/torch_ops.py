@@ -7,8 +7,6 @@ Everything here is plain torch: it runs in any dtype and traces under torch.comp
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -134,14 +132,3 @@ def mix_heads(x: torch.Tensor, weight: torch.Tensor, streams: int, batch_axis: i
     mixed = torch.tensordot(weight.to(x.dtype), grouped.movedim(batch_axis + 1, 0), dims=1).movedim(0, batch_axis + 1)
     return mixed.reshape(shape)
 
-
-UNARY = {
-    "neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
-    "abs": torch.abs, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "not": torch.logical_not,
-    "gelu": torch.nn.functional.gelu,      # exact (erf), as nn.GELU()
-}
-SCALAR_UNARY = {
-    "neg": lambda x: -x, "exp": math.exp, "log": math.log, "sqrt": math.sqrt, "rsqrt": lambda x: x ** -0.5,
-    "abs": abs, "sigmoid": lambda x: 1 / (1 + math.exp(-x)), "tanh": math.tanh, "not": lambda x: not x,
-    "gelu": lambda x: 0.5 * x * (1 + math.erf(x / math.sqrt(2))),
-}
