@@ -242,6 +242,10 @@ def _name_list(path: str, node: yaml.Node, what: str,
 _IDENTIFIER_HINT = "a name is letters, digits and _, not starting with a digit, and not a Python keyword"
 
 
+def _not_a_name(name: str) -> str:
+    return "is a Python keyword" if keyword.iskeyword(name) else "is not an identifier"
+
+
 def _suggest(name: str, options) -> str:
     import difflib
     close = difflib.get_close_matches(name, list(options), n=1)
@@ -258,7 +262,7 @@ def _parse_params(path: str, node: yaml.Node) -> dict[str, Param]:
     for name, key_node, value_node in items:
         where = _loc(path, key_node)
         if not is_identifier(name):
-            raise SpecError(f"param name '{name}' is not an identifier", where, _IDENTIFIER_HINT)
+            raise SpecError(f"param name '{name}' {_not_a_name(name)}", where, _IDENTIFIER_HINT)
         if name in exprs.RESERVED_NAMES:
             raise SpecError(f"param name '{name}' is reserved (an index variable or size)", where,
                             "choose another name")
@@ -473,7 +477,7 @@ def _parse_graph(path: str, node: yaml.Node) -> dict[str, GraphEntry]:
     for name, key_node, value_node in items:
         where = _loc(path, key_node)
         if not is_identifier(name):
-            raise SpecError(f"graph name '{name}' is not an identifier", where, _IDENTIFIER_HINT)
+            raise SpecError(f"graph name '{name}' {_not_a_name(name)}", where, _IDENTIFIER_HINT)
         if name in exprs.RESERVED_NAMES:
             raise SpecError(f"graph name '{name}' is reserved (an index variable or size)", where,
                             "choose another name")
@@ -488,21 +492,24 @@ def _parse_graph(path: str, node: yaml.Node) -> dict[str, GraphEntry]:
 
 
 def _parse_tune(path: str, node: yaml.Node) -> dict[str, tuple]:
+    """The spec's search space: every knob declared by a backend, every choice one it allows."""
+    from .backends.knobs import check_choices   # the backends' knob declarations: the one source
     tune = {}
     for knob, key_node, value_node in _mapping(path, node, "tune"):
         if not isinstance(value_node, yaml.SequenceNode) or not value_node.value:
             raise SpecError(f"tune knob '{knob}' must be a non-empty list of choices", _loc(path, value_node),
                             f"e.g. `{knob}: [16, 32, 64]`")
+        problem = check_choices(knob, ())
+        if problem:
+            raise SpecError(f"tune: {problem}", _loc(path, key_node))
         choices = []
         for item in value_node.value:
             value = _scalar(path, item, f"a choice of '{knob}'")
-            if knob.startswith("BLOCK") or knob.startswith("num_") or knob.startswith("CHUNK"):
-                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                    raise SpecError(f"choices of '{knob}' must be positive integers, got {_show(value)}",
-                                    _loc(path, item))
-                if knob.startswith("BLOCK") and value & (value - 1):
-                    raise SpecError(f"'{knob}' must be a power of two (Triton tiles are), got {_show(value)}",
-                                    _loc(path, item), "use 16, 32, 64 or 128")
+            if type(value) is int and value.bit_length() > 64:   # no knob takes it (and its repr may not print)
+                raise SpecError(f"a choice of '{knob}' is too large ({_show(value)})", _loc(path, item))
+            problem = check_choices(knob, (value,))
+            if problem:
+                raise SpecError(f"tune: {problem}", _loc(path, item))
             if value in choices:
                 raise SpecError(f"choice {_show(value)} of '{knob}' is listed twice", _loc(path, item))
             choices.append(value)
