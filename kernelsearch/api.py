@@ -1,11 +1,16 @@
 """`kernelsearch.load`: a spec in, the contract's attention callable out."""
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
 import torch
 
+from .backends.knobs import validate_config
 from .compiler import compile_graph, resolve_params
 from .errors import SpecError, UsageError
-from .spec import Spec, load_spec
+from .inputs import check_call
+from .spec import Spec, load_spec, parse_spec
 
 BACKENDS = ("reference", "torch", "triton")
 
@@ -26,11 +31,19 @@ class Attention:
     without it the tuned config recorded for this device and shape is used when there is one.
     """
 
-    def __init__(self, spec: Spec, backend: str, params: dict, config: dict | None = None):
+    def __init__(self, spec: Spec, backend: str, params: dict, config: dict | None = None, generated=None):
         self.spec = spec
         self.backend = backend
+        # generated modules already imported (generated/<variant>.py passes its own files), by module name;
+        # the backends import any other file they need from the cache (backends/loader.py)
+        self.generated = dict(generated or {})
         self.params = resolve_params(spec, params)   # checks names and types now, not at the first call
         self.overrides = dict(params)
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(f"config must be a dict of knob values, e.g. {{'lowering': 'chunked'}}, "
+                            f"got {type(config).__name__}")
+        # checked now (names, types, values: ConfigError); the size-dependent defaults are filled per call
+        validate_config(backend, config)
         self.config = dict(config) if config else None
         self.last_config: dict | None = None
         # one implementation per combination of present optional inputs, built now: a call traced by
@@ -45,16 +58,10 @@ class Attention:
         return compile_graph(self.spec, self.overrides, present)
 
     def __call__(self, q, k, v, **inputs):
-        unknown = set(inputs) - set(self.spec.inputs)
-        if unknown:
-            raise TypeError(f"{self.spec.name} attention got unexpected input(s) {sorted(unknown)}; "
-                            f"its inputs are {', '.join(self.spec.inputs)}")
-        for name, decl in self.spec.inputs.items():
-            if name not in ("q", "k", "v") and not decl.optional and inputs.get(name) is None:
-                raise TypeError(f"{self.spec.name} attention needs the input '{name}'")
+        given = {"q": q, "k": k, "v": v, **inputs}
+        check_call(self.spec, given, self.params)   # names, types, dtypes, devices, sizes, size-dependent defaults
         present = frozenset(n for n in self.spec.optional_inputs if inputs.get(n) is not None)
-        tensors = {"q": q, "k": k, "v": v, **{n: t for n, t in inputs.items() if t is not None}}
-        return self._implementations[present](tensors)
+        return self._implementations[present]({n: t for n, t in given.items() if t is not None})
 
     def _build(self, graph):
         if self.backend == "reference":
@@ -75,9 +82,24 @@ class Attention:
 def load(spec_path, backend: str = "auto", config: dict | None = None, **params) -> Attention:
     """The attention a spec describes, as a callable: attn(q, k, v, **inputs) -> o.
 
+    spec_path: the path of a spec file, a spec's YAML text (a string of several lines), or a Spec.
+
     backend: "reference" (eager, the definition), "torch" (generated PyTorch, compile-able),
     "triton" (generated kernels), or "auto": triton on a GPU, torch on a CPU.
     params override the spec's `params:`; an unknown name or wrong type raises SpecError.
+    config: the backend's knobs (backends/knobs.py), e.g. {"lowering": "chunked", "CHUNK_N": 512};
+    knobs left out take their defaults; an unknown knob or a bad value raises ConfigError (a ValueError).
     """
-    spec = spec_path if isinstance(spec_path, Spec) else load_spec(spec_path)
-    return Attention(spec, _pick_backend(backend), params, config)
+    return Attention(_spec_of(spec_path), _pick_backend(backend), params, config)
+
+
+def _spec_of(source) -> Spec:
+    """A Spec, the path of a spec file, or a spec's YAML text (several lines; errors say `<string>:line:col`)."""
+    if isinstance(source, Spec):
+        return source
+    if isinstance(source, str) and "\n" in source:
+        return parse_spec(source, "<string>")
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"spec_path must be the path of a spec file, a spec's YAML text or a Spec, "
+                        f"got {type(source).__name__}")
+    return load_spec(source)

@@ -22,7 +22,7 @@ from pathlib import Path
 from .errors import KernelsearchError
 
 # subcommands that live beside the parts they drive: module -> its register(subparsers)
-_REGISTERED = ("kernelsearch.codegen.aot_cli", "kernelsearch.tune.cli", "kernelsearch.models.cli")
+_REGISTERED = ("kernelsearch.codegen.show_cli", "kernelsearch.codegen.aot_cli", "kernelsearch.tune.cli", "kernelsearch.models.cli")
 
 
 def _cmd_check(args) -> int:

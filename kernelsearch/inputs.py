@@ -1,9 +1,118 @@
-"""Random inputs for a spec at given sizes: what tests, the tuner and benchmarks feed a kernel."""
+"""The inputs of a call: the one check of a call's arguments, and random inputs for tests.
+
+`check_call` is what every entry point runs before a backend sees the tensors (`load(...)`'s
+callable, the backends' `layout.bind`, the generated modules): a user's mistake becomes one
+TypeError/ValueError naming the input (and the dim, the other input, both devices...), never an
+error from deep inside generated code, and never a silently different result.
+"""
 from __future__ import annotations
+
+import ast
+from typing import Mapping
 
 import torch
 
+from .errors import SpecError
 from .spec import Spec
+
+QKV = ("q", "k", "v")
+
+
+def check_call(spec: Spec, tensors: Mapping, params: Mapping | None = None) -> dict[str, int]:
+    """Check one call's tensors against the spec's inputs; return the size of every dim (lower case).
+
+    `tensors` maps input names to what the caller passed (None: not given). `params`, the
+    resolved params of the call, when given, has its size-dependent defaults (`D ** -0.5`)
+    evaluated at these sizes: a default that is complex, infinite or divides by zero there is a
+    SpecError naming the param. Raises TypeError for a missing input or a wrong type or dtype,
+    ValueError for a wrong shape, a size that disagrees with another input's, or another device.
+    """
+    _check_names(spec, tensors)
+    q = tensors["q"]
+    sizes: dict[str, int] = {}
+    origin: dict[str, str] = {}
+    for name, decl in spec.inputs.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            continue
+        dims = _check_tensor(spec, name, tensor, q)
+        for dim, size in zip(dims, tensor.shape):
+            broadcast = size == 1 and name not in QKV    # other inputs may broadcast over a dim
+            if dim in sizes and sizes[dim] != size and not (broadcast and dim in ("b", "h")):
+                raise ValueError(f"{spec.name} attention: dim '{dim}' of input '{name}' has size {size}, but "
+                                 f"input '{origin[dim]}' gave it size {sizes[dim]} (the spec declares both "
+                                 f"with the dim '{dim}': they must agree)")
+            if dim not in sizes and not broadcast:
+                sizes[dim], origin[dim] = size, name
+    dtypes = [tensors[n].dtype for n in QKV]
+    if len(set(dtypes)) > 1:
+        raise TypeError(f"{spec.name} attention: q, k and v must have one dtype, got "
+                        f"{', '.join(str(d) for d in dtypes)}; convert them, e.g. k.to(q.dtype)")
+    if params:
+        check_param_values(spec, params, sizes)
+    return sizes
+
+
+def _check_names(spec: Spec, tensors: Mapping) -> None:
+    unknown = sorted(set(tensors) - set(spec.inputs))
+    if unknown:
+        raise TypeError(f"{spec.name} attention got unexpected input(s) {unknown}; "
+                        f"its inputs are {', '.join(spec.inputs)}")
+    for name, decl in spec.inputs.items():
+        if tensors.get(name) is None and not decl.optional:
+            raise TypeError(f"{spec.name} attention needs the input '{name}' "
+                            f"(a [{', '.join(decl.shape)}] tensor), got None")
+
+
+def _check_tensor(spec: Spec, name: str, tensor, q) -> tuple[str, ...]:
+    """The dims `tensor` has as input `name` (its optional leading dim left out or not)."""
+    decl = spec.inputs[name]
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{spec.name} attention: input '{name}' must be a torch.Tensor, got {type(tensor).__name__}")
+    dims = decl.shape
+    if tensor.ndim == len(dims) - 1 and dims[0] in decl.optional_dims:
+        dims = dims[1:]
+    if tensor.ndim != len(dims):
+        raise ValueError(f"{spec.name} attention: input '{name}' must have dims [{', '.join(decl.shape)}] "
+                         f"({len(decl.shape)} axes), got shape {list(tensor.shape)}")
+    if decl.dtype == "bool" and tensor.dtype != torch.bool:
+        raise TypeError(f"{spec.name} attention: input '{name}' must be a bool tensor (True = keep), "
+                        f"got {tensor.dtype}")
+    if decl.dtype == "float" and not tensor.is_floating_point():
+        raise TypeError(f"{spec.name} attention: input '{name}' must be a floating-point tensor, got {tensor.dtype}")
+    if decl.dtype == "int" and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
+        raise TypeError(f"{spec.name} attention: input '{name}' must be an integer tensor, got {tensor.dtype}")
+    if tensor.device != q.device:
+        raise ValueError(f"{spec.name} attention: input '{name}' is on {tensor.device}, but q is on {q.device}; "
+                         f"move it, e.g. {name}.to(q.device)")
+    return dims
+
+
+def check_param_values(spec: Spec, params: Mapping, sizes: Mapping[str, int]) -> dict:
+    """The size-dependent param defaults (`D ** -0.5`) evaluated at `sizes` (lower-case dims).
+
+    Folding checks the params it can evaluate at compile time; these depend on the call. A
+    default that is not a finite real number there is a SpecError at the default's location.
+    """
+    from .passes.fold import evaluate
+    values = {dim.upper(): size for dim, size in sizes.items()}
+    values.update({n: v for n, v in params.items() if not isinstance(v, ast.expr)})
+    pending = {n: v for n, v in params.items() if isinstance(v, ast.expr)}
+    while pending:          # defaults may use other defaults (never in a cycle: spec.py refuses them)
+        ready = {n: e for n, e in pending.items()
+                 if all(x.id in values or x.id not in pending for x in ast.walk(e) if isinstance(x, ast.Name))}
+        for name, expr in ready.items():
+            try:
+                values[name] = evaluate(expr, values)
+            except (ArithmeticError, ValueError, TypeError) as e:
+                shown = ", ".join(f"{d}={s}" for d, s in sorted(values.items()) if d.isupper())
+                raise SpecError(f"the default of param '{name}' ({ast.unparse(expr)}) is not a finite real number "
+                                f"at the sizes of this call ({shown}): {e}", getattr(expr, "location", None),
+                                f"pass a value for '{name}' to kernelsearch.load, or change its default") from None
+            del pending[name]
+        if not ready:
+            break   # an unknown name: evaluate() reports it with the next call's param
+    return values
 
 
 def input_shape(spec: Spec, name: str, sizes: dict, params: dict | None = None) -> list[int]:

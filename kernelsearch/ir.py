@@ -157,3 +157,21 @@ class Graph:
             lines.append(f'  "{a}" -> "{b}";')
         lines.append("}")
         return "\n".join(lines)
+
+
+def fingerprint(graph: Graph) -> str:
+    """A hash of everything code generation reads from a folded, scheduled graph: specialisations
+    (param values, present inputs) that fold to the same graph share it, and so share their
+    generated files. Source locations are left out (they do not change the code)."""
+    import hashlib
+    spec = graph.spec
+    lines = [f"variant {spec.name}", f"output {graph.output}", f"schedule {graph.schedule}",
+             f"dims {graph.dim_order}", f"bounds {graph.key_bounds!r}",
+             f"notes {sorted((k, repr(v)) for k, v in graph.notes.items())}"]
+    for node_id, node in graph.nodes():
+        attrs = sorted((k, repr(v)) for k, v in node.attrs.items())
+        lines.append(f"{node_id} {node.op} {node.args} {attrs} {node.dims} {node.dtype} {node.stage}")
+    for name, decl in spec.inputs.items():   # declarations shape the code (a core graph's spec has its cuts)
+        if name in ("q", "k", "v") or name in graph.nx_graph:
+            lines.append(f"{name} declared {decl.shape} {decl.dtype} {sorted(decl.optional_dims)} {decl.optional}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]

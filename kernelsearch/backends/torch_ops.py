@@ -104,7 +104,7 @@ def masked_softmax(scores: torch.Tensor, keep: torch.Tensor | None, axis: int) -
     Computed with `axis` moved last (a view when the dims after it have size 1, as the feature dim
     of scores does): CPU softmax and reductions along the contiguous last dim run ~7x faster."""
     scores = scores.movedim(axis, -1)
-    if keep is None:
+    if keep is None or scores.shape[-1] == 0:   # no keys (J = 0): every row keeps none, amax would fail
         return torch.softmax(scores, dim=-1).movedim(-1, axis)
     scores = scores.masked_fill(~keep.movedim(axis, -1), float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)

@@ -25,24 +25,24 @@ config recorded for this device, shape and params is used, else the defaults.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-import tempfile
-from pathlib import Path
 
 import torch
 
 from ..codegen import triton_bwd, triton_fwd
-from ..codegen.triton_fwd import CONFIG_KEYS, CodegenError, plan, source_hash, triton_source
+from ..codegen.files import GeneratedFile, triton_file, triton_training_file
+from ..codegen.triton_fwd import CodegenError, plan
 from ..ir import Graph
 from ..layout import bind
+from . import loader
+from ..runtime import config_store
+from . import knobs
 
 # fill outputs with NaN before the launch (tests set this, so unwritten elements cannot pass)
 POISON_OUTPUTS = os.environ.get("KERNELSEARCH_POISON", "") == "1"
 
-__all__ = ["build", "default_config", "aot_check", "BackwardNotImplemented", "CodegenError", "load_module",
-           "interpreting", "cache_dir", "interpret_stdlib_jit_calls"]
+__all__ = ["build", "default_config", "BackwardNotImplemented", "CodegenError", "load_module",
+           "interpreting", "interpret_stdlib_jit_calls"]
 
 
 class BackwardNotImplemented(NotImplementedError):
@@ -89,78 +89,38 @@ def interpret_stdlib_jit_calls() -> None:
     JITFunction.__call__ = __call__
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("KERNELSEARCH_CACHE_DIR")
-    if root:
-        path = Path(root) / "triton"
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        path = Path(base) / "kernelsearch" / "triton"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        path = Path(tempfile.gettempdir()) / f"kernelsearch-{os.getuid()}" / "triton"
-        path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def load_module(source: str, stem: str, interpret: bool | None = None):
-    """Import generated source from a cache file named by its hash (so inspect.getsource works).
+def load_module(file: GeneratedFile, interpret: bool | None = None):
+    """Import a generated Triton file (backends/loader.py: the cache holds it under its own name, so
+    Triton's @jit reads its source with inspect and `kernelsearch show` prints the same bytes).
 
     interpret: import with Triton's interpreter on/off regardless of TRITON_INTERPRET (the AOT
-    check needs real JITFunctions even in an interpreted test session); None follows it.
+    check needs real JITFunctions even in an interpreted test session); None follows it. The two
+    are separate modules of one file.
     """
     import triton
-    digest = source_hash(source)
-    path = cache_dir() / f"{stem}_{digest}.py"
-    if not path.exists() or path.read_text() != source:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(source)
-        os.replace(tmp, path)
     if interpret is None:
         interpret = interpreting()
     if interpret:
         interpret_stdlib_jit_calls()
-    name = f"kernelsearch_triton_{stem}_{digest}_{'interp' if interpret else 'jit'}"
-    module = sys.modules.get(name)
-    if module is not None:
-        return module
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
     with triton.knobs.runtime.scope():
         triton.knobs.runtime.interpret = bool(interpret)
-        spec.loader.exec_module(module)
-    sys.modules[name] = module
-    return module
+        return loader.import_file(file, f"{file.module}_{'interp' if interpret else 'jit'}")
 
 
 def default_config(spec_or_graph, sizes: dict | None = None) -> dict:
-    """Default knobs: 64x64 tiles per head; small tiles when a program holds every head of a sample."""
+    """Default knobs (knobs.py): 64x64 tiles per head; small tiles when a program holds every head
+    of a sample; tiles no larger than the (padded) sequence they cover."""
     graph = spec_or_graph
     if not isinstance(graph, Graph):
         from ..compiler import compile_graph
         from ..spec import Spec, load_spec
         spec = graph if isinstance(graph, Spec) else load_spec(graph)
         graph = compile_graph(spec)
-    config = triton_fwd.default_config(graph)
-    config.update(triton_bwd.default_config(graph))
-    if sizes:
-        # tiles no larger than the (padded) sequence they cover
-        top_i = max(16, 1 << max(0, int(sizes.get("i", sizes.get("I", 1)) - 1)).bit_length())
-        top_j = max(16, 1 << max(0, int(sizes.get("j", sizes.get("J", 1)) - 1)).bit_length())
-        config["BLOCK_M"] = min(config["BLOCK_M"], top_i)
-        config["BLOCK_N"] = min(config["BLOCK_N"], top_j)
-        config["BLOCK_M_BWD"] = min(config["BLOCK_M_BWD"], top_i)
-        config["BLOCK_N_BWD"] = min(config["BLOCK_N_BWD"], top_j)
-    return config
+    return knobs.default_config("triton", sizes, graph.schedule)
 
 
 def tuned_config(graph: Graph, sizes: dict, dtype, device) -> dict | None:
-    try:
-        from ..tune import records
-        return records.lookup_for_call(graph, "triton", sizes, dtype, device)
-    except Exception:
-        return None
+    return config_store.lookup_for_call(graph, "triton", sizes, dtype, device)
 
 
 def needs_grad(tensors: dict) -> bool:
@@ -177,17 +137,16 @@ class TritonForward:
         # decided once: under torch.compile nothing may ask triton's knobs (dynamo cannot trace them)
         self.interpret = interpreting() if interpret is None else interpret
         self.plan = plan(graph)
-        self.source = triton_source(graph)
-        self.digest = source_hash(self.source)
-        self.stem = f"{triton_fwd._sanitize(graph.spec.name)}_fwd"
-        self.inputs = [t.name for t in self.plan.tensors]
+        self.file = triton_file(graph)
+        self.source = self.file.source
+        self.inputs = list(self.file.inputs)
         self._module = None
         self._op = None
 
     @property
     def module(self):
         if self._module is None:
-            self._module = load_module(self.source, self.stem, interpret=self.interpret)
+            self._module = load_module(self.file, interpret=self.interpret)
         return self._module
 
     def op(self):
@@ -195,7 +154,7 @@ class TritonForward:
         if self._op is not None:
             return self._op
         interp = self.interpret
-        name = f"{self.stem}_{self.digest}" + ("_interp" if interp else "")
+        name = self.file.module + ("_interp" if interp else "")
         if name in self._ops:
             self._op = self._ops[name]
             return self._op
@@ -240,10 +199,7 @@ def resolve_config(attention, graph: Graph, sizes: dict, q) -> dict:
     config = attention.config if attention is not None and attention.config else None
     if config is None and not torch.compiler.is_compiling():
         config = tuned_config(graph, sizes, q.dtype, q.device)
-    merged = default_config(graph, sizes)
-    if config:
-        merged.update({k: config[k] for k in CONFIG_KEYS + triton_bwd.BWD_CONFIG_KEYS if k in config})
-    return merged
+    return knobs.validate_config("triton", config, sizes, graph.schedule)
 
 
 class TritonTraining:
@@ -260,11 +216,9 @@ class TritonTraining:
         self.cuts, self.core = split.cuts, split.core
         self.plan = plan(self.core)
         self.backward_plan = triton_bwd.backward_plan(self.core)      # CodegenError if an op has no rule
-        self.source = (triton_source(self.core) + "\n\n" + triton_bwd.backward_functions(self.core)
-                       + f"\nbackward = {triton_bwd.backward_function_name(self.core)}\n")
-        self.digest = source_hash(self.source)
-        self.stem = f"{triton_fwd._sanitize(graph.spec.name)}_train"
-        self.inputs = [t.name for t in self.plan.tensors]
+        self.file = triton_training_file(self.core)
+        self.source = self.file.source
+        self.inputs = list(self.file.inputs)
         from .reference import NodeEvaluator
         self.prologue = NodeEvaluator(graph, self.cuts) if self.cuts else None
         self._op = None
@@ -272,11 +226,11 @@ class TritonTraining:
     def op(self):
         if self._op is not None:
             return self._op
-        name = f"{self.stem}_{self.digest}" + ("_interp" if self.interpret else "")
+        name = self.file.module + ("_interp" if self.interpret else "")
         if name in self._ops:
             self._op = self._ops[name]
             return self._op
-        module = load_module(self.source, self.stem, interpret=self.interpret)
+        module = load_module(self.file, interpret=self.interpret)
         count = len(self.inputs)
         tensors = ", ".join(f"Tensor {triton_fwd._sanitize(n)}" for n in self.inputs)
         knobs = "int BLOCK_M, int BLOCK_N, int num_warps, int num_stages"
@@ -334,8 +288,8 @@ class TritonTraining:
     def __call__(self, tensors: dict, config: dict, poison: bool = False):
         cut_values = self.prologue(tensors) if self.prologue is not None else {}
         args = [cut_values[n] if n in cut_values else tensors[n] for n in self.inputs]
-        knobs = [int(config[k]) for k in CONFIG_KEYS + triton_bwd.BWD_CONFIG_KEYS]
-        out, _ = self.op()(*args, *knobs, bool(poison))
+        knob_values = [int(config[k]) for k in knobs.TRITON_FWD_KNOBS + knobs.TRITON_BWD_KNOBS]
+        out, _ = self.op()(*args, *knob_values, bool(poison))
         return out
 
 
@@ -371,9 +325,3 @@ def build(graph: Graph, attention):
     run.forward = forward
     run.training = training
     return run
-
-
-def aot_check(spec_or_graph, params=None, config=None, arch=90, **kwargs) -> dict:
-    """Compile the forward kernel for a GPU architecture without a GPU; see codegen/triton_aot.py."""
-    from ..codegen.triton_aot import aot_check as check
-    return check(spec_or_graph, params, config, arch=arch, **kwargs)

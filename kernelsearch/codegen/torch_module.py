@@ -18,6 +18,7 @@ from __future__ import annotations
 from ..ir import BINARY_OPS, Graph
 from ..layout import layout_of, raw_inputs
 from ..passes.bounds import render_bound
+from . import names
 
 _OPERATOR = dict(BINARY_OPS)
 _FUNCTION = {"exp": "torch.exp", "log": "torch.log", "sqrt": "torch.sqrt", "rsqrt": "torch.rsqrt",
@@ -26,16 +27,18 @@ _FUNCTION = {"exp": "torch.exp", "log": "torch.log", "sqrt": "torch.sqrt", "rsqr
 _SCALAR_FUNCTION = {"exp": "math.exp", "log": "math.log", "sqrt": "math.sqrt", "abs": "abs",
                     "minimum": "min", "maximum": "max"}
 LOOP_STAGES = ("score", "keep")
+LOWERINGS = ("materialized", "chunked")
+
+
+LEAD = names.argument("q")     # the tensor whose dtype and device every allocation follows
 
 
 def variable(graph: Graph, node_id: str) -> str:
-    """A readable Python name for a node: the spec's name where it has one."""
+    """The variable of a node in generated code (codegen/names.py: never a spec name raw)."""
     node = graph.node(node_id)
     if node.op == "size":
-        return node.attrs["dim"].upper()
-    if node.op == "index":
-        return node.attrs["dim"]
-    return node_id.replace(".", "_")
+        return names.size(node.attrs["dim"])
+    return names.value(node_id)
 
 
 class _Emitter:
@@ -59,7 +62,7 @@ class _Emitter:
             return repr(node.attrs["value"])
         if op == "index":
             dim = node.attrs["dim"]
-            return f"ops.index({dim.upper()}, {self.axis[dim]}, {len(self.layout)}, q.device)"
+            return f"ops.index({names.size(dim)}, {self.axis[dim]}, {len(self.layout)}, {LEAD}.device)"
         if op == "floordiv" and not scalar:
             return f"ops.floordiv({args[0]}, {args[1]})"
         if op in ("and", "or") and scalar:
@@ -96,7 +99,7 @@ class _Emitter:
 
 
 def _size_lines(graph: Graph, emitter: _Emitter, arguments: list[str]) -> list[str]:
-    """Read every size the code needs off the inputs: `B, H, I, D = q.shape`-style lines."""
+    """Read every size the code needs off the inputs: `B, H, I, size_d = in_q.shape`-style lines."""
     needed = set(emitter.layout)
     lines, known = [], set()
     for name in arguments:
@@ -106,47 +109,42 @@ def _size_lines(graph: Graph, emitter: _Emitter, arguments: list[str]) -> list[s
         dims = [d for d in decl.shape if d in needed and d not in known and d not in decl.optional_dims]
         if not dims:
             continue
-        targets = ", ".join(d.upper() if d in dims else "_" for d in decl.shape)
-        lines.append(f"{targets} = {name}.shape")
+        targets = ", ".join(names.size(d) if d in dims else "_" for d in decl.shape)
+        lines.append(f"{targets} = {names.argument(name)}.shape")
         known.update(dims)
     return lines
 
 
-def _signature(graph: Graph) -> list[str]:
-    present = [n for n in graph.spec.inputs if n not in ("q", "k", "v") and
-               (not graph.spec.inputs[n].optional or n in graph.present)]
-    return ["q", "k", "v"] + present
-
-
-def function_name(graph: Graph, lowering: str) -> str:
-    present = sorted(graph.present)
-    return f"_{lowering}" + ("__" + "__".join(present) if present else "")
+def graph_inputs(graph: Graph) -> list[str]:
+    """The inputs the folded graph reads, in the spec's order: what its generated functions take
+    (an optional input folded away - e.g. a bias switched off by a param - is not an argument)."""
+    return [n for n in graph.spec.inputs if n in ("q", "k", "v") or n in graph and graph.node(n).op == "input"]
 
 
 def torch_source(graph: Graph, lowering: str) -> str:
-    """Source of `def <name>(q, k, v, <present inputs>, CHUNK_N=..., CHUNK_M=...)` for this graph and lowering."""
-    if lowering not in ("materialized", "chunked"):
+    """Source of `def <lowering>(in_q, in_k, in_v, <inputs>, CHUNK_N=..., CHUNK_M=...)` for this graph."""
+    if lowering not in LOWERINGS:
         raise ValueError(f"unknown lowering {lowering!r}")
     emitter = _Emitter(graph)
-    arguments = _signature(graph)
-    name = function_name(graph, lowering)
+    arguments = graph_inputs(graph)
     extra = ", CHUNK_N: int = 128, CHUNK_M: int = 0" if lowering == "chunked" else ""
-    lines = [f"def {name}({', '.join(arguments)}{extra}):"]
-    doc = f"{graph.spec.name}, {lowering}, schedule {graph.schedule}"
-    lines.append(f'    """{doc}; inputs: {", ".join(arguments)}."""')
+    lines = [f"def {lowering}({', '.join(names.argument(n) for n in arguments)}{extra}):"]
+    lines.append(f'    """The {lowering} lowering (schedule {graph.schedule})."""')
     body = _size_lines(graph, emitter, arguments)
     layout = ", ".join(emitter.layout)
     body.append(f"# aligned layout [{layout}]: one axis per dim, size 1 where a value does not vary")
     for input_name in arguments:
-        if input_name in emitter.raw or input_name not in graph:
-            continue  # raw tables and weights are used as they are; inputs folded away are unused
+        argument, value = names.argument(input_name), variable(graph, input_name)
+        if input_name in emitter.raw:
+            body.append(f"{value} = {argument}  # a table or weight, used as it is")
+            continue
         dims = graph.spec.inputs[input_name].shape
         optional = graph.spec.inputs[input_name].optional_dims
         if optional:
-            body.append(f"if {input_name}.ndim == {len(dims) - 1}:")
-            body.append(f"    {input_name} = {input_name}.unsqueeze(0)")
-        cast = ".to(q.dtype)" if graph.spec.inputs[input_name].dtype == "float" and input_name != "q" else ""
-        body.append(f"{input_name} = ops.align({input_name}{cast}, {dims!r}, {tuple(emitter.layout)!r})")
+            body.append(f"if {argument}.ndim == {len(dims) - 1}:")
+            body.append(f"    {argument} = {argument}.unsqueeze(0)")
+        cast = f".to({LEAD}.dtype)" if graph.spec.inputs[input_name].dtype == "float" and input_name != "q" else ""
+        body.append(f"{value} = ops.align({argument}{cast}, {dims!r}, {tuple(emitter.layout)!r})")
     if lowering == "materialized":
         body += _materialized_body(graph, emitter)
     else:
@@ -199,10 +197,10 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> list[str]:
               if n not in loop_set and n not in epilogue and n != reduction and node.op not in ("input", "size")]
 
     def key_sliced(n: str) -> str:
-        return f"{variable(graph, n)}_chunk"
+        return names.derived("chunk", variable(graph, n))
 
     def row_sliced(n: str) -> str:
-        return f"{variable(graph, n)}_rows"
+        return names.derived("rows", variable(graph, n))
 
     def name(n: str) -> str:
         # inside the loops, values computed before them are read by query chunk (i) and key chunk (j)
@@ -245,7 +243,7 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> list[str]:
         return out
 
     def shape_of(dims):
-        return "[" + ", ".join("query_rows" if d == "i" and d in dims else f"{d.upper()}" if d in dims else "1"
+        return "[" + ", ".join("query_rows" if d == "i" and d in dims else names.size(d) if d in dims else "1"
                                for d in emitter.layout) + "]"
 
     lines.append("# query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep")
@@ -257,10 +255,10 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> list[str]:
         index = ", ".join([":"] * axis_i + ["query_start:query_end"])
         body.append(f"{row_sliced(n)} = {variable(graph, n)}[{index}]")
     score_dims = [d for d in graph.node(scores).dims if d != "j"]
-    body.append(f"row_max = torch.full({shape_of(score_dims)}, float('-inf'), dtype=q.dtype, device=q.device)"
+    body.append(f"row_max = torch.full({shape_of(score_dims)}, float('-inf'), dtype={LEAD}.dtype, device={LEAD}.device)"
                 f"  # per row: [{', '.join(score_dims)}]")
-    body.append(f"row_sum = torch.zeros({shape_of(score_dims)}, dtype=q.dtype, device=q.device)")
-    body.append(f"accumulator = torch.zeros({shape_of(graph.node(reduction).dims)}, dtype=q.dtype, device=q.device)")
+    body.append(f"row_sum = torch.zeros({shape_of(score_dims)}, dtype={LEAD}.dtype, device={LEAD}.device)")
+    body.append(f"accumulator = torch.zeros({shape_of(graph.node(reduction).dims)}, dtype={LEAD}.dtype, device={LEAD}.device)")
     one_pass = probabilities == softmax and not post_nodes
     if one_pass:
         body += chunk_header()
@@ -297,7 +295,7 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> list[str]:
     lines += ["    " + line for line in body]
     empty = shape_of(graph.node(reduction).dims).replace("query_rows", "0")
     lines.append(f"{variable(graph, reduction)} = torch.cat(outputs, {axis_i}) if outputs else "
-                 f"torch.zeros({empty}, dtype=q.dtype, device=q.device)")
+                 f"torch.zeros({empty}, dtype={LEAD}.dtype, device={LEAD}.device)")
     for n in epilogue:
         lines.append(f"{variable(graph, n)} = {emitter.expression(n, lambda a: variable(graph, a))}"
                      f"{emitter.dims_comment(n)}")
@@ -310,7 +308,7 @@ def scalar_expression(graph: Graph, node_id: str, row: str) -> str:
     if node.op == "index":
         return f"({row})"
     if node.op == "size":
-        return node.attrs["dim"].upper()
+        return names.size(node.attrs["dim"])
     if node.op == "const":
         return repr(node.attrs["value"])
     args = [scalar_expression(graph, a, row) for a in node.args]

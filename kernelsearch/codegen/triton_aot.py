@@ -202,7 +202,8 @@ def aot_check(spec_or_graph, params=None, config=None, arch=90, *, sizes: dict |
     from triton.compiler import ASTSource
 
     from ..backends.triton_backend import default_config, load_module
-    from .triton_fwd import _sanitize, plan, triton_source
+    from .files import triton_file, triton_training_file
+    from .triton_fwd import plan
 
     arch = int(str(arch).lower().replace("sm_", "").replace("sm", "").rstrip("a"))
     if language_patched_by_interpreter():
@@ -237,7 +238,7 @@ def aot_check(spec_or_graph, params=None, config=None, arch=90, *, sizes: dict |
         # callers name the sizes either way (the tuner: B, H, I, J, D; the CLI: d, h)
         all_sizes = {**DEFAULT_SIZES, **{str(k).lower(): int(v) for k, v in (sizes or {}).items()}}
         p = plan(graph)
-        module = load_module(triton_source(graph), f"{_sanitize(graph.spec.name)}_fwd", interpret=False)
+        module = load_module(triton_file(graph), interpret=False)
         if p.prepass_kernel:     # the k-prologue prepass: it must compile too (its resources are small)
             compile_kernel(getattr(module, p.prepass_kernel), *aot_signature(p, merged, all_sizes, dtype, prepass=True),
                            4, 1)
@@ -245,11 +246,10 @@ def aot_check(spec_or_graph, params=None, config=None, arch=90, *, sizes: dict |
                        merged["num_warps"], merged["num_stages"])
         if direction == "fwd+bwd":
             from ..passes.split_prologue import split_prologue
-            from .triton_bwd import backward_functions, backward_plan
+            from .triton_bwd import backward_plan
             core = split_prologue(graph).core
             bp = backward_plan(core)
-            module = load_module(triton_source(core) + "\n\n" + backward_functions(core),
-                                 f"{_sanitize(graph.spec.name)}_train", interpret=False)
+            module = load_module(triton_training_file(core), interpret=False)
             compile_kernel(getattr(module, bp.forward.kernel),
                            *aot_signature(bp.forward, {**merged, "STORE_LSE": True}, all_sizes, dtype),
                            merged["num_warps"], merged["num_stages"], label=" (training: saves lse)")
@@ -326,7 +326,7 @@ def _parse_ptxas_log(log: str) -> dict | None:
 
 
 def _usage_path(compiled) -> Path | None:
-    from ..backends.triton_backend import cache_dir
+    from ..backends.loader import cache_dir
     digest = getattr(compiled, "hash", None)
     return cache_dir() / "aot" / f"{digest}.json" if digest else None
 
