@@ -350,9 +350,9 @@ def gradient_terms(name: str) -> tuple:
     return entry.grad
 
 
-def template_fields(template: str) -> set[str]:
-    """The placeholders a derivative template uses ({g}, {out}, {x0}, {v1}, ...)."""
-    return {f for _, f, _, _ in string.Formatter().parse(template) if f}
+def template_fields(template: str) -> tuple[str, ...]:
+    """The placeholders a derivative template uses ({g}, {out}, {x0}, {v1}, ...), in order of appearance."""
+    return tuple(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(template) if f))
 
 
 def differentiable() -> list[str]:

@@ -35,9 +35,9 @@ from .triton_fwd import (CodegenError, KernelPlan, TensorArg, _KernelWriter, _Va
                          feature_launch_args, launcher_sizes, plan, presence_suffix)
 
 # 64x64 with 8 warps: no register spills in the dq kernels of the seed specs on sm_90 (4 warps spill 24-40 B)
-DEFAULT_BWD_CONFIG = {"BLOCK_M_BWD": 64, "BLOCK_N_BWD": 64, "num_warps_bwd": 8, "num_stages_bwd": 1}
-DEFAULT_BWD_CONFIG_HEADS_IN_TILE = {"BLOCK_M_BWD": 16, "BLOCK_N_BWD": 16, "num_warps_bwd": 8, "num_stages_bwd": 1}
-BWD_CONFIG_KEYS = tuple(DEFAULT_BWD_CONFIG)
+from ..backends.knobs import TRITON_BWD_DEFAULTS as DEFAULT_BWD_CONFIG  # noqa: E402  (declared there)
+from ..backends.knobs import TRITON_BWD_DEFAULTS_HEADS_IN_TILE as DEFAULT_BWD_CONFIG_HEADS_IN_TILE  # noqa: E402
+from ..backends.knobs import TRITON_BWD_KNOBS as BWD_CONFIG_KEYS  # noqa: E402
 
 # ops whose derivative is a rule below; everything a float gradient may flow through
 ELEMENTWISE_RULES = ("add", "sub", "mul", "div", "neg", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "gelu", "abs",

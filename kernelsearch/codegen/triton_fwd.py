@@ -54,9 +54,9 @@ from ..ir import BINARY_OPS, Graph
 from ..layout import raw_inputs
 from ..passes.bounds import render_bound
 
-DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-DEFAULT_CONFIG_HEADS_IN_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1}
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+from ..backends.knobs import TRITON_FWD_DEFAULTS as DEFAULT_CONFIG  # noqa: E402  (the knobs are declared there)
+from ..backends.knobs import TRITON_FWD_DEFAULTS_HEADS_IN_TILE as DEFAULT_CONFIG_HEADS_IN_TILE  # noqa: E402
+from ..backends.knobs import TRITON_FWD_KNOBS as CONFIG_KEYS  # noqa: E402
 INDEX_DIMS = ("b", "h", "i", "j")
 MIN_DOT_BLOCK = 16   # tl.dot needs every dim >= 16 on a GPU
 PREPASS_BLOCK_N = 64
