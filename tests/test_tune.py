@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kernelsearch.errors import UsageError
-from kernelsearch.tune import records
+from kernelsearch.runtime import config_store as records
 from kernelsearch.tune.space import Constraint, Knob, SearchSpace, config_key, fix_choices
 from tests.pg_fixture import postgres_url  # noqa: F401  (fixture)
 

@@ -1,4 +1,7 @@
-"""Tuned winners, written where the runtime finds them.
+"""The runtime's config store: tuned winners, where `kernelsearch.load` finds them.
+
+The backends look configs up here (`lookup_for_call`); the tuner writes them (`record`). This
+module knows nothing of the tuner.
 
 One JSON file per user, ``$KERNELSEARCH_HOME/records.json`` (``KERNELSEARCH_HOME`` defaults to
 ``~/.cache/kernelsearch``; ``$KERNELSEARCH_RECORDS`` overrides the file itself). Each record is
@@ -18,6 +21,14 @@ only when its mtime/size change, which is checked at most every ``STAT_INTERVAL_
 (writes by this process invalidate at once; so does `clear_cache()`, e.g. after changing
 ``KERNELSEARCH_HOME``); results are memoised per key.
 
+The file is written atomically (a temp file renamed over it) under an exclusive ``flock`` on
+``records.json.lock``. A file that cannot be the records file (not JSON, truncated, ``[1, 2]``,
+``{"records": [1]}``, a record without a ``config`` object, a directory) is reported once per
+process (a `RecordsWarning` naming the path and what is wrong), moved aside as
+``records.json.corrupt-<time>`` when it is a file, and treated as empty - never silently
+overwritten. A record whose config its backend refuses (`backends.knobs.validate_config`) is
+reported once and ignored: the call then runs the backend's defaults.
+
 Shape buckets: ``D`` is exact (it changes the kernel); ``I``, ``J`` and ``B*H`` are rounded
 up to powers of two, e.g. ``D64-I1024-J1024-BH32``. Neighbours (for warm starts) are buckets
 of the same ``D`` at the smallest log2 distance.
@@ -35,11 +46,15 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ..backends.knobs import ConfigError, validate_config
+from ..errors import UsageError
+
 __all__ = [
-    "records_path", "shape_bucket", "parse_bucket", "bucket_distance", "device_name", "dtype_name",
+    "home", "records_path", "RecordsWarning", "read_records", "check_writable", "shape_bucket", "parse_bucket", "bucket_distance", "device_name", "dtype_name",
     "params_tag", "record_key", "lookup", "lookup_for_call", "record", "neighbours", "all_records", "config_for_call",
     "clear_cache",
 ]
@@ -48,12 +63,24 @@ STAT_INTERVAL_S = 1.0
 _FORMAT = 2  # 2: keys end with the params tag
 
 
+class RecordsWarning(UserWarning):
+    """The records file, or a record in it, could not be used (reported once per process)."""
+
+
+def home() -> Path:
+    """Per-user directory for the tuner's database, records and reports."""
+    env = os.environ.get("KERNELSEARCH_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "kernelsearch"
+
+
 def records_path() -> Path:
     env = os.environ.get("KERNELSEARCH_RECORDS")
     if env:
         return Path(env).expanduser()
-    from .storage import home
-
     return home() / "records.json"
 
 
@@ -144,6 +171,93 @@ def record_key(spec_sha256: str, backend: str, device: str, bucket: str, dtype: 
 
 
 # ---------------------------------------------------------------------------------------
+# Reading, and what is wrong with a file
+# ---------------------------------------------------------------------------------------
+
+_REPORTED: set = set()
+_REPORTED_LOCK = threading.Lock()
+
+
+def _report_once(key: tuple, message: str) -> None:
+    with _REPORTED_LOCK:
+        if key in _REPORTED:
+            return
+        _REPORTED.add(key)
+    warnings.warn(message, RecordsWarning, stacklevel=3)
+
+
+def _structure_problem(data: Any) -> str | None:
+    """What keeps parsed JSON from being a records file (None: nothing)."""
+    if not isinstance(data, dict):
+        return f'holds a JSON {type(data).__name__} at the top, not an object {{"format": {_FORMAT}, "records": {{...}}}}'
+    records = data.get("records", {})
+    if not isinstance(records, dict):
+        return f"its 'records' is a JSON {type(records).__name__}, not an object of records by key"
+    for key, entry in records.items():
+        if not isinstance(entry, dict):
+            return f"record {key!r} is a JSON {type(entry).__name__}, not an object"
+        if not isinstance(entry.get("config"), dict):
+            return f"record {key!r} has no 'config' object"
+    return None
+
+
+def read_records(path: Path) -> tuple[dict, str | None]:
+    """(the file's data, what is wrong with it): ({}, None) when there is no file; ({}, why)
+    when it cannot be the records file."""
+    if path.is_dir():
+        return {}, "is a directory, not a records file"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}, None
+    except UnicodeDecodeError:
+        return {}, "is not UTF-8 text"
+    except OSError as e:
+        return {}, f"cannot be read ({e.strerror or e})"
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        return {}, f"is not valid JSON ({e})" if text.strip() else "is empty"
+    problem = _structure_problem(data)
+    return ({}, problem) if problem else (data, None)
+
+
+def _set_aside(path: Path, problem: str) -> None:
+    """Report a corrupt records file once and move it aside (a file) so that nothing is lost."""
+    aside = None
+    if path.is_file():
+        stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+        if aside.exists():
+            aside = path.with_name(f"{aside.name}-{os.getpid()}")
+        try:
+            os.replace(path, aside)
+        except OSError as e:
+            _report_once((str(path), problem), f"{path} {problem}; it is ignored, and could not be moved aside "
+                         f"({e.strerror or e})")
+            return
+    what = f"moved aside to {aside}" if aside else "remove it or set KERNELSEARCH_RECORDS to a file"
+    _report_once((str(path), problem), f"{path} {problem}: no tuned configs are used from it ({what})")
+
+
+def _read_or_set_aside(path: Path) -> dict:
+    """The records of a file; a corrupt one is set aside (under the lock) and reads as empty."""
+    data, problem = read_records(path)
+    if problem is None:
+        return data.get("records", {})
+    try:
+        with _locked(path):
+            data, problem = read_records(path)   # another process may have set it aside meanwhile
+            if problem is None:
+                return data.get("records", {})
+            _set_aside(path, problem)
+    except OSError as e:   # no lock here (read-only or missing directory): report, ignore the file
+        _report_once((str(path), problem), f"{path} {problem}: no tuned configs are used from it "
+                     f"(not moved aside: {e.strerror or e})")
+    return {}
+
+
+# ---------------------------------------------------------------------------------------
 # Cache
 # ---------------------------------------------------------------------------------------
 
@@ -153,7 +267,6 @@ class _Cache:
         self.path: Path | None = None
         self.sig: tuple | None = None
         self.checked = -math.inf
-        self.env: tuple | None = None
         self.data: dict = {}
         self.memo: dict = {}
 
@@ -161,11 +274,8 @@ class _Cache:
         now = time.monotonic()
         if now - self.checked < STAT_INTERVAL_S:
             return self.data  # the fast path: no syscalls, no lock, no environment lookups
-        env = (os.environ.get("KERNELSEARCH_RECORDS"), os.environ.get("KERNELSEARCH_HOME"),
-               os.environ.get("XDG_CACHE_HOME"))
         path = records_path()
         with self.lock:
-            self.env = env
             try:
                 st = path.stat()
                 sig = (st.st_mtime_ns, st.st_size, st.st_ino)
@@ -174,19 +284,13 @@ class _Cache:
             self.checked = now
             if path == self.path and sig == self.sig:
                 return self.data
-            data: dict = {}
-            if sig is not None:
-                try:
-                    with open(path) as f:
-                        data = json.load(f).get("records", {})
-                except (OSError, ValueError):
-                    data = {}
+            data = _read_or_set_aside(path) if sig is not None else {}
             self.path, self.sig, self.data, self.memo = path, sig, data, {}
             return data
 
     def invalidate(self) -> None:
         with self.lock:
-            self.path, self.sig, self.env, self.data, self.memo = None, None, None, {}, {}
+            self.path, self.sig, self.data, self.memo = None, None, {}, {}
             self.checked = -math.inf
 
 
@@ -201,29 +305,37 @@ def all_records() -> dict:
     return dict(_CACHE.get())
 
 
+def _find(data: dict, spec_sha256: str, backend: str, device_name: str, shape_bucket: str, dtype: Any,
+          direction: str | None, params_tag: str | None) -> tuple[str, dict] | None:
+    """(key, record) of the record for these, or None. ``direction=None`` prefers the
+    forward-only record and falls back to the fwd+bwd one (whose forward knobs were tuned too);
+    ``"fwd+bwd"`` prefers the training record."""
+    order = ("fwd+bwd", "fwd") if direction == "fwd+bwd" else ("fwd", "fwd+bwd")
+    for d in order:
+        key = record_key(spec_sha256, backend, device_name, shape_bucket, dtype, d, params_tag)
+        if key in data:
+            return key, data[key]
+    return None
+
+
 def lookup(spec_sha256: str, backend: str, device_name: str, shape_bucket: str, dtype: Any,
            direction: str | None = None, params_tag: str | None = None) -> dict | None:
-    """The recorded winning config, or None.
+    """The recorded winning config as recorded, or None (``direction`` as in `_find`,
+    ``params_tag`` as in `record_key`)."""
+    found = _find(_CACHE.get(), spec_sha256, backend, device_name, shape_bucket, dtype, direction, params_tag)
+    return dict(found[1]["config"]) if found else None
 
-    ``direction=None`` prefers the forward-only record and falls back to the fwd+bwd one
-    (whose forward knobs were tuned too); ``"fwd+bwd"`` prefers the training record.
-    ``params_tag`` as in `record_key`.
-    """
-    data = _CACHE.get()
-    memo_key = (spec_sha256, backend, device_name, shape_bucket, dtype_name(dtype), direction, params_tag)
-    memo = _CACHE.memo
-    if memo_key in memo:
-        c = memo[memo_key]
-        return dict(c) if c is not None else None
-    order = ("fwd+bwd", "fwd") if direction == "fwd+bwd" else ("fwd", "fwd+bwd")
-    found = None
-    for d in order:
-        r = data.get(record_key(spec_sha256, backend, device_name, shape_bucket, dtype, d, params_tag))
-        if r is not None:
-            found = dict(r["config"])
-            break
-    memo[memo_key] = found
-    return dict(found) if found is not None else None
+
+def _valid_config(backend: str, key: str, config: dict) -> dict | None:
+    """A record's config if its backend takes it; else reported once and None."""
+    try:
+        validate_config(backend, config)
+    except ConfigError as e:
+        _report_once((str(records_path()), key, str(e)),
+                     f"{records_path()}: the record {key!r} holds a config the {backend} backend refuses ({e}); "
+                     "it is ignored and the defaults are used")
+        return None
+    return config
 
 
 _DEVICE_NAMES: dict[str, str] = {}
@@ -309,8 +421,9 @@ def lookup_for_call(spec: Any, backend: str, sizes: Mapping[str, int], dtype: An
     bucket = shape_bucket({"B": get("b"), "H": get("h"), "I": i, "J": get("j", i), "D": get("d", 64)})
     found = None
     for tag in _call_tags(spec, params, present):
-        found = lookup(spec.sha256, backend, _device_name_cached(device), bucket, dtype, direction, tag)
-        if found is not None:
+        hit = _find(data, spec.sha256, backend, _device_name_cached(device), bucket, dtype, direction, tag)
+        if hit is not None:
+            found = _valid_config(backend, hit[0], dict(hit[1]["config"]))
             break
     memo[mkey] = found
     return dict(found) if found is not None else None
@@ -345,30 +458,56 @@ def _locked(path: Path):
         os.close(fd)
 
 
+def check_writable(path: Path | None = None) -> Path:
+    """The records file, or UsageError saying why the winner of a study could not be written there
+    (asked before tuning, so that an hour of trials does not end in an unwritable file)."""
+    path = path or records_path()
+    if path.is_dir():
+        raise UsageError(f"the records file {path} is a directory: remove it, or set KERNELSEARCH_RECORDS to a "
+                         "file path (or tune with --no-record)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the directory of the records file {path}: {e.strerror or e} "
+                         "(set KERNELSEARCH_HOME or KERNELSEARCH_RECORDS, or tune with --no-record)") from None
+    if not os.access(path.parent, os.W_OK):
+        raise UsageError(f"cannot write the records file {path}: its directory is not writable "
+                         "(set KERNELSEARCH_HOME or KERNELSEARCH_RECORDS, or tune with --no-record)")
+    return path
+
+
+def _write_atomically(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".records-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def record(spec_sha256: str, backend: str, device_name: str, shape_bucket: str, dtype: Any, direction: str,
            config: Mapping[str, Any], *, params_tag: str | None = None, **meta: Any) -> Path:
-    """Write (replace) one record atomically; returns the records file. ``params_tag`` as in
-    `record_key`; ``meta`` (times, the params in words...) is stored alongside."""
-    path = records_path()
+    """Write (replace) one record atomically, under the lock; returns the records file.
+    ``params_tag`` as in `record_key`; ``meta`` (times, the params in words...) is stored
+    alongside. A corrupt file is set aside first (see the module docstring), never overwritten."""
+    path = check_writable()
     key = record_key(spec_sha256, backend, device_name, shape_bucket, dtype, direction, params_tag)
     entry = {"config": dict(config), "spec_sha256": spec_sha256, "backend": backend, "device": device_name,
              "bucket": shape_bucket, "dtype": dtype_name(dtype), "direction": direction,
              "params_tag": params_tag or _no_params_tag(),
              "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **meta}
     with _locked(path):
-        data = {"format": _FORMAT, "records": {}}
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            pass
-        data.setdefault("records", {})[key] = entry
-        data["format"] = _FORMAT
-        fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".records-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
+        data, problem = read_records(path)
+        if problem is not None:
+            _set_aside(path, problem)
+        data = {**data, "format": _FORMAT, "records": {**data.get("records", {}), key: entry}}
+        _write_atomically(path, data)
     clear_cache()
     return path
 

@@ -9,19 +9,16 @@ One concern per module:
 - `trial`   -- the child process: time limit, crash and hang handling;
 - `storage` -- storage URLs, the budget lock, heartbeats and reaping of dead workers;
 - `study`   -- the Optuna study, samplers, warm start, workers, the final table;
-- `records` -- tuned winners where the runtime finds them (`lookup`, `config_for_call`);
 - `report`  -- plots of a study (history, importances, time per config);
 - `cli`     -- ``kernelsearch tune`` / ``kernelsearch report`` argument parsing (`register`);
 - `fake`    -- a fake target for tests and the tuner benchmark.
 
-Importing this package is cheap (no Optuna, no torch): the runtime imports `records` on
-every `kernelsearch.load`.
+The tuned winners are written through the runtime's config store (`kernelsearch.runtime.config_store`),
+which the backends read; nothing outside this package imports it.
 """
 from __future__ import annotations
 
-from .records import config_for_call, lookup, shape_bucket
-
-__all__ = ["lookup", "shape_bucket", "config_for_call", "tune", "TuneOptions", "register"]
+__all__ = ["tune", "TuneOptions", "TuneResult", "register"]
 
 
 def __getattr__(name: str):

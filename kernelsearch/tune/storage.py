@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import UsageError
+from ..runtime.config_store import home
 
 __all__ = [
     "home", "default_storage_path", "StorageConfig", "parse_storage", "open_storage", "budget_lock",
@@ -46,16 +47,6 @@ __all__ = [
 
 HEARTBEAT_INTERVAL_S = 10.0
 GRACE_S = 60.0
-
-
-def home() -> Path:
-    """Per-user directory for the tuner's database, records and reports."""
-    env = os.environ.get("KERNELSEARCH_HOME")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "kernelsearch"
 
 
 def default_storage_path() -> Path:

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any, Mapping, TextIO
 
 from ..errors import UsageError
-from . import records as rec
+from ..runtime import config_store as rec
 from .space import SearchSpace, build_space, config_key, fix_choices, nearest_untried, restrict
 from .storage import (GRACE_S, HEARTBEAT_INTERVAL_S, Heartbeat, StorageConfig, budget_lock, open_storage,
                       parse_storage, reap_stale, worker_identity)
@@ -225,6 +225,8 @@ def resolve(opts: TuneOptions) -> Resolved:
         except ImportError:
             raise UsageError("--sampler gp needs scipy (Optuna's GPSampler): pip install scipy") from None
 
+    if opts.record:
+        rec.check_writable()   # before any trial: an unwritable records file would lose the winner
     target = opts.target
     cuda = _cuda_available()
     if target == "auto":

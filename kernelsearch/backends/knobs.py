@@ -1,0 +1,360 @@
+"""The knobs of each backend, declared once: names, types, allowed values, defaults, conditions.
+
+Everything that reads or checks a config goes through this module: `kernelsearch.load(...,
+config=...)`, the tuned records the runtime finds (`runtime.config_store`), the generated
+module's ``attention(..., lowering=, chunk_n=, chunk_m=)`` and the tuner's search space
+(`tune.space`). The reference backend has no knobs.
+
+A `Knob` holds what is *allowed* (validation: any value a backend runs correctly) and what the
+tuner *tries* (``choices``: a short list of sensible values). Defaults may depend on the call's
+sizes (``b, h, i, j, d``; upper case accepted) and, for Triton, on the graph's schedule (programs
+that hold every head of a sample take small tiles).
+
+    validate_config("torch", {"lowering": "chunked", "CHUNK_N": 512}, sizes)
+    -> {"lowering": "chunked", "CHUNK_N": 512, "CHUNK_M": 256, "compile": False}
+"""
+from __future__ import annotations
+
+import difflib
+import numbers
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping
+
+from ..errors import UsageError
+
+__all__ = [
+    "ConfigError", "Knob", "Allowed", "OneOf", "AtLeast", "PowerOfTwo", "Constraint", "BACKENDS_WITH_KNOBS",
+    "knobs", "knob_names", "default_config", "validate_config", "check_choices", "size_of", "next_pow2",
+    "MATERIALIZE_MAX_SCORES", "CHUNK_MAX_SCORES", "DEFAULT_CHUNK_N", "DEFAULT_CHUNK_M", "MAX_COMPILED_BLOCKS",
+    "TRITON_FWD_DEFAULTS", "TRITON_FWD_DEFAULTS_HEADS_IN_TILE", "TRITON_BWD_DEFAULTS",
+    "TRITON_BWD_DEFAULTS_HEADS_IN_TILE", "TRITON_FWD_KNOBS", "TRITON_BWD_KNOBS", "HEADS_IN_TILE_SCHEDULES",
+]
+
+
+class ConfigError(UsageError, ValueError):
+    """An invalid config: names the knob, the value and what is allowed (CLI: exit code 2)."""
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def size_of(sizes: Mapping[str, int] | None, dim: str, default: int = 1) -> int:
+    """A dim's size from `layout.bind`'s lower-case sizes or the tuner's upper-case ones."""
+    sizes = sizes or {}
+    value = sizes.get(dim.lower(), sizes.get(dim.upper()))
+    return int(value) if value is not None else default
+
+
+# -- what a knob allows --------------------------------------------------------------------
+
+class Allowed:
+    kind: type = int
+
+    def admits(self, value: Any) -> bool:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def admits_type(self, value: Any) -> bool:
+        if self.kind is bool:
+            return isinstance(value, bool)
+        if self.kind is int:
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        return isinstance(value, self.kind)
+
+
+@dataclass(frozen=True)
+class OneOf(Allowed):
+    values: tuple
+
+    @property
+    def kind(self) -> type:
+        return type(self.values[0])
+
+    def admits(self, value: Any) -> bool:
+        return self.admits_type(value) and value in self.values
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(repr(v) for v in self.values)
+
+
+@dataclass(frozen=True)
+class AtLeast(Allowed):
+    lowest: int
+    meaning: str = ""
+
+    def admits(self, value: Any) -> bool:
+        return self.admits_type(value) and value >= self.lowest
+
+    def describe(self) -> str:
+        return f"an integer >= {self.lowest}" + (f" ({self.meaning})" if self.meaning else "")
+
+
+@dataclass(frozen=True)
+class PowerOfTwo(Allowed):
+    lowest: int
+    highest: int | None = None
+    why: str = ""
+
+    def admits(self, value: Any) -> bool:
+        return (self.admits_type(value) and value >= self.lowest and value & (value - 1) == 0
+                and (self.highest is None or value <= self.highest))
+
+    def describe(self) -> str:
+        top = f" and <= {self.highest}" if self.highest is not None else ""
+        return f"a power of two >= {self.lowest}{top}" + (f" ({self.why})" if self.why else "")
+
+
+# -- the declaration ---------------------------------------------------------------------------
+
+Default = Callable[[Mapping[str, int], "str | None"], Any]   # (sizes, schedule) -> value
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One knob of a backend.
+
+    ``choices``: what the tuner tries (it may cap them by size, see `tune.space`); ``allowed``:
+    what a config may say. ``default`` is a value or ``default(sizes, schedule)``. ``when =
+    ("lowering", ("chunked",))``: the knob only applies when the (earlier) knob ``lowering`` takes
+    one of those values; otherwise it is dropped from a completed config.
+    """
+
+    name: str
+    choices: tuple
+    default: Any
+    when: tuple[str, tuple] | None = None
+    doc: str = ""
+    allowed: Allowed | None = None
+
+    def __post_init__(self) -> None:
+        if not self.choices:
+            raise ValueError(f"knob {self.name!r} has no choices")
+        if not callable(self.default) and self.default not in self.choices:
+            raise ValueError(f"knob {self.name!r}: default {self.default!r} is not one of {self.choices}")
+
+    def active(self, config: Mapping[str, Any]) -> bool:
+        if self.when is None:
+            return True
+        parent, values = self.when
+        return config.get(parent) in values
+
+    def default_for(self, sizes: Mapping[str, int] | None, schedule: str | None = None) -> Any:
+        return self.default(sizes or {}, schedule) if callable(self.default) else self.default
+
+    def admits(self, value: Any) -> bool:
+        return self.allowed.admits(value) if self.allowed is not None else value in self.choices
+
+    def describe_allowed(self) -> str:
+        return self.allowed.describe() if self.allowed is not None else OneOf(self.choices).describe()
+
+    def with_choices(self, choices: tuple, default: Any) -> "Knob":
+        return replace(self, choices=tuple(choices), default=default)
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A cheap predicate on a whole config, for the tuner: ``check(config) -> bool`` (True: keep)."""
+
+    name: str
+    check: Callable[[Mapping[str, Any]], bool]
+    message: str
+
+
+# -- torch -----------------------------------------------------------------------------------
+
+MATERIALIZE_MAX_SCORES = 1 << 22   # score elements per call up to which the default is materialized
+CHUNK_MAX_SCORES = 1 << 22         # score elements per key chunk the default chunk size stays under
+DEFAULT_CHUNK_N = 256
+DEFAULT_CHUNK_M = 256              # query rows per chunk: causal / windowed specs skip the keys a chunk cannot keep
+# torch.compile unrolls the chunked lowering's loops over query and key chunks; compiling takes
+# about a second per block on a 2-core machine (softmax: 32 blocks 29 s, 512 blocks 443 s), so
+# beyond this many a config would spend its whole trial time limit compiling.
+MAX_COMPILED_BLOCKS = 128
+
+
+def _default_lowering(sizes: Mapping[str, int], schedule: str | None) -> str:
+    scores = size_of(sizes, "b") * size_of(sizes, "h") * size_of(sizes, "i") * size_of(sizes, "j", size_of(sizes, "i"))
+    return "materialized" if scores <= MATERIALIZE_MAX_SCORES else "chunked"
+
+
+def _default_chunk_m(sizes: Mapping[str, int], schedule: str | None) -> int:
+    return DEFAULT_CHUNK_M if size_of(sizes, "i") > DEFAULT_CHUNK_M else 0
+
+
+def _default_chunk_n(sizes: Mapping[str, int], schedule: str | None) -> int:
+    """The largest power of two (16..512) keeping one chunk's scores under CHUNK_MAX_SCORES."""
+    rows = size_of(sizes, "b") * size_of(sizes, "h") * (_default_chunk_m(sizes, schedule) or size_of(sizes, "i"))
+    chunk = 16
+    while chunk < 512 and rows * chunk * 2 <= CHUNK_MAX_SCORES:
+        chunk *= 2
+    return chunk
+
+
+_CHUNKED = ("lowering", ("chunked",))
+TORCH_KNOBS = (
+    Knob("lowering", ("materialized", "chunked"), _default_lowering,
+         doc="materialized scores or chunked online softmax", allowed=OneOf(("materialized", "chunked"))),
+    Knob("CHUNK_N", (32, 64, 128, 256, 512, 1024, 2048, 4096), _default_chunk_n, when=_CHUNKED,
+         doc="key chunk size", allowed=AtLeast(1, "keys per chunk")),
+    Knob("CHUNK_M", (0, 128, 512), _default_chunk_m, when=_CHUNKED,
+         doc="query rows per chunk (0: all)", allowed=AtLeast(0, "query rows per chunk; 0: all rows at once")),
+    Knob("compile", (False, True), False, doc="torch.compile", allowed=OneOf((False, True))),
+)
+
+
+def compiled_blocks_constraint(sizes: Mapping[str, int]) -> Constraint:
+    I, J = size_of(sizes, "i", 1024), size_of(sizes, "j", size_of(sizes, "i", 1024))
+
+    def blocks(c: Mapping[str, Any]) -> int:
+        return -(-I // (c.get("CHUNK_M") or I)) * -(-J // c["CHUNK_N"])
+
+    def ok(c: Mapping[str, Any]) -> bool:
+        return not (c.get("compile") and c.get("lowering") == "chunked") or blocks(c) <= MAX_COMPILED_BLOCKS
+
+    return Constraint(f"compiled chunked lowering unrolls <= {MAX_COMPILED_BLOCKS} blocks", ok,
+                      f"compile=True with CHUNK_M={{CHUNK_M}}, CHUNK_N={{CHUNK_N}} unrolls "
+                      f"ceil({I}/CHUNK_M) x ceil({J}/CHUNK_N) blocks, more than {MAX_COMPILED_BLOCKS} "
+                      "(about a second each to compile)")
+
+
+# -- triton ----------------------------------------------------------------------------------
+
+HEADS_IN_TILE_SCHEDULES = ("heads_in_tile", "two_pass")   # one program holds every head of a sample
+TRITON_FWD_DEFAULTS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+TRITON_FWD_DEFAULTS_HEADS_IN_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1}
+TRITON_BWD_DEFAULTS = {"BLOCK_M_BWD": 64, "BLOCK_N_BWD": 64, "num_warps_bwd": 8, "num_stages_bwd": 1}
+TRITON_BWD_DEFAULTS_HEADS_IN_TILE = {"BLOCK_M_BWD": 16, "BLOCK_N_BWD": 16, "num_warps_bwd": 8, "num_stages_bwd": 1}
+TRITON_FWD_KNOBS = tuple(TRITON_FWD_DEFAULTS)
+TRITON_BWD_KNOBS = tuple(TRITON_BWD_DEFAULTS)
+_TILE_DIM = {"BLOCK_M": "i", "BLOCK_N": "j", "BLOCK_M_BWD": "i", "BLOCK_N_BWD": "j"}
+
+
+def _triton_default(name: str) -> Default:
+    def default(sizes: Mapping[str, int], schedule: str | None) -> int:
+        tiled = schedule in HEADS_IN_TILE_SCHEDULES
+        table = {**(TRITON_FWD_DEFAULTS_HEADS_IN_TILE if tiled else TRITON_FWD_DEFAULTS),
+                 **(TRITON_BWD_DEFAULTS_HEADS_IN_TILE if tiled else TRITON_BWD_DEFAULTS)}
+        value = table[name]
+        dim = _TILE_DIM.get(name)
+        if dim is not None and size_of(sizes, dim, 0):
+            value = min(value, max(16, next_pow2(size_of(sizes, dim))))   # no larger than the padded sequence
+        return value
+    default.__name__ = f"default_{name}"
+    return default
+
+
+def _triton_knob(name: str, choices: tuple, allowed: Allowed, doc: str) -> Knob:
+    return Knob(name, choices, _triton_default(name), doc=doc, allowed=allowed)
+
+
+_TILE = PowerOfTwo(16, why="tl.dot needs 16; tl.arange needs a power of two")
+_WARPS = PowerOfTwo(1, 32)
+TRITON_KNOB_LIST = (
+    _triton_knob("BLOCK_M", (16, 32, 64, 128), _TILE, "query rows per program"),
+    _triton_knob("BLOCK_N", (16, 32, 64, 128), _TILE, "keys per inner-loop step"),
+    _triton_knob("num_warps", (2, 4, 8), _WARPS, "warps per program"),
+    _triton_knob("num_stages", (1, 2, 3, 4), AtLeast(1, "software pipeline stages"), "pipeline stages"),
+    _triton_knob("BLOCK_M_BWD", (16, 32, 64, 128), _TILE, "backward: query rows per program"),
+    _triton_knob("BLOCK_N_BWD", (16, 32, 64, 128), _TILE, "backward: keys per program"),
+    _triton_knob("num_warps_bwd", (2, 4, 8), _WARPS, "backward: warps per program"),
+    _triton_knob("num_stages_bwd", (1, 2, 3, 4), AtLeast(1, "software pipeline stages"), "backward: stages"),
+)
+
+
+def tile_constraints(names, sizes: Mapping[str, int]) -> list[Constraint]:
+    """Tiles no larger than the padded sequence they cover (a larger one is the same kernel)."""
+    out = []
+    for name in names:
+        dim = _TILE_DIM.get(name)
+        if dim is None:
+            continue
+        cap = max(16, next_pow2(size_of(sizes, dim, 1024)))
+        out.append(Constraint(f"{name} % 16 == 0", lambda c, n=name: c[n] % 16 == 0,
+                              f"{name}={{{name}}} is not a multiple of 16 (tl.dot needs 16)"))
+        out.append(Constraint(f"{name} <= next_pow2({dim.upper()})", lambda c, n=name, cap=cap: c[n] <= cap,
+                              f"{name}={{{name}}} is larger than the padded {dim.upper()} ({cap})"))
+    return out
+
+
+# -- lookups ---------------------------------------------------------------------------------
+
+_DECLARED = {"torch": TORCH_KNOBS, "triton": TRITON_KNOB_LIST, "reference": ()}
+BACKENDS_WITH_KNOBS = ("torch", "triton")
+
+
+def knobs(backend: str) -> tuple[Knob, ...]:
+    """The knobs a backend declares, in order (a knob's condition names an earlier knob)."""
+    if backend not in _DECLARED:
+        raise ConfigError(f"unknown backend {backend!r}; backends: {', '.join(_DECLARED)}")
+    return _DECLARED[backend]
+
+
+def knob_names(backend: str) -> tuple[str, ...]:
+    return tuple(k.name for k in knobs(backend))
+
+
+def _unknown_knob(backend: str, name: Any) -> ConfigError:
+    names = knob_names(backend)
+    if not names:
+        return ConfigError(f"the {backend} backend has no knobs; got config key {name!r} (pass no config)")
+    close = difflib.get_close_matches(str(name), names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "."
+    return ConfigError(f"{backend} config: unknown knob {name!r}{hint} The {backend} backend's knobs are "
+                       f"{', '.join(names)}")
+
+
+def _invalid_value(backend: str, knob: Knob, value: Any) -> ConfigError:
+    return ConfigError(f"{backend} config: {knob.name}={value!r} is not allowed; {knob.name} ({knob.doc}) "
+                       f"must be {knob.describe_allowed()}")
+
+
+def validate_config(backend: str, config: Mapping[str, Any] | None, sizes: Mapping[str, int] | None = None,
+                    schedule: str | None = None) -> dict:
+    """The completed config: every knob checked (name, type, value), the knobs it leaves out at
+    their defaults for these sizes and schedule, and the knobs whose condition does not hold
+    dropped. Raises `ConfigError` (a ValueError) naming the knob, the value and what is allowed."""
+    if config is None:
+        config = {}
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"{backend} config must be a dict of knob values, e.g. "
+                          f"{default_config(backend, sizes, schedule)}; got {type(config).__name__} {config!r:.80}")
+    declared = {k.name: k for k in knobs(backend)}
+    for name, value in config.items():
+        knob = declared.get(name)
+        if knob is None:
+            raise _unknown_knob(backend, name)
+        if value is not None and not knob.admits(value):   # None: the default
+            raise _invalid_value(backend, knob, value)
+    full: dict[str, Any] = {}
+    for knob in declared.values():
+        if knob.active(full):
+            value = config.get(knob.name)
+            full[knob.name] = knob.default_for(sizes, schedule) if value is None else _plain(value)
+    return full
+
+
+def _plain(value: Any) -> Any:
+    """numpy integers and the like as Python ints (configs are JSON and launch arguments)."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+
+
+def default_config(backend: str, sizes: Mapping[str, int] | None = None, schedule: str | None = None) -> dict:
+    return validate_config(backend, {}, sizes, schedule)
+
+
+def check_choices(name: str, choices, backends=BACKENDS_WITH_KNOBS) -> str | None:
+    """Why a spec's ``tune:`` entry ``name: choices`` is wrong (None: some backend takes it)."""
+    found = [k for b in backends for k in knobs(b) if k.name == name]
+    if not found:
+        every = sorted({k.name for b in backends for k in knobs(b)})
+        close = difflib.get_close_matches(str(name), every, n=1)
+        return (f"unknown knob {name!r}" + (f"; did you mean {close[0]!r}?" if close else ".")
+                + f" The knobs are {', '.join(every)}")
+    knob = found[0]
+    for value in choices:
+        if not knob.admits(value):
+            return f"{name}: {value!r} is not allowed; {name} must be {knob.describe_allowed()}"
+    return None
