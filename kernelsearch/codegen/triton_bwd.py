@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import ops
 from ..ir import Graph
 from .triton_fwd import (CodegenError, KernelPlan, TensorArg, _KernelWriter, _Value, _sanitize,
                          feature_launch_args, launcher_sizes, plan, presence_suffix)
@@ -39,9 +40,6 @@ from ..backends.knobs import TRITON_BWD_DEFAULTS as DEFAULT_BWD_CONFIG  # noqa: 
 from ..backends.knobs import TRITON_BWD_DEFAULTS_HEADS_IN_TILE as DEFAULT_BWD_CONFIG_HEADS_IN_TILE  # noqa: E402
 from ..backends.knobs import TRITON_BWD_KNOBS as BWD_CONFIG_KEYS  # noqa: E402
 
-# ops whose derivative is a rule below; everything a float gradient may flow through
-ELEMENTWISE_RULES = ("add", "sub", "mul", "div", "neg", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "gelu", "abs",
-                     "pow", "minimum", "maximum", "where", "mod", "floordiv")
 
 
 @dataclass
@@ -254,11 +252,7 @@ class _BackwardWriter(_KernelWriter):
 
     def rule(self, node_id: str, node, gv: _Value, axes: tuple, kind: str):
         """(argument, gradient contribution) pairs: the local derivative of one op."""
-        op, g = node.op, gv.expr
-        F = lambda a: _Value(a, axes, "f32")
-
-        def arg(n):
-            return self.f32v(self.value(node.args[n]), axes)
+        op = node.op
         if op == "input":
             if node_id in self.bp.atomic and kind == "dq":
                 self.store_input_grad(node_id, gv)
@@ -273,52 +267,30 @@ class _BackwardWriter(_KernelWriter):
             return self.mix_grad(node_id, node, gv, axes, kind)
         if op in ("softmax",):
             raise CodegenError("triton backward: a second softmax in the tile")
-        if op not in ELEMENTWISE_RULES:
+        if op not in ops.OPS or ops.OPS[op].grad is None:
             raise CodegenError(f"triton backward: no derivative rule for op '{op}' (node '{node_id}'); "
-                               f"ops with rules: dot, gather, mix_heads, softmax, {', '.join(ELEMENTWISE_RULES)}")
-        out = lambda: self.f32v(self.value(node_id), axes)
-        a = node.args[0]
-        b = node.args[1] if len(node.args) > 1 else None
-        if op == "add":
-            return [(a, gv), (b, gv)]
-        if op == "sub":
-            return [(a, gv), (b, F(f"-{g}"))]
-        if op == "neg":
-            return [(a, F(f"-{g}"))]
-        if op == "mul":
-            return [(a, F(f"{g} * {arg(1)}")), (b, F(f"{g} * {arg(0)}"))]
-        if op == "div":
-            return [(a, F(f"{g} / {arg(1)}")), (b, F(f"-{g} * {arg(0)} / ({arg(1)} * {arg(1)})"))]
-        if op == "exp":
-            return [(a, F(f"{g} * {out()}"))]
-        if op == "log":
-            return [(a, F(f"{g} / {arg(0)}"))]
-        if op == "sqrt":
-            return [(a, F(f"{g} * 0.5 / {out()}"))]
-        if op == "rsqrt":
-            return [(a, F(f"{g} * -0.5 * {out()} * {out()} * {out()}"))]
-        if op == "tanh":
-            return [(a, F(f"{g} * (1.0 - {out()} * {out()})"))]
-        if op == "sigmoid":
-            return [(a, F(f"{g} * {out()} * (1.0 - {out()})"))]
-        if op == "abs":
-            return [(a, F(f"tl.where({arg(0)} >= 0.0, {g}, -{g})"))]
-        if op == "gelu":       # d/dx x Phi(x) = Phi(x) + x phi(x)
-            x = arg(0)
-            return [(a, F(f"{g} * (0.5 * (1.0 + tl.erf({x} * 0.7071067811865476)) + "
-                          f"{x} * 0.3989422804014327 * tl.exp(-0.5 * {x} * {x}))"))]
-        if op == "pow":
-            return [(a, F(f"{g} * {arg(1)} * _pow({arg(0)}, {arg(1)} - 1.0)")),
-                    (b, F(f"{g} * {out()} * tl.log({arg(0)})"))]
-        if op in ("minimum", "maximum"):
-            first = f"{arg(0)} {'<=' if op == 'minimum' else '>='} {arg(1)}"
-            return [(a, F(f"tl.where({first}, {g}, 0.0)")), (b, F(f"tl.where({first}, 0.0, {g})"))]
-        if op == "where":
-            cond = self.view(self.value(node.args[0]), axes)
-            return [(node.args[1], F(f"tl.where({cond}, {g}, 0.0)")), (node.args[2], F(f"tl.where({cond}, 0.0, {g})"))]
-        if op == "mod":
-            return [(a, gv), (b, F(f"-{g} * tl.floor({arg(0)} / {arg(1)})"))]
-        return []   # floordiv: piecewise constant
+                               f"ops with rules: dot, gather, mix_heads, softmax, {', '.join(ops.differentiable())}")
+        return self.elementwise_rule(node_id, node, gv, axes)
+
+    def elementwise_rule(self, node_id: str, node, gv: _Value, axes: tuple):
+        """The op's derivative templates (ops.py) filled in: only the values a template names are computed."""
+        def field(name: str) -> str:
+            if name == "g":
+                return gv.expr
+            if name == "out":
+                return self.f32v(self.value(node_id), axes)
+            value = self.value(node.args[int(name[1:])])
+            return self.f32v(value, axes) if name[0] == "x" else self.view(value, axes)
+        contributions = []
+        for arg, template in zip(node.args, ops.gradient_terms(node.op)):
+            if template is None:
+                continue      # no gradient to this argument (a predicate, or a derivative that is 0)
+            if template == "{g}":
+                contributions.append((arg, gv))
+                continue
+            filled = {name: field(name) for name in ops.template_fields(template)}
+            contributions.append((arg, _Value(template.format(**filled), axes, "f32")))
+        return contributions
 
     def dot_grad(self, node_id, node, gv: _Value, kind: str):
         a_id, b_id = node.args
