@@ -15,17 +15,12 @@ torch.compile(fullgraph=True): no data-dependent Python control flow, no host sy
 """
 from __future__ import annotations
 
-from ..ir import BINARY_OPS, Graph
+from .. import ops
+from ..ir import Graph
 from ..layout import layout_of, raw_inputs
 from ..passes.bounds import render_bound
 from . import names
 
-_OPERATOR = dict(BINARY_OPS)
-_FUNCTION = {"exp": "torch.exp", "log": "torch.log", "sqrt": "torch.sqrt", "rsqrt": "torch.rsqrt",
-             "abs": "torch.abs", "sigmoid": "torch.sigmoid", "tanh": "torch.tanh", "gelu": "torch.nn.functional.gelu",
-             "minimum": "torch.minimum", "maximum": "torch.maximum", "where": "torch.where"}
-_SCALAR_FUNCTION = {"exp": "math.exp", "log": "math.log", "sqrt": "math.sqrt", "abs": "abs",
-                    "minimum": "min", "maximum": "max"}
 LOOP_STAGES = ("score", "keep")
 LOWERINGS = ("materialized", "chunked")
 
@@ -57,26 +52,14 @@ class _Emitter:
         graph, node = self.graph, self.graph.node(node_id)
         op = node.op
         args = [name(a) for a in node.args]
-        scalar = all(not graph.node(a).dims for a in node.args)
         if op == "const":
             return repr(node.attrs["value"])
         if op == "index":
             dim = node.attrs["dim"]
             return f"ops.index({names.size(dim)}, {self.axis[dim]}, {len(self.layout)}, {LEAD}.device)"
-        if op == "floordiv" and not scalar:
-            return f"ops.floordiv({args[0]}, {args[1]})"
-        if op in ("and", "or") and scalar:
-            return f"({args[0]} {op} {args[1]})"
-        if op in _OPERATOR:
-            return f"({args[0]} {_OPERATOR[op]} {args[1]})"
-        if op == "neg":
-            return f"(-{args[0]})"
-        if op == "not":
-            return f"(not {args[0]})" if scalar else f"(~{args[0]})"
-        if op in _FUNCTION:
-            if scalar and op in _SCALAR_FUNCTION:
-                return f"{_SCALAR_FUNCTION[op]}({', '.join(args)})"
-            return f"{_FUNCTION[op]}({', '.join(args)})"
+        if ops.is_elementwise(op):   # the op's torch rendering (ops.py); Python's on host scalars
+            scalar = all(not graph.node(a).dims for a in node.args)
+            return ops.render(op, "python" if scalar else "torch", args, node.dtype)
         if op == "gather":
             return f"ops.gather_unchecked({args[0]}, [{', '.join(args[1:])}])"
         if op == "dot":
@@ -311,11 +294,6 @@ def scalar_expression(graph: Graph, node_id: str, row: str) -> str:
         return names.size(node.attrs["dim"])
     if node.op == "const":
         return repr(node.attrs["value"])
-    args = [scalar_expression(graph, a, row) for a in node.args]
-    if node.op in _OPERATOR:
-        return f"({args[0]} {_OPERATOR[node.op]} {args[1]})"
-    if node.op == "neg":
-        return f"(-{args[0]})"
-    if node.op in ("abs", "minimum", "maximum"):
-        return f"{_SCALAR_FUNCTION[node.op]}({', '.join(args)})"
-    raise NotImplementedError(f"bound expression with op '{node.op}'")
+    if not ops.is_elementwise(node.op):
+        raise NotImplementedError(f"bound expression with op '{node.op}'")
+    return ops.render(node.op, "python", [scalar_expression(graph, a, row) for a in node.args], node.dtype)
