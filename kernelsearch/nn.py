@@ -43,7 +43,7 @@ from torch import nn
 
 from .errors import UsageError
 
-__all__ = ["Attention", "LearnedInput", "learned_inputs"]
+__all__ = ["Attention", "LearnedInput", "has_grouped_kv_heads", "learned_inputs", "shared_attention"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,12 @@ def _roles(spec) -> dict[str, str]:
     """Dim names of the call: batch, heads, queries, keys, KV heads and the feature dim."""
     q, k = spec.inputs["q"].shape, spec.inputs["k"].shape
     return {"batch": q[0], "heads": q[1], "query": q[2], "key": k[2], "kv_heads": k[1], "feature": q[-1]}
+
+
+def has_grouped_kv_heads(spec) -> bool:
+    """True when the spec's k and v have a head dim of their own (KV heads shared by groups of q heads)."""
+    roles = _roles(spec)
+    return roles["kv_heads"] != roles["heads"]
 
 
 def _init_rule(users: list) -> str:
@@ -132,7 +138,7 @@ def _initial_value(item: LearnedInput, override: Any) -> torch.Tensor:
 _SHARED: dict = {}
 
 
-def _shared_attention(spec, backend: str, config: dict | None, params: dict):
+def shared_attention(spec, backend: str, config: dict | None, params: dict):
     """One kernelsearch.load per (spec, backend, config, params): layers share their compiled code."""
     import kernelsearch
     from .spec import Spec, load_spec
@@ -163,7 +169,7 @@ class Attention(nn.Module):
             dim_head = dim // heads
         if projections and dim is None:
             raise UsageError("kernelsearch.nn.Attention with projections needs dim (the model's width)")
-        self.attention = _shared_attention(spec, backend, config, params)
+        self.attention = shared_attention(spec, backend, config, params)
         self.spec = self.attention.spec
         self.heads, self.dim_head = heads, dim_head
         self.kv_heads = self._check_kv_heads(heads if kv_heads is None else kv_heads)
@@ -182,10 +188,9 @@ class Attention(nn.Module):
             self.to_out = nn.Linear(heads * dim_head, dim, bias=bias)
 
     def _check_kv_heads(self, kv_heads: int) -> int:
-        roles = _roles(self.spec)
         if kv_heads == self.heads:
             return kv_heads
-        if roles["kv_heads"] == roles["heads"]:
+        if not has_grouped_kv_heads(self.spec):
             raise UsageError(
                 f"{self.spec.name} has no grouped KV heads: its k and v have q's heads "
                 f"([{', '.join(self.spec.inputs['k'].shape)}]), so kv_heads must equal heads ({self.heads}), "

@@ -1,0 +1,1 @@
+"""Bridges to other libraries: ``integrations.transformers`` (Hugging Face models)."""
