@@ -29,7 +29,7 @@ spec until the language has grouped heads) refuses ``kv_heads != heads``.
 
 The attention itself is ``kernelsearch.load(spec, backend=, config=, **params)``: the same
 config look-up (``config=`` or the tuned records), shared by every module with the same
-spec, backend, config and params. It runs under ``torch.compile(fullgraph=True)`` (torch and
+spec, backend, config and params (``spec`` may also be what ``kernelsearch.load`` returned). It runs under ``torch.compile(fullgraph=True)`` (torch and
 triton backends).
 """
 from __future__ import annotations
@@ -169,7 +169,7 @@ class Attention(nn.Module):
             dim_head = dim // heads
         if projections and dim is None:
             raise UsageError("kernelsearch.nn.Attention with projections needs dim (the model's width)")
-        self.attention = shared_attention(spec, backend, config, params)
+        self.attention = self._attention(spec, backend, config, params)
         self.spec = self.attention.spec
         self.heads, self.dim_head = heads, dim_head
         self.kv_heads = self._check_kv_heads(heads if kv_heads is None else kv_heads)
@@ -186,6 +186,17 @@ class Attention(nn.Module):
             self.to_k = nn.Linear(dim, self.kv_heads * dim_head, bias=bias)
             self.to_v = nn.Linear(dim, self.kv_heads * dim_head, bias=bias)
             self.to_out = nn.Linear(heads * dim_head, dim, bias=bias)
+
+    @staticmethod
+    def _attention(spec, backend, config, params):
+        """`spec` may be what kernelsearch.load returned (a model that shares one attention between layers)."""
+        from .api import Attention as Loaded
+        if not isinstance(spec, Loaded):
+            return shared_attention(spec, backend, config, params)
+        if backend != "auto" or config is not None or params:
+            raise UsageError("kernelsearch.nn.Attention: backend=, config= and params go to kernelsearch.load; "
+                             "give them there or give a spec path here, not both")
+        return spec
 
     def _check_kv_heads(self, kv_heads: int) -> int:
         if kv_heads == self.heads:

@@ -104,6 +104,14 @@ def test_the_attention_is_kernelsearch_load_shared_between_layers():
     assert other.attention is not layers[0].attention
 
 
+def test_a_loaded_attention_is_used_as_it_is():
+    loaded = kernelsearch.load(spec_path("talking_heads"), backend="reference", causal=True)
+    module = Attention(loaded, heads=2, dim=32)
+    assert module.attention is loaded and list(module.learned.keys()) == ["pre_mix", "post_mix"]
+    with pytest.raises(UsageError, match="not both"):
+        Attention(loaded, heads=2, dim=32, causal=False)
+
+
 def test_clear_refusals():
     with pytest.raises(UsageError, match=r"softmax has no grouped KV heads.*kv_heads must equal heads \(4\), not 2"):
         Attention(spec_path("softmax"), heads=4, kv_heads=2, dim=32)
