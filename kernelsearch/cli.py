@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import math
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from .errors import KernelsearchError
+from .errors import KernelsearchError, UsageError
+from .text import printable
 
 # subcommands that live beside the parts they drive: module -> its register(subparsers)
 _REGISTERED = ("kernelsearch.codegen.show_cli", "kernelsearch.codegen.aot_cli", "kernelsearch.tune.cli", "kernelsearch.models.cli")
@@ -30,11 +34,13 @@ def _cmd_check(args) -> int:
     for path in args.specs:
         spec = check_spec(path)
         graph = compile_graph(spec, _parse_overrides(args.param, spec))
-        print(f"{spec.path}: ok - {spec.name}: {spec.summary}")
+        # spec text (summary, string values, the path) is shown escaped: it cannot drive the terminal
+        print(f"{printable(spec.path)}: ok - {spec.name}: {printable(spec.summary)}")
         for name, param in spec.params.items():
             value = graph.params[name]
-            shown = value if not hasattr(value, "lineno") else __import__("ast").unparse(value)
-            print(f"  param  {name:<22} {param.type:<5} = {shown}")
+            shown = repr(value) if isinstance(value, str) else \
+                value if not hasattr(value, "lineno") else __import__("ast").unparse(value)
+            print(f"  param  {name:<22} {param.type:<5} = {printable(shown)}")
         for name, decl in spec.inputs.items():
             optional = "  (optional)" if decl.optional else ""
             print(f"  input  {name:<22} {decl.dtype:<5} [{', '.join(decl.shape)}]{optional}")
@@ -56,15 +62,73 @@ def _cmd_check(args) -> int:
     return 0
 
 
-def _parse_overrides(pairs, spec) -> dict:
-    import yaml
+def _parse_overrides(pairs, spec=None, flag: str = "--param") -> dict:
+    """NAME=VALUE pairs of every subcommand's --param, values read by `parse_value`."""
     overrides = {}
     for pair in pairs or ():
         if "=" not in pair:
-            raise KernelsearchError(f"--param takes NAME=VALUE, got {pair!r}")
+            raise UsageError(f"{flag} takes NAME=VALUE, got {printable(repr(pair))}")
         name, value = pair.split("=", 1)
-        overrides[name] = yaml.safe_load(value)
+        overrides[name.strip()] = parse_value(value)
     return overrides
+
+
+def parse_value(text: str):
+    """A command-line value: a JSON or YAML scalar or list (1e-3, .5, true, [1, 2]), else the text itself.
+
+    A value neither reads (`[1`) stays a string: the param it is given to then says what it takes.
+    """
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    import yaml
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if value is None or isinstance(value, (bool, int, float, str, list)) else text
+
+
+# ---------------------------------------------------------------------------- argparse types
+# `type=positive_int("--trials")`: a bad value raises UsageError naming the flag, the value and what
+# it takes (argparse lets it through; `main` prints it as one line, exit code 2)
+
+def positive_int(flag: str):
+    return _number_type(flag, int, lambda v: v > 0, "a positive integer")
+
+
+def non_negative_int(flag: str):
+    return _number_type(flag, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(flag: str):
+    return _number_type(flag, float, lambda v: v > 0, "a positive number")
+
+
+def non_negative_float(flag: str):
+    return _number_type(flag, float, lambda v: v >= 0, "a number >= 0")
+
+
+def _number_type(flag: str, kind: type, ok, what: str):
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or (kind is float and not math.isfinite(value)) or not ok(value):
+            raise UsageError(f"{flag} {printable(text)}: expected {what}")
+        return value
+    convert.__name__ = what.replace(" ", "_")   # argparse names the type in some messages
+    return convert
+
+
+def _make_directory(directory: Path, flag: str) -> None:
+    """Create an output directory when missing (as mkdir -p would); exit 2 naming it when that fails."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot create the directory {printable(directory)} ({e.strerror or e})") from None
 
 
 def _cmd_graph(args) -> int:
@@ -73,7 +137,11 @@ def _cmd_graph(args) -> int:
     spec = load_spec(args.spec)
     graph = compile_graph(spec, _parse_overrides(args.param, spec))
     out = Path(args.output or f"{spec.name}.dot")
-    out.write_text(graph.to_dot() + "\n")
+    _make_directory(out.parent, "-o")
+    try:
+        out.write_text(graph.to_dot() + "\n")
+    except OSError as e:
+        raise UsageError(f"-o {printable(out)}: cannot write it ({e.strerror or e})") from None
     print(f"wrote {out}")
     if shutil.which("dot"):
         for fmt in ("svg", "png"):
@@ -86,8 +154,10 @@ def _cmd_graph(args) -> int:
 
 def _cmd_compile(args) -> int:
     from .codegen.module import write_generated
+    out_dir = Path(args.output_dir)
+    _make_directory(out_dir, "--output-dir")
     for path in args.specs:
-        written = write_generated(path, Path(args.output_dir))
+        written = write_generated(path, out_dir)
         print(f"wrote {written}")
     return 0
 
@@ -125,18 +195,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
     try:
-        return int(args.func(args) or 0)
+        args = parser.parse_args(argv)   # inside: argument types raise UsageError
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()   # a closed pipe shows here, not at interpreter exit
+        return code
     except KernelsearchError as e:
-        print(str(e), file=sys.stderr)
+        print(printable(str(e), keep_newlines=True), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `kernelsearch check specs/*.yaml | head -1`: the reader left; stop quietly, as cat does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141   # 128 + SIGPIPE, what a shell reports for a writer killed by the signal
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ import argparse
 import itertools
 import sys
 
+from ..cli import _parse_overrides, parse_value, positive_int
 from ..errors import KernelsearchError
+from ..text import printable
 
 KNOBS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 BWD_KNOBS = {"BLOCK_M_BWD": "BLOCK_M", "BLOCK_N_BWD": "BLOCK_N", "num_warps_bwd": "num_warps",
@@ -63,15 +65,11 @@ def run_aot(args) -> int:
     failed = False
     for path in args.specs:
         spec = load_spec(path)
-        params = {}
-        for pair in args.param or ():
-            if "=" not in pair:
-                raise KernelsearchError(f"--param takes NAME=VALUE, got {pair!r}")
-            import yaml
-            name, value = pair.split("=", 1)
-            params[name] = yaml.safe_load(value)
+        params = _parse_overrides(args.param)
+        from ..compiler import resolve_params
+        resolve_params(spec, params)   # a bad --param is the user's (exit 2), not a compile error per config
         if args.config:
-            configs = [dict(_parse_config(args.config))]
+            configs = [_parse_config(args.config)]
         elif args.all_configs:
             configs = tune_configs(spec)
         else:
@@ -121,13 +119,18 @@ def _print_row(config, result, errors, is_resource_error) -> bool:
 
 
 def _parse_config(text: str):
+    """--config K=V,...: the triton backend's knobs, checked by their declaration (backends/knobs.py)."""
+    from ..backends.knobs import validate_config
+    config = {}
     for part in text.split(","):
         if "=" not in part:
-            raise KernelsearchError(f"--config takes BLOCK_M=64,BLOCK_N=64,num_warps=4,num_stages=2; got {text!r}")
+            raise KernelsearchError(f"--config takes BLOCK_M=64,BLOCK_N=64,num_warps=4,num_stages=2; "
+                                    f"got {printable(repr(text))}")
         key, value = part.split("=", 1)
-        if key.strip() not in KNOBS + tuple(BWD_KNOBS):
-            raise KernelsearchError(f"unknown knob {key.strip()!r}; knobs: {', '.join(KNOBS + tuple(BWD_KNOBS))}")
-        yield key.strip(), int(value)
+        config[key.strip()] = parse_value(value.strip())
+    full = validate_config("triton", config)   # ConfigError (exit 2) naming the knob, the value and what is allowed
+    # knobs left out take their defaults; *_BWD knobs left out follow the forward's (see --backward)
+    return {k: full[k] for k in KNOBS} | {k: full[k] for k in config if k in BWD_KNOBS}
 
 
 def register(subparsers) -> None:
@@ -148,9 +151,9 @@ def register(subparsers) -> None:
     p.add_argument("--backward", action="store_true",
                    help="also the training kernels (forward saving lse, dq, dkdv), *_BWD knobs = forward knobs")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--head-dim", type=int, default=64, help="D the kernel is specialised for (default 64)")
-    p.add_argument("--heads", type=int, default=8, help="H (matters for heads-in-tile kernels; default 8)")
-    p.add_argument("--jobs", "-j", type=int, default=1, help="compile configs in parallel processes")
+    p.add_argument("--head-dim", type=positive_int("--head-dim"), default=64, help="D the kernel is specialised for (default 64)")
+    p.add_argument("--heads", type=positive_int("--heads"), default=8, help="H (matters for heads-in-tile kernels; default 8)")
+    p.add_argument("--jobs", "-j", type=positive_int("--jobs"), default=1, help="compile configs in parallel processes")
     p.set_defaults(func=run_aot)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..cli import non_negative_int, positive_float, positive_int
 from ..errors import UsageError
 
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -34,13 +35,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("spec", metavar="SPEC", help="attention spec (YAML), e.g. specs/local.yaml")
     p.add_argument("--model", metavar="FAMILY|MODEL.yaml",
                    help="mesh_tf, cosine_sim, memory_efficient, local, talking_heads, or a model spec file")
-    p.add_argument("--steps", type=int, help="training steps (default: the model spec's)")
+    p.add_argument("--steps", type=non_negative_int("--steps"), help="training steps (default: the model spec's)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="attention backend (default: auto = triton on a GPU, torch on a CPU)")
-    p.add_argument("--batch-size", type=int, help="sequences per step")
-    p.add_argument("--seq-len", type=int, help="bytes per sequence")
-    p.add_argument("--lr", type=float, help="Adam learning rate")
-    p.add_argument("--sample-len", type=int, help="bytes to sample after training")
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), help="sequences per step")
+    p.add_argument("--seq-len", type=positive_int("--seq-len"), help="bytes per sequence")
+    p.add_argument("--lr", type=positive_float("--lr"), help="Adam learning rate")
+    p.add_argument("--sample-len", type=non_negative_int("--sample-len"), help="bytes to sample after training")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, batches and sampling (default 0)")
     p.add_argument("--json", action="store_true",
@@ -54,22 +55,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _positive(name: str, value, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise UsageError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, not {value}")
-
-
 def run(args) -> int:
     from .config import resolve_model
     from . import train as _train
 
-    _positive("--steps", args.steps, allow_zero=True)
-    _positive("--batch-size", args.batch_size)
-    _positive("--seq-len", args.seq_len)
-    _positive("--lr", args.lr)
-    _positive("--sample-len", args.sample_len, allow_zero=True)
     cfg = resolve_model(args.model, args.spec)
     t = cfg.train
     for flag, attr in (("steps", "steps"), ("batch_size", "batch_size"), ("seq_len", "seq_len"),

@@ -10,9 +10,14 @@ import argparse
 import json
 import sys
 
+from ..cli import _parse_overrides, non_negative_float, non_negative_int, parse_value, positive_float, positive_int
 from ..errors import UsageError
+from ..text import printable
 
 __all__ = ["register", "run_tune", "run_report", "parse_shape"]
+
+# far beyond any device's memory, and below what makes torch's storage size overflow
+MAX_TENSOR_ELEMENTS = 1 << 40
 
 _EPILOG = """\
 The study is stored (default: SQLite at $KERNELSEARCH_HOME/tune.db, KERNELSEARCH_HOME defaulting
@@ -37,37 +42,25 @@ def parse_shape(text: str) -> dict:
         raise UsageError(f"--shape {text}: expected integers, e.g. 1,4,512,512,64") from None
     if any(v <= 0 for v in vals):
         raise UsageError(f"--shape {text}: sizes must be positive")
+    B, H, I, J, D = vals
+    largest = max(B * H * I * D, B * H * J * D, B * H * I * J)   # q, k/v, the scores the check materialises
+    if largest > MAX_TENSOR_ELEMENTS:
+        raise UsageError(f"--shape {text}: the shape is too large ({largest:.3g} elements in one tensor; "
+                         f"at most 2**40)")
     return dict(zip("BHIJD", vals))
 
 
 def _params(items: list[str] | None) -> dict:
-    out = {}
-    for it in items or []:
-        if "=" not in it:
-            raise UsageError(f"--param {it}: expected NAME=VALUE")
-        k, v = it.split("=", 1)
-        try:
-            val = json.loads(v)
-        except ValueError:
-            val = {"True": True, "False": False}.get(v, v)
-        out[k.strip()] = val
-    return out
+    return _parse_overrides(items)
 
 
 def _only(items: list[str] | None) -> dict:
     out: dict = {}
     for it in items or []:
         if "=" not in it:
-            raise UsageError(f"--only {it}: expected KNOB=V1,V2")
+            raise UsageError(f"--only {printable(it)}: expected KNOB=V1,V2")
         k, v = it.split("=", 1)
-        vals = []
-        for x in v.split(","):
-            x = x.strip()
-            try:
-                vals.append(json.loads(x))
-            except ValueError:
-                vals.append({"True": True, "False": False}.get(x, x))
-        out[k.strip()] = vals
+        out[k.strip()] = [parse_value(x.strip()) for x in v.split(",")]
     return out
 
 
@@ -91,27 +84,27 @@ def register(subparsers) -> None:
     p.add_argument("--direction", default="fwd", choices=["fwd", "fwd+bwd"],
                    help="tune the forward kernel, or forward and backward together (training)")
     p.add_argument("--sampler", default="tpe", choices=list(SAMPLERS), help="search strategy (default tpe)")
-    p.add_argument("--trials", type=int, default=None,
+    p.add_argument("--trials", type=positive_int("--trials"), default=None,
                    help=f"evaluated configs the study should hold in total (default cpu {cpu['trials']}, "
                         f"cuda {cuda['trials']}; grid: the whole space)")
-    p.add_argument("--timeout", type=float, default=None,
+    p.add_argument("--timeout", type=non_negative_float("--timeout"), default=None,
                    help=f"seconds for this run; in-flight trials finish (default cpu {cpu['timeout']:g} s when "
                         "--trials is not given, else none; 0 = none)")
-    p.add_argument("--trial-timeout", type=float, default=None,
+    p.add_argument("--trial-timeout", type=positive_float("--trial-timeout"), default=None,
                    help=f"time limit per trial, enforced in its child process (default cpu {cpu['trial_timeout']:g} s, "
                         f"cuda {cuda['trial_timeout']:g} s)")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=positive_int("--workers"), default=1,
                    help="worker threads in this process, each with its own trial process (one per GPU on CUDA; "
                         "on the CPU they build and check side by side but time one at a time)")
     p.add_argument("--storage", default=None,
                    help="FILE.db | sqlite:///FILE | FILE.journal | journal:FILE | postgresql://USER@HOST/DB")
-    p.add_argument("--seed", type=int, default=None, help="sampler seed")
+    p.add_argument("--seed", type=non_negative_int("--seed"), default=None, help="sampler seed")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="override a spec param (repeatable)")
     p.add_argument("--only", action="append", metavar="KNOB=V1,V2",
                    help="restrict a knob to some of its choices, e.g. --only compile=False (repeatable)")
     p.add_argument("--optional-inputs", action="store_true",
                    help="time with the spec's optional inputs (mask, bias...) given; they are always checked")
-    p.add_argument("--top", type=int, default=5, help="configs to re-time and show at the end (default 5)")
+    p.add_argument("--top", type=positive_int("--top"), default=5, help="configs to re-time and show at the end (default 5)")
     p.add_argument("--no-record", action="store_true", help="do not record the winner for kernelsearch.load")
     p.add_argument("--no-warm-start", action="store_true", help="do not enqueue neighbouring shapes' winners")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -133,12 +126,7 @@ def register(subparsers) -> None:
 def run_tune(args) -> int:
     from .study import TuneOptions, tune
 
-    if args.trials is not None and args.trials <= 0:
-        raise UsageError(f"--trials {args.trials}: must be at least 1")
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers {args.workers}: must be at least 1")
-    if args.top is not None and args.top < 1:
-        raise UsageError(f"--top {args.top}: must be at least 1")
+    _check_home(args.storage, record=not args.no_record)
     fake = None
     if args.target == "fake":
         try:
@@ -163,8 +151,30 @@ def run_tune(args) -> int:
     return 0 if res.winner is not None else 1
 
 
+def _check_home(storage: str | None, record: bool) -> None:
+    """The tuner writes under KERNELSEARCH_HOME (the default storage, the records): one that cannot
+    be a directory is the user's to fix, said before anything runs."""
+    if storage is not None and not record:
+        return
+    import os
+    from .storage import home
+    path = home()
+    source = "KERNELSEARCH_HOME" if os.environ.get("KERNELSEARCH_HOME") else "the default KERNELSEARCH_HOME"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path, os.W_OK | os.X_OK)
+    except OSError as e:
+        raise UsageError(f"{source} = {printable(path)}: cannot create the directory ({e.strerror or e}); "
+                         "set KERNELSEARCH_HOME to a writable directory") from None
+    if not writable:
+        raise UsageError(f"{source} = {printable(path)} is not writable; set KERNELSEARCH_HOME to a writable "
+                         "directory")
+
+
 def run_report(args) -> int:
     from .report import write_report
+
+    _check_home(args.storage, record=False)
 
     fake = None
     if args.fake is not None:
