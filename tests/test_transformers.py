@@ -90,7 +90,7 @@ def test_a_variant_spec_end_to_end():
         torch.testing.assert_close(out.logits.detach()[kept], reference(ids, attention_mask=mask).logits[kept],
                                    atol=1e-5, rtol=1e-5)
         assert not torch.allclose(out.logits.detach(), softmax(ids, attention_mask=mask).logits, atol=1e-3)
-    assert ours.generate(ids[:1], max_new_tokens=3, do_sample=False).shape == (1, ids.shape[1] + 3)
+    assert ours.generate(ids[:1], min_new_tokens=3, max_new_tokens=3).shape == (1, ids.shape[1] + 3)
 
 
 def test_refusals():
