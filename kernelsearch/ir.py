@@ -16,15 +16,8 @@ import networkx as nx
 
 from .errors import SourceLocation
 
-# ops and what they are (see exprs.OPS for the user-facing call signatures)
+# the graph's own nodes (leaves and plumbing); every op is declared in ops.py (the op registry)
 LEAF_OPS = ("input", "param", "const", "index", "size", "absent")
-BINARY_OPS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "mod": "%", "pow": "**",
-              "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "and": "&", "or": "|"}
-COMPARE_OPS = ("lt", "le", "gt", "ge", "eq", "ne")
-LOGIC_OPS = ("and", "or", "not")
-UNARY_OPS = ("neg", "not", "exp", "log", "sqrt", "rsqrt", "abs", "sigmoid", "tanh", "gelu")
-ELEMENTWISE_OPS = tuple(BINARY_OPS) + UNARY_OPS + ("minimum", "maximum", "where")
-ROW_TRANSFORM_OPS = ("l2norm", "rmsnorm", "rotary", "xpos")  # act along the feature dim, per row
 STAGES = ("constant", "q_prologue", "k_prologue", "score", "keep", "softmax", "post_softmax", "epilogue")
 
 

@@ -317,11 +317,13 @@ def evaluate(name: str, args: list, dtype: str):
     return entry.scalar(*args)
 
 
-def render(name: str, form: str, args: list[str], dtype: str, constants=None, shape=None) -> str:
+def render(name: str, form: str, args: list[str], dtype: str, constants=None, shape=None,
+           nested: bool = False) -> str:
     """Source text of elementwise op `name` over argument texts, in `form` torch | python | triton.
 
     dtype: the node's dtype (integer forms differ for some ops); constants: each argument's
-    folded value or None; shape: the result's Triton block shape (None for a scalar)."""
+    folded value or None; shape: the result's Triton block shape (None for a scalar); nested:
+    the text goes inside another expression (operator forms get parentheses)."""
     entry = OPS[name]
     if entry.integer_identity and dtype == "int":
         return args[0]
@@ -331,8 +333,23 @@ def render(name: str, form: str, args: list[str], dtype: str, constants=None, sh
     if template is None:
         raise KeyError(f"op '{name}' has no {form} rendering")
     if callable(template):
-        return template(args, constants or [None] * len(args), shape)
-    return template.format(*args)
+        text = template(args, constants or [None] * len(args), shape)
+    else:
+        text = template.format(*args)
+    return f"({text})" if nested and not _is_closed(text) else text
+
+
+def _is_closed(text: str) -> bool:
+    """`f(...)` or `(...)` as a whole: safe inside any expression without parentheses."""
+    head = text.split("(", 1)[0]
+    if not text.endswith(")") or not all(part.isidentifier() for part in head.split(".") if head):
+        return False
+    depth = 0
+    for position, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0 and "(" in text[: position + 1]:
+            return position == len(text) - 1
+    return False
 
 
 def triton_operand_mode(name: str, position: int) -> str:
@@ -418,7 +435,7 @@ def triton_helpers(names=None) -> str:
             if needed not in wanted:
                 wanted.add(needed)
                 pending.append(needed)
-    return "\n".join(source for name, (source, _) in TRITON_HELPERS.items() if name in wanted)
+    return "\n\n".join(source.strip("\n") + "\n" for name, (source, _) in TRITON_HELPERS.items() if name in wanted)
 
 
 def helpers_of(op_names) -> set[str]:

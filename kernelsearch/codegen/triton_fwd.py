@@ -50,7 +50,8 @@ import keyword
 import re
 from dataclasses import dataclass, field
 
-from ..ir import BINARY_OPS, Graph
+from .. import ops
+from ..ir import Graph
 from ..layout import raw_inputs
 from ..passes.bounds import render_bound
 
@@ -61,12 +62,6 @@ INDEX_DIMS = ("b", "h", "i", "j")
 MIN_DOT_BLOCK = 16   # tl.dot needs every dim >= 16 on a GPU
 PREPASS_BLOCK_N = 64
 
-_TL_UNARY = {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "rsqrt": "tl.rsqrt", "abs": "tl.abs",
-             "sigmoid": "tl.sigmoid", "tanh": "_tanh", "gelu": "_gelu"}
-_PY_UNARY = {"neg": "-{}", "not": "(not {})", "exp": "math.exp({})", "log": "math.log({})",
-             "sqrt": "math.sqrt({})", "rsqrt": "({} ** -0.5)", "abs": "abs({})", "tanh": "math.tanh({})",
-             "sigmoid": "(1.0 / (1.0 + math.exp(-{})))", "gelu": "(0.5 * {0} * (1.0 + math.erf({0} / math.sqrt(2.0))))"}
-_PY_BINARY = {"and": "and", "or": "or"}
 
 # names the skeleton uses; graph values never take them
 _INTERNAL = {
@@ -356,17 +351,9 @@ def _python_expression(graph: Graph, node_id: str, names: _Names) -> str:
             return repr(n.attrs["value"])
         return names.of(a)
     args = [arg(a) for a in node.args]
-    op = node.op
-    if op in BINARY_OPS:
-        symbol = _PY_BINARY.get(op, BINARY_OPS[op])
-        return f"({args[0]} {symbol} {args[1]})"
-    if op in _PY_UNARY:
-        return _PY_UNARY[op].format(args[0])
-    if op in ("minimum", "maximum"):
-        return f"{'min' if op == 'minimum' else 'max'}({args[0]}, {args[1]})"
-    if op == "where":
-        return f"({args[1]} if {args[0]} else {args[2]})"
-    raise CodegenError(f"triton codegen: cannot evaluate constant node '{node_id}' ({op}) on the host")
+    if not ops.is_elementwise(node.op):
+        raise CodegenError(f"triton codegen: cannot evaluate constant node '{node_id}' ({node.op}) on the host")
+    return ops.render(node.op, "python", args, node.dtype)
 
 
 # ---------------------------------------------------------------------------------------- kernel
@@ -511,56 +498,25 @@ class _KernelWriter:
             return self.row_transform(node_id, axes, variant, name)
         if op == "mix_heads":
             return self.mix_heads(node_id, axes, variant)
-        args = [self.value(a, variant) for a in node.args]
+        if not ops.is_elementwise(op):
+            raise CodegenError(f"triton codegen ({self.g.schedule}): no rule for op '{op}' (node '{node_id}')")
+        return self.elementwise(node, axes, variant)
+
+    def elementwise(self, node, axes, variant):
+        """(expression, kind) of an elementwise op: its Triton rendering in the op registry (ops.py),
+        each argument cast to fp32 or left as it is, as the op asks."""
         is_float = node.dtype == "float"
 
-        def operand(v):
-            return self.f32v(v, axes) if is_float else self.view(v, axes)
-        if op in ("add", "sub", "mul", "div"):
-            a, b = (operand(v) for v in args)
-            return f"{a} {BINARY_OPS[op]} {b}", "f32" if is_float or op == "div" else "int"
-        if op in ("lt", "le", "gt", "ge", "eq", "ne"):
-            a, b = (self.f32v(v, axes) for v in args)
-            return f"{a} {BINARY_OPS[op]} {b}", "bool"
-        if op in ("and", "or"):
-            a, b = (self.view(v, axes) for v in args)
-            return f"{a} {BINARY_OPS[op]} {b}", "bool"
-        if op == "not":
-            return f"~{self.view(args[0], axes)}", "bool"
-        if op == "neg":
-            return f"-{operand(args[0])}", "f32" if is_float else "int"
-        if op in ("floordiv", "mod"):
-            a, b = (operand(v) for v in args)
-            if is_float:
-                if op == "floordiv":
-                    return f"tl.floor({a} / {b})", "f32"
-                return f"{a} - tl.floor({a} / {b}) * {b}", "f32"
-            return f"{'_floordiv' if op == 'floordiv' else '_floormod'}({a}, {b})", "int"
-        if op == "pow":
-            a, b = args
-            exponent = g.node(node.args[1])
-            if exponent.op == "const" and float(exponent.attrs["value"]).is_integer() \
-                    and abs(exponent.attrs["value"]) <= 4:
-                n = int(exponent.attrs["value"])
-                base = self.f32v(a, axes)
-                if n == 0:
-                    return f"tl.full({self.shape(axes)}, 1.0, tl.float32)" if axes else "1.0", "f32"
-                product = " * ".join([base] * abs(n))
-                return (f"1.0 / ({product})" if n < 0 else product), "f32"
-            return f"_pow({self.f32v(a, axes)}, {self.f32v(b, axes)})", "f32"
-        if op in _TL_UNARY:
-            if op == "abs" and not is_float:
-                return f"tl.abs({self.view(args[0], axes)})", "int"
-            return f"{_TL_UNARY[op]}({self.f32v(args[0], axes)})", "f32"
-        if op in ("minimum", "maximum"):
-            a, b = (operand(v) for v in args)
-            return f"tl.{op}({a}, {b})", "f32" if is_float else "int"
-        if op == "where":
-            c = self.view(args[0], axes)
-            a, b = (operand(v) for v in args[1:])
-            kind = "f32" if is_float else ("bool" if node.dtype == "bool" else "int")
-            return f"tl.where({c}, {a}, {b})", kind
-        raise CodegenError(f"triton codegen ({self.g.schedule}): no rule for op '{op}' (node '{node_id}')")
+        def operand(position: int, arg: str) -> str:
+            value = self.value(arg, variant)
+            mode = ops.triton_operand_mode(node.op, position)
+            if mode == "float" or (mode == "auto" and is_float):
+                return self.f32v(value, axes)
+            return self.view(value, axes)
+        args = [operand(position, arg) for position, arg in enumerate(node.args)]
+        constants = [self.g.node(a).attrs["value"] if self.g.node(a).op == "const" else None for a in node.args]
+        text = ops.render(node.op, "triton", args, node.dtype, constants, self.shape(axes) if axes else None)
+        return text, {"float": "f32", "int": "int", "bool": "bool"}[node.dtype]
 
     def shape(self, axes) -> str:
         return "[" + ", ".join(self.block(a) for a in axes) + "]"
@@ -765,18 +721,10 @@ class _KernelWriter:
             if node.attrs["dim"] != "i":
                 raise CodegenError("bound depends on an index other than i")
             return i_name
+        if not ops.is_elementwise(op):
+            raise CodegenError(f"bound uses op {op}")
         args = [self.inline_int(a, i_name) for a in node.args]
-        if op in ("add", "sub", "mul"):
-            return f"({args[0]} {BINARY_OPS[op]} {args[1]})"
-        if op == "floordiv":
-            return f"_floordiv({args[0]}, {args[1]})"
-        if op == "mod":
-            return f"_floormod({args[0]}, {args[1]})"
-        if op == "neg":
-            return f"(-{args[0]})"
-        if op in ("minimum", "maximum"):
-            return f"tl.{op}({args[0]}, {args[1]})"
-        raise CodegenError(f"bound uses op {op}")
+        return ops.render(op, "triton", args, node.dtype, nested=True)
 
     def render_key_bound(self, bound, i_name: str) -> str:
         text = render_bound(bound, lambda n: self.inline_int(n, i_name))
@@ -1096,34 +1044,7 @@ _HELPERS = '''
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
-@triton.jit
-def _floordiv(a, b):
-    """Floor division for integers, whatever the hardware's // rounds to."""
-    q = a // b
-    r = a - q * b
-    return tl.where((r != 0) & ((r < 0) != (b < 0)), q - 1, q)
-
-
-@triton.jit
-def _floormod(a, b):
-    return a - _floordiv(a, b) * b
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
-
-
-@triton.jit
-def _gelu(x):
-    """Exact GELU, x * Phi(x) (nn.GELU's default)."""
-    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
-
-
-@triton.jit
-def _pow(a, b):
-    return tl.exp2(b * tl.log2(a))
-
+''' + ops.triton_helpers() + '''
 
 @triton.jit
 def _mix_heads(x, w, CP: tl.constexpr, PRECISION: tl.constexpr):
