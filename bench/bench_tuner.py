@@ -20,7 +20,7 @@ Method (a *tabular* benchmark, the standard way to compare samplers fairly):
 
 Goal (issue 5): TPE within 5% of the grid's best in at most a quarter of the grid's evaluations.
 
-The second table is the synthetic Triton-like landscape of `kernelsearch.tune.fake` (tile sizes,
+The second table is the synthetic Triton-like landscape of `tests/tune_fake.py` (tile sizes,
 warps, stages: 192 configs), where "a quarter of the grid" is a meaningful budget; the CPU
 target's space (lowering x chunk size x torch.compile) is small.
 """
@@ -80,8 +80,8 @@ def grid_table_cpu(spec: str, shape: dict, trial_timeout: float, storage: str | 
 
 
 def grid_table_synthetic(shape: dict):
-    from kernelsearch.tune import fake
     from kernelsearch.tune.space import config_key
+    from tests import tune_fake as fake
 
     space = fake.fake_space(None, shape)
     return space, {config_key(c): fake.model_time(c, shape) for c in space.enumerate()}
@@ -93,7 +93,7 @@ def replay(space, table: dict, sampler: str, seed: int, budget: int) -> list[flo
     from optuna.trial import TrialState
 
     from kernelsearch.tune.space import config_key, nearest_untried
-    from kernelsearch.tune.study import EVERY_KNOB, make_sampler
+    from kernelsearch.tune.strategy import make_strategy
 
     valid = space.enumerate()
     keys_in_order = [config_key(c) for c in valid]
@@ -104,7 +104,8 @@ def replay(space, table: dict, sampler: str, seed: int, budget: int) -> list[flo
             best = min(best, v) if v is not None else best
             out.append(best)
         return out
-    study = optuna.create_study(direction="minimize", sampler=make_sampler(sampler, seed, budget, len(valid)))
+    strategy = make_strategy(sampler, space, seed)
+    study = optuna.create_study(direction="minimize", sampler=strategy.sampler(budget))
     study.enqueue_trial(space.default())
     rng = random.Random(seed)
     evaluated: set[str] = set()
@@ -118,7 +119,7 @@ def replay(space, table: dict, sampler: str, seed: int, budget: int) -> list[flo
             dups = 0
         trial = study.ask()
         waiting = max(0, waiting - 1)
-        cfg = space.suggest(trial, every_knob=sampler in EVERY_KNOB)
+        cfg = strategy.suggest(trial)
         key = config_key(cfg)
         if space.violations(cfg) or key in evaluated:
             study.tell(trial, state=TrialState.FAIL)
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.only_cpu:
         shape = {"B": 4, "H": 16, "I": 2048, "J": 2048, "D": 64}
         space, table = grid_table_synthetic(shape)
-        report.append(evaluate("synthetic Triton-like landscape (kernelsearch.tune.fake, 4x16x2048x2048x64)",
+        report.append(evaluate("synthetic Triton-like landscape (tests/tune_fake.py, 4x16x2048x2048x64)",
                                space, table, samplers, a.seeds, budgets))
         print(report[-1], flush=True)
     return 0

@@ -1,6 +1,6 @@
 """The autotuner: correctness guard, time limits, resume after kill -9, shared storage, records, CLI.
 
-Most tests drive the *fake* target (`kernelsearch.tune.fake`: the Triton knobs, a synthetic
+Most tests drive the *fake* target (`tests/tune_fake.py`: the Triton knobs, a synthetic
 cost model, a real float64 correctness check), so they are fast and deterministic on a CPU;
 `test_torch_backend_tune_then_load` runs the real torch backend end to end.
 """
@@ -21,6 +21,7 @@ from kernelsearch.errors import UsageError
 from kernelsearch.runtime import config_store as records
 from kernelsearch.tune.space import Constraint, Knob, SearchSpace, config_key, fix_choices
 from tests.pg_fixture import postgres_url  # noqa: F401  (fixture)
+from tests.tune_fake import FakeTarget, fake_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +38,7 @@ def ks_home(tmp_path, monkeypatch):
 def _tune(**kw):
     from kernelsearch.tune.study import TuneOptions, tune
 
-    kw.setdefault("target", "fake")
+    kw["adapter"] = FakeTarget(kw.pop("fake", None) or {})
     kw.setdefault("progress", False)
     kw.setdefault("retime_repeats", 2)
     out = io.StringIO()
@@ -53,8 +54,6 @@ def _study(storage_url: str, fake: dict, sizes=None):
 
     st = open_storage(parse_storage(storage_url))
     names = optuna.study.get_all_study_names(storage=st)
-    from kernelsearch.tune.fake import fake_spec
-
     sha = fake_spec(fake).sha256[:16]
     names = [n for n in names if f"|{sha}|" in n]
     assert len(names) == 1, names
@@ -66,8 +65,9 @@ def _counted(study):
             if t.state.is_finished() and (t.user_attrs.get("ks") or {}).get("counted")]
 
 
-def _fake_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "kernelsearch.tune", "tune", "--target", "fake", "--no-progress", *args]
+def _fake_cmd(fake: dict, *args: str) -> list[str]:
+    """`kernelsearch tune` with the fake target, in another process."""
+    return [sys.executable, "-m", "tests.tune_fake", "--fake", json.dumps(fake), "tune", "--no-progress", *args]
 
 
 def _env(home: Path) -> dict:
@@ -333,8 +333,6 @@ def test_wrong_config_is_rejected_and_never_wins(ks_home):
     assert res.winner is not None and res.winner["num_stages"] != 2
     assert "the default config failed (wrong_result)" in out
     # the winner is recorded where the runtime looks
-    from kernelsearch.tune.fake import fake_spec
-
     sizes = {"B": 1, "H": 2, "I": 64, "J": 64, "D": 16}
     got = records.lookup(fake_spec(fake).sha256, "fake", records.device_name("cpu"), records.shape_bucket(sizes),
                          "float32", "fwd")
@@ -401,7 +399,7 @@ def test_resume_after_kill_9_loses_nothing(ks_home, tmp_path):
     fake = {"sleep_s": 2.0}  # a wide window in which a trial is in flight
     db = tmp_path / "study.db"
     url = f"sqlite:///{db}"
-    cmd = _fake_cmd("--fake", json.dumps(fake), "--trials", "5", "--storage", url, "--seed", "5")
+    cmd = _fake_cmd(fake, "--trials", "5", "--storage", url, "--seed", "5")
     proc = subprocess.Popen(cmd, env=_env(ks_home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         def mid_trial():
@@ -455,7 +453,7 @@ def _two_workers(url: str, home: Path, barrier: Path, threads: int = 1, n: int =
     # the trial processes wait for each other, so that both tuner processes take part
     fake = {"sleep_s": 0.5, "barrier": {"dir": str(barrier), "n": threads + 1}}
     # one tuner in a subprocess, one in this process (it has torch imported already: cheaper)
-    proc = subprocess.Popen(_fake_cmd("--fake", json.dumps(fake), "--trials", str(n), "--storage", url,
+    proc = subprocess.Popen(_fake_cmd(fake, "--trials", str(n), "--storage", url,
                                       "--seed", "12"),
                             env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -711,3 +709,60 @@ def test_every_sampler_searches_the_conditional_cpu_space(ks_home, sampler):
     for c in configs:
         assert ("CHUNK_N" in c) == (c["lowering"] == "chunked"), c
     assert res.winner in configs
+
+
+# ---------------------------------------------------------------------------------------
+# The error policy and the strategies
+# ---------------------------------------------------------------------------------------
+
+def test_an_internal_error_is_not_a_bad_config(ks_home):
+    """A bug (an exception no backend declares expected) is shown loudly with its traceback and
+    counted apart; the fake compiler's declared error stays a compile error."""
+    fake = {"bug": [{"num_warps": 8}], "compile_error": [{"num_warps": 2}]}
+    res, out = _tune(fake=fake, sampler="grid", seed=0,
+                     only={"BLOCK_M": [64], "BLOCK_N": [64], "num_stages": [3]})
+    from kernelsearch.tune.storage import default_storage_path
+
+    by = {t.params["num_warps"]: t.user_attrs["ks"] for t in _counted(_study(f"sqlite:///{default_storage_path()}", fake))}
+    assert by[8]["kind"] == "internal_error" and "KeyError" in by[8]["traceback"] and "fake bug" in by[8]["traceback"]
+    assert by[2]["kind"] == "compile_error" and "traceback" not in by[2]
+    assert res.counts["internal_error"] == 1 and res.counts["compile_error"] == 1
+    assert "INTERNAL ERROR in trial" in out and "Traceback (most recent call last)" in out
+    assert "1 INTERNAL ERROR(S): bugs in kernelsearch, not bad configs" in out
+    assert res.winner == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+
+
+def test_policy_classifies_by_declared_types_only():
+    from kernelsearch.tune.policy import INTERNAL_ERROR, TrialFailure, classify
+
+    class CompilationError(Exception):   # a look-alike name is not a declared type
+        pass
+
+    assert classify(CompilationError("x"), {}) == INTERNAL_ERROR
+    assert classify(TrialFailure("wrong_result", "x"), {}) == "wrong_result"
+    assert classify(MemoryError(), {MemoryError: "out_of_resources"}) == "out_of_resources"
+    with pytest.raises(ValueError):
+        TrialFailure("exception", "not a kind")
+
+
+def test_strategies_share_one_interface():
+    from kernelsearch.tune.strategy import STRATEGIES, make_strategy
+
+    space = SearchSpace([Knob("a", (1, 2, 3), 1), Knob("b", (1, 2), 1)])
+    valid = space.enumerate()
+    grid = make_strategy("grid", space, 0)
+    assert grid.queued_before_ask(valid[2:], stuck=0) == (valid[2], {"ks_grid": True})
+    assert grid.queued_after_rejection(valid[0], {config_key(valid[0])}) is None
+    tpe = make_strategy("tpe", space, 0)
+    assert tpe.queued_before_ask(valid[1:], stuck=0) is None
+    config, attrs = tpe.queued_before_ask(valid[1:], stuck=3)
+    assert config in valid[1:] and attrs == {"ks_fallback": True}
+    near = tpe.queued_after_rejection({"a": 1, "b": 1}, {config_key({"a": 1, "b": 1})})
+    assert near in ({"a": 2, "b": 1}, {"a": 1, "b": 2})
+    assert set(STRATEGIES) == {"tpe", "random", "grid", "gp"}
+    import inspect
+
+    from kernelsearch.tune.study import _Study
+
+    worker = inspect.getsource(_Study.worker)
+    assert not any(f'"{name}"' in worker for name in STRATEGIES), "the worker loop names a sampler"

@@ -527,7 +527,7 @@ def neighbours(spec_sha256: str, backend: str, device_name: str, shape_bucket: s
             continue
         try:
             d = bucket_distance(shape_bucket, b)
-        except Exception:
+        except (ValueError, KeyError):   # a bucket this version cannot parse: not a neighbour
             continue
         if math.isfinite(d):
             found.append((d, b, [r["config"]] + [c for c in r.get("top", []) if c != r["config"]]))

@@ -2,19 +2,24 @@
 
 One concern per module:
 
-- `space`   -- the search space: knobs, choices, constraints, the Optuna mapping, defaults;
+- `space`   -- the search space from the backends' declared knobs (backends/knobs.py), the Optuna mapping;
+- `strategy` -- grid and the Optuna samplers behind one interface;
+- `adapter` -- what the tuner needs of a backend (the interface), and kernelsearch's own;
+- `policy`  -- which failures are a config's (failed trials) and which are bugs (internal errors);
 - `bench`   -- timing (CUDA: ``triton.testing.do_bench``; CPU: monotonic clock), re-timing;
 - `check`   -- the correctness guard against the float64 reference, dtype-justified tolerances;
 - `target`  -- what one trial does in its child process: feasibility, build, check, time;
 - `trial`   -- the child process: time limit, crash and hang handling;
 - `storage` -- storage URLs, the budget lock, heartbeats and reaping of dead workers;
-- `study`   -- the Optuna study, samplers, warm start, workers, the final table;
+- `study`   -- the Optuna study, warm start, workers, the final table;
 - `report`  -- plots of a study (history, importances, time per config);
 - `cli`     -- ``kernelsearch tune`` / ``kernelsearch report`` argument parsing (`register`);
-- `fake`    -- a fake target for tests and the tuner benchmark.
+
+The test double (a fake target with a synthetic cost model) lives in tests/tune_fake.py and is
+injected through the `adapter` interface (``TuneOptions(adapter=...)``).
 
 The tuned winners are written through the runtime's config store (`kernelsearch.runtime.config_store`),
-which the backends read; nothing outside this package imports it.
+which the backends read; no module outside tune/ imports the tuner.
 """
 from __future__ import annotations
 

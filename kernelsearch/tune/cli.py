@@ -74,7 +74,7 @@ def register(subparsers) -> None:
                     "the winner is recorded for kernelsearch.load.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", nargs="?", help="the spec file, e.g. specs/cosine_sim.yaml")
-    p.add_argument("--target", default="auto", choices=["auto", "cuda", "cpu", "fake"], metavar="{auto,cuda,cpu}",
+    p.add_argument("--target", default="auto", choices=["auto", "cuda", "cpu"],
                    help="auto (default): cuda when a GPU is present, else cpu. cuda tunes the Triton kernels' "
                         "tiles/warps/stages; cpu tunes the torch backend (lowering, chunk size, torch.compile)")
     p.add_argument("--shape", type=str, default=None, metavar="B,H,I,J,D",
@@ -109,7 +109,6 @@ def register(subparsers) -> None:
     p.add_argument("--no-warm-start", action="store_true", help="do not enqueue neighbouring shapes' winners")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (text goes to stderr)")
-    p.add_argument("--fake", default=None, help=argparse.SUPPRESS)  # JSON behaviour for --target fake
     p.set_defaults(func=run_tune)
 
     r = subparsers.add_parser(
@@ -119,21 +118,15 @@ def register(subparsers) -> None:
     r.add_argument("--storage", default=None, help="as for tune (default: the per-user SQLite database)")
     r.add_argument("--out", default=None, help="output directory (default ./kernelsearch-report/<spec name>)")
     r.add_argument("--json", action="store_true", help="print the written files as JSON")
-    r.add_argument("--fake", default=None, help=argparse.SUPPRESS)
     r.set_defaults(func=run_report)
 
 
-def run_tune(args) -> int:
+def run_tune(args, adapter=None) -> int:
+    """``adapter``: evaluates configs instead of kernelsearch's backends (tests inject their double)."""
     from .study import TuneOptions, tune
 
     _check_home(args.storage, record=not args.no_record)
-    fake = None
-    if args.target == "fake":
-        try:
-            fake = json.loads(args.fake) if args.fake else {}
-        except ValueError as e:
-            raise UsageError(f"--fake: not JSON ({e})") from None
-    elif not args.spec:
+    if adapter is None and not args.spec:
         raise UsageError("missing SPEC: e.g. kernelsearch tune specs/cosine_sim.yaml")
     opts = TuneOptions(
         spec=args.spec, target=args.target, shape=parse_shape(args.shape) if args.shape else None,
@@ -141,7 +134,7 @@ def run_tune(args) -> int:
         timeout=args.timeout, workers=args.workers, storage=args.storage, seed=args.seed,
         trial_timeout=args.trial_timeout, params=_params(args.param), only=_only(args.only), top_k=args.top,
         progress=not args.no_progress, record=not args.no_record, warm_start=not args.no_warm_start,
-        optional_inputs=args.optional_inputs, fake=fake, out=sys.stderr if args.json else sys.stdout)
+        optional_inputs=args.optional_inputs, adapter=adapter, out=sys.stderr if args.json else sys.stdout)
     res = tune(opts)
     if args.json:
         json.dump(res.as_dict(), sys.stdout, indent=1, default=str)
@@ -171,20 +164,14 @@ def _check_home(storage: str | None, record: bool) -> None:
                          "directory")
 
 
-def run_report(args) -> int:
+def run_report(args, adapter=None) -> int:
     from .report import write_report
 
     _check_home(args.storage, record=False)
 
-    fake = None
-    if args.fake is not None:
-        try:
-            fake = json.loads(args.fake) if args.fake else {}
-        except ValueError as e:
-            raise UsageError(f"--fake: not JSON ({e})") from None
-    elif not args.spec:
+    if adapter is None and not args.spec:
         raise UsageError("missing SPEC: e.g. kernelsearch report specs/cosine_sim.yaml")
-    files = write_report(args.spec, storage=args.storage, out_dir=args.out, fake=fake)
+    files = write_report(args.spec, storage=args.storage, out_dir=args.out, adapter=adapter)
     if args.json:
         json.dump([str(f) for f in files], sys.stdout, indent=1)
         sys.stdout.write("\n")

@@ -162,20 +162,17 @@ def _plots(study: Any, out_dir: Path, slug: str) -> tuple[list[Path], dict]:
 
 
 def write_report(spec_path: str | None, *, storage: str | None = None, out_dir: str | None = None,
-                 fake: dict | None = None) -> list[Path]:
-    """Write the plots and index.html; returns the files written."""
+                 adapter: Any = None) -> list[Path]:
+    """Write the plots and index.html; returns the files written. ``adapter``: the target whose
+    spec the studies are of (adapter.py; default kernelsearch's, reading ``spec_path``)."""
+    from .adapter import KernelsearchTarget
     from .storage import open_storage, parse_storage
 
-    if fake is not None:
-        from .fake import fake_spec
-
-        spec = fake_spec(fake)
-    else:
+    if adapter is None:
         if not spec_path or not Path(spec_path).is_file():
             raise UsageError(f"spec file not found: {spec_path}")
-        from .study import _load_spec
-
-        spec = _load_spec(spec_path, {})
+        adapter = KernelsearchTarget("torch")   # any backend: only the spec is read
+    spec, _ = adapter.load_spec(spec_path, {})
     cfg = parse_storage(storage)
     if cfg.kind == "sqlite" and cfg.path is not None and not cfg.path.exists():
         raise UsageError(f"no tuning database at {cfg.display}; run kernelsearch tune first")

@@ -14,10 +14,9 @@ tuner needs and nothing else:
 - `enumerate()` lists every valid canonical config (grid search, random fallback, the
   "space exhausted" test).
 
-Where the knobs come from: the spec's ``tune:`` section names the Triton knobs and their
-choices; the backend module may add its own (``tune_knobs(spec, sizes, direction)`` returning
-dicts with ``name, choices, default, when``) and its defaults (``default_config(spec, sizes)``);
-when it does not, the built-in descriptions below are used.
+Where the knobs come from: each backend declares its knobs once (`backends/knobs.py`: choices,
+defaults, conditions, constraints); `backend_space` reads that declaration, takes the spec's
+``tune:`` choices for the knobs it names, and caps choices by the problem's sizes.
 
 No ``threads`` knob on the CPU, because a recorded config only means something if the runtime
 applies it on every call, and it cannot apply a thread count cleanly:
@@ -41,14 +40,17 @@ import itertools
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from ..backends import knobs as declared
+from ..backends.knobs import Constraint, Knob, next_pow2
 
 __all__ = [
     "Knob",
     "Constraint",
     "SearchSpace",
     "config_key",
-    "build_space",
+    "backend_space",
     "torch_space",
     "triton_space",
     "next_pow2",
@@ -58,49 +60,9 @@ __all__ = [
 ]
 
 
-def next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
 def config_key(config: Mapping[str, Any]) -> str:
     """A config's identity: canonical JSON with sorted keys."""
     return json.dumps(dict(config), sort_keys=True, separators=(",", ":"))
-
-
-@dataclass(frozen=True)
-class Knob:
-    """One tunable parameter with a finite, ordered list of choices.
-
-    ``when=("lowering", ("chunked",))`` makes the knob active only when the knob ``lowering``
-    (declared earlier) takes one of the listed values.
-    """
-
-    name: str
-    choices: tuple
-    default: Any
-    when: tuple[str, tuple] | None = None
-    doc: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.choices:
-            raise ValueError(f"knob {self.name!r} has no choices")
-        if self.default not in self.choices:
-            raise ValueError(f"knob {self.name!r}: default {self.default!r} is not one of {self.choices}")
-
-    def active(self, config: Mapping[str, Any]) -> bool:
-        if self.when is None:
-            return True
-        parent, values = self.when
-        return config.get(parent) in values
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """A cheap static predicate; ``check(config) -> bool`` is True when the config is valid."""
-
-    name: str
-    check: Callable[[Mapping[str, Any]], bool]
-    message: str
 
 
 @dataclass
@@ -262,217 +224,91 @@ class SearchSpace:
 
 
 # ---------------------------------------------------------------------------------------
-# Built-in spaces
+# Spaces from the backends' declared knobs
 # ---------------------------------------------------------------------------------------
 
-TORCH_KNOBS = ("lowering", "CHUNK_N", "CHUNK_M", "compile")
-TRITON_FWD_KNOBS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-TRITON_BWD_KNOBS = ("BLOCK_M_BWD", "BLOCK_N_BWD", "num_warps_bwd", "num_stages_bwd")
-_TRITON_PREFERRED_DEFAULTS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+MAX_COMPILED_BLOCKS = declared.MAX_COMPILED_BLOCKS
 
 
 def _nearest(choices: Sequence[Any], want: Any) -> Any:
+    """``want`` if it is a choice, else the numeric choice nearest to it in log2 (0 only matches 0)."""
     if want in choices:
         return want
-    try:
-        return min(choices, key=lambda c: abs(math.log2(c) - math.log2(want)))
-    except Exception:
+    numeric = [c for c in choices if isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0]
+    if not numeric or not isinstance(want, (int, float)) or isinstance(want, bool) or want <= 0:
         return choices[0]
+    return min(numeric, key=lambda c: abs(math.log2(c) - math.log2(want)))
 
 
-def _backend_module(backend: str):
-    """``kernelsearch.backends.<backend>_backend`` (this repository's naming) or ``.<backend>``."""
-    import importlib
-
-    for name in (f"kernelsearch.backends.{backend}_backend", f"kernelsearch.backends.{backend}"):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-        except Exception:
-            return None
-    return None
+def _tuned_knob(knob: Knob, choices: Sequence[Any], sizes: Mapping[str, int], schedule: str | None,
+                name: str | None = None) -> Knob:
+    """A declared knob with the choices the tuner tries here and the backend's default nearest among them."""
+    default = _nearest(tuple(choices), knob.default_for(sizes, schedule))
+    return Knob(name or knob.name, tuple(choices), default, knob.when, knob.doc, knob.allowed)
 
 
-def _backend_defaults(backend: str, spec: Any, sizes: Mapping[str, int]) -> dict:
-    """The config the backend uses when it is given none (the baseline of the speedup).
-
-    Asks ``default_config`` of the backend module: with ``(spec, {"B",...})`` or, as the torch
-    backend defines it, ``(graph, {"b", "h", "i", "j", ...})`` (it only reads the sizes).
-    """
-    mod = _backend_module(backend)
-    if mod is None:
-        return {}
-    fn = getattr(mod, "default_config", None)
-    if callable(fn):
-        both = {**{k.upper(): int(v) for k, v in sizes.items()}, **{k.lower(): int(v) for k, v in sizes.items()}}
-        try:
-            got = fn(spec, both)
-            if isinstance(got, Mapping):
-                return dict(got)
-        except Exception:
-            pass
-        try:  # the Triton backend's default_config(graph)
-            from ..compiler import compile_graph
-
-            got = fn(compile_graph(spec, {}, frozenset()))
-            if isinstance(got, Mapping):
-                return dict(got)
-        except Exception:
-            pass
-    const = getattr(mod, "DEFAULT_CONFIG", None)
-    return dict(const or {})
-
-
-def _backend_knobs(backend: str, spec: Any, sizes: Mapping[str, int], direction: str) -> list[Knob] | None:
-    mod = _backend_module(backend)
-    fn = getattr(mod, "tune_knobs", None) if mod is not None else None
-    if not callable(fn):
-        return None
-    try:
-        raw = fn(spec, dict(sizes), direction)
-    except Exception:
-        return None
-    knobs = []
-    for d in raw:
-        when = d.get("when")
-        knobs.append(Knob(d["name"], tuple(d["choices"]), d.get("default", d["choices"][0]),
-                          (when[0], tuple(when[1])) if when else None, d.get("doc", "")))
-    return knobs
-
-
-def _spec_tune(spec: Any) -> dict[str, list]:
-    tune = getattr(spec, "tune", None) or {}
-    return {str(k): list(v) if isinstance(v, (list, tuple)) else [v] for k, v in dict(tune).items()}
+def _torch_choices(knob: Knob, spec_tune: Mapping[str, Sequence], sizes: Mapping[str, int]) -> tuple:
+    """Chunks no larger than the padded keys (a larger chunk runs the same code); query chunks
+    smaller than the queries (0 = all rows)."""
+    I, J = declared.size_of(sizes, "i", 1024), declared.size_of(sizes, "j", declared.size_of(sizes, "i", 1024))
+    if knob.name == "CHUNK_N":
+        top = max(64, next_pow2(J))
+        return tuple(c for c in spec_tune.get("CHUNK_N", knob.choices) if c <= top) or (top,)
+    if knob.name == "CHUNK_M" and "CHUNK_M" not in spec_tune:
+        return tuple(c for c in knob.choices if c == 0 or c < I)
+    return tuple(spec_tune.get(knob.name, knob.choices))
 
 
 def torch_space(spec: Any, sizes: Mapping[str, int], direction: str = "fwd") -> SearchSpace:
-    """CPU target: the torch backend's own knobs.
-
-    - ``lowering``: ``materialized`` (scores [i, j] in one go) or ``chunked`` (online softmax
-      over key chunks, memory O(N));
-    - ``CHUNK_N``: key chunk size, only for ``chunked``; powers of two up to the padded key
-      length (a chunk larger than J is the same code as a chunk of next_pow2(J));
-    - ``CHUNK_M``: query rows per chunk, only for ``chunked`` (0: all rows at once); each query
-      chunk visits only the keys its rows can keep, so causal and windowed specs skip work;
-    - ``compile``: run the generated function under ``torch.compile`` or eagerly.
-
-    A spec's ``tune:`` section may override the choices of any of these by name.
-    """
-    J = int(sizes.get("J", 1024))
-    I = int(sizes.get("I", J))
-    knobs = _backend_knobs("torch", spec, sizes, direction)
-    if knobs is None:
-        top = max(64, next_pow2(J))
-        chunks = [c for c in (32, 64, 128, 256, 512, 1024, 2048, 4096) if c <= top] or [top]
-        spec_tune = _spec_tune(spec)
-        lowering = tuple(spec_tune.get("lowering", ["materialized", "chunked"]))
-        chunks = tuple(c for c in spec_tune.get("CHUNK_N", chunks) if c <= top) or (top,)
-        compile_ = tuple(spec_tune.get("compile", [False, True]))
-        row_chunks = tuple(spec_tune.get("CHUNK_M", [0] + [c for c in (128, 512) if c < I]))
-        defaults = _backend_defaults("torch", spec, sizes)
-        lo_def = defaults.get("lowering", "materialized" if "materialized" in lowering else lowering[0])
-        ch_def = _nearest(chunks, defaults.get("CHUNK_N", 256))
-        co_def = defaults.get("compile", False if False in compile_ else compile_[0])
-        knobs = [
-            Knob("lowering", lowering, lo_def if lo_def in lowering else lowering[0],
-                 doc="materialized scores or chunked online softmax"),
-            Knob("CHUNK_N", chunks, ch_def, when=("lowering", ("chunked",)), doc="key chunk size"),
-            Knob("CHUNK_M", row_chunks, _nearest(row_chunks, defaults.get("CHUNK_M", 0)),
-                 when=("lowering", ("chunked",)), doc="query rows per chunk (0: all)"),
-            Knob("compile", compile_, co_def if co_def in compile_ else compile_[0], doc="torch.compile"),
-        ]
-    return SearchSpace(knobs, [_compiled_blocks_constraint(I, J)], target="cpu")
+    """CPU target: the torch backend's knobs (lowering, CHUNK_N, CHUNK_M, compile; see knobs.py),
+    the spec's ``tune:`` choices for those it names, and no compiled chunked config whose unrolled
+    loops would take the trial's time limit to compile."""
+    spec_tune = dict(getattr(spec, "tune", None) or {})
+    knobs = [_tuned_knob(k, _torch_choices(k, spec_tune, sizes), sizes, None) for k in declared.knobs("torch")]
+    return SearchSpace(knobs, [declared.compiled_blocks_constraint(sizes)], target="cpu")
 
 
-# torch.compile unrolls the chunked lowering's loops over query and key chunks; compiling takes
-# about a second per block on a 2-core machine (softmax: 32 blocks 29 s, 512 blocks 443 s), so
-# beyond this many a config would spend its whole --trial-timeout compiling.
-MAX_COMPILED_BLOCKS = 128
+def triton_space(spec: Any, sizes: Mapping[str, int], direction: str = "fwd", dtype: str = "float16",
+                 schedule: str | None = None) -> SearchSpace:
+    """CUDA target: the Triton kernels' tiles, warps and stages (knobs.py); with ``direction ==
+    "fwd+bwd"`` the backward kernels' knobs too, with the spec's choices for them or else the
+    forward ones. Tiles are multiples of 16 and no larger than the padded sequence they tile;
+    shared memory is measured by the feasibility hook (AOT compile). ``schedule`` (the graph's)
+    picks the defaults; None: the schedule of the spec at its default params with every optional
+    input given (the heads-mixing inputs of talking heads make it heads-in-tile)."""
+    if schedule is None:
+        from ..compiler import compile_graph
 
-
-def _compiled_blocks_constraint(I: int, J: int) -> Constraint:
-    def blocks(c: Mapping[str, Any]) -> int:
-        return math.ceil(I / (c.get("CHUNK_M") or I)) * math.ceil(J / c["CHUNK_N"])
-
-    def ok(c: Mapping[str, Any]) -> bool:
-        return not (c.get("compile") and c.get("lowering") == "chunked") or blocks(c) <= MAX_COMPILED_BLOCKS
-
-    return Constraint(f"compiled chunked lowering unrolls <= {MAX_COMPILED_BLOCKS} blocks", ok,
-                      f"compile=True with CHUNK_M={{CHUNK_M}}, CHUNK_N={{CHUNK_N}} unrolls "
-                      f"ceil({I}/CHUNK_M) x ceil({J}/CHUNK_N) blocks, more than {MAX_COMPILED_BLOCKS} "
-                      "(about a second each to compile)")
-
-
-def triton_space(spec: Any, sizes: Mapping[str, int], direction: str = "fwd",
-                 dtype: str = "float16") -> SearchSpace:
-    """CUDA target: the Triton kernels' tile sizes, warps and pipeline stages.
-
-    Choices come from the spec's ``tune:`` section; knobs it does not mention get the usual
-    defaults. With ``direction == "fwd+bwd"`` the backward kernels' knobs (``*_BWD``,
-    ``*_bwd``) are added, with the spec's choices for them or else the forward choices.
-    Constraints: block sizes are multiples of 16 (``tl.dot``'s minimum) and no larger than the
-    padded sequence they tile. Shared memory is measured by the feasibility hook (AOT compile).
-    """
-    I = int(sizes.get("I", 1024))
-    J = int(sizes.get("J", 1024))
-    tune = _spec_tune(spec)
-    base_choices = {
-        "BLOCK_M": [16, 32, 64, 128],
-        "BLOCK_N": [16, 32, 64, 128],
-        "num_warps": [2, 4, 8],
-        "num_stages": [1, 2, 3, 4],
-    }
-    knobs = _backend_knobs("triton", spec, sizes, direction)
-    if knobs is None:
-        defaults = _backend_defaults("triton", spec, sizes)
-        knobs = []
-        names = list(TRITON_FWD_KNOBS) + [n for n in tune if n not in TRITON_FWD_KNOBS
-                                          and n not in TRITON_BWD_KNOBS and n not in TORCH_KNOBS]
-        if direction == "fwd+bwd":
-            names += list(TRITON_BWD_KNOBS)
-        for n in names:
-            fwd_name = {"BLOCK_M_BWD": "BLOCK_M", "BLOCK_N_BWD": "BLOCK_N",
-                        "num_warps_bwd": "num_warps", "num_stages_bwd": "num_stages"}.get(n, n)
-            choices = tune.get(n) or tune.get(fwd_name) or base_choices.get(fwd_name)
-            if not choices:
-                continue
-            want = defaults.get(n, defaults.get(fwd_name, _TRITON_PREFERRED_DEFAULTS.get(fwd_name, choices[0])))
-            knobs.append(Knob(n, tuple(choices), _nearest(choices, want)))
-    names = {k.name for k in knobs}
-    constraints: list[Constraint] = []
-    for n, extent, dim in (("BLOCK_M", I, "I"), ("BLOCK_N", J, "J"),
-                           ("BLOCK_M_BWD", I, "I"), ("BLOCK_N_BWD", J, "J")):
-        if n not in names:
-            continue
-        constraints.append(Constraint(f"{n} % 16 == 0", lambda c, n=n: c[n] % 16 == 0,
-                                      f"{n}={{{n}}} is not a multiple of 16 (tl.dot needs 16)"))
-        cap = max(16, next_pow2(extent))
-        constraints.append(Constraint(f"{n} <= next_pow2({dim})", lambda c, n=n, cap=cap: c[n] <= cap,
-                                      f"{n}={{{n}}} is larger than the padded {dim} ({cap})"))
-    space = SearchSpace(knobs, constraints, target="cuda")
-    # The default must be valid; if the preferred default is ruled out, take the first valid one.
+        schedule = compile_graph(spec).schedule
+    spec_tune = dict(getattr(spec, "tune", None) or {})
+    names = declared.TRITON_FWD_KNOBS + (declared.TRITON_BWD_KNOBS if direction == "fwd+bwd" else ())
+    forward_of = dict(zip(declared.TRITON_BWD_KNOBS, declared.TRITON_FWD_KNOBS))
+    by_name = {k.name: k for k in declared.knobs("triton")}
+    knobs = []
+    for name in names:
+        knob = by_name[name]
+        choices = spec_tune.get(name) or spec_tune.get(forward_of.get(name, name)) or knob.choices
+        knobs.append(_tuned_knob(knob, choices, sizes, schedule))
+    space = SearchSpace(knobs, declared.tile_constraints(names, sizes), target="cuda")
+    # The default must be valid; if the declared default is ruled out, take the first valid one.
     if space.violations(space.default()):
         valid = space.enumerate()
         if valid:
             first = valid[0]
-            space.knobs = [Knob(k.name, k.choices, first.get(k.name, k.default), k.when, k.doc) for k in knobs]
+            space.knobs = [Knob(k.name, k.choices, first.get(k.name, k.default), k.when, k.doc, k.allowed)
+                           for k in knobs]
             space._valid = None
     return space
 
 
-def build_space(target: str, spec: Any, sizes: Mapping[str, int], direction: str = "fwd",
-                dtype: str = "float32") -> SearchSpace:
-    """The space for a target: ``cpu`` (torch backend), ``cuda`` (triton), ``fake`` (tests)."""
-    if target == "cpu":
+def backend_space(backend: str, spec: Any, sizes: Mapping[str, int], direction: str = "fwd",
+                  dtype: str = "float32", schedule: str | None = None) -> SearchSpace:
+    """The search space of a backend's declared knobs for this problem."""
+    if backend == "torch":
         return torch_space(spec, sizes, direction)
-    if target == "cuda":
-        return triton_space(spec, sizes, direction, dtype)
-    if target == "fake":
-        from . import fake
-
-        return fake.fake_space(spec, sizes, direction)
-    raise ValueError(f"unknown target {target!r}")
+    if backend == "triton":
+        return triton_space(spec, sizes, direction, dtype, schedule)
+    raise ValueError(f"the {backend} backend has no knobs to tune")
 
 
 def fix_choices(space: SearchSpace, only: Mapping[str, Sequence[Any]]) -> SearchSpace:
@@ -493,7 +329,7 @@ def fix_choices(space: SearchSpace, only: Mapping[str, Sequence[Any]]) -> Search
                 raise ValueError(f"{k.name}: {bad or want} not among its choices {list(k.choices)}")
             choices = tuple(v for v in k.choices if v in want)
             default = k.default if k.default in choices else choices[0]
-            knobs.append(Knob(k.name, choices, default, k.when, k.doc))
+            knobs.append(Knob(k.name, choices, default, k.when, k.doc, k.allowed))
         else:
             knobs.append(k)
     return SearchSpace(knobs, list(space.constraints), space.target, list(space.notes), space.enumerate_limit)

@@ -44,9 +44,9 @@ came from.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 import os
-import random
 import signal
 import sys
 import tempfile
@@ -59,19 +59,17 @@ from typing import Any, Mapping, TextIO
 
 from ..errors import UsageError
 from ..runtime import config_store as rec
-from .space import SearchSpace, build_space, config_key, fix_choices, nearest_untried, restrict
+from .adapter import KernelsearchTarget
+from .policy import INTERNAL_ERROR
+from .space import SearchSpace, config_key, fix_choices, restrict
 from .storage import (GRACE_S, HEARTBEAT_INTERVAL_S, Heartbeat, StorageConfig, budget_lock, open_storage,
                       parse_storage, reap_stale, worker_identity)
+from .strategy import SAMPLERS, STRATEGIES, make_strategy
 from .target import Problem
 from .trial import RunnerError, TrialRunner
 
 __all__ = ["TuneOptions", "TuneResult", "tune", "resolve", "Resolved", "study_name", "DEFAULTS", "SAMPLERS"]
 
-SAMPLERS = ("tpe", "random", "grid", "gp")
-# Optuna's GPSampler models one fixed set of parameters (a conditional knob would be drawn at
-# random, outside its model): it is asked for every knob, inactive ones ignored. TPE (grouped)
-# models the conditional space as it is.
-EVERY_KNOB = frozenset({"gp"})
 BUDGET_GRACE_S = 15.0
 
 # Per-target defaults: shape (B, H, I, J, D), dtype, trial budget, time budget (s), per-trial limit (s).
@@ -80,8 +78,6 @@ DEFAULTS = {
             "trial_timeout": 150.0},
     "cuda": {"shape": (4, 16, 2048, 2048, 64), "dtype": "float16", "trials": 100, "timeout": None,
              "trial_timeout": 120.0},
-    "fake": {"shape": (1, 2, 64, 64, 16), "dtype": "float32", "trials": 30, "timeout": None,
-             "trial_timeout": 30.0},
     # --target cuda in Triton's interpreter (no GPU, TRITON_INTERPRET=1): small, to rehearse
     "interpret": {"shape": (1, 2, 64, 64, 32), "dtype": "float16", "trials": 6, "timeout": None,
                   "trial_timeout": 300.0},
@@ -91,7 +87,7 @@ DEFAULTS = {
 @dataclass
 class TuneOptions:
     spec: str | None
-    target: str = "auto"                   # auto | cuda | cpu | fake
+    target: str = "auto"                   # auto | cuda | cpu
     shape: Mapping[str, int] | None = None  # B, H, I, J, D
     dtype: str | None = None
     direction: str = "fwd"                 # fwd | fwd+bwd
@@ -110,7 +106,8 @@ class TuneOptions:
     record: bool = True
     warm_start: bool = True
     optional_inputs: bool = False
-    fake: dict | None = None               # fake target behaviour (tests, benchmarks)
+    adapter: Any = None                    # evaluates configs in place of kernelsearch's backends (adapter.py;
+                                           # tests inject their double); its .defaults replace DEFAULTS
     out: TextIO | None = None              # human-readable output (default stdout)
     grace_s: float = GRACE_S
     heartbeat_s: float = HEARTBEAT_INTERVAL_S
@@ -139,6 +136,7 @@ class Resolved:
     trial_timeout: float
     seed: int
     interpret: bool = False  # the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)
+    adapter: Any = None      # what evaluates configs (adapter.py)
 
 
 @dataclass
@@ -180,12 +178,9 @@ def study_name(spec_name: str, sha256: str, backend: str, device_name: str, buck
 
 
 def _cuda_available() -> bool:
-    try:
-        import torch
+    import torch
 
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
+    return bool(torch.cuda.is_available())
 
 
 def _triton_interpreting() -> bool:
@@ -194,17 +189,6 @@ def _triton_interpreting() -> bool:
     except ImportError:  # no triton here
         return False
     return interpreting()
-
-
-def _load_spec(path: str, params: Mapping[str, Any]) -> Any:
-    try:
-        import kernelsearch
-    except Exception as e:  # pragma: no cover
-        raise UsageError(f"cannot import kernelsearch: {e}") from None
-    load = getattr(kernelsearch, "load", None)
-    if load is None:
-        raise UsageError("kernelsearch.load is not available in this build; cannot tune a spec")
-    return load(path, backend="reference", **dict(params)).spec
 
 
 def resolve(opts: TuneOptions) -> Resolved:
@@ -219,47 +203,37 @@ def resolve(opts: TuneOptions) -> Resolved:
         raise UsageError(f"--workers {opts.workers}: must be at least 1")
     if opts.trial_timeout is not None and opts.trial_timeout <= 0:
         raise UsageError(f"--trial-timeout {opts.trial_timeout}: must be positive")
-    if opts.sampler == "gp":
-        try:
-            import scipy  # noqa: F401
-        except ImportError:
-            raise UsageError("--sampler gp needs scipy (Optuna's GPSampler): pip install scipy") from None
+    needs = STRATEGIES[opts.sampler].needs
+    if needs is not None and importlib.util.find_spec(needs) is None:
+        raise UsageError(f"--sampler {opts.sampler} needs {needs}: pip install {needs}")
 
     if opts.record:
         rec.check_writable()   # before any trial: an unwritable records file would lose the winner
-    target = opts.target
-    cuda = _cuda_available()
-    if target == "auto":
-        target = "cuda" if cuda else "cpu"
-    if target not in ("cuda", "cpu", "fake"):
-        raise UsageError(f"--target {opts.target}: use auto, cuda or cpu")
-    # --target cuda without a GPU but with TRITON_INTERPRET=1: the same Triton space, AOT checks
-    # for sm_90, correctness checks and records, with the kernels run by Triton's CPU interpreter
-    # (a rehearsal of the CUDA target's pipeline; its timings say nothing about a GPU).
-    interpret = target == "cuda" and not cuda and _triton_interpreting()
-    if target == "cuda" and not cuda and not interpret:
-        raise UsageError("--target cuda: no CUDA device is available (use --target cpu; or set "
-                         "TRITON_INTERPRET=1 to rehearse the CUDA target in Triton's CPU interpreter)")
-    backend = {"cuda": "triton", "cpu": "torch", "fake": "fake"}[target]
-    d = DEFAULTS["interpret" if interpret else target]
-
-    if target == "fake":
-        from . import fake
-
-        spec = fake.fake_spec(opts.fake)
-        spec_path = None
-        params = dict(opts.params)  # the fake target has no declared params
+    if opts.adapter is not None:   # an injected target (tests): its own defaults, on this CPU
+        adapter, target, interpret, d = opts.adapter, opts.adapter.target, False, opts.adapter.defaults
     else:
+        target = opts.target
+        cuda = _cuda_available()
+        if target == "auto":
+            target = "cuda" if cuda else "cpu"
+        if target not in ("cuda", "cpu"):
+            raise UsageError(f"--target {opts.target}: use auto, cuda or cpu")
+        # --target cuda without a GPU but with TRITON_INTERPRET=1: the same Triton space, AOT checks
+        # for sm_90, correctness checks and records, with the kernels run by Triton's CPU interpreter
+        # (a rehearsal of the CUDA target's pipeline; its timings say nothing about a GPU).
+        interpret = target == "cuda" and not cuda and _triton_interpreting()
+        if target == "cuda" and not cuda and not interpret:
+            raise UsageError("--target cuda: no CUDA device is available (use --target cpu; or set "
+                             "TRITON_INTERPRET=1 to rehearse the CUDA target in Triton's CPU interpreter)")
+        adapter = KernelsearchTarget({"cuda": "triton", "cpu": "torch"}[target])
+        d = DEFAULTS["interpret" if interpret else target]
         if not opts.spec:
             raise UsageError("missing SPEC: e.g. kernelsearch tune specs/cosine_sim.yaml")
-        p = Path(opts.spec)
-        if not p.is_file():
+        if not Path(opts.spec).is_file():
             raise UsageError(f"spec file not found: {opts.spec}")
-        spec_path = str(p)
-        spec = _load_spec(spec_path, opts.params)
-        from ..compiler import resolve_params
-
-        params = resolve_params(spec, opts.params)
+    backend = adapter.backend
+    spec_path = str(Path(opts.spec)) if opts.spec else None
+    spec, params = adapter.load_spec(spec_path, opts.params)
 
     if opts.shape is not None:
         sizes = {k: int(opts.shape[k]) for k in ("B", "H", "I", "J", "D")}
@@ -272,7 +246,7 @@ def resolve(opts: TuneOptions) -> Resolved:
         warnings.warn("float16 on the CPU is slow and not what the CPU backend is for", stacklevel=2)
     device = "cuda" if target == "cuda" and not interpret else "cpu"
     dev_name = rec.device_name(device)
-    space = build_space(target, spec, sizes, opts.direction, dtype)
+    space = adapter.space(spec, sizes, opts.direction, dtype)
     if opts.only:
         try:
             space = fix_choices(space, opts.only)
@@ -297,21 +271,7 @@ def resolve(opts: TuneOptions) -> Resolved:
     seed = opts.seed if opts.seed is not None else int.from_bytes(os.urandom(4), "little")
     return Resolved(target, backend, device, dev_name, spec, spec_path, sizes, bucket, dtype, opts.direction,
                     params, present, tag, space, name, storage, int(trials), timeout,
-                    float(opts.trial_timeout or d["trial_timeout"]), seed, interpret)
-
-
-def make_sampler(name: str, seed: int, trials: int, space_size: int | None = None):
-    """The Optuna sampler for ``--sampler``; random start-up trials scale with the budget and
-    the space (3 for a dozen configs, 10 for hundreds), the default config being the first."""
-    import optuna
-
-    startup = max(3, min(10, trials // 4, (space_size // 8) if space_size else 10))
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
-                                          n_startup_trials=startup)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
-    return optuna.samplers.RandomSampler(seed=seed)  # random; grid is driven by the queue
+                    float(opts.trial_timeout or d["trial_timeout"]), seed, interpret, adapter)
 
 
 # ---------------------------------------------------------------------------------------
@@ -357,7 +317,7 @@ class _Progress:
 
                 self.bar = tqdm(total=total, initial=min(initial, total), desc=desc, unit="trial",
                                 file=sys.stderr, dynamic_ncols=True, leave=True)
-            except Exception:
+            except ImportError:   # tqdm is optional: no bar
                 self.bar = None
 
     def update(self, done: int, best: float | None, fails: int, note: str = "") -> None:
@@ -399,8 +359,7 @@ class _Study:
         self.valid = r.space.enumerate()
         try:
             self.study = optuna.create_study(storage=self.storage, study_name=r.study_name, direction="minimize",
-                                             sampler=make_sampler(opts.sampler, r.seed, r.trials,
-                                                                  r.space.size()),
+                                             sampler=make_strategy(opts.sampler, r.space, r.seed).sampler(r.trials),
                                              load_if_exists=True)
         except Exception as e:
             raise UsageError(f"--storage {r.storage.display}: cannot create the study: {e}") from None
@@ -426,7 +385,7 @@ class _Study:
         return Problem(spec_path=r.spec_path, backend=r.backend, sizes=dict(r.sizes), dtype=r.dtype,
                        direction=r.direction, device=device, params=dict(self.opts.params),
                        optional_inputs=self.opts.optional_inputs, seed=r.seed % 100000, cpu_lock=cpu_lock,
-                       fake=self.opts.fake)
+                       target=r.adapter)
 
     def snapshot(self):
         from optuna.trial import TrialState
@@ -452,14 +411,9 @@ class _Study:
         keys.discard(None)
         return keys
 
-    def _untried(self, done, running, waiting, rng: random.Random, first: bool = False) -> dict | None:
-        if self.valid is None:
-            return None
-        taken = self._keys(list(done) + list(running), waiting)
-        rest = [c for c in self.valid if config_key(c) not in taken]
-        if not rest:
-            return None
-        return rest[0] if first else rng.choice(rest)
+    def _untried(self, taken: set[str]) -> list[dict]:
+        """Valid configs not evaluated, running or queued, in the space's order (default first)."""
+        return [c for c in self.valid or () if config_key(c) not in taken]
 
     def _tell_uncounted(self, trial, kind: str, reason: str, config: dict, dup_of: int | None = None) -> None:
         from optuna.trial import TrialState
@@ -492,16 +446,14 @@ class _Study:
 
     # -- worker ----------------------------------------------------------------------------
     def worker(self, idx: int) -> None:
-        from optuna.trial import TrialState
-
         r, study, space = self.r, self.study, self.r.space
-        rng = random.Random(r.seed * 7919 + idx)
+        strategy = make_strategy(self.opts.sampler, space, r.seed * 7919 + idx)
         runner = TrialRunner(self.problem(idx))
         if idx == 0:
             self.runners.insert(0, runner)  # kept for re-timing and the final check
         else:
             self.runners.append(runner)
-        uncounted_in_a_row = sampler_failures = 0
+        rejected_in_a_row = sampler_failures = 0
         try:
             while not self.stop.is_set():
                 if self.deadline is not None and time.monotonic() > self.deadline:
@@ -527,21 +479,18 @@ class _Study:
                     elif len(done) + len(running) >= r.trials:
                         wait = True
                     else:
-                        if self.opts.sampler == "grid" and not waiting:
-                            nxt = self._untried(done, running, waiting, rng, first=True)
-                            if nxt is not None:
-                                study.enqueue_trial(nxt, user_attrs={"ks_grid": True})
-                        elif uncounted_in_a_row >= 3 and not waiting:  # a sampler stuck: random
-                            nxt = self._untried(done, running, waiting, rng)
-                            if nxt is not None:
-                                study.enqueue_trial(nxt, user_attrs={"ks_fallback": True})
-                            uncounted_in_a_row = 0
+                        taken = self._keys(list(done) + list(running), waiting)
+                        queued = None if waiting else strategy.queued_before_ask(self._untried(taken),
+                                                                                  rejected_in_a_row)
+                        if queued is not None:
+                            study.enqueue_trial(queued[0], user_attrs=queued[1])
+                            rejected_in_a_row = 0
                         trial = study.ask()
                         try:
-                            config = space.suggest(trial, every_knob=self.opts.sampler in EVERY_KNOB)
+                            config = strategy.suggest(trial)
                         except Exception as e:  # a sampler failure must not kill the study...
-                            self._tell_uncounted(trial, "exception", f"sampler: {type(e).__name__}: {e}", {})
-                            uncounted_in_a_row += 1
+                            self._tell_uncounted(trial, "sampler_error", f"sampler: {type(e).__name__}: {e}", {})
+                            rejected_in_a_row += 1
                             sampler_failures += 1
                             if sampler_failures >= 10:  # ...but one that always fails must end it
                                 raise RuntimeError(f"the {self.opts.sampler} sampler failed 10 times in a row; "
@@ -557,16 +506,12 @@ class _Study:
                             else:
                                 self._tell_uncounted(trial, "duplicate", f"same config as trial {dup.number}",
                                                      config, dup_of=dup.number)
-                            uncounted_in_a_row += 1
-                            # keep the sampler's intent ("around here"): queue the nearest config
-                            # not evaluated yet, which the next ask takes
-                            if self.opts.sampler != "grid":
-                                taken = self._keys(list(done) + list(running), waiting)
-                                nxt = nearest_untried(space, config, taken, rng)
-                                if nxt is not None:
-                                    study.enqueue_trial(nxt, user_attrs={"ks_near": trial.number})
+                            rejected_in_a_row += 1
+                            nearest = strategy.queued_after_rejection(config, taken)
+                            if nearest is not None:   # the next ask takes it
+                                study.enqueue_trial(nearest, user_attrs={"ks_near": trial.number})
                             continue
-                        uncounted_in_a_row = 0
+                        rejected_in_a_row = 0
                         trial.set_user_attr("ks_run", {"worker": {**self.identity, "thread": idx}, "key": key,
                                                                 "config": config})
                 if wait:
@@ -575,10 +520,7 @@ class _Study:
                 if trial is None:
                     break
                 self.run_trial(runner, trial, config)
-        except RunnerError as e:
-            self.errors.append(e)
-            self.stop.set()
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001 - raised by run() in the main thread
             self.errors.append(e)
             self.stop.set()
         finally:
@@ -617,10 +559,11 @@ class _Study:
             attrs.update(time_ms=out["time_ms"], timing=out.get("timing"), check=out.get("check"),
                          used_config=out.get("used_config"))
         else:
-            attrs.update(kind=out.get("kind", "exception"), reason=str(out.get("reason", ""))[:4000],
-                         phase=out.get("phase"))
+            attrs.update(kind=out["kind"], reason=str(out.get("reason", ""))[:4000], phase=out.get("phase"))
             if out.get("traceback"):
-                attrs["traceback"] = out["traceback"][-3000:]
+                attrs["traceback"] = out["traceback"][-8000:]
+            if out["kind"] == INTERNAL_ERROR:
+                self.report_internal_error(trial.number, config, out)
         try:
             trial.set_user_attr("ks", {k: v for k, v in attrs.items() if v is not None})
             if out.get("status") == "ok":
@@ -635,6 +578,14 @@ class _Study:
             note = _fmt_ms(out.get("time_ms")) + " ms" if out.get("status") == "ok" else out.get("kind", "fail")
             self.progress.update(len(done), best, fails, note)
 
+    def report_internal_error(self, number: int, config: dict, out: dict) -> None:
+        """A bug, not a bad config: said at once, with its traceback, whatever --no-progress says."""
+        with self.progress.lock if self.progress else threading.Lock():
+            self.out.write(f"\nINTERNAL ERROR in trial {number} (a bug in kernelsearch, not a bad config; "
+                           f"config {_literal(config)}, phase {out.get('phase')}):\n"
+                           f"{out.get('traceback') or out.get('reason')}\n")
+            self.out.flush()
+
     def _requeue(self, trial, config: dict, kind: str, reason: str) -> None:
         from optuna.trial import TrialState
 
@@ -643,8 +594,8 @@ class _Study:
                                        "config": config})
             self.study.tell(trial, state=TrialState.FAIL)
             self.study.enqueue_trial(config, user_attrs={"ks_retry_of": trial.number})
-        except Exception:
-            pass
+        except Exception as e:  # reaped meanwhile by another worker, which re-queued it: say so
+            self.notes.append(f"trial {trial.number}: not re-queued here ({type(e).__name__}: {e})")
 
     # -- orchestration -----------------------------------------------------------------------
     def run(self) -> None:
@@ -770,8 +721,8 @@ class _Study:
         result.rows, result.winner, result.winner_ms, result.default_ms = rows, win["config"], win["median_ms"], default_ms
         try:
             self.study.set_user_attr("ks_final", {"rows": rows, "default_ms": default_ms, "time": time.time()})
-        except Exception:
-            pass
+        except Exception as e:  # the table is printed and recorded anyway; only the study's copy is missing
+            result.notes.append(f"the final table was not stored in the study ({type(e).__name__}: {e})")
         if self.interrupted:
             result.notes.append("interrupted: the best config below was neither re-timed nor finally checked, "
                                 "and is not recorded; run the same command again to finish")
@@ -798,12 +749,15 @@ class _Study:
 def print_result(res: TuneResult, r: Resolved, out: TextIO) -> None:
     w = out.write
     c = res.counts
-    fails = {k: v for k, v in c.items() if k not in ("counted", "complete", "uncounted")}
+    fails = {k: v for k, v in c.items() if k not in ("counted", "complete", "uncounted", INTERNAL_ERROR)}
     w(f"\nstudy   {res.study_name}\nstorage {res.storage}\n")
     w(f"trials  {c.get('counted', 0)} evaluated ({c.get('complete', 0)} ok"
       + "".join(f", {v} {k.replace('_', ' ')}" for k, v in sorted(fails.items())) + ")"
       + (f"; {c['uncounted']} not counted (duplicate or invalid proposals, interrupted trials)" if c.get("uncounted") else "")
       + (f"; ran {res.ran} now" if res.ran else "") + "\n")
+    if c.get(INTERNAL_ERROR):
+        w(f"        {c[INTERNAL_ERROR]} INTERNAL ERROR(S): bugs in kernelsearch, not bad configs (tracebacks "
+          "above and in the trials' user attrs); please report them\n")
     if res.exhausted:
         w("        every valid config has been evaluated\n")
     if res.interrupted:

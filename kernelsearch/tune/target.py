@@ -4,9 +4,9 @@
 direction, device). `Evaluator(problem)` is created once per child process; it prepares the
 timing inputs (rotated copies) and then evaluates configs one after the other:
 
-1. *feasibility*: the backend's AOT check (``kernelsearch.codegen.triton_aot.aot_check``: compile
-   for the device's architecture and compare shared memory with the device's limit) — a
-   config that cannot compile or fit is dropped here, before anything runs;
+1. *feasibility*: the backend's check before anything runs (Triton: the AOT compile for the
+   device's architecture, shared memory against its limit) — a config that cannot compile or
+   fit is dropped here;
 2. *build and first call*: ``kernelsearch.load(spec, backend, config=config, **params)`` and one
    call on the timing inputs; the wall time of both is the config's *compile time*;
 3. *check*: output (and gradients for fwd+bwd) against the reference in float64 on fresh
@@ -16,9 +16,11 @@ timing inputs (rotated copies) and then evaluates configs one after the other:
    when it fails), so that no config is recorded without having passed both;
 4. *time*: `bench.py` on the rotated timing inputs.
 
-Failures raise `TrialFailure(kind, message)` with ``kind`` one of ``infeasible``,
-``compile_error``, ``out_of_resources``, ``wrong_result``, ``exception``; the child turns them
-into a failed outcome. Timeouts and crashes are detected by the parent (`trial.py`).
+What the backend is comes with the problem (``Problem.target``, see `adapter.py`): the same
+evaluator runs kernelsearch's backends and the test double. Failures follow `policy.py`: an
+expected failure (`TrialFailure`, or an exception type the backend declares) is a failed
+outcome with its kind and reason; anything else is an internal error, kept with its traceback.
+Timeouts and crashes are detected by the parent (`trial.py`).
 """
 from __future__ import annotations
 
@@ -26,14 +28,13 @@ import json
 import math
 import os
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-__all__ = ["Problem", "TrialFailure", "Evaluator", "classify_exception", "FAIL_KINDS"]
+from .adapter import KernelsearchTarget, torch_dtype
+from .policy import TrialFailure, failure_outcome
 
-FAIL_KINDS = ("infeasible", "compile_error", "out_of_resources", "wrong_result", "exception",
-              "timeout", "crash", "interrupted", "stale")
+__all__ = ["Problem", "TrialFailure", "Evaluator", "CpuLock"]
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Problem:
     """Everything a child process needs to evaluate configs (picklable)."""
 
     spec_path: str | None
-    backend: str                     # "torch" | "triton" | "fake"
+    backend: str                     # the backend records are written under: "torch" | "triton" | ...
     sizes: dict                      # B, H, I, J, D
     dtype: str = "float32"
     direction: str = "fwd"           # "fwd" | "fwd+bwd"
@@ -52,7 +53,7 @@ class Problem:
     check_optional: bool | None = None  # also check with optional inputs in every trial (None: on CUDA only)
     seed: int = 0
     cpu_lock: str | None = None      # lock file shared by every trial process on this machine (CPU target)
-    fake: dict | None = None         # behaviour of the fake target (tests, benchmarks)
+    target: Any = None               # what evaluates configs (adapter.py); None: kernelsearch's `backend`
     check_elements: int = 1 << 25    # cap on B*H*I*J for the float64 reference check
     bench: dict = field(default_factory=dict)  # options for bench.bench
 
@@ -60,42 +61,12 @@ class Problem:
     def device_type(self) -> str:
         return "cuda" if self.device.startswith("cuda") else "cpu"
 
+    def open_backend(self) -> Any:
+        return (self.target or KernelsearchTarget(self.backend)).open(self)
+
     @property
     def per_trial_optional(self) -> bool:
         return self.device_type == "cuda" if self.check_optional is None else bool(self.check_optional)
-
-
-class TrialFailure(Exception):
-    def __init__(self, kind: str, message: str):
-        super().__init__(f"{kind}: {message}")
-        self.kind = kind
-        self.message = message
-
-
-def classify_exception(e: BaseException) -> str:
-    """Map an exception raised while building/running a config to a failure kind."""
-    if isinstance(e, TrialFailure):
-        return e.kind
-    names = {c.__name__ for c in type(e).__mro__}
-    mods = {c.__module__ for c in type(e).__mro__}
-    text = str(e)
-    if "OutOfResources" in names or "OutOfMemoryError" in names or "out of resource" in text.lower():
-        return "out_of_resources"
-    if "CUDA out of memory" in text or "shared memory" in text.lower() and "exceed" in text.lower():
-        return "out_of_resources"
-    if ({"CompilationError", "CompileError", "CompileTimeAssertionFailure", "BackendCompilerFailed",
-         "InductorError"} & names) or any(m.startswith("triton.compiler") for m in mods):
-        return "compile_error"
-    return "exception"
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-            "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-            "float64": torch.float64, "fp64": torch.float64}[name]
 
 
 def _nbytes(inputs: Mapping[str, Any]) -> int:
@@ -148,94 +119,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-class _Backend:
-    """Adapter over kernelsearch.load / inputs / aot_check (real) or the fake module (tests)."""
-
-    def __init__(self, problem: Problem):
-        self.p = problem
-        if problem.backend == "fake":
-            from . import fake
-
-            self.impl = fake.FakeBackend(problem)
-            self.spec = self.impl.spec
-            return
-        import kernelsearch
-        from kernelsearch import inputs as ks_inputs
-
-        self._load = kernelsearch.load
-        self._random_inputs = ks_inputs.random_inputs
-        self.reference_fn = kernelsearch.load(problem.spec_path, backend="reference", **problem.params)
-        self.spec = self.reference_fn.spec
-        self.impl = None
-        self._aot = None
-        if problem.backend == "triton":
-            import importlib
-
-            for name in ("kernelsearch.codegen.triton_aot", "kernelsearch.backends.triton_backend",
-                         "kernelsearch.backends.triton"):
-                try:
-                    self._aot = getattr(importlib.import_module(name), "aot_check", None)
-                except ImportError:
-                    continue
-                if self._aot is not None:
-                    break
-
-    def inputs(self, sizes: Mapping[str, int], seed: int, optional: bool, device: str | None = None) -> dict:
-        if self.impl is not None:
-            return self.impl.inputs(sizes, seed, optional, device or self.p.device)
-        return self._random_inputs(self.spec, dict(sizes), dtype=_torch_dtype(self.p.dtype),
-                                   device=device or self.p.device, seed=seed, optional=optional)
-
-    def build(self, config: Mapping[str, Any]) -> Callable:
-        if self.impl is not None:
-            return self.impl.build(dict(config))
-        return self._load(self.p.spec_path, backend=self.p.backend, config=dict(config), **self.p.params)
-
-    def reference(self) -> Callable:
-        if self.impl is not None:
-            return self.impl.reference()
-        return self.reference_fn
-
-    def feasibility(self, config: Mapping[str, Any]) -> dict | None:
-        """Raise TrialFailure when the config cannot compile or fit; else what the AOT check
-        measured ({"arch", "shared", "compile_s"}), or None when there is no such check."""
-        if self.impl is not None:
-            self.impl.feasibility(dict(config))
-            return None
-        if self._aot is None:
-            return None
-        arch = 90
-        if self.p.device_type == "cuda":
-            import torch
-
-            major, minor = torch.cuda.get_device_capability(self.p.device)
-            arch = major * 10 + minor
-        import inspect
-
-        kw: dict = {}
-        try:
-            accepted = inspect.signature(self._aot).parameters
-        except (TypeError, ValueError):
-            accepted = {}
-        for name, value in (("sizes", dict(self.p.sizes)), ("dtype", self.p.dtype), ("resources", False),
-                            ("direction", self.p.direction)):
-            if name in accepted:
-                kw[name] = value
-        res = self._aot(self.spec, dict(self.p.params), dict(config), arch=arch, **kw)
-        if not res.get("ok", True):
-            err = str(res.get("error") or "AOT check failed")
-            low = err.lower()
-            kind = "out_of_resources" if ("out of resources" in low or "outofresources" in low
-                                          or "shared memory" in low) else "compile_error"
-            raise TrialFailure(kind, err)
-        return {"arch": f"sm_{arch}", "shared": res.get("shared"), "compile_s": res.get("compile_s")}
-
-    def synthetic_time(self, config: Mapping[str, Any]) -> float | None:
-        if self.impl is not None:
-            return self.impl.synthetic_time(dict(config))
-        return None
-
-
 class Evaluator:
     def __init__(self, problem: Problem):
         import torch
@@ -243,18 +126,15 @@ class Evaluator:
         self.p = problem
         if problem.device_type == "cuda" and ":" in problem.device:
             torch.cuda.set_device(torch.device(problem.device))
-        self.backend = _Backend(problem)
-        self.dtype = _torch_dtype(problem.dtype)
+        self.backend = problem.open_backend()
+        self.dtype = torch_dtype(problem.dtype)
         self.sizes = dict(problem.sizes)
         self.check_sizes = self._reduce_sizes(self.sizes)
         # Timing inputs: rotated copies so that no call finds its operands in cache.
-        first = self.backend.inputs(self.sizes, problem.seed, problem.optional_inputs)
+        first = self.backend.inputs(self.sizes, problem.seed, problem.optional_inputs, problem.device)
         if problem.device_type == "cuda":
             cache = 50 << 20
-            try:
-                cache = int(torch.cuda.get_device_properties(problem.device).L2_cache_size) or cache
-            except Exception:
-                pass
+            cache = int(getattr(torch.cuda.get_device_properties(problem.device), "L2_cache_size", 0)) or cache
         else:
             from .bench import llc_bytes
 
@@ -263,7 +143,8 @@ class Evaluator:
 
         n = rotation_count(_nbytes(first), cache)
         self.timing_sets = [first] + [
-            self.backend.inputs(self.sizes, problem.seed + 1000 + i, problem.optional_inputs) for i in range(n - 1)
+            self.backend.inputs(self.sizes, problem.seed + 1000 + i, problem.optional_inputs, problem.device)
+            for i in range(n - 1)
         ]
         self.grad_out = None
         self._optional_exists = None
@@ -367,15 +248,11 @@ class Evaluator:
             out["timing"] = timing.as_dict()
             out["time_ms"] = timing.median_ms
             if not (math.isfinite(timing.median_ms) and timing.median_ms > 0):
-                raise TrialFailure("exception", f"timing gave {timing.median_ms!r} ms")
+                raise TrialFailure("bad_timing", f"timing gave {timing.median_ms!r} ms")
             out["status"] = "ok"
-        except TrialFailure as e:
-            out.update(status="fail", kind=e.kind, reason=e.message)
-        except Exception as e:  # noqa: BLE001 - everything becomes a recorded failure
-            kind = classify_exception(e)
-            tb = traceback.format_exc(limit=6)
-            out.update(status="fail", kind=kind, reason=f"{type(e).__name__}: {e}"[:2000], traceback=tb[-4000:])
-            if self.p.device_type == "cuda":
+        except Exception as e:  # noqa: BLE001 - the policy decides: the config's failure, or a bug
+            out.update(failure_outcome(e, self.backend.expected_errors))
+            if self.p.device_type == "cuda" and not isinstance(e, TrialFailure):
                 # a CUDA error can poison the context; ask the parent to start a fresh child
                 out["restart"] = True
         finally:
@@ -385,10 +262,7 @@ class Evaluator:
             if out.get("status") == "ok":
                 del out["phase"]
             if self.p.device_type == "cuda":
-                try:
-                    torch.cuda.empty_cache()
-                except Exception:
-                    out["restart"] = True
+                torch.cuda.empty_cache()
         return out
 
     def _check(self, fn: Callable, trial_seed: int, required: bool = True, optional: bool = True) -> dict:
@@ -398,7 +272,7 @@ class Evaluator:
         results = {}
         variants = ([False] if required else []) + ([True] if optional and self._has_optional() else [])
         for optional in variants:
-            inputs = self.backend.inputs(self.check_sizes, 7919 * (trial_seed + 1) + optional, optional)
+            inputs = self.backend.inputs(self.check_sizes, 7919 * (trial_seed + 1) + optional, optional, self.p.device)
             res = check_call(fn, ref, inputs, direction=self.p.direction, dtype=self.dtype,
                              device_type=self.p.device_type)
             results["with_optional" if optional else "required"] = res.as_dict()
@@ -444,10 +318,10 @@ class Evaluator:
             fn = self._get_fn(config)
             self._check(fn, seed, required=False, optional=True)
             return {"ok": True}
-        except TrialFailure as e:
-            return {"ok": False, "kind": e.kind, "error": f"{e.kind}: {e.message}"}
-        except Exception as e:  # noqa: BLE001
-            return {"ok": False, "kind": classify_exception(e), "error": f"{type(e).__name__}: {e}"}
+        except Exception as e:  # noqa: BLE001 - the policy decides
+            failed = failure_outcome(e, self.backend.expected_errors)
+            return {"ok": False, "kind": failed["kind"], "error": f"{failed['kind']}: {failed['reason']}",
+                    **({"traceback": failed["traceback"]} if "traceback" in failed else {})}
         finally:
             cpu.release()
 
@@ -469,8 +343,9 @@ class Evaluator:
                     fns.append(call)
                     all_grads += grads
                     idx.append(i)
-                except Exception as e:  # noqa: BLE001
-                    out[i] = {"error": f"{type(e).__name__}: {e}", "kind": classify_exception(e)}
+                except Exception as e:  # noqa: BLE001 - the policy decides
+                    failed = failure_outcome(e, self.backend.expected_errors)
+                    out[i] = {"error": failed["reason"], "kind": failed["kind"]}
             synth = [self.backend.synthetic_time(configs[i]) for i in idx]
             if fns and all(s is not None for s in synth):
                 timings = []
@@ -486,9 +361,3 @@ class Evaluator:
         for i, t in zip(idx, timings):
             out[i] = t.as_dict()
         return out
-
-
-def describe_env() -> dict:
-    import platform
-
-    return {"pid": os.getpid(), "python": platform.python_version()}

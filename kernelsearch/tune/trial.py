@@ -17,7 +17,7 @@ orphan keeps a GPU busy. The child runs in its own session, so Ctrl-C reaches on
 which decides what to do.
 
 Outcome dicts: ``{"status": "ok", "time_ms", "timing", "compile_s", "check", "used_config"}``
-or ``{"status": "fail", "kind", "reason", ...}`` (kinds: `target.FAIL_KINDS`).
+or ``{"status": "fail", "kind", "reason", ...}`` (kinds: `policy.py`).
 """
 from __future__ import annotations
 
@@ -42,10 +42,7 @@ _LIVE: "weakref.WeakSet[TrialRunner]" = weakref.WeakSet()
 
 def _kill_all() -> None:
     for r in list(_LIVE):
-        try:
-            r.close(kill=True)
-        except Exception:
-            pass
+        r.close(kill=True)   # kills and reaps; never raises for a child that is gone
 
 
 atexit.register(_kill_all)
@@ -143,7 +140,7 @@ class TrialRunner:
             except (EOFError, OSError, ValueError, TypeError):
                 try:
                     proc.wait(timeout=5)
-                except Exception:
+                except subprocess.TimeoutExpired:   # still exiting: the caller's poll() says so
                     pass
                 return None
             if proc.poll() is not None:
@@ -176,7 +173,7 @@ class TrialRunner:
                 try:
                     conn.send(("stop",))
                     proc.wait(timeout=5)
-                except Exception:
+                except (OSError, subprocess.TimeoutExpired):   # gone or stuck: killed below
                     pass
             if proc.poll() is None:
                 try:

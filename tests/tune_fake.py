@@ -1,5 +1,9 @@
 """A fake target: a test double for the tuner, and a synthetic landscape for its benchmark.
 
+It implements the interface of `kernelsearch.tune.adapter` (as kernelsearch's own backends do)
+and is injected with ``TuneOptions(adapter=FakeTarget(behaviour))``; ``python -m tests.tune_fake
+tune --fake JSON ...`` is the ``kernelsearch tune`` command with it (subprocess tests).
+
 It has the Triton target's knobs (``BLOCK_M, BLOCK_N, num_warps, num_stages``) and a
 deterministic cost model shaped like a flash-attention kernel's (tile efficiency, warps per
 tile, pipeline depth, occupancy), so the samplers face a realistic, rugged landscape without a
@@ -8,15 +12,14 @@ reference, so every failure path of a trial can be provoked on purpose with ``be
 
 - ``wrong``: list of partial configs whose output is wrong (and, to tempt the tuner, 2x faster);
 - ``hang``: configs whose first call never returns; ``crash``: configs that kill the process;
-- ``compile_error``: configs whose build raises a compilation error;
+- ``compile_error``: configs whose build raises a compilation error (a type it declares expected);
+- ``bug``: configs whose build raises an unexpected exception (an internal error, not a bad config);
 - ``smem_limit``: configs with ``BLOCK_M*BLOCK_N*num_stages`` above it are out of resources
   (raised by the feasibility hook, like Triton's AOT shared-memory check);
 - ``sleep_s``: seconds each build takes (to simulate compile time; kill tests use it);
 - ``measure``: time the plain-PyTorch call for real instead of using the cost model;
 - ``barrier``: ``{"dir": path, "n": n}``: each trial process, when it starts, waits until
   ``n`` of them have started (tests of several workers, so that all of them take part).
-
-Never used unless asked for (``--target fake`` is hidden from ``--help``).
 """
 from __future__ import annotations
 
@@ -29,7 +32,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .space import Constraint, Knob, SearchSpace
+from kernelsearch.tune.adapter import torch_dtype
+from kernelsearch.tune.policy import TrialFailure
+from kernelsearch.tune.space import Constraint, Knob, SearchSpace
 
 FAKE_TUNE = {"BLOCK_M": [16, 32, 64, 128], "BLOCK_N": [16, 32, 64, 128], "num_warps": [2, 4, 8],
              "num_stages": [1, 2, 3, 4]}
@@ -99,12 +104,8 @@ def model_time(config: Mapping[str, Any], sizes: Mapping[str, int]) -> float:
     return work / (eff_m * eff_n) * pen_w * pen_s / max(occupancy, 0.05) * rugged + 0.002
 
 
-class _FakeCompileError(Exception):
-    pass
-
-
-# Make it look like Triton's for classification purposes.
-_FakeCompileError.__name__ = "CompilationError"
+class FakeCompileError(Exception):
+    """The fake compiler's refusal: declared an expected failure in `FakeBackend.expected_errors`."""
 
 
 def _attention(q, k, v, mask=None, scale=None):
@@ -141,10 +142,33 @@ class FakeKernel:
         return o.to(dt)
 
 
+@dataclass
+class FakeTarget:
+    """The tuner's side of the fake (see `kernelsearch.tune.adapter`); picklable, so that it travels
+    to the trial processes inside the problem."""
+
+    behaviour: dict = field(default_factory=dict)
+    backend = "fake"
+    target = "fake"
+    defaults = {"shape": (1, 2, 64, 64, 16), "dtype": "float32", "trials": 30, "timeout": None,
+                "trial_timeout": 30.0}
+
+    def load_spec(self, spec_path: Any, params: Mapping[str, Any]) -> tuple[FakeSpec, dict]:
+        return fake_spec(self.behaviour), dict(params)   # the fake has no declared params
+
+    def space(self, spec: Any, sizes: Mapping[str, int], direction: str, dtype: str) -> SearchSpace:
+        return fake_space(spec, sizes, direction)
+
+    def open(self, problem: Any) -> "FakeBackend":
+        return FakeBackend(problem, self.behaviour)
+
+
 class FakeBackend:
-    def __init__(self, problem: Any):
+    expected_errors = {FakeCompileError: "compile_error"}
+
+    def __init__(self, problem: Any, behaviour: Mapping[str, Any]):
         self.p = problem
-        self.behaviour = dict(problem.fake or {})
+        self.behaviour = dict(behaviour)
         self.spec = fake_spec(self.behaviour)
         barrier = self.behaviour.get("barrier")
         if barrier:
@@ -158,11 +182,9 @@ class FakeBackend:
     def inputs(self, sizes: Mapping[str, int], seed: int, optional: bool, device: str) -> dict:
         import torch
 
-        from .target import _torch_dtype
-
         g = torch.Generator(device="cpu").manual_seed(int(seed))
         B, H, I, J, D = (int(sizes[k]) for k in "BHIJD")
-        dt = _torch_dtype(self.p.dtype)
+        dt = torch_dtype(self.p.dtype)
         out = {"q": torch.randn(B, H, I, D, generator=g).to(dt).to(device),
                "k": torch.randn(B, H, J, D, generator=g).to(dt).to(device),
                "v": torch.randn(B, H, J, D, generator=g).to(dt).to(device)}
@@ -176,15 +198,15 @@ class FakeBackend:
         if self.behaviour.get("sleep_s"):
             time.sleep(float(self.behaviour["sleep_s"]))
         if matches(config, self.behaviour.get("compile_error")):
-            raise _FakeCompileError(f"fake compile error for {config}")
+            raise FakeCompileError(f"fake compile error for {config}")
+        if matches(config, self.behaviour.get("bug")):
+            raise KeyError(f"fake bug in the code generator for {config}")
         return FakeKernel(config, self.behaviour)
 
     def reference(self):
         return lambda q, k, v, mask=None: _attention(q, k, v, mask)
 
     def feasibility(self, config: dict) -> None:
-        from .target import TrialFailure
-
         lim = self.behaviour.get("smem_limit")
         if lim is not None and config["BLOCK_M"] * config["BLOCK_N"] * config["num_stages"] > lim:
             need = config["BLOCK_M"] * config["BLOCK_N"] * config["num_stages"]
@@ -197,3 +219,32 @@ class FakeBackend:
         if matches(config, self.behaviour.get("wrong")):
             t *= 0.5
         return t
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.tune_fake tune|report --fake JSON ...``: the kernelsearch commands with the fake."""
+    import argparse
+    import sys
+
+    from kernelsearch.errors import KernelsearchError
+    from kernelsearch.tune.cli import register
+
+    ap = argparse.ArgumentParser(prog="python -m tests.tune_fake")
+    ap.add_argument("--fake", default="{}", help="the fake's behaviour, JSON")
+    sub = ap.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = ap.parse_args(argv)
+    # the class by its importable name, not __main__'s: the trial processes unpickle it
+    from tests.tune_fake import FakeTarget as Target
+
+    try:
+        return int(args.func(args, adapter=Target(json.loads(args.fake))))
+    except KernelsearchError as e:
+        print(f"kernelsearch: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
