@@ -29,7 +29,7 @@ import os
 
 import torch
 
-from ..codegen import triton_bwd, triton_fwd
+from ..codegen import names, triton_bwd, triton_fwd
 from ..codegen.files import GeneratedFile, triton_file, triton_training_file
 from ..codegen.triton_fwd import CodegenError, plan
 from ..ir import Graph
@@ -159,7 +159,7 @@ class TritonForward:
             self._op = self._ops[name]
             return self._op
         module = self.module
-        params = ", ".join(f"Tensor {triton_fwd._sanitize(n)}" for n in self.inputs)
+        params = ", ".join(f"Tensor {names.argument(n)}" for n in self.inputs)
         schema = f"({params}, int BLOCK_M, int BLOCK_N, int num_warps, int num_stages, bool poison) -> Tensor"
         count = len(self.inputs)
         make, wrap = library_op_kind(interp)
@@ -232,7 +232,7 @@ class TritonTraining:
             return self._op
         module = load_module(self.file, interpret=self.interpret)
         count = len(self.inputs)
-        tensors = ", ".join(f"Tensor {triton_fwd._sanitize(n)}" for n in self.inputs)
+        tensors = ", ".join(f"Tensor {names.argument(n)}" for n in self.inputs)
         knobs = "int BLOCK_M, int BLOCK_N, int num_warps, int num_stages"
         fwd_schema = f"({tensors}, {knobs}, int BLOCK_M_BWD, int BLOCK_N_BWD, int num_warps_bwd, " \
                      "int num_stages_bwd, bool poison) -> (Tensor, Tensor)"

@@ -7,7 +7,8 @@ code generators never use for their own locals:
 
     v_<entry>           a graph value the spec named (an entry or an input, once aligned/loaded)
     t<N>_<entry>        an unnamed intermediate of entry `<entry>` (the graph's `<entry>.<N>`)
-    in_<input>          an input as the generated function receives it (argument, pointer base)
+    in_<input>          an input as the generated function receives it (a core graph's cut
+                        intermediate `<entry>.<N>`: in<N>_<entry>)
     size_<dim>          the size of a feature or table dim (b, h, i, j are the language's own:
                         their sizes are B, H, I, J)
     <role>_<name>       anything derived from one of the above (`mma_v_k`, `stride_in_q_2`):
@@ -34,7 +35,11 @@ def value(node_id: str) -> str:
 
 
 def argument(input_name: str) -> str:
-    """The parameter of a generated function that receives input `input_name`."""
+    """The parameter of a generated function that receives input `input_name` (a core graph's
+    inputs include cut intermediates `owner.N`: those become `in<N>_<owner>`)."""
+    temp = _TEMP.match(input_name)
+    if temp:
+        return f"in{temp['number']}_{temp['owner']}"
     return f"in_{input_name}"
 
 

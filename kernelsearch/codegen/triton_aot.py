@@ -116,6 +116,7 @@ def _channels_and_precision(p, constexprs: dict, sizes: dict, elem: str) -> None
 
 
 def _signature(p, args, pointer_type, unit_strides, constexpr_names, sizes):
+    from . import names
     from .triton_fwd import MIN_DOT_BLOCK
     signature, constexprs, attrs = {}, {}, {}
     host_type = {a: {"float": "fp32", "int": "i32", "bool": "i1"}.get(dtype_, "fp32") for a, _, dtype_, _ in p.host}
@@ -138,7 +139,7 @@ def _signature(p, args, pointer_type, unit_strides, constexpr_names, sizes):
     for feature, block in p.features:
         size = int(sizes.get(feature, DEFAULT_SIZES["d"]))
         constexprs[block] = max(MIN_DOT_BLOCK, 1 << max(0, size - 1).bit_length())
-        constexprs[f"EVEN_{feature.upper()}"] = constexprs[block] == size
+        constexprs[names.axis_name("EVEN", feature)] = constexprs[block] == size
     return signature, constexprs, attrs
 
 

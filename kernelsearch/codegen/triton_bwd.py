@@ -32,8 +32,9 @@ from dataclasses import dataclass
 
 from .. import ops
 from ..ir import Graph
-from .triton_fwd import (CodegenError, KernelPlan, TensorArg, _KernelWriter, _Value, _sanitize,
-                         feature_launch_args, launcher_sizes, plan, presence_suffix)
+from . import names
+from .triton_fwd import (CodegenError, KernelPlan, TensorArg, _KernelWriter, _Value, feature_launch_args,
+                         launcher_sizes, plan, tensor_arg)
 
 # 64x64 with 8 warps: no register spills in the dq kernels of the seed specs on sm_90 (4 warps spill 24-40 B)
 from ..backends.knobs import TRITON_BWD_DEFAULTS as DEFAULT_BWD_CONFIG  # noqa: E402  (declared there)
@@ -64,7 +65,7 @@ class BackwardPlan:
 
     def constexpr_args(self) -> list[str]:
         p = self.forward
-        return ["BLOCK_M", "BLOCK_N"] + [b for _, b in p.features] + [f"EVEN_{f.upper()}" for f, _ in p.features] \
+        return ["BLOCK_M", "BLOCK_N"] + [b for _, b in p.features] + [names.axis_name("EVEN", f) for f, _ in p.features] \
             + (["CP"] if p.channels else []) + ["DOT_PRECISION"]
 
 
@@ -86,16 +87,14 @@ def backward_plan(graph: Graph) -> BackwardPlan:
             dot_operands.update(node.args)
     differentiable = tuple(t for t in p.tensors if t.dtype == "float")
     for t in differentiable:
-        name = f"d_{_sanitize(t.name)}"
-        grads.append(TensorArg(f"d {t.name}", f"{name}_ptr", t.dims, "float", t.raw,
-                               tuple(f"stride_{name}_{d}" for d in t.dims)))
+        grads.append(tensor_arg(names.derived("grad", t.var), f"d {t.name}", t.dims, "float", t.raw))
         if t.name not in dot_operands:
             atomic.append(t.name)
-    dout = TensorArg("dO", "do_ptr", p.out_dims, "float", False, tuple(f"stride_do_{d}" for d in p.out_dims))
+    dout = TensorArg("dO", "do_ptr", p.out_dims, "float", False,
+                     tuple(f"stride_do_{axis}" for axis in range(len(p.out_dims))), "do")
     (softmax,) = graph.find("softmax")
     exact_delta = graph.node(accs[0]).args[0] != softmax
-    suffix = f"{_sanitize(graph.spec.name)}{presence_suffix(graph)}"
-    return BackwardPlan(p, f"_bwd_dq_{suffix}", f"_bwd_dkdv_{suffix}", tuple(t.name for t in differentiable), grads,
+    return BackwardPlan(p, f"_bwd_dq_{graph.spec.name}", f"_bwd_dkdv_{graph.spec.name}", tuple(t.name for t in differentiable), grads,
                         dout, tuple(atomic), exact_delta)
 
 
@@ -363,7 +362,7 @@ class _BackwardWriter(_KernelWriter):
                 continue
             axes = self.axes(name)
             if side in axes:
-                acc = f"d_{_sanitize(name)}_acc"
+                acc = names.derived("dacc", names.argument(name))
                 self.operand_accs[name] = acc
                 self.assign(acc, f"tl.zeros({self.shape(axes)}, tl.float32)", f"d {name}")
 
@@ -394,7 +393,7 @@ class _BackwardWriter(_KernelWriter):
         for mix in self.g.find("mix_heads"):
             weight = self.g.node(mix).args[1]
             if weight in self.grad_of and weight not in self.weight_accs:
-                self.weight_accs[weight] = f"d_{_sanitize(weight)}_acc"
+                self.weight_accs[weight] = names.derived("dacc", names.argument(weight))
                 self.assign(self.weight_accs[weight], "tl.zeros([CP, CP], tl.float32)")
         self.line()
         self.key_range()
@@ -470,12 +469,12 @@ def _mix_weight_grad(g, x, CP: tl.constexpr, PRECISION: tl.constexpr):
 
 
 def backward_function_name(graph: Graph) -> str:
-    return f"triton_backward{presence_suffix(graph)}"
+    return "triton_backward"
 
 
 def _launcher(graph: Graph, bp: BackwardPlan) -> str:
     p = bp.forward
-    pnames = {t.name: _sanitize(t.name) for t in p.tensors}
+    pnames = {t.name: t.var for t in p.tensors}
     params = [pnames[t.name] for t in p.tensors]
     lead = pnames[p.lead]
     d = DEFAULT_BWD_CONFIG_HEADS_IN_TILE if p.channels else DEFAULT_BWD_CONFIG
@@ -493,7 +492,7 @@ def _launcher(graph: Graph, bp: BackwardPlan) -> str:
         lines.append("    delta = (do.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O) = rowsum(p * dp)")
     grads = []
     for name, g in zip(bp.differentiable, bp.grads):
-        var = g.ptr[:-len("_ptr")]
+        var = g.var
         grads.append((name, var))
         if name in bp.atomic:
             lines.append(f"    {var} = torch.zeros({pnames[name]}.shape, dtype=torch.float32, device={lead}.device)")

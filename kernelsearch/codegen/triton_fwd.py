@@ -1,8 +1,8 @@
 """Codegen: a scheduled graph -> the source of a fused Triton forward kernel and its launcher.
 
-Pure functions (no I/O): `triton_source(graph)` returns a module's source text (for one
-specialisation), `TRITON_PRELUDE` + `triton_functions(graph)` the same in pieces for a module that
-holds several; `plan(graph)` says what the kernels take (the launcher and the AOT check use it).
+Pure functions (no I/O): `TRITON_PRELUDE` + `triton_functions(graph)` are a module's source text
+(codegen/files.py assembles the files that run); `plan(graph)` says what the kernels take (the
+launcher and the AOT check use it).
 Nothing here knows a variant by name: the kernel is assembled from the graph's stages, its
 schedule and its key bounds. The skeleton reads as an ordinary flash-attention kernel with slots
 for the layout (which tensors, strides, sizes), the flags (schedule, sweeps) and the user's code
@@ -45,15 +45,13 @@ and two softmax strategies:
 """
 from __future__ import annotations
 
-import hashlib
-import keyword
-import re
 from dataclasses import dataclass, field
 
 from .. import ops
 from ..ir import Graph
 from ..layout import raw_inputs
 from ..passes.bounds import render_bound
+from . import names
 
 from ..backends.knobs import TRITON_FWD_DEFAULTS as DEFAULT_CONFIG  # noqa: E402  (the knobs are declared there)
 from ..backends.knobs import TRITON_FWD_DEFAULTS_HEADS_IN_TILE as DEFAULT_CONFIG_HEADS_IN_TILE  # noqa: E402
@@ -62,38 +60,28 @@ INDEX_DIMS = ("b", "h", "i", "j")
 MIN_DOT_BLOCK = 16   # tl.dot needs every dim >= 16 on a GPU
 PREPASS_BLOCK_N = 64
 
-
-# names the skeleton uses; graph values never take them
-_INTERNAL = {
-    "tl", "triton", "torch", "math", "range", "min", "max", "float", "int", "LOG2E", "NEG_INF",
-    "start_m", "pid", "off_b", "off_h", "off_bh", "sample", "offs_i", "offs_j", "offs_c", "row_ok", "col_ok",
-    "c_ok", "C", "CP", "S", "i_first", "i_last", "kv_lo", "kv_hi", "full_lo", "full_hi", "start_n", "m_i", "l_i", "m_new",
-    "m_use", "alpha", "p_tile", "s_tile", "keep_tile", "inv_l", "l_safe", "DOT_DTYPE", "DOT_PRECISION",
-    "BLOCK_M", "BLOCK_N", "out_ptr", "out", "out_tile", "out_mask", "out_offs", "_floordiv", "_floormod",
-    "_tanh", "_gelu", "_pow", "_mix_heads", "_strides", "_empty", "forward", "forward_op", "forward_fake",
-    "KERNEL", "wrap", "poison", "grid", "kernel", "num_warps", "num_stages", "tensors",
-}
-
+TRITON_BOUND_CALLS = {"min": "tl.minimum", "max": "tl.maximum", "//": "_floordiv"}   # how a bound is spelled here
 
 class CodegenError(NotImplementedError):
     """The graph needs something this code generator does not do (names the schedule or op)."""
 
 
-def _sanitize(name: str) -> str:
-    out = re.sub(r"\W", "_", name)
-    if not out or out[0].isdigit():
-        out = "n_" + out
-    return out
-
-
 @dataclass(frozen=True)
 class TensorArg:
-    name: str                  # the spec's input name
+    name: str                  # the spec's input name (or the node a scratch tensor holds)
     ptr: str                   # pointer argument of the kernel
     dims: tuple                # declared dims (a leading `b?` may be missing in the call: stride 0)
     dtype: str                 # float | bool | int
     raw: bool                  # a gather table or a mixing weight (indexed, not a value)
     strides: tuple             # stride argument names, one per declared dim
+    var: str = ""              # the launcher's variable holding the tensor
+
+
+def tensor_arg(var: str, name: str, dims, dtype: str = "float", raw: bool = False) -> TensorArg:
+    """A tensor argument whose launcher variable is `var` (a namespaced name, codegen/names.py):
+    pointer `ptr_<var>`, strides `stride_<var>_<axis>` (by position: dims may be spec names)."""
+    return TensorArg(name, names.derived("ptr", var), tuple(dims), dtype, raw,
+                     tuple(names.derived("stride", f"{var}_{axis}") for axis in range(len(dims))), var)
 
 
 @dataclass
@@ -139,10 +127,10 @@ class KernelPlan:
         return args
 
     def prepass_constexpr_args(self) -> list[str]:
-        return ["BLOCK_N"] + [b for _, b in self.features] + [f"EVEN_{f.upper()}" for f, _ in self.features]
+        return ["BLOCK_N"] + [b for _, b in self.features] + [names.axis_name("EVEN", f) for f, _ in self.features]
 
     def constexpr_args(self) -> list[str]:
-        return ["BLOCK_M", "BLOCK_N"] + [b for _, b in self.features] + [f"EVEN_{f.upper()}" for f, _ in self.features] \
+        return ["BLOCK_M", "BLOCK_N"] + [b for _, b in self.features] + [names.axis_name("EVEN", f) for f, _ in self.features] \
             + (["CP"] if self.channels else []) + ["DOT_PRECISION", "STORE_LSE"]
 
 
@@ -218,9 +206,7 @@ def plan(graph: Graph) -> KernelPlan:
     for name, decl in spec.inputs.items():
         if name not in graph or graph.node(name).op != "input":
             continue
-        ptr = f"{_sanitize(name)}_ptr"
-        strides = tuple(f"stride_{_sanitize(name)}_{d}" for d in decl.shape)
-        tensors.append(TensorArg(name, ptr, tuple(decl.shape), decl.dtype, name in raw, strides))
+        tensors.append(tensor_arg(names.argument(name), name, decl.shape, decl.dtype, name in raw))
     order = {n: k for k, n in enumerate(spec.inputs)}
     tensors.sort(key=lambda t: order[t.name])
     out_node = graph.node(graph.output)
@@ -228,7 +214,7 @@ def plan(graph: Graph) -> KernelPlan:
     if tuple(d for d in out_dims if d in INDEX_DIMS) != ("b", "h", "i") or len(out_dims) != 4:
         raise CodegenError(f"triton codegen: the output must have dims [b, h, i, <feature>], got {list(out_dims)}")
     out_feature = out_dims[-1]
-    out_strides = tuple(f"stride_out_{d}" for d in out_dims)
+    out_strides = tuple(f"stride_out_{axis}" for axis in range(len(out_dims)))
 
     # dims and where their sizes come from (q, k, v first, then other inputs); axis counted from the end
     size_sources: dict = {}
@@ -243,8 +229,8 @@ def plan(graph: Graph) -> KernelPlan:
     for node_id, node in graph.nodes():
         if node.op == "size" and node.attrs["dim"] not in size_sources:
             raise CodegenError(f"triton codegen: size '{node.attrs['dim'].upper()}' has no input to read it from")
-    sizes = [(d.upper(), d) for d in graph.dim_order if d in used_dims] + \
-        [(d.upper(), d) for d in sorted(used_dims - set(graph.dim_order))]
+    sizes = [(names.size(d), d) for d in graph.dim_order if d in used_dims] + \
+        [(names.size(d), d) for d in sorted(used_dims - set(graph.dim_order))]
     features = []
     for node_id, node in graph.nodes():
         if node_id in raw:
@@ -254,39 +240,31 @@ def plan(graph: Graph) -> KernelPlan:
             raise CodegenError(f"triton codegen: value '{node_id}' has two feature dims {extra}; "
                                "one feature dim per value is supported")
         if extra and extra[0] not in [f for f, _ in features]:
-            features.append((extra[0], f"BLOCK_{extra[0].upper()}"))
+            features.append((extra[0], names.axis_name("BLOCK", extra[0])))
         if "i" in node.dims and "j" in node.dims and extra:
             raise CodegenError(f"triton codegen: value '{node_id}' varies along i, j and {extra[0]} at once "
                                "(a [BLOCK_M, BLOCK_N, BLOCK_D] tile); this code generator keeps tiles 2-D")
     features.sort(key=lambda f: graph.dim_order.index(f[0]) if f[0] in graph.dim_order else 99)
 
-    names = _Names(graph)
+    value_names = _Names(graph)
     host = []
     for node_id, node in graph.nodes():
         if _is_host(graph, node_id):
-            host.append((names.of(node_id), node_id, node.dtype, _python_expression(graph, node_id, names)))
-    kernel = f"_fwd_{_sanitize(spec.name)}{presence_suffix(graph)}"
+            host.append((value_names.of(node_id), node_id, node.dtype, _python_expression(graph, node_id, value_names)))
+    kernel = f"_fwd_{spec.name}"
     lead = next(t.name for t in tensors if t.dtype == "float" and not t.raw and "i" in t.dims)
     materialized = []
     for node_id in materialized_nodes(graph):
         dims = graph.node(node_id).dims
-        var = names.of(node_id)
-        materialized.append(TensorArg(node_id, f"{var}_pre_ptr", dims, "float", False,
-                                      tuple(f"stride_{var}_pre_{d}" for d in dims)))
+        materialized.append(tensor_arg(names.derived("pre", value_names.of(node_id)), node_id, dims))
     return KernelPlan(kernel, graph.schedule, channels, exact, streams, tensors, out_dims, out_strides,
                       sizes, size_sources, features, host, out_feature, materialized,
-                      f"_kprologue_{_sanitize(spec.name)}{presence_suffix(graph)}" if materialized else "",
-                      lead=lead)
-
-
-def presence_suffix(graph: Graph) -> str:
-    """Names of one specialisation's functions differ by the optional inputs present (one module may hold all)."""
-    present = sorted(graph.present)
-    return ("__" + "__".join(_sanitize(n) for n in present)) if present else ""
+                      f"_kprologue_{spec.name}" if materialized else "", lead=lead)
 
 
 def triton_function_name(graph: Graph) -> str:
-    return f"triton_forward{presence_suffix(graph)}"
+    """The launcher's name (one specialisation per generated file: codegen/files.py)."""
+    return "triton_forward"
 
 
 def materialized_nodes(graph: Graph) -> list[str]:
@@ -314,34 +292,21 @@ def materialized_nodes(graph: Graph) -> list[str]:
 
 
 class _Names:
-    """Readable, unique Python names for graph values (the spec's names where it has them)."""
+    """The variables of graph values in the kernels: codegen/names.py's namespaces, so no spec name
+    can meet the kernel's own locals."""
 
     def __init__(self, graph: Graph):
         self.graph = graph
-        self.taken = set(_INTERNAL) | set(keyword.kwlist) | {f"BLOCK_{d.upper()}" for d in graph.dim_order} \
-            | {d.upper() for d in graph.dim_order} | {f"offs_{d}" for d in graph.dim_order} \
-            | {f"offs_{d}_rot" for d in graph.dim_order} | {f"{d}_ok" for d in graph.dim_order}
-        for name in graph.spec.inputs:
-            self.taken.add(f"{_sanitize(name)}_ptr")
-        self.taken |= {f"{_sanitize(n)}_pre_ptr" for n in graph.ids()} | {f"{_sanitize(n)}_pre" for n in graph.ids()}
         self.names: dict = {}
 
     def of(self, node_id: str) -> str:
         if node_id not in self.names:
             node = self.graph.node(node_id)
-            if node.op == "size":
-                self.names[node_id] = node.attrs["dim"].upper()
-                return self.names[node_id]
-            base = _sanitize(node_id)
-            name = base
-            while name in self.taken or keyword.iskeyword(name):
-                name += "_"
-            self.taken.add(name)
-            self.names[node_id] = name
+            self.names[node_id] = names.size(node.attrs["dim"]) if node.op == "size" else names.value(node_id)
         return self.names[node_id]
 
 
-def _python_expression(graph: Graph, node_id: str, names: _Names) -> str:
+def _python_expression(graph: Graph, node_id: str, value_names: _Names) -> str:
     """A host-side Python expression for a constant scalar node (over sizes and other constants)."""
     node = graph.node(node_id)
 
@@ -349,7 +314,7 @@ def _python_expression(graph: Graph, node_id: str, names: _Names) -> str:
         n = graph.node(a)
         if n.op == "const":
             return repr(n.attrs["value"])
-        return names.of(a)
+        return value_names.of(a)
     args = [arg(a) for a in node.args]
     if not ops.is_elementwise(node.op):
         raise CodegenError(f"triton codegen: cannot evaluate constant node '{node_id}' ({node.op}) on the host")
@@ -372,7 +337,6 @@ class _KernelWriter:
         self.names = _Names(graph)
         for arg, node_id, _, _ in p.host:
             self.names.names[node_id] = arg
-            self.names.taken.add(arg)
         self.raw = {t.name for t in p.tensors if t.raw}
         self.tensor = {t.name: t for t in p.tensors}
         self.host = {node_id for _, node_id, _, _ in p.host}
@@ -410,6 +374,11 @@ class _KernelWriter:
         index = ", ".join(":" if a in value.axes else "None" for a in to_axes)
         return f"{value.expr}[{index}]"
 
+    def variant_name(self, node_id: str, variant: int) -> str:
+        """A value's variable, or (variant 1) its variable at the rotated feature offsets."""
+        name = self.names.of(node_id)
+        return names.derived("rot", name) if variant else name
+
     def offsets(self, axis: str, variant: int) -> _Value:
         if axis == "i":
             return _Value("offs_i", ("i",), "int")
@@ -417,10 +386,11 @@ class _KernelWriter:
             return _Value("offs_j", ("j",), "int")
         if axis == "c":
             return _Value("offs_c", ("c",), "int")
-        return _Value(f"offs_{axis}_rot" if variant else f"offs_{axis}", (axis,), "int")
+        offsets = names.axis_name("offs", axis)
+        return _Value(names.derived("rot", offsets) if variant else offsets, (axis,), "int")
 
     def axis_mask(self, axis: str) -> _Value:
-        name = {"c": "c_ok", "i": "row_ok", "j": "col_ok"}.get(axis) or f"{axis}_ok"
+        name = {"c": "c_ok", "i": "row_ok", "j": "col_ok"}.get(axis) or names.axis_name("ok", axis)
         return _Value(name, (axis,), "bool")
 
     # -- emission
@@ -454,7 +424,7 @@ class _KernelWriter:
             text = repr(v) if not isinstance(v, float) or v == v and abs(v) != float("inf") else f'float("{v}")'
             result = _Value(text, (), {"bool": "bool", "int": "int"}.get(node.dtype, "f32"))
         elif op == "size":
-            result = _Value(node.attrs["dim"].upper(), (), "int")
+            result = _Value(names.size(node.attrs["dim"]), (), "int")
         elif node_id in self.host:
             result = _Value(self.names.of(node_id), (), {"int": "int", "bool": "bool"}.get(node.dtype, "f32"))
         elif op == "index":
@@ -471,12 +441,12 @@ class _KernelWriter:
             result = self.memo[(node_id, 0)]   # set after the key loop
         elif node_id in self.materialized and not self.in_prepass:
             t = self.materialized[node_id]
-            name = self.names.of(node_id) + ("_rot" if variant else "")
+            name = self.variant_name(node_id, variant)
             terms, masks = self.index_terms(t, axes, variant)
             self.assign(name, self.load_expr(t, terms, masks), f"[{', '.join(node.dims)}] written by the prepass")
             result = _Value(name, axes, "native")
         else:
-            name = self.names.of(node_id) + ("_rot" if variant else "")
+            name = self.variant_name(node_id, variant)
             expr, kind = self.compute(node_id, axes, variant, name)
             if expr is not None:
                 self.assign(name, expr, f"[{', '.join(node.dims)}]" + (" at (d + D/2) mod D" if variant else ""))
@@ -569,7 +539,7 @@ class _KernelWriter:
         for dim, stride, index in zip(table.dims, strides or table.strides, indices):
             idx = self.view(index, axes)
             terms.append(f"({idx}) * {stride}")
-            masks.append(f"({idx} >= 0) & ({idx} < {dim.upper()})")
+            masks.append(f"({idx} >= 0) & ({idx} < {names.size(dim)})")
         return terms, masks
 
     def gather(self, node_id, axes, variant):
@@ -594,7 +564,7 @@ class _KernelWriter:
                                    self.g.node(node_id).op == "input" and node_id in ("q", "k", "v")):
             result = v
         else:
-            name = f"{v.expr}_mma"
+            name = names.derived("mma", v.expr)
             self.assign(name, f"{v.expr}.to(DOT_DTYPE)")
             result = _Value(name, v.axes, "native")
         self.memo[key] = result
@@ -631,7 +601,7 @@ class _KernelWriter:
         node = self.g.node(node_id)
         op = node.op
         feature = axes[-1]
-        size = feature.upper()
+        size = names.size(feature)
         x = self.value(node.args[0], variant)
         xf = self.f32v(x, axes)
         last = len(axes) - 1
@@ -644,15 +614,17 @@ class _KernelWriter:
                 norm = f"tl.sqrt(tl.sum({xf} * {xf}, axis={last}))"
                 return f"{xf} / {keep_dims(f'tl.maximum({norm}, {eps!r})')}", "f32"
             self.line(f"# l2norm in {groups} groups of {size} // {groups} features")
-            self.assign(f"{name}_x", xf)
-            self.assign(f"{name}_gid", f"{offs_view} // ({size} // {groups})")
+            x_f32, group_id = names.derived("x", name), names.derived("gid", name)
+            selected, square_sum = names.derived("sel", name), names.derived("ss", name)
+            self.assign(x_f32, xf)
+            self.assign(group_id, f"{offs_view} // ({size} // {groups})")
             self.assign(name, f"tl.zeros({self.shape(axes)}, tl.float32)")
             self.line(f"for g in tl.static_range({groups}):")
             self.indent += 1
-            self.assign(f"{name}_sel", f"{name}_gid == g")
-            self.assign(f"{name}_ss", f"tl.sum(tl.where({name}_sel, {name}_x * {name}_x, 0.0), axis={last})")
-            self.assign(name, f"tl.where({name}_sel, {name}_x / "
-                              f"{keep_dims(f'tl.maximum(tl.sqrt({name}_ss), {eps!r})')}, {name})")
+            self.assign(selected, f"{group_id} == g")
+            self.assign(square_sum, f"tl.sum(tl.where({selected}, {x_f32} * {x_f32}, 0.0), axis={last})")
+            norm = keep_dims(f"tl.maximum(tl.sqrt({square_sum}), {eps!r})")
+            self.assign(name, f"tl.where({selected}, {x_f32} / {norm}, {name})")
             self.indent -= 1
             return None, "f32"
         if op == "rmsnorm":
@@ -666,20 +638,19 @@ class _KernelWriter:
         if op == "rotary":
             theta = float(node.attrs.get("theta", 10000.0))
             import math
-            self.assign(f"{name}_freq", f"tl.exp2({pair} * {-2.0 * math.log2(theta)!r} / {size})",
-                        "theta ** (-2m / D)")
-            angle = f"{pos_view} * {self.view(_Value(f'{name}_freq', (feature,), 'f32'), axes)}"
-            self.assign(f"{name}_angle", angle)
-            self.assign(f"{name}_sign", f"tl.where({offs.expr} < {size} // 2, -1.0, 1.0)", "rotate_half: [-x2, x1]")
+            freq, angle, sign = (names.derived(role, name) for role in ("freq", "angle", "sign"))
+            self.assign(freq, f"tl.exp2({pair} * {-2.0 * math.log2(theta)!r} / {size})", "theta ** (-2m / D)")
+            self.assign(angle, f"{pos_view} * {self.view(_Value(freq, (feature,), 'f32'), axes)}")
+            self.assign(sign, f"tl.where({offs.expr} < {size} // 2, -1.0, 1.0)", "rotate_half: [-x2, x1]")
             partner = self.value(node.args[0], 1 - variant)
-            sign = self.view(_Value(f"{name}_sign", (feature,), "f32"), axes)
-            return (f"{xf} * tl.cos({name}_angle) + {sign} * {self.f32v(partner, axes)} * tl.sin({name}_angle)",
-                    "f32")
+            sign_view = self.view(_Value(sign, (feature,), "f32"), axes)
+            return f"{xf} * tl.cos({angle}) + {sign_view} * {self.f32v(partner, axes)} * tl.sin({angle})", "f32"
         # xpos: x * sv ** (pos / scale_base), sv = (2m + 0.4 D) / (1.4 D)
         scale_base = float(node.attrs.get("scale_base", 512.0))
         inverse = bool(node.attrs.get("inverse", False))
-        self.assign(f"{name}_log2sv", f"tl.log2((2.0 * {pair} + 0.4 * {size}) / (1.4 * {size}))")
-        exponent = f"{self.view(_Value(f'{name}_log2sv', (feature,), 'f32'), axes)} * {pos_view} / {scale_base!r}"
+        log2sv = names.derived("log2sv", name)
+        self.assign(log2sv, f"tl.log2((2.0 * {pair} + 0.4 * {size}) / (1.4 * {size}))")
+        exponent = f"{self.view(_Value(log2sv, (feature,), 'f32'), axes)} * {pos_view} / {scale_base!r}"
         return f"{xf} * tl.exp2({'-' if inverse else ''}({exponent}))", "f32"
 
     def mix_heads(self, node_id, axes, variant):
@@ -699,7 +670,7 @@ class _KernelWriter:
         key = (weight_id, "tile_t" if transposed else "tile")
         if key not in self.memo:
             t = self.tensor[weight_id]
-            name = f"{self.names.of(weight_id)}_tile" + ("_t" if transposed else "")
+            name = names.derived("tilet" if transposed else "tile", self.names.of(weight_id))
             out_stride, in_stride = t.strides[::-1] if transposed else t.strides
             self.assign(name, f"tl.load({t.ptr} + offs_c[:, None] * {out_stride} + offs_c[None, :] * {in_stride}, "
                               f"mask=c_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)",
@@ -714,7 +685,7 @@ class _KernelWriter:
         if op == "const":
             return repr(node.attrs["value"])
         if op == "size":
-            return node.attrs["dim"].upper()
+            return names.size(node.attrs["dim"])
         if node_id in self.host:
             return self.names.of(node_id)
         if op == "index":
@@ -727,9 +698,8 @@ class _KernelWriter:
         return ops.render(op, "triton", args, node.dtype, nested=True)
 
     def render_key_bound(self, bound, i_name: str) -> str:
-        text = render_bound(bound, lambda n: self.inline_int(n, i_name))
-        text = re.sub(r"\bmin\(", "tl.minimum(", text)
-        return re.sub(r"\bmax\(", "tl.maximum(", text)
+        """A key-block bound at row `i_name`, in Triton (exact floor division: passes/bounds.py)."""
+        return render_bound(bound, lambda n: self.inline_int(n, i_name), TRITON_BOUND_CALLS)
 
     # -- the kernel
     def kernel(self) -> str:
@@ -902,8 +872,8 @@ class _KernelWriter:
             header.append(f"    {', '.join(a for a, _, _, _ in p.host)},")
         header.append(f"    {', '.join(f'{c}: tl.constexpr' for c in p.prepass_constexpr_args())},")
         header.append("):")
-        names = ", ".join(t.name for t in p.materialized)
-        self.line(f'"""{g.spec.name}: per-key values computed once ({names}), stored in the dot dtype."""')
+        computed = ", ".join(t.var for t in p.materialized)
+        self.line(f'"""{g.spec.name}: per-key values computed once ({computed}), stored in the dot dtype."""')
         self.line("start_n = tl.program_id(0)")
         self.line("off_bh = tl.program_id(1)")
         self.assign("off_b", "(off_bh // H).to(tl.int64)")
@@ -922,15 +892,16 @@ class _KernelWriter:
 
     def feature_offsets(self) -> None:
         for feature, block in self.p.features:
-            F = feature.upper()
-            self.assign(f"offs_{feature}", f"tl.arange(0, {block})")
-            self.line(f"if EVEN_{F}:   # {F} == {block}: no feature mask, so loads stay vectorised")
-            self.line(f"    {feature}_ok = tl.full([{block}], 1, tl.int1)")
+            size, even = names.size(feature), names.axis_name("EVEN", feature)
+            offsets, ok = self.offsets(feature, 0).expr, self.axis_mask(feature).expr
+            self.assign(offsets, f"tl.arange(0, {block})")
+            self.line(f"if {even}:   # {size} == {block}: no feature mask, so loads stay vectorised")
+            self.line(f"    {ok} = tl.full([{block}], 1, tl.int1)")
             self.line("else:")
-            self.line(f"    {feature}_ok = offs_{feature} < {F}")
+            self.line(f"    {ok} = {offsets} < {size}")
             if self._uses_rotation(feature):
-                self.assign(f"offs_{feature}_rot", f"tl.where({feature}_ok, (offs_{feature} + {F} // 2) % {F}, "
-                                                   f"offs_{feature})", "rotate_half's partner feature")
+                self.assign(self.offsets(feature, 1).expr, f"tl.where({ok}, ({offsets} + {size} // 2) % {size}, "
+                                                           f"{offsets})", "rotate_half's partner feature")
 
     def _uses_rotation(self, feature: str) -> bool:
         return any(self.g.node(n).op == "rotary" and self.axes(n)[-1] == feature for n in self.g.ids())
@@ -948,21 +919,6 @@ class _KernelWriter:
         for acc in self.accs:
             self.assign(self.acc_names[acc], f"tl.zeros({self.shape(self.acc_axes(acc))}, tl.float32)")
 
-    def render_exact(self, bound, i_name: str) -> str:
-        """A bound tree with floor division (render_bound's `//` truncates in Triton: fine for
-        skipping, which only needs a conservative range, not for proving a block fully kept)."""
-        kind = bound[0]
-        if kind == "node":
-            return self.inline_int(bound[1], i_name)
-        if kind == "const":
-            return repr(bound[1])
-        a, b = (self.render_exact(x, i_name) for x in bound[1:])
-        if kind in ("min", "max"):
-            return f"tl.{kind}imum({a}, {b})"
-        if kind == "//":
-            return f"_floordiv({a}, {b})"
-        return f"({a} {kind} {b})"
-
     def key_range(self):
         bounds = self.g.key_bounds
         self.line("# -- key blocks: the keep-predicates' interval analysis bounds the keys that rows "
@@ -973,10 +929,10 @@ class _KernelWriter:
         try:
             if bounds is not None and bounds.lower is not None:
                 lower = self.render_key_bound(bounds.lower, "i_first")
-                full_lower = self.render_exact(bounds.lower, "i_last")
+                full_lower = self.render_key_bound(bounds.lower, "i_last")
             if bounds is not None and bounds.upper is not None:
                 upper = self.render_key_bound(bounds.upper, "i_last")
-                full_upper = self.render_exact(bounds.upper, "i_first")
+                full_upper = self.render_key_bound(bounds.upper, "i_first")
         except CodegenError:
             lower = upper = full_lower = full_upper = None
         self.used_conjuncts = set(bounds.conjuncts_used) if (lower or upper) and bounds is not None else set()
@@ -1064,14 +1020,14 @@ def _mix_heads(x, w, CP: tl.constexpr, PRECISION: tl.constexpr):
 
 # --------------------------------------------------------------------------------------- launcher
 
-def _launcher(graph: Graph, p: KernelPlan) -> str:
+def _launcher(graph: Graph, p: KernelPlan, defaults: dict) -> str:
     spec = graph.spec
     params = [t.name for t in p.tensors]
-    pnames = {t.name: _sanitize(t.name) for t in p.tensors}
+    pnames = {t.name: t.var for t in p.tensors}
     lines = []
     sig = ", ".join(pnames[n] for n in params)
-    lines.append(f"def {triton_function_name(graph)}({sig}, *, BLOCK_M={DEFAULT_CONFIG['BLOCK_M']}, BLOCK_N={DEFAULT_CONFIG['BLOCK_N']}, "
-                 f"num_warps={DEFAULT_CONFIG['num_warps']}, num_stages={DEFAULT_CONFIG['num_stages']}, "
+    lines.append(f"def {triton_function_name(graph)}({sig}, *, BLOCK_M={defaults['BLOCK_M']}, BLOCK_N={defaults['BLOCK_N']}, "
+                 f"num_warps={defaults['num_warps']}, num_stages={defaults['num_stages']}, "
                  "wrap=None, poison=False, lse=None):")
     lines.append(f'    """{spec.name} forward ({graph.schedule}); returns [b, h, i, {p.out_feature}] in q\'s dtype.')
     lines.append("")
@@ -1079,7 +1035,7 @@ def _launcher(graph: Graph, p: KernelPlan) -> str:
     lines.append("    lse: a [B, H, I] float32 tensor to receive the rows' log-sum-exp (log2 units) for the backward.")
     lines.append('    """')
     lines += launcher_sizes(p, pnames)
-    out_shape = ", ".join(d.upper() for d in p.out_dims)
+    out_shape = ", ".join(names.size(d) for d in p.out_dims)
     lead = pnames[p.lead]
     lines.append(f"    out = _empty(({out_shape},), {lead}, poison)")
     if p.channels:
@@ -1096,9 +1052,9 @@ def _launcher(graph: Graph, p: KernelPlan) -> str:
         lines.append("    # per-key transforms, computed once for all query tiles (the k-prologue prepass)")
         scratch = []
         for t in p.materialized:
-            var = t.ptr[:-len("_ptr")]
+            var = t.var
             scratch.append(var)
-            shape = ", ".join(d.upper() for d in t.dims)
+            shape = ", ".join(names.size(d) for d in t.dims)
             lines.append(f"    {var} = torch.empty(({shape},), dtype={lead}.dtype, device={lead}.device)")
         lines.append(f"    prepass = {p.prepass_kernel} if wrap is None else wrap({p.prepass_kernel})")
         lines.append(f"    prepass[(max(1, triton.cdiv(J, {PREPASS_BLOCK_N})), B * H)](")
@@ -1120,7 +1076,7 @@ def _launcher(graph: Graph, p: KernelPlan) -> str:
         lines.append("    grid = (triton.cdiv(I, BLOCK_M), B * H)")
     lines.append(f"    kernel = {p.kernel} if wrap is None else wrap({p.kernel})")
     lines.append("    kernel[grid](")
-    scratch = [t.ptr[:-len("_ptr")] for t in p.materialized]
+    scratch = [t.var for t in p.materialized]
     lines.append(f"        {', '.join([pnames[n] for n in params] + scratch)}, out, out if lse is None else lse,")
     for t in p.tensors:
         lines.append(f"        *_strides({pnames[t.name]}, {len(t.dims)}),")
@@ -1164,9 +1120,9 @@ def feature_launch_args(p: KernelPlan) -> list[str]:
     """The feature dims' constexpr launch arguments: padded block, and whether it is exact."""
     args = []
     for feature, block in p.features:
-        F = feature.upper()
-        args.append(f"{block}=max({MIN_DOT_BLOCK}, triton.next_power_of_2({F})), "
-                    f"EVEN_{F}={F} == max({MIN_DOT_BLOCK}, triton.next_power_of_2({F})),")
+        size = names.size(feature)
+        padded = f"max({MIN_DOT_BLOCK}, triton.next_power_of_2({size}))"
+        args.append(f"{block}={padded}, {names.axis_name('EVEN', feature)}={size} == {padded},")
     return args
 
 
@@ -1206,36 +1162,12 @@ TRITON_PRELUDE = "import math\n\nimport torch\nimport triton\nimport triton.lang
 
 
 def triton_functions(graph: Graph, config: dict | None = None) -> str:
-    """The kernels and the launcher `triton_forward<__present inputs>(q, k, v, ..., BLOCK_M=...)` of one
-    specialisation; names are unique per set of present inputs, so one module can hold them all
-    after `TRITON_PRELUDE`. A config only sets the launcher's default knobs (tiles are constexpr
-    launch arguments, so the kernels do not depend on it)."""
+    """The kernels and the launcher `triton_forward(in_q, in_k, in_v, ..., BLOCK_M=...)` of one
+    specialisation (to follow `TRITON_PRELUDE`). A config only sets the launcher's default knobs
+    (tiles are constexpr launch arguments, so the kernels do not depend on it)."""
     kernel, p = kernel_source(graph)
-    launcher = _launcher(graph, p)
-    if config:
-        for key in CONFIG_KEYS:
-            if key in config:
-                launcher = re.sub(rf"\b{key}=\d+", f"{key}={int(config[key])}", launcher, count=1)
-    return kernel + "\n\n" + launcher
-
-
-def triton_source(graph: Graph, config: dict | None = None) -> str:
-    """A complete module for one specialisation: prelude, kernels, launcher, and the aliases
-    `forward` / `forward_fake` the backend calls."""
-    present = sorted(graph.present)
-    name = triton_function_name(graph)
-    header = (f'"""Triton forward kernel for spec {graph.spec.name!r} (schedule {graph.schedule}).\n\n'
-              f"generated by kernelsearch - do not edit\n"
-              f"spec: {graph.spec.path}\n"
-              f"spec sha256: {graph.spec.sha256}\n"
-              f"present optional inputs: {present}\n"
-              f'"""\n')
-    return (header + TRITON_PRELUDE + "\n\n" + triton_functions(graph, config)
-            + f"\n\nforward = {name}\nforward_fake = {name}_fake\n")
-
-
-def source_hash(source: str) -> str:
-    return hashlib.sha256(source.encode()).hexdigest()[:16]
+    defaults = {**default_config(graph), **{k: int(v) for k, v in (config or {}).items() if k in CONFIG_KEYS}}
+    return kernel + "\n\n" + _launcher(graph, p, defaults)
 
 
 def default_config(graph: Graph) -> dict:

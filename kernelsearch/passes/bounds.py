@@ -186,14 +186,21 @@ def key_block_bounds(graph: Graph) -> Graph:
     return graph
 
 
-def render_bound(bound, render_node) -> str:
-    """A bound tree as a Python/Triton expression; render_node(node_id) gives the code of a graph node."""
+def render_bound(bound, render_node, calls: dict | None = None) -> str:
+    """A bound tree as an expression: the one way bounds are rendered, for every target.
+
+    render_node(node_id) gives the code of a graph node; `calls` how the target spells min, max
+    and floor division (default Python's: `min(a, b)`, `max(a, b)`, `a // b`), e.g. Triton's
+    `{"min": "tl.minimum", "max": "tl.maximum", "//": "_floordiv"}`."""
+    calls = calls or {}
     kind = bound[0]
     if kind == "node":
         return render_node(bound[1])
     if kind == "const":
         return repr(bound[1])
-    a, b = (render_bound(x, render_node) for x in bound[1:])
+    a, b = (render_bound(x, render_node, calls) for x in bound[1:])
+    if kind in ("min", "max", "//") and kind in calls:
+        return f"{calls[kind]}({a}, {b})"
     if kind in ("min", "max"):
         return f"{kind}({a}, {b})"
     return f"({a} {kind} {b})"
