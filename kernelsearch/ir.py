@@ -59,6 +59,23 @@ class KeyBlockBounds:
         return self.lower is not None or self.upper is not None
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How a graph runs: every schedule decision, made once by passes/plan.py. Code generators
+    render it; none of them decides any of this again. Node ids refer to the graph's nodes.
+    `passes.plan.describe_plan` prints it (`kernelsearch check`)."""
+    schedule: str                    # one_pass | heads_in_tile | two_pass (passes/schedule.py)
+    sweeps: int                      # 1: online softmax; 2: exact row statistics first, then p exactly
+    sweeps_reason: str               # why, in words
+    heads_in_tile: bool              # a program holds every (stream, head) channel of a sample
+    head_groups: int | None          # streams whose heads are mixed together; None: no single grouping
+    accumulators: tuple[str, ...]    # the dot(p, v) nodes: what the key loop accumulates over j
+    prepass: tuple[str, ...]         # key-side dot operands a prepass writes once (not recomputed per query tile)
+    host: tuple[str, ...]            # scalars computed from sizes and params on the host, passed to kernels
+    key_bounds: KeyBlockBounds       # which key blocks a query block needs, and from which conjuncts
+    delta_sweep: bool                # backward: rowsum(p * dp) needs a sweep of its own (p transformed first)
+
+
 @dataclass
 class Graph:
     nx_graph: nx.DiGraph
@@ -67,9 +84,17 @@ class Graph:
     params: dict                     # param name -> value (literal) after specialisation
     present: frozenset               # optional inputs present in this specialisation
     dim_order: tuple[str, ...] = ()
-    schedule: str | None = None      # one_pass | heads_in_tile | two_pass
-    key_bounds: KeyBlockBounds | None = None
+    plan: Plan | None = None         # how it runs (passes/plan.py, the last pass)
     notes: dict = field(default_factory=dict)   # facts passes learned (e.g. logit bounds)
+
+    # -- the plan's two most read decisions
+    @property
+    def schedule(self) -> str | None:
+        return self.plan.schedule if self.plan else None
+
+    @property
+    def key_bounds(self) -> KeyBlockBounds | None:
+        return self.plan.key_bounds if self.plan else None
 
     # -- access
     def node(self, node_id: str) -> Node:
@@ -158,9 +183,8 @@ def fingerprint(graph: Graph) -> str:
     generated files. Source locations are left out (they do not change the code)."""
     import hashlib
     spec = graph.spec
-    lines = [f"variant {spec.name}", f"output {graph.output}", f"schedule {graph.schedule}",
-             f"dims {graph.dim_order}", f"bounds {graph.key_bounds!r}",
-             f"notes {sorted((k, repr(v)) for k, v in graph.notes.items())}"]
+    lines = [f"variant {spec.name}", f"output {graph.output}", f"plan {graph.plan!r}",
+             f"dims {graph.dim_order}", f"notes {sorted((k, repr(v)) for k, v in graph.notes.items())}"]
     for node_id, node in graph.nodes():
         attrs = sorted((k, repr(v)) for k, v in node.attrs.items())
         lines.append(f"{node_id} {node.op} {node.args} {attrs} {node.dims} {node.dtype} {node.stage}")

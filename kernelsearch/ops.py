@@ -16,6 +16,10 @@ An `Op` says everything the compiler and the backends need to know about one op:
     lowering      "elementwise" (everything above is generic) or "structural" (dot, softmax,
                   gather, row transforms, mix_heads: backends lower these with code of their own,
                   named by the op, in the one place that lowers them)
+    facts         what the passes reason with, so that none of them matches op names:
+                  `linear` (passes/plan.py: may the softmax stay online), `monotone`, `inverse`,
+                  `order`, `converse`, `conjunction` (passes/bounds.py: keep-predicates into key
+                  bounds), `commutative`
 
 Adding an elementwise op is one entry in `_ELEMENTWISE` (see the README's "Adding an op").
 Nothing here imports the backends' code generators: they import this.
@@ -60,6 +64,19 @@ class Op:
     absent: str = "absent"               # fold: absent | identity | drop | first | error (see passes/fold.py)
     nonzero: tuple[int, ...] = ()        # arguments that must not fold to 0 (divisors)
     strings: bool = False                # compares strings too (== and != in conditions)
+    # -- facts (None / False: the op promises nothing of the kind)
+    linear: str | tuple | None = None    # how it keeps a value linear (homogeneous of degree 1) in some x:
+                                         # "every" argument linear in x (add) | "one" argument linear and the
+                                         # others independent of x (mul) | per argument "linear" or "fixed" (div)
+    monotone: tuple | None = None        # on integers, per argument: +1 non-decreasing in it, -1 non-increasing,
+                                         # "positive": must be a positive integer constant (a divisor, a factor)
+    inverse: dict | None = None          # argument position -> (upper, lower): solving op(x, c) <= u (>= u) for x,
+                                         # as bound trees (passes/bounds.py) over "u", "c" (the other argument)
+                                         # and integers; the side flips where `monotone` is -1
+    commutative: bool = False            # op(a, b) == op(b, a)
+    order: tuple | None = None           # a comparison `a OP b` as a bound on a: (upper | lower, offset added to b)
+    converse: str | None = None          # the comparison with its arguments swapped: a < b  <=>  b > a
+    conjunction: bool = False            # holds when every argument does (keep-predicates split at it)
 
     @property
     def callable(self) -> bool:
@@ -138,32 +155,46 @@ def _compare(name, symbol, scalar, **more) -> Op:
     return _binary(name, symbol, "compare", scalar, scalar, triton_operands="float", **more)
 
 
+def _same_both_sides(template) -> tuple:
+    return (template, template)
+
+
 _SYNTAX = (
-    _binary("add", "+", "arithmetic", operator.add, operator.add, grad=("{g}", "{g}")),
-    _binary("sub", "-", "arithmetic", operator.sub, operator.sub, grad=("{g}", "-{g}")),
-    _binary("mul", "*", "arithmetic", operator.mul, operator.mul, grad=("{g} * {x1}", "{g} * {x0}")),
+    _binary("add", "+", "arithmetic", operator.add, operator.add, grad=("{g}", "{g}"), linear="every",
+            monotone=(1, 1), commutative=True, inverse={0: _same_both_sides(("-", "u", "c"))}),
+    _binary("sub", "-", "arithmetic", operator.sub, operator.sub, grad=("{g}", "-{g}"), linear="every",
+            monotone=(1, -1), inverse={0: _same_both_sides(("+", "u", "c")),     # x - c <= u  <=>  x <= u + c
+                                       1: _same_both_sides(("-", "c", "u"))}),   # c - x <= u  <=>  x >= c - u
+    _binary("mul", "*", "arithmetic", operator.mul, operator.mul, grad=("{g} * {x1}", "{g} * {x0}"), linear="one",
+            monotone=(1, "positive"), commutative=True,
+            # x * c <= u  <=>  x <= u // c;  x * c >= u  <=>  x >= ceil(u / c) = -((-u) // c)
+            inverse={0: (("//", "u", "c"), ("-", 0, ("//", ("-", 0, "u"), "c")))}),
     _binary("div", "/", "float_arithmetic", operator.truediv, operator.truediv,
-            grad=("{g} / {x1}", "-{g} * {x0} / ({x1} * {x1})"), nonzero=(1,)),
+            grad=("{g} / {x1}", "-{g} * {x0} / ({x1} * {x1})"), nonzero=(1,), linear=("linear", "fixed")),
     _binary("floordiv", "//", "arithmetic", torch_ops.floordiv, operator.floordiv, grad=(None, None),
             torch="ops.floordiv({0}, {1})", triton="tl.floor({0} / {1})", triton_int="_floordiv({0}, {1})",
-            helpers=("_floordiv",), nonzero=(1,)),
+            helpers=("_floordiv",), nonzero=(1,), monotone=(1, "positive"),
+            # x // c <= u  <=>  x <= u * c + c - 1;  x // c >= u  <=>  x >= u * c
+            inverse={0: (("+", ("*", "u", "c"), ("-", "c", 1)), ("*", "u", "c"))}),
     _binary("mod", "%", "arithmetic", operator.mod, operator.mod, grad=("{g}", "-{g} * tl.floor({x0} / {x1})"),
             triton="{0} - tl.floor({0} / {1}) * {1}", triton_int="_floormod({0}, {1})",
             helpers=("_floormod",), nonzero=(1,)),
     _binary("pow", "**", "float_arithmetic", operator.pow, _checked_pow,
             grad=("{g} * {x1} * _pow({x0}, {x1} - 1.0)", "{g} * {out} * tl.log({x0})"),
             triton=_triton_pow, triton_operands="float", helpers=("_pow",)),
-    _compare("lt", "<", operator.lt),
-    _compare("le", "<=", operator.le),
-    _compare("gt", ">", operator.gt),
-    _compare("ge", ">=", operator.ge),
-    _compare("eq", "==", operator.eq, strings=True),
-    _compare("ne", "!=", operator.ne, strings=True),
+    _compare("lt", "<", operator.lt, order=("upper", -1), converse="gt"),    # a < b  <=>  a <= b - 1
+    _compare("le", "<=", operator.le, order=("upper", 0), converse="ge"),
+    _compare("gt", ">", operator.gt, order=("lower", 1), converse="lt"),     # a > b  <=>  a >= b + 1
+    _compare("ge", ">=", operator.ge, order=("lower", 0), converse="le"),
+    _compare("eq", "==", operator.eq, strings=True, commutative=True),
+    _compare("ne", "!=", operator.ne, strings=True, commutative=True),
     _binary("and", "&", "logic", operator.and_, lambda a, b: a and b, python="({0} and {1})",
-            triton_operands="as_is"),
-    _binary("or", "|", "logic", operator.or_, lambda a, b: a or b, python="({0} or {1})", triton_operands="as_is"),
+            triton_operands="as_is", commutative=True, conjunction=True),
+    _binary("or", "|", "logic", operator.or_, lambda a, b: a or b, python="({0} or {1})", triton_operands="as_is",
+            commutative=True),
     Op("neg", ("x",), "-x", syntax="-", rule="same", tensor=operator.neg, scalar=operator.neg,
-       torch="(-{0})", python="(-{0})", triton="-{0}", grad=("-{g}",)),
+       torch="(-{0})", python="(-{0})", triton="-{0}", grad=("-{g}",), linear="every", monotone=(-1,),
+       inverse={0: _same_both_sides(("-", 0, "u"))}),                          # -x <= u  <=>  x >= -u
     Op("not", ("x",), "not x", syntax="~", rule="not", tensor=torch.logical_not, scalar=operator.not_,
        torch="(~{0})", python="(not {0})", triton="~{0}", triton_operands="as_is"),
 )
@@ -203,14 +234,15 @@ _ELEMENTWISE = (
                       "{x0} * 0.3989422804014327 * tl.exp(-0.5 * {x0} * {x0}))",)),
     elementwise("minimum", "elementwise minimum", _on_tensors(torch.minimum), min, positional=("a", "b"),
                 rule="minmax", absent="identity", torch="torch.minimum({0}, {1})", python="min({0}, {1})",
-                triton="tl.minimum({0}, {1})",
+                triton="tl.minimum({0}, {1})", monotone=(1, 1), commutative=True,
                 grad=("tl.where({x0} <= {x1}, {g}, 0.0)", "tl.where({x0} <= {x1}, 0.0, {g})")),
     elementwise("maximum", "elementwise maximum", _on_tensors(torch.maximum), max, positional=("a", "b"),
                 rule="minmax", absent="identity", torch="torch.maximum({0}, {1})", python="max({0}, {1})",
-                triton="tl.maximum({0}, {1})",
+                triton="tl.maximum({0}, {1})", monotone=(1, 1), commutative=True,
                 grad=("tl.where({x0} >= {x1}, {g}, 0.0)", "tl.where({x0} >= {x1}, 0.0, {g})")),
     elementwise("where", "a where condition else b", _on_tensors(torch.where), lambda c, a, b: a if c else b,
                 positional=("condition", "a", "b"), rule="where", triton_operands=("as_is", "auto", "auto"),
+                linear=("fixed", "linear", "linear"),
                 torch="torch.where({0}, {1}, {2})", python="({1} if {0} else {2})", triton="tl.where({0}, {1}, {2})",
                 grad=(None, "tl.where({v0}, {g}, 0.0)", "tl.where({v0}, 0.0, {g})")),
     # rounding: piecewise constant (derivative 0), the identity on integers
@@ -251,9 +283,9 @@ def _ref_softmax(args, ctx):
     return torch_ops.masked_softmax(scores, keep, ctx.axis["j"])
 
 
-def _structural(name, positional, doc, rule, reference, absent="absent", **keywords) -> Op:
+def _structural(name, positional, doc, rule, reference, absent="absent", linear=None, **keywords) -> Op:
     return Op(name, tuple(positional), doc, keywords, rule=rule, lowering="structural", reference=reference,
-              absent=absent)
+              absent=absent, linear=linear)
 
 
 _STRUCTURAL = (
@@ -281,7 +313,7 @@ _STRUCTURAL = (
     _structural("mix_heads", ["x", "weight"], "mix the (streams*h) heads of a sample: weight[out_head, in_head]",
                 "mix_heads", lambda args, ctx: torch_ops.mix_heads(
                     args[0], args[1], ctx.attrs["streams"], ctx.axis["b"], ctx.axis["h"]),
-                absent="first", streams=1),
+                absent="first", linear=("linear", "fixed"), streams=1),
 )
 
 OPS: dict[str, Op] = {op.name: op for op in _SYNTAX + _ELEMENTWISE + _STRUCTURAL}
@@ -290,6 +322,8 @@ CALLABLE: dict[str, Op] = {name: op for name, op in OPS.items() if op.callable}
 """The ops a spec calls by name (`exp(x)`, `dot(q, k)`); the others are written with operators."""
 SYNTAX: dict[str, Op] = {op.syntax: op for op in _SYNTAX if len(op.positional) == 2}
 """Binary operators by their Python symbol."""
+UNARY_SYNTAX: dict[str, Op] = {op.syntax: op for op in _SYNTAX if len(op.positional) == 1}
+"""Unary operators by their Python symbol (`-x`, `~x`; a spec's `not x` is `~x`)."""
 
 
 def op(name: str) -> Op:

@@ -164,12 +164,12 @@ def _combine_keeps(keeps, name) -> str:
 
 
 def _chunked_body(graph: Graph, emitter: _Emitter) -> list[str]:
-    """Query rows in chunks, keys in chunks: prologues once, scores per tile, online (or two-pass) softmax."""
+    """Query rows in chunks, keys in chunks: prologues once, scores per tile, online softmax (one
+    sweep) or exact row statistics first (two), as the plan says."""
     (softmax,) = graph.find("softmax")
     axis_i, axis_j = emitter.axis["i"], emitter.axis["j"]
     after = graph.downstream(softmax) - {softmax}
-    # the key reduction: the dot that consumes (a function of) the probabilities
-    (reduction,) = [n for n in after if graph.node(n).op == "dot" and "j" not in graph.node(n).dims]
+    (reduction,) = graph.plan.accumulators   # the key reduction: dot(p, v)
     probabilities, values = graph.node(reduction).args
     loop_nodes = [n for n, node in graph.nodes()
                   if node.stage in LOOP_STAGES and node.op not in ("input",)]
@@ -242,8 +242,7 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> list[str]:
                 f"  # per row: [{', '.join(score_dims)}]")
     body.append(f"row_sum = torch.zeros({shape_of(score_dims)}, dtype={LEAD}.dtype, device={LEAD}.device)")
     body.append(f"accumulator = torch.zeros({shape_of(graph.node(reduction).dims)}, dtype={LEAD}.dtype, device={LEAD}.device)")
-    one_pass = probabilities == softmax and not post_nodes
-    if one_pass:
+    if graph.plan.sweeps == 1:
         body += chunk_header()
         body += [
             f"    chunk_max = torch.maximum(row_max, logits.amax({axis_j}, keepdim=True))",
@@ -251,7 +250,14 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> list[str]:
             "    weights = torch.exp(logits - safe_max)",
             "    rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing",
             f"    row_sum = row_sum * rescale + weights.sum({axis_j}, keepdim=True)",
-            f"    accumulator = accumulator * rescale + ops.dot(weights, {name(values)}, {axis_j})",
+        ]
+        reduced = "weights"
+        if post_nodes:   # linear in p (the plan says so): applied to the unnormalised weights, divided at the end
+            body.append(f"    {variable(graph, softmax)} = weights{emitter.dims_comment(softmax)}")
+            body += [f"    {name(n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}" for n in post_nodes]
+            reduced = name(probabilities)
+        body += [
+            f"    accumulator = accumulator * rescale + ops.dot({reduced}, {name(values)}, {axis_j})",
             "    row_max = chunk_max",
             "# rows that kept no key give 0",
             "outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))",

@@ -52,7 +52,7 @@ class BackwardPlan:
     grads: list              # [TensorArg] their gradient buffers (same dims), in the same order
     dout: TensorArg          # dO, dims of the output
     atomic: tuple            # inputs whose gradient is atomically accumulated (fp32 buffer)
-    exact_delta: bool        # delta needs its own sweep (p transformed after softmax)
+    exact_delta: bool        # delta needs its own sweep (the plan's delta_sweep: p transformed after softmax)
 
     def runtime_args(self) -> list[str]:
         p = self.forward
@@ -74,8 +74,7 @@ def backward_plan(graph: Graph) -> BackwardPlan:
     if p.materialized:
         raise CodegenError("triton backward: the graph still has per-key transforms; split the prologue first "
                            "(passes/split_prologue.py)")
-    accs = [n for n in graph.ids() if graph.node(n).op == "dot" and graph.node(graph.node(n).args[0]).dims
-            and graph.node(graph.node(n).args[0]).dims[-1] == "j"]
+    accs = graph.plan.accumulators
     if len(accs) != 1 or graph.output != accs[0]:
         later = [graph.node(n).op for n in graph.ids() if graph.node(n).stage == "epilogue" and n not in accs]
         raise CodegenError(f"triton backward: ops after dot(p, v) ({', '.join(later) or 'a second dot(p, v)'}) "
@@ -92,10 +91,8 @@ def backward_plan(graph: Graph) -> BackwardPlan:
             atomic.append(t.name)
     dout = TensorArg("dO", "do_ptr", p.out_dims, "float", False,
                      tuple(f"stride_do_{axis}" for axis in range(len(p.out_dims))), "do")
-    (softmax,) = graph.find("softmax")
-    exact_delta = graph.node(accs[0]).args[0] != softmax
     return BackwardPlan(p, f"_bwd_dq_{graph.spec.name}", f"_bwd_dkdv_{graph.spec.name}", tuple(t.name for t in differentiable), grads,
-                        dout, tuple(atomic), exact_delta)
+                        dout, tuple(atomic), graph.plan.delta_sweep)
 
 
 class _BackwardWriter(_KernelWriter):
@@ -540,5 +537,4 @@ def backward_functions(graph: Graph) -> str:
 
 
 def default_config(graph: Graph) -> dict:
-    return dict(DEFAULT_BWD_CONFIG_HEADS_IN_TILE if graph.schedule in ("heads_in_tile", "two_pass")
-                else DEFAULT_BWD_CONFIG)
+    return dict(DEFAULT_BWD_CONFIG_HEADS_IN_TILE if graph.plan.heads_in_tile else DEFAULT_BWD_CONFIG)

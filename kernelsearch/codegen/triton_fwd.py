@@ -136,67 +136,14 @@ class KernelPlan:
 
 # --------------------------------------------------------------------------------------------- plan
 
-def _is_linear_in(graph: Graph, node_id: str, source: str, memo: dict) -> bool | None:
-    """True if node is linear (homogeneous of degree 1) in `source`, None if it does not depend on it."""
-    if node_id in memo:
-        return memo[node_id]
-    if node_id == source:
-        memo[node_id] = True
-        return True
-    node = graph.node(node_id)
-    if source not in graph.upstream(node_id):
-        memo[node_id] = None
-        return None
-    args = [_is_linear_in(graph, a, source, memo) for a in node.args]
-    op = node.op
-    result = False
-    if op == "mul":
-        result = args.count(True) == 1 and args.count(None) == 1
-    elif op == "div":
-        result = args[0] is True and args[1] is None
-    elif op in ("add", "sub"):
-        result = all(a is True for a in args)
-    elif op == "neg":
-        result = args[0] is True
-    elif op == "mix_heads":
-        result = args[0] is True and args[1] is None
-    elif op == "where":
-        result = args[0] is None and all(a is True for a in args[1:])
-    memo[node_id] = result
-    return result
-
-
-def accumulator_dots(graph: Graph) -> list[str]:
-    """The dot(p, v) nodes: contract j, first argument after softmax."""
-    out = []
-    for node_id, node in graph.nodes():
-        if node.op == "dot" and graph.node(node.args[0]).dims and graph.node(node.args[0]).dims[-1] == "j":
-            out.append(node_id)
-    return out
-
-
-def _is_host(graph: Graph, node_id: str) -> bool:
-    node = graph.node(node_id)
-    if node.dims or node.op in ("const", "size", "input", "absent"):
-        return False
-    return all(graph.node(n).op not in ("input", "index") for n in graph.upstream(node_id))
-
-
 def plan(graph: Graph) -> KernelPlan:
-    spec = graph.spec
-    if graph.schedule not in ("one_pass", "heads_in_tile", "two_pass"):
-        raise CodegenError(f"triton codegen: unknown schedule {graph.schedule!r}")
-    channels = graph.schedule in ("heads_in_tile", "two_pass")
-    (softmax,) = graph.find("softmax")
-    exact = graph.schedule == "two_pass"
-    accs = accumulator_dots(graph)
-    if not accs:
+    """What the kernels take, from the graph and its plan (passes/plan.py: every schedule decision)."""
+    spec, schedule = graph.spec, graph.plan
+    channels = schedule.heads_in_tile
+    exact = schedule.sweeps == 2
+    if not schedule.accumulators:
         raise CodegenError(f"triton codegen ({graph.schedule}): no dot(p, v) reduces the probabilities over j")
-    memo: dict = {}
-    for acc in accs:
-        if _is_linear_in(graph, graph.node(acc).args[0], softmax, memo) is not True:
-            exact = True   # p is transformed non-linearly after softmax: normalise exactly first
-    streams = graph.notes.get("head_groups") if channels else None
+    streams = schedule.head_groups if channels else None
     if channels and not streams:
         raise CodegenError(f"triton codegen ({graph.schedule}): the heads are mixed with different "
                            "stream groupings; one grouping per kernel is supported")
@@ -247,14 +194,12 @@ def plan(graph: Graph) -> KernelPlan:
     features.sort(key=lambda f: graph.dim_order.index(f[0]) if f[0] in graph.dim_order else 99)
 
     value_names = _Names(graph)
-    host = []
-    for node_id, node in graph.nodes():
-        if _is_host(graph, node_id):
-            host.append((value_names.of(node_id), node_id, node.dtype, _python_expression(graph, node_id, value_names)))
+    host = [(value_names.of(node_id), node_id, graph.node(node_id).dtype, _python_expression(graph, node_id, value_names))
+            for node_id in schedule.host]
     kernel = f"_fwd_{spec.name}"
     lead = next(t.name for t in tensors if t.dtype == "float" and not t.raw and "i" in t.dims)
     materialized = []
-    for node_id in materialized_nodes(graph):
+    for node_id in schedule.prepass:
         dims = graph.node(node_id).dims
         materialized.append(tensor_arg(names.derived("pre", value_names.of(node_id)), node_id, dims))
     return KernelPlan(kernel, graph.schedule, channels, exact, streams, tensors, out_dims, out_strides,
@@ -265,30 +210,6 @@ def plan(graph: Graph) -> KernelPlan:
 def triton_function_name(graph: Graph) -> str:
     """The launcher's name (one specialisation per generated file: codegen/files.py)."""
     return "triton_forward"
-
-
-def materialized_nodes(graph: Graph) -> list[str]:
-    """k-prologue dot operands that are computed (not plain loads): a prepass kernel writes them once,
-    in the dot's input dtype, instead of every query tile recomputing them per key tile.
-
-    This is the schedule decision for per-key transforms (l2norm, rmsnorm, rotary, xpos of k or v):
-    the prepass costs one extra read and write of [B, H, J, D]; recomputing costs I / BLOCK_M times the
-    transform (cos/sin, norms on the CUDA cores next to every tensor-core tile)."""
-    out = []
-    accs = set(accumulator_dots(graph))
-    for node_id, node in graph.nodes():
-        if node.op != "dot":
-            continue
-        operand = node.args[1]
-        o = graph.node(operand)
-        if o.stage != "k_prologue" or o.op == "input" or not set(o.dims) <= ({"b", "h", "j"} | set(o.dims[-1:])):
-            continue
-        if o.dims[-1] in INDEX_DIMS:
-            continue
-        if node_id in accs or "j" in o.dims:
-            if operand not in out:
-                out.append(operand)
-    return out
 
 
 class _Names:
@@ -342,7 +263,7 @@ class _KernelWriter:
         self.host = {node_id for _, node_id, _, _ in p.host}
         self.features = dict(p.features)
         (self.softmax,) = graph.find("softmax")
-        self.accs = accumulator_dots(graph)
+        self.accs = list(graph.plan.accumulators)
         self.lines: list[str] = []
         self.indent = 1
         self.memo: dict = {}
@@ -1171,4 +1092,4 @@ def triton_functions(graph: Graph, config: dict | None = None) -> str:
 
 
 def default_config(graph: Graph) -> dict:
-    return dict(DEFAULT_CONFIG_HEADS_IN_TILE if graph.schedule in ("heads_in_tile", "two_pass") else DEFAULT_CONFIG)
+    return dict(DEFAULT_CONFIG_HEADS_IN_TILE if graph.plan.heads_in_tile else DEFAULT_CONFIG)

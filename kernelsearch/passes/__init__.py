@@ -7,8 +7,9 @@
     infer         again, on the specialised graph
     validate      again: folding may have changed what reaches the output
     classify      the stage of each node (q_prologue, k_prologue, score, keep, softmax, ...)
-    bounds        keep-predicates -> key-block bounds (which key blocks a query block needs)
-    schedule      one_pass | heads_in_tile | two_pass
+    plan          every decision about how the graph runs, made once (graph.plan): schedule
+                  (one_pass | heads_in_tile | two_pass), sweeps, accumulators, prepass, host
+                  scalars, key-block bounds (keep-predicates -> which key blocks a query block needs)
 
 Set KERNELSEARCH_DEBUG=passes (or pass debug=True) to print the graph after each pass.
 """
@@ -18,12 +19,11 @@ import os
 import sys
 
 from ..ir import Graph
-from .bounds import key_block_bounds
 from .build import build
 from .classify import classify
 from .fold import fold
 from .infer import infer
-from .schedule import choose_schedule
+from .plan import plan
 from .validate import validate
 
 # (name, pass) in order; `fold` is the one pass that takes the specialisation as well
@@ -34,8 +34,7 @@ PIPELINE = (
     ("infer", infer),
     ("validate", validate),
     ("classify", classify),
-    ("bounds", key_block_bounds),
-    ("schedule", choose_schedule),
+    ("plan", plan),
 )
 
 

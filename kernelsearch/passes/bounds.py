@@ -1,4 +1,4 @@
-"""Pass: interval analysis of the keep-predicates into key-block bounds.
+"""Interval analysis of the keep-predicates into key-block bounds (part of the plan, passes/plan.py).
 
 Every keep-predicate is split into conjuncts. A conjunct `A(j) op B(i)` - A strictly built from
 j by +/- constants, multiplication and floor division by positive constants; B non-decreasing in
@@ -165,8 +165,8 @@ def _tree_polarity(graph: Graph, tree) -> int | None:
     return signs.pop() if len(signs) == 1 else (0 if not signs else None)
 
 
-def key_block_bounds(graph: Graph) -> Graph:
-    graph = graph.copy()
+def key_block_bounds(graph: Graph) -> KeyBlockBounds:
+    """The key-block bounds of a classified graph's keep-predicates (passes/plan.py puts them in the plan)."""
     (softmax,) = graph.find("softmax")
     keeps = graph.node(softmax).args[1:]
     lower = upper = None
@@ -182,8 +182,7 @@ def key_block_bounds(graph: Graph) -> Graph:
                 upper = bound if upper is None else ("min", upper, bound)
             else:
                 lower = bound if lower is None else ("max", lower, bound)
-    graph.key_bounds = KeyBlockBounds(lower, upper, tuple(used))
-    return graph
+    return KeyBlockBounds(lower, upper, tuple(used))
 
 
 def render_bound(bound, render_node, calls: dict | None = None) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 from ..ir import Graph, Node
 from ..spec import InputDecl
+from .plan import plan
 
 ROW_STAGES = ("constant", "q_prologue", "k_prologue")
 
@@ -56,4 +57,4 @@ def split_prologue(graph: Graph) -> PrologueSplit:
         if name in core and core.node(name).op == "input" and name not in decls:
             decls[name] = decl
     core.spec = replace(graph.spec, inputs=decls)
-    return PrologueSplit(core, tuple(cuts))
+    return PrologueSplit(plan(core), tuple(cuts))   # planned again: what was computed per key is now read

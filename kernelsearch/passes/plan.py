@@ -1,0 +1,160 @@
+"""Pass: the plan - every decision about how a graph runs, made once (ir.Plan on `graph.plan`).
+
+    schedule       one_pass | heads_in_tile | two_pass (passes/schedule.py)
+    heads in tile  a program holds every (stream, head) channel of a sample when heads are mixed;
+                   head_groups: the streams the mixing groups heads by
+    sweeps         1: one sweep over the key blocks with an online softmax (rescaling the
+                   accumulators), possible when what reaches dot(p, v) is linear in p;
+                   2: exact row statistics (max, sum) first, then p normalised exactly - when
+                   heads are mixed after softmax (rows of different heads have different sums)
+                   or p is transformed non-linearly
+    accumulators   the dot(p, v) nodes: what the key loop accumulates over j
+    prepass        key-side dot operands made by a transform (l2norm(k), rotary(k), a transformed
+                   v): a prepass over the keys writes them once, in the dot's dtype, instead of
+                   every query tile recomputing them (one extra read and write of [B, H, J, D]
+                   against I / BLOCK_M recomputations next to the tensor cores)
+    host           scalars computed from sizes and params only: the launcher computes them once
+    key bounds     which key blocks a query block needs (passes/bounds.py) and the conjuncts they
+                   come from (those need no mask in blocks they keep whole)
+    delta sweep    backward: delta = rowsum(p * dp) needs a sweep of its own when p is transformed
+                   before dot(p, v); otherwise it is rowsum(dO * O)
+
+Code generators (codegen/) render the plan; they decide none of this.
+"""
+from __future__ import annotations
+
+from .. import ops
+from ..exprs import INDEX_VARIABLES
+from ..ir import Graph, Plan
+from .bounds import key_block_bounds
+from .schedule import HEADS_IN_TILE, head_groups, schedule_of
+
+__all__ = ["plan", "describe_plan", "linearity"]
+
+
+def linearity(graph: Graph, node_id: str, source: str, memo: dict) -> bool | None:
+    """True if node is linear (homogeneous of degree 1) in `source`, None if it does not depend
+    on it, False otherwise - from the ops' `linear` facts (ops.py)."""
+    if node_id in memo:
+        return memo[node_id]
+    if node_id == source:
+        memo[node_id] = True
+        return True
+    if source not in graph.upstream(node_id):
+        memo[node_id] = None
+        return None
+    node = graph.node(node_id)
+    args = [linearity(graph, a, source, memo) for a in node.args]
+    rule = ops.OPS[node.op].linear if node.op in ops.OPS else None
+    if rule == "every":
+        result = all(a is True for a in args)
+    elif rule == "one":
+        result = args.count(True) == 1 and args.count(None) == len(args) - 1
+    elif isinstance(rule, tuple):
+        result = all((a is True) if kind == "linear" else (a is None) for a, kind in zip(args, rule))
+    else:
+        result = False
+    memo[node_id] = result
+    return result
+
+
+def accumulators(graph: Graph) -> tuple[str, ...]:
+    """The dot(p, v) nodes: dots contracting j."""
+    return tuple(n for n, node in graph.nodes()
+                 if node.op == "dot" and graph.node(node.args[0]).dims[-1:] == ("j",))
+
+
+def sweeps(graph: Graph, schedule: str, accs: tuple, softmax: str) -> tuple[int, str]:
+    """(1 or 2, why)."""
+    if schedule == "two_pass":
+        return 2, "heads are mixed after softmax: every head's rows are normalised exactly first"
+    memo: dict = {}
+    for acc in accs:
+        if linearity(graph, graph.node(acc).args[0], softmax, memo) is not True:
+            return 2, f"what '{acc}' reduces is not linear in the probabilities: they are normalised exactly first"
+    return 1, "online softmax: what reaches dot(p, v) is linear in the probabilities"
+
+
+def prepass(graph: Graph, accs: tuple) -> tuple[str, ...]:
+    """Key-side dot operands that are computed (not plain loads), over b, h, j and one feature dim."""
+    out: list[str] = []
+    for node_id, node in graph.nodes():
+        if node.op != "dot":
+            continue
+        operand = node.args[1]
+        o = graph.node(operand)
+        if o.stage != "k_prologue" or o.op == "input" or not set(o.dims) <= ({"b", "h", "j"} | set(o.dims[-1:])):
+            continue
+        if o.dims[-1] in INDEX_VARIABLES:
+            continue
+        if (node_id in accs or "j" in o.dims) and operand not in out:
+            out.append(operand)
+    return tuple(out)
+
+
+def host_scalars(graph: Graph) -> tuple[str, ...]:
+    """Computed scalars over sizes, params and constants (no input, no index)."""
+    def on_host(node_id: str) -> bool:
+        node = graph.node(node_id)
+        if node.dims or node.op in ("const", "size", "input", "absent"):
+            return False
+        return all(graph.node(n).op not in ("input", "index") for n in graph.upstream(node_id))
+    return tuple(n for n in graph.ids() if on_host(n))
+
+
+def plan(graph: Graph) -> Graph:
+    graph = graph.copy()
+    (softmax,) = graph.find("softmax")
+    schedule = schedule_of(graph)
+    accs = accumulators(graph)
+    count, reason = sweeps(graph, schedule, accs, softmax)
+    graph.plan = Plan(
+        schedule=schedule, sweeps=count, sweeps_reason=reason,
+        heads_in_tile=schedule in HEADS_IN_TILE, head_groups=head_groups(graph),
+        accumulators=accs, prepass=prepass(graph, accs), host=host_scalars(graph),
+        key_bounds=key_block_bounds(graph),
+        delta_sweep=any(graph.node(a).args[0] != softmax for a in accs))
+    return graph
+
+
+# ---------------------------------------------------------------------------------------- printing
+
+def _spelled(graph: Graph, node_id: str, row: str) -> str:
+    """A bound's node as the spec would write it (i = row), for people to read."""
+    node = graph.node(node_id)
+    if node.op == "index":
+        return row
+    if node.op == "size":
+        return node.attrs["dim"].upper()
+    if node.op == "const":
+        return repr(node.attrs["value"])
+    if not ops.is_elementwise(node.op):
+        return node_id
+    return ops.render(node.op, "python", [_spelled(graph, a, row) for a in node.args], node.dtype)
+
+
+def describe_plan(graph: Graph) -> list[str]:
+    """The plan as lines for `kernelsearch check` (node ids as the spec named them: escape them to print)."""
+    from .bounds import render_bound
+    p = graph.plan
+    heads = f"heads in tile, {p.head_groups} stream(s) per sample" if p.heads_in_tile else "one head per program"
+    lines = [f"schedule {p.schedule}: {heads}",
+             f"sweeps   {p.sweeps}: {p.sweeps_reason}",
+             f"reduce   {', '.join(p.accumulators) or '(nothing: no dot(p, v))'}"]
+    if p.prepass:
+        lines.append(f"prepass  {', '.join(p.prepass)}  (per-key values written once, not recomputed per query tile)")
+    else:
+        lines.append("prepass  none")
+    if p.host:
+        lines.append(f"host     {', '.join(p.host)}  (scalars the launcher computes)")
+    bounds = p.key_bounds
+    if bounds.skips_blocks:
+        render = lambda n: _spelled(graph, n, "i")  # noqa: E731
+        lo = render_bound(bounds.lower, render) if bounds.lower else "0"
+        hi = render_bound(bounds.upper, render) if bounds.upper else "J - 1"
+        lines.append(f"keys     row i keeps keys {lo} .. {hi}  (whole key blocks outside are skipped; "
+                     f"from {', '.join(bounds.conjuncts_used)})")
+    else:
+        lines.append("keys     every key block of every row (no keep-predicate bounds them)")
+    lines.append("backward delta = rowsum(p * dp) " + ("in a sweep of its own" if p.delta_sweep else "= rowsum(dO * O)"))
+    return lines
