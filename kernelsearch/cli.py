@@ -50,15 +50,9 @@ def _cmd_check(args) -> int:
                 stages.setdefault(node.stage, []).append(node.name or node.op)
         for stage, names in stages.items():
             print(f"  stage  {stage:<22} {', '.join(names)}")
-        bounds = graph.key_bounds
-        from .passes.bounds import render_bound
-        if bounds.skips_blocks:
-            from .codegen.torch_module import scalar_expression
-            render = lambda n: scalar_expression(graph, n, row="i")  # noqa: E731
-            lo = render_bound(bounds.lower, render) if bounds.lower else "0"
-            hi = render_bound(bounds.upper, render) if bounds.upper else "J - 1"
-            print(f"  keys   row i keeps keys {lo} .. {hi}  (whole key blocks outside are skipped)")
-        print(f"  schedule {graph.schedule}")
+        from .passes.plan import describe_plan
+        for line in describe_plan(graph):   # how it runs: every schedule decision (passes/plan.py)
+            print(f"  {printable(line)}")
     return 0
 
 

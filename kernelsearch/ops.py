@@ -26,6 +26,7 @@ Nothing here imports the backends' code generators: they import this.
 """
 from __future__ import annotations
 
+import ast
 import math
 import operator
 import string
@@ -323,7 +324,20 @@ CALLABLE: dict[str, Op] = {name: op for name, op in OPS.items() if op.callable}
 SYNTAX: dict[str, Op] = {op.syntax: op for op in _SYNTAX if len(op.positional) == 2}
 """Binary operators by their Python symbol."""
 UNARY_SYNTAX: dict[str, Op] = {op.syntax: op for op in _SYNTAX if len(op.positional) == 1}
-"""Unary operators by their Python symbol (`-x`, `~x`; a spec's `not x` is `~x`)."""
+"""Unary operators by their Python symbol (`-x`, `~x`)."""
+
+# Python's spelling of each operator of the expression language; `a and b`, `a or b` and `not a` are
+# `&`, `|` and `~` (predicates are tensors: they combine elementwise)
+_SYMBOL = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%",
+           ast.Pow: "**", ast.BitAnd: "&", ast.BitOr: "|", ast.And: "&", ast.Or: "|",
+           ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!=",
+           ast.USub: "-", ast.Not: "~", ast.Invert: "~"}
+
+
+def operator_op(operator: ast.AST) -> str:
+    """The op a Python operator node (ast.Add, ast.Lt, ast.And, ast.USub, ...) of a spec expression is."""
+    table = UNARY_SYNTAX if isinstance(operator, ast.unaryop) else SYNTAX
+    return table[_SYMBOL[type(operator)]].name
 
 
 def op(name: str) -> Op:
@@ -460,18 +474,42 @@ def _trunc(x):
 }
 
 
-def triton_helpers(names=None) -> str:
-    """Source of the Triton helpers `names` need (with what they call), in declaration order; all by default."""
-    wanted = set(TRITON_HELPERS) if names is None else set(names)
+def helper_closure(names) -> set[str]:
+    """The Triton helpers `names` and the helpers they call."""
+    wanted = set(names)
     pending = list(wanted)
     while pending:
         for needed in TRITON_HELPERS[pending.pop()][1]:
             if needed not in wanted:
                 wanted.add(needed)
                 pending.append(needed)
+    return wanted
+
+
+def triton_helpers(names=None) -> str:
+    """Source of the Triton helpers `names` need (with what they call), in declaration order; all by default."""
+    wanted = helper_closure(TRITON_HELPERS if names is None else names)
     return "\n\n".join(source.strip("\n") + "\n" for name, (source, _) in TRITON_HELPERS.items() if name in wanted)
 
 
 def helpers_of(op_names) -> set[str]:
-    """The Triton helpers the renderings of these ops call."""
+    """The Triton helpers the renderings of these ops may call (all their forms and derivatives)."""
     return {h for name in op_names if name in OPS for h in OPS[name].helpers}
+
+
+def node_helpers(name: str, dtype: str, constants=None, derivative: bool = False) -> set[str]:
+    """The Triton helpers that one node of elementwise op `name` calls: its rendering for this dtype
+    and these constant arguments (x ** 2 is a product, a // b on floats needs no helper) and, with
+    `derivative`, its derivative templates."""
+    entry = OPS[name]
+    arguments = [f"x{k}" for k in range(len(entry.positional))]
+    texts = [render(name, "triton", arguments, dtype, constants, shape="[1]")]
+    if derivative:
+        texts += [t for t in entry.grad or () if t]
+    return {h for h in entry.helpers if any(f"{h}(" in text for text in texts)}
+
+
+def python_modules(op_names) -> set[str]:
+    """The modules the Python renderings (host scalars) of these ops call: generated files import them."""
+    return {"math" for name in op_names
+            if name in OPS and isinstance(OPS[name].python, str) and "math." in OPS[name].python}

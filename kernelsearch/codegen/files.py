@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .. import __version__
+from .. import __version__, ops
 from ..ir import Graph, fingerprint
 from . import torch_module
 
@@ -53,10 +53,15 @@ def module_name(graph: Graph, kind: str) -> str:
     return f"{graph.spec.name}_{kind}_{fingerprint(graph)}"
 
 
+def _scalar_ops(graph: Graph, node_ids) -> set[str]:
+    """The ops of these nodes that generated code computes on host scalars (Python, not tensors)."""
+    return {graph.node(n).op for n in node_ids if not graph.node(n).dims}
+
+
 def torch_file(graph: Graph) -> GeneratedFile:
     inputs = tuple(torch_module.graph_inputs(graph))
     functions = "\n\n\n".join(torch_module.torch_source(graph, lowering) for lowering in torch_module.LOWERINGS)
-    imports = ("import math\n\n" if re.search(r"\bmath\.", functions) else "") + \
+    imports = ("import math\n\n" if ops.python_modules(_scalar_ops(graph, graph.ids())) else "") + \
         "import torch\n\nfrom kernelsearch.backends import torch_ops as ops\n"
     source = (_header(graph, "the torch lowerings of one specialisation") + imports + "\n"
               + f"INPUTS = {inputs!r}  # what materialized() and chunked() take, after in_\n\n\n"
@@ -72,7 +77,7 @@ def triton_file(graph: Graph) -> GeneratedFile:
     body = functions + f"\n\nforward = {name}\nforward_fake = {name}_fake\n"
     return GeneratedFile(module_name(graph, "triton"),
                          _header(graph, "the Triton inference kernels of one specialisation")
-                         + triton_prelude(body) + "\n\n" + body,
+                         + triton_prelude(graph) + "\n\n" + body,
                          tuple(t.name for t in plan(graph).tensors))
 
 
@@ -87,26 +92,46 @@ def triton_training_file(graph: Graph) -> GeneratedFile:
     return GeneratedFile(module_name(graph, "triton_train"),
                          _header(graph, "the Triton training kernels (forward with lse, dq, dkdv) of one "
                                         "specialisation's core graph")
-                         + triton_prelude(body) + "\n\n" + body,
+                         + triton_prelude(graph, training=True) + "\n\n" + body,
                          tuple(t.name for t in plan(graph).tensors))
 
 
-def triton_prelude(body: str) -> str:
-    """The imports and the prelude helpers that `body` calls (and the helpers they call)."""
-    from .triton_fwd import TRITON_PRELUDE
+def triton_prelude(graph: Graph, training: bool = False) -> str:
+    """The imports and prelude helpers the Triton file of `graph` calls: the helpers of the ops its
+    kernels render (ops.py; `training`: their derivatives too) and of its key bounds, those the
+    kernels and launchers call whatever the graph (LOG2E, _strides, _empty), and _mix_heads when
+    heads are mixed."""
+    from .triton_fwd import TRITON_BOUND_CALLS, TRITON_PRELUDE
+    host = set(graph.plan.host)
+    in_kernels = [node for n, node in graph.nodes() if n not in host]
+    op_helpers = set().union(*(ops.node_helpers(node.op, node.dtype, _constants(graph, node), training)
+                               for node in in_kernels if ops.is_elementwise(node.op)))
+    bounds = graph.plan.key_bounds
+    bound_calls = {TRITON_BOUND_CALLS[kind] for tree in (bounds.lower, bounds.upper) for kind in _bound_kinds(tree)
+                   if kind in TRITON_BOUND_CALLS}
+    mixes = {"_mix_heads"} if any(node.op == "mix_heads" for node in in_kernels) else set()
+    wanted = ops.helper_closure(op_helpers | (bound_calls & set(ops.TRITON_HELPERS))) | set(_STRUCTURAL_HELPERS) | mixes
     imports, blocks = _prelude_blocks(TRITON_PRELUDE)
-    wanted, text = {}, body
-    while True:
-        new = {name: block for name, block in blocks.items()
-               if name not in wanted and re.search(rf"\b{re.escape(name)}\b", text)}
-        if not new:
-            break
-        wanted.update(new)
-        text = "\n".join(new.values())
     kept = [block for name, block in blocks.items() if name in wanted]   # in the prelude's order
-    used_imports = [line for line in imports
-                    if not line.startswith("import math") or re.search(r"\bmath\.", body + "\n".join(kept))]
+    needs_math = ops.python_modules(_scalar_ops(graph, host))
+    used_imports = [line for line in imports if not line.startswith("import math") or needs_math]
     return "\n".join(used_imports) + "\n" + "".join("\n\n" + block.strip("\n") + "\n" for block in kept)
+
+
+# called by every kernel (LOG2E) or launcher (_strides, _empty), whatever the graph
+_STRUCTURAL_HELPERS = ("LOG2E", "_strides", "_empty")
+
+
+def _constants(graph: Graph, node) -> list:
+    """Each argument's folded value, or None (as the Triton forward renders it)."""
+    return [graph.node(a).attrs["value"] if graph.node(a).op == "const" else None for a in node.args]
+
+
+def _bound_kinds(tree) -> set[str]:
+    """The operations (+ - * // min max) of a key-bound tree (passes/bounds.py)."""
+    if tree is None or tree[0] in ("node", "const"):
+        return set()
+    return {tree[0]}.union(*(_bound_kinds(t) for t in tree[1:]))
 
 
 def _prelude_blocks(prelude: str) -> tuple[list[str], dict]:

@@ -14,12 +14,21 @@ not fit (key padding masks, predicates on b or h) give no bound and are only app
 
 Bounds are small expression trees: ("node", id) refers to a graph node (rendered by the
 backend with i set to the row in question), ("const", v), or (op, a, b) for op in + - * // max min.
+
+What the analysis knows of each op - which comparisons bound a side, where an op is monotone, how
+to solve it for an argument, which op splits a predicate into conjuncts - are facts of the op
+registry (ops.py: `order`, `converse`, `monotone`, `inverse`, `commutative`, `conjunction`).
 """
 from __future__ import annotations
 
+from .. import ops
 from ..ir import Graph, KeyBlockBounds
 
-_FLIP = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}
+
+def _facts(graph: Graph, node_id: str):
+    """The registry entry of an elementwise node (None for leaves and structural ops)."""
+    op = graph.node(node_id).op
+    return ops.OPS[op] if ops.is_elementwise(op) else None
 
 
 def _leaves(graph: Graph, node_id: str) -> set[str]:
@@ -38,6 +47,20 @@ def _is_positive_const(graph: Graph, node_id: str):
     return None
 
 
+def _oriented(graph: Graph, node_id: str, first: str | None = None):
+    """(arguments, their `monotone` facts) of a monotone node, in an order (commutative ops may be
+    turned, preferably with `first` first) where the arguments that must be positive constants
+    are; None if there is none."""
+    entry, args = _facts(graph, node_id), graph.node(node_id).args
+    if entry is None or entry.monotone is None:
+        return None
+    orders = [args] + ([args[::-1]] if entry.commutative else [])
+    for order in sorted(orders, key=lambda order: first is not None and order[0] != first):
+        if all(fact != "positive" or _is_positive_const(graph, a) for a, fact in zip(order, entry.monotone)):
+            return order, entry.monotone
+    return None
+
+
 def _polarity(graph: Graph, node_id: str, dim: str) -> int | None:
     """+1 if node is non-decreasing in `dim`, -1 if non-increasing, 0 if independent, None if unknown."""
     node = graph.node(node_id)
@@ -45,29 +68,33 @@ def _polarity(graph: Graph, node_id: str, dim: str) -> int | None:
         return 0
     if node.op == "index":
         return 1
-    if node.dtype != "int":
+    oriented = _oriented(graph, node_id) if node.dtype == "int" else None
+    if oriented is None:
         return None
-    args = node.args
-    if node.op == "add":
-        signs = {_polarity(graph, a, dim) for a in args} - {0}
-        return signs.pop() if len(signs) == 1 and None not in signs else None
-    if node.op == "sub":
-        a, b = (_polarity(graph, x, dim) for x in args)
-        if a is None or b is None:
-            return None
-        signs = {a, -b} - {0}
-        return signs.pop() if len(signs) == 1 else None
-    if node.op == "neg":
-        p = _polarity(graph, args[0], dim)
-        return None if p is None else -p
-    if node.op in ("mul", "floordiv"):
-        constant = _is_positive_const(graph, args[1]) or (node.op == "mul" and _is_positive_const(graph, args[0]))
-        variable = args[0] if _is_positive_const(graph, args[1]) else args[1]
-        return _polarity(graph, variable, dim) if constant else None
-    if node.op in ("minimum", "maximum"):
-        signs = {_polarity(graph, a, dim) for a in args} - {0}
-        return signs.pop() if len(signs) == 1 and None not in signs else None
-    return None
+    signs = set()
+    for arg, fact in zip(*oriented):
+        if fact != "positive":
+            polarity = _polarity(graph, arg, dim)
+            if polarity is None:
+                return None
+            signs.add(fact * polarity)
+    signs -= {0}
+    return signs.pop() if len(signs) == 1 else None
+
+
+def _instantiate(template, bound, other):
+    """An op's inverse template (ops.py) as a bound tree: "u" the bound, "c" the other argument."""
+    if template == "u":
+        return bound
+    if template == "c":
+        return other
+    if isinstance(template, int):
+        return ("const", template)
+    kind, a, b = template
+    a, b = _instantiate(a, bound, other), _instantiate(b, bound, other)
+    if a[0] == "const" and b[0] == "const":   # e.g. a divisor's w - 1
+        return ("const", {"+": a[1] + b[1], "-": a[1] - b[1], "*": a[1] * b[1], "//": a[1] // b[1]}[kind])
+    return (kind, a, b)
 
 
 def _invert(graph: Graph, node_id: str, bound, side: str):
@@ -80,68 +107,52 @@ def _invert(graph: Graph, node_id: str, bound, side: str):
         return side, bound
     if node.dtype != "int" or not node.args:
         return None
-    args = node.args
-    j_args = [a for a in args if _uses(graph, a, "j")]
+    j_args = [a for a in node.args if _uses(graph, a, "j")]
     if len(j_args) != 1:
         return None
     (x,) = j_args
-    other = next((a for a in args if a != x), None)
+    other = next((a for a in node.args if a != x), None)
     if other is not None and set(graph.node(other).dims) - {"i"}:
         return None  # what is moved to the bound side may depend on i only
-    if node.op == "add":
-        return _invert(graph, x, ("-", bound, ("node", other)), side)
-    if node.op == "sub":
-        if x == args[0]:
-            return _invert(graph, x, ("+", bound, ("node", other)), side)
-        flipped = "lower" if side == "upper" else "upper"  # c - X <= u  <=>  X >= c - u
-        return _invert(graph, x, ("-", ("node", other), bound), flipped)
-    if node.op == "neg":
-        return _invert(graph, x, ("-", ("const", 0), bound), "lower" if side == "upper" else "upper")
-    if node.op == "floordiv" and x == args[0]:
-        w = _is_positive_const(graph, args[1])
-        if not w:
-            return None
-        if side == "upper":   # X // w <= u  <=>  X <= u * w + w - 1
-            return _invert(graph, x, ("+", ("*", bound, ("const", w)), ("const", w - 1)), side)
-        return _invert(graph, x, ("*", bound, ("const", w)), side)   # X // w >= l  <=>  X >= l * w
-    if node.op == "mul":
-        c = _is_positive_const(graph, other)
-        if not c:
-            return None
-        if side == "upper":   # X * c <= u  <=>  X <= u // c
-            return _invert(graph, x, ("//", bound, ("const", c)), side)
-        return _invert(graph, x, ("-", ("const", 0), ("//", ("-", ("const", 0), bound), ("const", c))), side)
-    return None
+    entry, oriented = _facts(graph, node_id), _oriented(graph, node_id, first=x)
+    if oriented is None or not entry.inverse:
+        return None
+    order, monotone = oriented
+    position = order.index(x)
+    if position not in entry.inverse:
+        return None
+    other_fact = monotone[1 - position] if other is not None else None
+    c = ("const", _is_positive_const(graph, other)) if other_fact == "positive" else ("node", other)
+    upper, lower = entry.inverse[position]
+    solved = _instantiate(upper if side == "upper" else lower, bound, c)
+    if monotone[position] == -1:
+        side = "lower" if side == "upper" else "upper"
+    return _invert(graph, x, solved, side)
 
 
 def _conjuncts(graph: Graph, node_id: str) -> list[str]:
-    node = graph.node(node_id)
-    if node.op == "and":
-        return [c for a in node.args for c in _conjuncts(graph, a)]
+    entry = _facts(graph, node_id)
+    if entry is not None and entry.conjunction:
+        return [c for a in graph.node(node_id).args for c in _conjuncts(graph, a)]
     return [node_id]
 
 
 def _bound_of(graph: Graph, conjunct: str):
     """(side, bound) for one conjunct, or None."""
-    node = graph.node(conjunct)
-    if node.op not in _FLIP:
+    entry = _facts(graph, conjunct)
+    if entry is None or entry.order is None:
         return None
-    a, b = node.args
-    op = node.op
+    a, b = graph.node(conjunct).args
     if _uses(graph, b, "j") and not _uses(graph, a, "j"):
-        a, b, op = b, a, _FLIP[op]
+        a, b, entry = b, a, ops.OPS[entry.converse]
     if not _uses(graph, a, "j") or _uses(graph, b, "j") or graph.node(b).dtype != "int":
         return None
     if any(graph.node(leaf).op in ("input", "param") for leaf in _leaves(graph, b)):
         return None
     if set(graph.node(b).dims) - {"i"} or _polarity(graph, b, "i") not in (0, 1):
         return None
-    bound = ("node", b)
-    if op == "lt":
-        bound, op = ("-", bound, ("const", 1)), "le"
-    elif op == "gt":
-        bound, op = ("+", bound, ("const", 1)), "ge"
-    side = "upper" if op == "le" else "lower"
+    side, offset = entry.order      # a < b  <=>  a <= b - 1
+    bound = ("node", b) if not offset else ("+" if offset > 0 else "-", ("node", b), ("const", abs(offset)))
     solved = _invert(graph, a, bound, side)
     if solved is None or _tree_polarity(graph, solved[1]) not in (0, 1):
         return None  # only bounds non-decreasing in i give a block range from the block's first/last row

@@ -11,13 +11,11 @@ import ast
 
 import networkx as nx
 
+from .. import ops
 from ..errors import SpecError
 from ..exprs import INDEX_VARIABLES, OPS, SIZES
 from ..ir import Graph, Node
 
-_BINARY = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div", ast.FloorDiv: "floordiv",
-           ast.Mod: "mod", ast.Pow: "pow", ast.BitAnd: "and", ast.BitOr: "or"}
-_COMPARE = {ast.Lt: "lt", ast.LtE: "le", ast.Gt: "gt", ast.GtE: "ge", ast.Eq: "eq", ast.NotEq: "ne"}
 # keyword arguments evaluated on the graph (tensors); every other keyword is static
 _DATAFLOW_KEYWORDS = {("softmax", "keep")}
 
@@ -95,26 +93,25 @@ class _Builder:
             return self.temp(owner, Node("const", attrs={"value": e.value}, location=where))
         if isinstance(e, ast.BinOp):
             a, b = self.expr(e.left, owner), self.expr(e.right, owner)
-            return self.temp(owner, Node(_BINARY[type(e.op)], (a, b), location=where))
+            return self.temp(owner, Node(ops.operator_op(e.op), (a, b), location=where))
         if isinstance(e, ast.UnaryOp):
             x = self.expr(e.operand, owner)
             if isinstance(e.op, ast.UAdd):
                 return x
-            op = "neg" if isinstance(e.op, ast.USub) else "not"
-            return self.temp(owner, Node(op, (x,), location=where))
+            return self.temp(owner, Node(ops.operator_op(e.op), (x,), location=where))
         if isinstance(e, ast.BoolOp):
-            op = "and" if isinstance(e.op, ast.And) else "or"
+            op = ops.operator_op(e.op)
             result = self.expr(e.values[0], owner)
             for value in e.values[1:]:
                 result = self.temp(owner, Node(op, (result, self.expr(value, owner)), location=where))
             return result
         if isinstance(e, ast.Compare):
             # a < b <= c  ==  (a < b) & (b <= c)
-            result, left = None, self.expr(e.left, owner)
+            result, left, conjunction = None, self.expr(e.left, owner), ops.operator_op(ast.And())
             for op, comparator in zip(e.ops, e.comparators):
                 right = self.expr(comparator, owner)
-                term = self.temp(owner, Node(_COMPARE[type(op)], (left, right), location=where))
-                result = term if result is None else self.temp(owner, Node("and", (result, term), location=where))
+                term = self.temp(owner, Node(ops.operator_op(op), (left, right), location=where))
+                result = term if result is None else self.temp(owner, Node(conjunction, (result, term), location=where))
                 left = right
             return result
         if isinstance(e, ast.IfExp):

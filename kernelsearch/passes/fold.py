@@ -18,6 +18,7 @@ import math
 from ..errors import SpecError
 from ..ir import Graph, Node
 from ..ops import MAX_INT_BITS as _MAX_INT_BITS
+from .. import ops
 from ..ops import OPS, ConstantTooLarge
 
 
@@ -170,7 +171,6 @@ def apply(op: str, values: list):
 def evaluate(expr: ast.expr, env: dict):
     """The value of a param default expression (`D ** -0.5`) with the names in `env` (sizes and
     params), computed by `apply` as folding would: for checking defaults at the sizes of a call."""
-    from .build import _BINARY, _COMPARE
     if isinstance(expr, ast.Constant):
         return expr.value
     if isinstance(expr, ast.Name):
@@ -178,22 +178,21 @@ def evaluate(expr: ast.expr, env: dict):
             raise ValueError(f"'{expr.id}' is not known for this call")
         return env[expr.id]
     if isinstance(expr, ast.BinOp):
-        return apply(_BINARY[type(expr.op)], [evaluate(expr.left, env), evaluate(expr.right, env)])
+        return apply(ops.operator_op(expr.op), [evaluate(expr.left, env), evaluate(expr.right, env)])
     if isinstance(expr, ast.UnaryOp):
         value = evaluate(expr.operand, env)
-        return value if isinstance(expr.op, ast.UAdd) else apply("neg" if isinstance(expr.op, ast.USub) else "not",
-                                                                 [value])
+        return value if isinstance(expr.op, ast.UAdd) else apply(ops.operator_op(expr.op), [value])
     if isinstance(expr, ast.BoolOp):
         values = [evaluate(value, env) for value in expr.values]
         result = values[0]
         for value in values[1:]:
-            result = apply("and" if isinstance(expr.op, ast.And) else "or", [result, value])
+            result = apply(ops.operator_op(expr.op), [result, value])
         return result
     if isinstance(expr, ast.Compare):
         left, result = evaluate(expr.left, env), True
         for op, comparator in zip(expr.ops, expr.comparators):
             right = evaluate(comparator, env)
-            result = result and apply(_COMPARE[type(op)], [left, right])
+            result = result and apply(ops.operator_op(op), [left, right])
             left = right
         return result
     if isinstance(expr, ast.IfExp):

@@ -71,7 +71,7 @@ def sweeps(graph: Graph, schedule: str, accs: tuple, softmax: str) -> tuple[int,
     memo: dict = {}
     for acc in accs:
         if linearity(graph, graph.node(acc).args[0], softmax, memo) is not True:
-            return 2, f"what '{acc}' reduces is not linear in the probabilities: they are normalised exactly first"
+            return 2, f"what {_label(graph, acc)} reduces is not linear in the probabilities: they are normalised exactly first"
     return 1, "online softmax: what reaches dot(p, v) is linear in the probabilities"
 
 
@@ -133,6 +133,19 @@ def _spelled(graph: Graph, node_id: str, row: str) -> str:
     return ops.render(node.op, "python", [_spelled(graph, a, row) for a in node.args], node.dtype)
 
 
+def _label(graph: Graph, node_id: str) -> str:
+    """A node as a reader finds it in the spec: its entry's name, or `op in entry` for a part of one."""
+    node = graph.node(node_id)
+    if node.name:
+        return node.name
+    owner = node_id.rsplit(".", 1)[0]
+    return f"{node.op} in {owner}" if owner != node_id else node_id
+
+
+def _labels(graph: Graph, node_ids) -> str:
+    return ", ".join(_label(graph, n) for n in node_ids)
+
+
 def describe_plan(graph: Graph) -> list[str]:
     """The plan as lines for `kernelsearch check` (node ids as the spec named them: escape them to print)."""
     from .bounds import render_bound
@@ -140,20 +153,20 @@ def describe_plan(graph: Graph) -> list[str]:
     heads = f"heads in tile, {p.head_groups} stream(s) per sample" if p.heads_in_tile else "one head per program"
     lines = [f"schedule {p.schedule}: {heads}",
              f"sweeps   {p.sweeps}: {p.sweeps_reason}",
-             f"reduce   {', '.join(p.accumulators) or '(nothing: no dot(p, v))'}"]
+             f"reduce   {_labels(graph, p.accumulators) or '(nothing: no dot(p, v))'}"]
     if p.prepass:
-        lines.append(f"prepass  {', '.join(p.prepass)}  (per-key values written once, not recomputed per query tile)")
+        lines.append(f"prepass  {_labels(graph, p.prepass)}  (per-key values written once, not recomputed per query tile)")
     else:
         lines.append("prepass  none")
     if p.host:
-        lines.append(f"host     {', '.join(p.host)}  (scalars the launcher computes)")
+        lines.append(f"host     {_labels(graph, p.host)}  (scalars the launcher computes)")
     bounds = p.key_bounds
     if bounds.skips_blocks:
         render = lambda n: _spelled(graph, n, "i")  # noqa: E731
         lo = render_bound(bounds.lower, render) if bounds.lower else "0"
         hi = render_bound(bounds.upper, render) if bounds.upper else "J - 1"
         lines.append(f"keys     row i keeps keys {lo} .. {hi}  (whole key blocks outside are skipped; "
-                     f"from {', '.join(bounds.conjuncts_used)})")
+                     f"from {_labels(graph, bounds.conjuncts_used)})")
     else:
         lines.append("keys     every key block of every row (no keep-predicate bounds them)")
     lines.append("backward delta = rowsum(p * dp) " + ("in a sweep of its own" if p.delta_sweep else "= rowsum(dO * O)"))
