@@ -373,6 +373,7 @@ class _BackwardWriter(_KernelWriter):
         bp, p = self.bp, self.p
         self.lines, self.memo, self.indent = [], {}, 1
         header = self.header(bp.dq_kernel)
+        self.kernel_header, self.inner_functions = header, []
         self.line(f'"""{self.g.spec.name} backward, per query tile: dq\' and the gradients of bias, tables and '
                   'mixing weights."""')
         self.line("start_m = tl.program_id(0)")
@@ -398,12 +399,12 @@ class _BackwardWriter(_KernelWriter):
         if bp.exact_delta:
             self.line("# -- sweep 1 of 2: delta = rowsum(p * dp), p transformed after softmax --")
             self.assign("delta_acc", f"tl.zeros({self.shape(self.stat_axes)}, tl.float32)")
-            self.sweep(lambda full: self.tile(full, "delta"))
+            self.sweep(lambda full: self.tile(full, "delta"), f"{bp.dq_kernel}_delta_block")
             self.assign("delta_i", "delta_acc")
             offs, mask = self.lse_offsets()
             self.line(f"tl.store(delta_ptr + {offs}, delta_i, mask={mask})  # for the dkdv kernel")
             self.line("# -- sweep 2 of 2: gradients --")
-        self.sweep(lambda full: self.tile(full, "dq"))
+        self.sweep(lambda full: self.tile(full, "dq"), f"{bp.dq_kernel}_key_block")
         self.line()
         self.store_operand_accs()
         for weight, acc in self.weight_accs.items():
@@ -526,14 +527,15 @@ def _launcher(graph: Graph, bp: BackwardPlan) -> str:
 
 
 def backward_functions(graph: Graph) -> str:
-    """The dq and dkdv kernels and the launcher `triton_backward<__present inputs>(do, out, lse, ...)`
+    """The dq kernel (its key-block functions first), the dkdv kernel and the launcher `triton_backward(do, out, lse, ...)`
     of one specialisation of a core graph (after split_prologue); appended to a forward module."""
     bp = backward_plan(graph)
     writer = _BackwardWriter(graph, bp)
     dq = writer.dq_kernel()
+    dq_blocks = writer.inner_functions
     writer = _BackwardWriter(graph, bp)
     dkdv = writer.dkdv_kernel()
-    return _BWD_HELPERS + "\n\n" + dq + "\n\n" + dkdv + "\n\n" + _launcher(graph, bp)
+    return "\n\n".join([_BWD_HELPERS.strip("\n") + "\n", *dq_blocks, dq, dkdv, _launcher(graph, bp)])
 
 
 def default_config(graph: Graph) -> dict:

@@ -460,6 +460,8 @@ class _KernelWriter:
         for dim, stride, index in zip(table.dims, strides or table.strides, indices):
             idx = self.view(index, axes)
             terms.append(f"({idx}) * {stride}")
+            if axes and not index.axes:   # a bounds test of a scalar index joins the tile's: make it a tile
+                idx = f"({idx} + tl.zeros({self.shape(axes)}, tl.int32))"   # (masks of mixed rank fail in triton 3.9's interpreter)
             masks.append(f"({idx} >= 0) & ({idx} < {names.size(dim)})")
         return terms, masks
 
@@ -642,6 +644,7 @@ class _KernelWriter:
         header.append(f"    {', '.join(f'{c}: tl.constexpr' for c in constexprs)},")
         header.append("):")
         assert len(args) == len(set(args)), args
+        self.kernel_header, self.inner_functions = header, []
         self.line(f'"""{g.spec.name}: schedule {g.schedule}, '
                   f'{"heads-in-tile" if p.channels else "per-head"} programs, '
                   f'{"two sweeps (exact softmax)" if p.exact else "online softmax"}."""')
@@ -724,14 +727,14 @@ class _KernelWriter:
         self.assign("l_i", f"tl.zeros({stat_shape}, tl.float32)", "row sum")
         if p.exact:
             self.line("# -- sweep 1 of 2: exact row statistics --")
-            self.sweep(stats_update)
+            self.sweep(stats_update, f"{p.kernel}_stats_block")
             self.assign("m_use", "tl.where(m_i == float('-inf'), 0.0, m_i)")
             self.assign("inv_l", "tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)",
                         "rows with nothing kept give 0")
             self.line()
             self.line("# -- sweep 2 of 2: exact probabilities, post-softmax ops, p @ v --")
         self.init_accumulators()
-        self.sweep(accumulate)
+        self.sweep(accumulate, f"{p.kernel}_key_block")
 
         self.line()
         self.line("# -- epilogue --")
@@ -873,21 +876,62 @@ class _KernelWriter:
         hi = f"tl.minimum({full_upper} + 1, kv_hi)" if upper else "kv_hi"
         self.assign("full_hi", f"tl.maximum(({hi} // BLOCK_N) * BLOCK_N, full_lo)")
 
-    def sweep(self, body) -> None:
-        """One sweep over the key blocks: the fully kept ones without masks, then the edges."""
+    def sweep(self, body, block: str) -> None:
+        """One sweep over the key blocks: `body` is rendered once, as the inner @triton.jit function
+        `block`, called for the blocks the bounded predicates keep whole (IS_FULL_BLOCK: no masks
+        there) and for the edge blocks - flags, not copies (Inductor's flex templates do likewise)."""
+        kernel_lines, kernel_indent = self.lines, self.indent
+        self.lines, self.indent, self.memo = [], 1, dict(self.outer)
+        self.assign("offs_j", "start_n + tl.arange(0, BLOCK_N)")
+        self.line("if IS_FULL_BLOCK:")
+        self.line("    col_ok = tl.full([BLOCK_N], 1, tl.int1)")
+        self.line("else:")
+        self.line("    col_ok = offs_j < J")
+        body(None)
+        body_lines = self.lines
+        self.lines, self.indent, self.memo = kernel_lines, kernel_indent, dict(self.outer)
+        call = self.inner_function(block, body_lines)
         ranges = [("full_lo", "full_hi", True, "blocks fully kept: no masks")]
         if self.has_lower:
             ranges.append(("kv_lo", "full_lo", False, "edge blocks before them"))
         ranges.append(("full_hi", "kv_hi", False, "edge blocks after them (the diagonal, the end of J)"))
         for lo, hi, full, what in ranges:
-            self.memo = dict(self.outer)
             self.line(f"for start_n in range({lo}, {hi}, BLOCK_N):  # {what}")
-            self.indent += 1
-            self.assign("offs_j", "start_n + tl.arange(0, BLOCK_N)")
-            self.assign("col_ok", "tl.full([BLOCK_N], 1, tl.int1)" if full else "offs_j < J")
-            body(full)
-            self.indent -= 1
-        self.memo = dict(self.outer)
+            for line in call(full):
+                self.line(f"    {line}")
+
+    def inner_function(self, name: str, body_lines: list):
+        """Wrap a loop body as `@triton.jit def name(<carried>, start_n, <what it reads>, IS_FULL_BLOCK)`
+        returning the carried state; returns `call(full) -> the lines of the call`. What it reads and carries is
+        read off the rendered code (Python's ast), so the signature cannot miss a name."""
+        import ast
+        import textwrap
+        scope = _kernel_scope(self.kernel_header, self.lines)      # {name: constexpr?}
+        body = textwrap.dedent("\n".join(line for line in body_lines))
+        tree = ast.parse(body)
+        stored = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        loaded = sorted((n.lineno, n.col_offset, n.id) for n in ast.walk(tree)
+                        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load))
+        reads = list(dict.fromkeys(n for _, _, n in loaded if n in scope and n != "start_n"))
+        carried = [n for n in reads if n in stored and n != "DOT_DTYPE"]
+        lead = self.tensor[self.p.lead].ptr
+        if "DOT_DTYPE" in reads:   # a dtype is no argument: the inner function reads it off the lead pointer
+            reads = [lead if n == "DOT_DTYPE" else n for n in reads if n != lead]
+        params = carried + ["start_n"] + [n for n in reads if n not in carried]
+        signature = [f"{n}: tl.constexpr" if scope.get(n) else n for n in params] + ["IS_FULL_BLOCK: tl.constexpr"]
+        lines = ["@triton.jit", f"def {name}("]
+        lines += [f"    {', '.join(signature[k:k + 6])}," for k in range(0, len(signature), 6)]
+        lines.append("):")
+        lines.append(f'    """One key block of {self.p.kernel}; IS_FULL_BLOCK: the bounded keep-predicates hold for all of it."""')
+        if "DOT_DTYPE" in {n for _, _, n in loaded}:
+            lines.append(f"    DOT_DTYPE = {lead}.dtype.element_ty")
+        lines += body_lines
+        if carried:
+            lines.append(f"    return {', '.join(carried)}")
+        self.inner_functions.append("\n".join(lines) + "\n")
+        rows = [", ".join(params[k:k + 8]) + "," for k in range(0, len(params), 8)]
+        target = f"{', '.join(carried)} = " if carried else ""
+        return lambda full: [f"{target}{name}("] + ["    " + row for row in rows + [f"IS_FULL_BLOCK={full},"]] + [")"]
 
     def conjuncts(self, node_id: str) -> list[str]:
         node = self.g.node(node_id)
@@ -895,26 +939,50 @@ class _KernelWriter:
             return [c for a in node.args for c in self.conjuncts(a)]
         return [node_id]
 
-    def masked_scores(self, scores_id, keeps, score_axes, full: bool):
+    def masked_scores(self, scores_id, keeps, score_axes, full):
+        """s_tile: the scores in log2 units, -inf where a keep-predicate drops (i, j). full: True /
+        False for a block known to be fully kept or not; None renders both, under IS_FULL_BLOCK
+        (in fully kept blocks only the conjuncts the key bounds did not use still apply)."""
         s = self.value(scores_id)
         s_expr = self.f32v(s, score_axes)
-        if full:   # the bounded conjuncts hold for the whole block; the others still apply
-            terms = []
-            for keep in keeps:
-                for conjunct in self.conjuncts(keep):
-                    if conjunct not in self.used_conjuncts:
-                        k = self.value(conjunct)
-                        terms.append(self.view(k, score_axes) if k.axes else f"({k.expr})")
+
+        def terms_of(node_ids):
+            values = [self.value(n) for n in node_ids]
+            return [self.view(k, score_axes) if k.axes else f"({k.expr})" for k in values]
+        unbounded = terms_of([c for keep in keeps for c in self.conjuncts(keep) if c not in self.used_conjuncts])
+        every = [self.view(_Value("col_ok", ("j",), "bool"), score_axes)] + terms_of(keeps)
+
+        def render(terms):
             if not terms:
                 self.assign("s_tile", f"{s_expr} * LOG2E", "log2 units")
                 return
-        else:
-            terms = [self.view(_Value("col_ok", ("j",), "bool"), score_axes)]
-            for keep in keeps:
-                k = self.value(keep)
-                terms.append(self.view(k, score_axes) if k.axes else f"({k.expr})")
-        self.assign("keep_tile", " & ".join(terms))
-        self.assign("s_tile", f"tl.where(keep_tile, {s_expr} * LOG2E, float('-inf'))", "log2 units; dropped: -inf")
+            self.assign("keep_tile", " & ".join(terms))
+            self.assign("s_tile", f"tl.where(keep_tile, {s_expr} * LOG2E, float('-inf'))", "log2 units; dropped: -inf")
+        if full is not None:
+            render(unbounded if full else every)
+            return
+        self.line("if IS_FULL_BLOCK:")
+        self.indent += 1
+        render(unbounded)
+        self.indent -= 1
+        self.line("else:")
+        self.indent += 1
+        render(every)
+        self.indent -= 1
+
+
+def _kernel_scope(header: list, lines: list) -> dict:
+    """{name: is constexpr} of what a kernel's body can read so far: its parameters and the names it
+    has assigned (module globals - tl, LOG2E, helpers - are not in it)."""
+    import ast
+    import textwrap
+    function = ast.parse("\n".join(header) + "\n    pass\n").body[0]
+    scope = {a.arg: a.annotation is not None for a in function.args.args}
+    body = ast.parse(textwrap.dedent("\n".join(lines)))
+    for node in ast.walk(body):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            scope.setdefault(node.id, False)
+    return scope
 
 
 _HELPERS = '''
@@ -1073,7 +1141,8 @@ def kernel_source(graph: Graph) -> tuple[str, KernelPlan]:
     parts = []
     if p.materialized:
         parts.append(writer.prepass())
-    parts.append(writer.kernel())
+    kernel = writer.kernel()
+    parts += writer.inner_functions + [kernel]
     return "\n\n".join(parts), p
 
 
