@@ -402,6 +402,11 @@ class _KernelWriter:
             value = self.value(arg, variant)
             mode = ops.triton_operand_mode(node.op, position)
             if mode == "float" or (mode == "auto" and is_float):
+                if is_float and value.kind in ("int", "bool"):   # `2 ** (h + 1)`: an integer operand of a float op
+                    constant = self.g.node(arg)
+                    if constant.op == "const":
+                        return repr(float(constant.attrs["value"]))
+                    return f"{self.view(value, axes)}.to(tl.float32)"
                 return self.f32v(value, axes)
             return self.view(value, axes)
         args = [operand(position, arg) for position, arg in enumerate(node.args)]

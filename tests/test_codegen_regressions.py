@@ -1,0 +1,61 @@
+"""Specs that `check` accepted and generated code then got wrong (issue 12): each runs on every
+backend against the reference, and its Triton kernels compile for sm_90."""
+import pytest
+import torch
+
+import kernelsearch
+from kernelsearch.codegen.show_cli import files_for
+from kernelsearch.inputs import random_inputs
+from kernelsearch.spec import parse_spec
+
+INTEGER_POWER = """
+name: integer_power
+summary: a per-head slope from an integer power, as ALiBi's 2 ** (-8 (h + 1) / H)
+params:
+  scale: {type: float, default: 0.125}
+inputs:
+  q: [b, h, i, d]
+  k: [b, h, j, d]
+  v: [b, h, j, d]
+graph:
+  slope: 2 ** (h + 1)
+  s: dot(q, k) * scale + slope * 0.01 * (j - i)
+  p: softmax(s)
+  o: dot(p, v)
+outputs: [o]
+"""
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def test_integer_power_on_every_backend(interpreter):
+    """`2 ** (h + 1)`: the Triton _pow took log2 of an i32 (interpreter and sm_90 compile failed)."""
+    spec = parse_spec(INTEGER_POWER, "integer_power.yaml")
+    reference = kernelsearch.load(spec, backend="reference")
+    inputs = random_inputs(spec, dict(B=1, H=3, I=17, J=20, D=16), dtype=torch.float32)
+    expected = reference(**{k: v.double() for k, v in inputs.items()})
+    for backend in ("torch", "triton"):
+        got = kernelsearch.load(spec, backend=backend)(**inputs)
+        torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=2e-5, msg=backend)
+
+
+def test_integer_power_compiles_for_sm90(tmp_path):
+    from kernelsearch.codegen.triton_aot import aot_check
+    path = tmp_path / "integer_power.yaml"   # a path: the check may run in a clean subprocess
+    path.write_text(INTEGER_POWER)
+    result = aot_check(str(path), None, {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1}, arch=90,
+                       sizes={"d": 16, "h": 4})
+    assert result["ok"], result["error"]
+
+
+def test_gather_bounds_of_scalar_indices_are_tiles():
+    """`table[h, abs(i - j)]`: the bounds test of the scalar index h was `(off_h >= 0) & ... & tile`,
+    which triton 3.9's interpreter refuses ('mask has unsupported dtype'); it is broadcast first."""
+    spec = kernelsearch.load_spec("specs/local.yaml")
+    (forward, training) = files_for(spec, {}, frozenset({"pos_bias_table"}), "triton")
+    for file in (forward, training):
+        assert "(off_h >= 0)" not in file.source
+        assert "(off_h + tl.zeros([BLOCK_M, BLOCK_N], tl.int32))" in file.source
