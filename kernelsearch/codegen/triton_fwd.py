@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from .. import ops
 from ..ir import Graph
 from ..layout import raw_inputs
-from ..passes.bounds import render_bound
+from ..passes.bounds import conjuncts, render_bound
 from . import names
 
 from ..backends.knobs import TRITON_FWD_DEFAULTS as DEFAULT_CONFIG  # noqa: E402  (the knobs are declared there)
@@ -939,10 +939,7 @@ class _KernelWriter:
         return lambda full: [f"{target}{name}("] + ["    " + row for row in rows + [f"IS_FULL_BLOCK={full},"]] + [")"]
 
     def conjuncts(self, node_id: str) -> list[str]:
-        node = self.g.node(node_id)
-        if node.op == "and":
-            return [c for a in node.args for c in self.conjuncts(a)]
-        return [node_id]
+        return conjuncts(self.g, node_id)   # split as the key bounds were (passes/bounds.py)
 
     def masked_scores(self, scores_id, keeps, score_axes, full):
         """s_tile: the scores in log2 units, -inf where a keep-predicate drops (i, j). full: True /

@@ -130,10 +130,11 @@ def _invert(graph: Graph, node_id: str, bound, side: str):
     return _invert(graph, x, solved, side)
 
 
-def _conjuncts(graph: Graph, node_id: str) -> list[str]:
+def conjuncts(graph: Graph, node_id: str) -> list[str]:
+    """A keep-predicate split at its conjunctions (the kernels mask with the same split)."""
     entry = _facts(graph, node_id)
     if entry is not None and entry.conjunction:
-        return [c for a in graph.node(node_id).args for c in _conjuncts(graph, a)]
+        return [c for a in graph.node(node_id).args for c in conjuncts(graph, a)]
     return [node_id]
 
 
@@ -183,7 +184,7 @@ def key_block_bounds(graph: Graph) -> KeyBlockBounds:
     lower = upper = None
     used = []
     for keep in keeps:
-        for conjunct in _conjuncts(graph, keep):
+        for conjunct in conjuncts(graph, keep):
             found = _bound_of(graph, conjunct)
             if found is None:
                 continue
