@@ -22,6 +22,9 @@ table's ``n``) comes from ``sizes={"n": ...}``.
 **Projections** (default when ``dim`` is given): ``to_q``, ``to_k``, ``to_v`` (Linear, ``bias``)
 and ``to_out``, as a standard multi-head attention; heads are split and merged with einops.
 ``forward(x, context=None, **inputs)``: keys and values come from ``context`` when given.
+A model with projections of its own (a fused qkv Linear, gates: the seed LMs in
+``kernelsearch/models``) subclasses it with ``projections=False`` and calls ``attend(q, k, v,
+**inputs)`` between them, with ``split_heads``/``merge_heads`` for the layout.
 
 **Grouped KV heads** (``kv_heads``): the spec decides. A spec whose k and v have their own head
 dim gets ``kv_heads`` heads from ``to_k``/``to_v``; a spec whose k and v share q's heads (every
@@ -43,7 +46,18 @@ from torch import nn
 
 from .errors import UsageError
 
-__all__ = ["Attention", "LearnedInput", "has_grouped_kv_heads", "learned_inputs", "shared_attention"]
+__all__ = ["Attention", "LearnedInput", "has_grouped_kv_heads", "learned_inputs", "merge_heads", "shared_attention",
+           "split_heads"]
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[b, n, (h d)] -> [b, h, n, d]: a projection's output in the layout of a spec's q, k and v."""
+    return rearrange(t, "b n (h d) -> b h n d", h=heads)
+
+
+def merge_heads(o: torch.Tensor) -> torch.Tensor:
+    """[b, h, n, d] -> [b, n, (h d)]: the attention's output as the input of an output projection."""
+    return rearrange(o, "b h n d -> b n (h d)")
 
 
 @dataclass(frozen=True)
@@ -216,7 +230,11 @@ class Attention(nn.Module):
                 f"learned=[{', '.join(self.learned.keys())}]")
 
     def inputs(self, **per_call) -> dict[str, torch.Tensor]:
-        """The spec's inputs for one call: the learned ones and `per_call`, by the spec's names."""
+        """The spec's inputs for one call: the learned ones and `per_call`, by the spec's names.
+
+        None is an input not given (a model passes ``mask=mask`` whether or not it has one,
+        whatever inputs its spec declares)."""
+        per_call = {name: t for name, t in per_call.items() if t is not None}
         clash = set(per_call) & set(self.learned.keys())
         if clash:
             raise TypeError(f"{sorted(clash)} are learned parameters of this module; they are not passed per call")
@@ -234,8 +252,8 @@ class Attention(nn.Module):
             raise TypeError("kernelsearch.nn.Attention with projections takes forward(x, context=None, **inputs)")
         context = inputs.pop("context", context)
         source = x if context is None else context
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
-        k = rearrange(self.to_k(source), "b n (h d) -> b h n d", h=self.kv_heads)
-        v = rearrange(self.to_v(source), "b n (h d) -> b h n d", h=self.kv_heads)
+        q = split_heads(self.to_q(x), self.heads)
+        k = split_heads(self.to_k(source), self.kv_heads)
+        v = split_heads(self.to_v(source), self.kv_heads)
         o = self.attend(q, k, v, **inputs)
-        return self.to_out(rearrange(o.to(x.dtype), "b h n d -> b n (h d)"))
+        return self.to_out(merge_heads(o.to(x.dtype)))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from einops import rearrange
 
 import kernelsearch
 from kernelsearch.errors import UsageError
@@ -18,23 +19,12 @@ from kernelsearch.models import train as lm_train
 from kernelsearch.models.config import NATIVE_SPECS, load_model_config, models_dir, repo_root
 from kernelsearch.models.memory_efficient import MemoryEfficientLM
 from kernelsearch.models.talking_heads import calc_stream_loss
+from kernelsearch.nn import Attention as AttentionModule
 
 ROOT = repo_root()
 SPECS = ROOT / "specs"
-HAS_LOAD = hasattr(kernelsearch, "load")
-
-
-def _has_torch_backend() -> bool:
-    try:
-        from kernelsearch.backends import torch_backend  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-HAS_TORCH_BACKEND = HAS_LOAD and _has_torch_backend()
-# the backend the model tests train with: the generated torch code once it exists
-BACKEND = "torch" if HAS_TORCH_BACKEND else "reference"
+# the backend the model tests train with: the generated torch code
+BACKEND = "torch"
 
 # tiny models: every family trains a few hundred steps in seconds on two CPU cores
 TINY = dict(dim=32, depth=2, heads=2, dim_head=16, max_seq_len=64)
@@ -49,52 +39,6 @@ TINY_TRAIN = dict(batch_size=8, seq_len=64, lr=3e-3, eval_batches=2, sample_len=
                   corpus_bytes=1_000_000)
 
 
-# ------------------------------------------------------------------ stand-in attention (no load)
-
-def _standin_load(spec_path, backend="auto", **params):
-    """Used only while `kernelsearch.load` does not exist: the hand-written oracles of
-    tests/oracles.py behind the same contract, the spec's params resolved by the compiler."""
-    import oracles
-    from kernelsearch.compiler import resolve_params
-    from kernelsearch.spec import load_spec
-    spec = load_spec(spec_path)
-    p = resolve_params(spec, params)
-    name = spec.name
-
-    def fixed(key, fallback):
-        return fallback if not isinstance(p.get(key), (int, float, bool, str)) else p[key]
-
-    def attn(q, k, v, **inputs):
-        d = q.shape[-1]
-        scale = fixed("scale", d ** -0.5)
-        if name in ("softmax", "memory_efficient"):
-            return oracles.memory_efficient_attention(
-                q * (scale / d ** -0.5), k, v, causal=p["causal"], mask=inputs.get("mask"),
-                attn_bias=inputs.get("attn_bias"),
-                causal_alignment=p.get("causal_alignment", "bottom_right"))
-        if name == "cosine_sim":
-            return oracles.cosine_sim_attention(q, k, v, scale=scale, groups=p["groups"],
-                                                causal=p["causal"], mask=inputs.get("mask"),
-                                                attn_bias=inputs.get("attn_bias"))
-        if name == "local":
-            lf = fixed("look_forward", 0 if p["causal"] else 1)
-            return oracles.local_attention_global(
-                q, k, v, window_size=p["window_size"], causal=p["causal"],
-                look_backward=p["look_backward"], look_forward=lf,
-                exact_windowsize=p["exact_windowsize"], scale=scale, rotary=p["rotary"],
-                xpos=p["xpos"], xpos_scale_base=fixed("xpos_scale_base", p["window_size"] // 2),
-                mask=inputs.get("mask"), pos_bias_table=inputs.get("pos_bias_table"),
-                rotary_query_shift=p["rotary_query_offset"])
-        if name == "talking_heads":
-            return oracles.talking_heads_attention(
-                q, k, v, num_streams=p["num_streams"], causal=p["causal"], scale=scale,
-                pre_mix=inputs.get("pre_mix") if p["pre_talking_heads"] else None,
-                post_mix=inputs.get("post_mix") if p["post_talking_heads"] else None,
-                mask=inputs.get("mask"))
-        raise AssertionError(f"no stand-in for spec {name}")
-    return attn
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # tiny models are dispatch-bound: one thread is as fast and does not fight other processes
@@ -102,13 +46,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _attention_available(monkeypatch):
-    if not HAS_LOAD:
-        monkeypatch.setattr(kernelsearch, "load", _standin_load, raising=False)
-    yield
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -195,8 +132,11 @@ def test_local_variants(variant, corpus):
     p = model.resolved_attn_params
     assert p["rotary"] is (not model.dynamic_pos_bias)
     assert p["xpos"] is bool(variant.get("use_xpos")) and p["window_size"] == 16
-    if variant.get("qk_rmsnorm"):
-        assert p["scale"] == 8.0 and model.layers[0][0].q_scale.shape == (16,)
+    if variant.get("qk_rmsnorm"):       # fused into the spec; the scales are the layer's learned inputs
+        assert p["qk_rmsnorm"] is True and p["scale"] == 8.0
+        assert {n: tuple(t.shape) for n, t in model.layers[0][0].learned.items()} == {"q_scale": (16,), "k_scale": (16,)}
+    else:
+        assert "qk_rmsnorm" not in p and len(model.layers[0][0].learned) == 0
     loss, _ = model.loss(batch(corpus))
     loss.backward()
     assert math.isfinite(float(loss.detach()))
@@ -217,6 +157,39 @@ def test_seed_params_only_with_the_native_spec():
     assert th.resolved_attn_params["scale"] == 4.0 and th.resolved_attn_params["num_streams"] == 2
     foreign = ModelConfig(family="mesh_tf", spec=str(SPECS / "cosine_sim.yaml"), model=TINY)
     assert build_model(foreign, backend=BACKEND).resolved_attn_params == {"causal": True}
+
+
+# where each family keeps a layer's attention block (the seeds' module layout)
+ATTENTION_BLOCK = {
+    "mesh_tf": lambda model, layer: model.layers[layer][1],
+    "cosine_sim": lambda model, layer: model.layers[layer][0],
+    "memory_efficient": lambda model, layer: model.net.blocks[layer].f.fn,
+    "local": lambda model, layer: model.layers[layer][0],
+    "talking_heads": lambda model, layer: model.layers[layer][0],
+}
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_attention_blocks_are_kernelsearch_nn_attention(family):
+    """Every layer's attention block is a kernelsearch.nn.Attention on the model's spec and params,
+    all layers share one compiled attention, and the spec's learned inputs are the block's parameters."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(family), backend=BACKEND)
+    blocks = [ATTENTION_BLOCK[family](model, layer) for layer in range(TINY["depth"])]
+    assert all(isinstance(block, AttentionModule) for block in blocks)
+    assert model.attention_layers() == blocks                   # no other attention in the model
+    attention = blocks[0].attention
+    assert all(block.attention is attention for block in blocks)
+    assert Path(attention.spec.path).name == NATIVE_SPECS[family]
+    assert attention.overrides == model.resolved_attn_params and attention.backend == BACKEND
+    assert (blocks[0].heads, blocks[0].dim_head) == (TINY["heads"], TINY["dim_head"])
+    learned = {"talking_heads": ["pre_mix", "post_mix"]}.get(family, [])
+    assert all(list(block.learned.keys()) == learned for block in blocks)
+    state = model.state_dict()
+    for layer, block in enumerate(blocks):
+        for name, weight in block.learned.items():
+            assert torch.equal(weight, torch.eye(4))             # [(s h), (s h)] identity, s = 2, h = 2
+            assert torch.equal(state[f"layers.{layer}.0.learned.{name}"], weight)
 
 
 # ------------------------------------------------------------------------------- reversibility
@@ -287,23 +260,23 @@ def test_stream_diversity_loss_through_the_attention(corpus):
     torch.manual_seed(0)
     model = build_model(tiny_config("talking_heads", stream_diversity_weight=0.5), backend=BACKEND)
     layer = model.layers[0][0]
+    pre_mix = layer.learned["pre_mix"]
     with torch.no_grad():
-        layer.pre_mix.add_(0.1 * torch.randn_like(layer.pre_mix))
+        pre_mix.add_(0.1 * torch.randn_like(pre_mix))
     x = model.emb(batch(corpus)[:, :20])
     xn = layer.rmsnorm(x)
-    from kernelsearch.models.common import split_heads
-    q, k, _ = (split_heads(t, 2) for t in layer.to_qkv(xn).chunk(3, dim=-1))
+    q, k, _ = rearrange(layer.to_qkv(xn), "b n (qkv h d) -> qkv b h n d", qkv=3, h=2)
     p = layer.probabilities(q, k)
     # by hand: (q * sqrt(d))·k, mix logits across the (s h) heads of a sample, causal softmax
     s, h, n = 2, 2, 20
     sim = torch.einsum("bhid,bhjd->bhij", q * 4.0, k).reshape(-1, s * h, n, n)
-    sim = torch.einsum("oc,bcij->boij", layer.pre_mix, sim).reshape(-1, h, n, n)
+    sim = torch.einsum("oc,bcij->boij", pre_mix, sim).reshape(-1, h, n, n)
     sim = sim.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -torch.finfo(sim.dtype).max)
     torch.testing.assert_close(p, sim.softmax(-1), rtol=1e-4, atol=1e-5)
     logits, aux = model.forward_with_aux(batch(corpus)[:, :20])
     assert aux is not None and float(aux.detach()) < 0
     aux.backward()
-    assert layer.pre_mix.grad is not None and layer.pre_mix.grad.abs().sum() > 0
+    assert pre_mix.grad is not None and pre_mix.grad.abs().sum() > 0
 
 
 def test_calc_stream_loss_matches_definition():
@@ -375,7 +348,6 @@ def _steps(family, backend, n_steps, corpus, dtype=torch.float32):
                                 generator=torch.Generator().manual_seed(0), progress=False)
 
 
-@pytest.mark.skipif(not HAS_TORCH_BACKEND, reason="the torch backend does not exist yet")
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_torch_and_reference_backends_agree_step_by_step(family, corpus):
     ref = _steps(family, "reference", 4, corpus)
@@ -384,7 +356,6 @@ def test_torch_and_reference_backends_agree_step_by_step(family, corpus):
     torch.testing.assert_close(torch.tensor(tor), torch.tensor(ref), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(not HAS_TORCH_BACKEND, reason="the torch backend does not exist yet")
 @pytest.mark.parametrize("family", ["mesh_tf", "local", "talking_heads"])
 def test_chunked_torch_lowering_agrees_step_by_step(family, corpus, monkeypatch):
     """The online-softmax (chunked) lowering trains like the reference too (2 key chunks)."""
@@ -410,7 +381,7 @@ def _has_triton_backend() -> bool:
     return True
 
 
-@pytest.mark.skipif(not (HAS_LOAD and _has_triton_backend()), reason="no triton backend yet")
+@pytest.mark.skipif(not _has_triton_backend(), reason="no triton backend")
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_triton_and_reference_backends_agree_step_by_step(family, corpus, monkeypatch):
     """Training through the triton kernels (Triton's interpreter on the CPU): same losses, step by step."""
@@ -429,7 +400,7 @@ def test_triton_and_reference_backends_agree_step_by_step(family, corpus, monkey
                                rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.skipif(not (HAS_LOAD and _has_triton_backend()), reason="no triton backend yet")
+@pytest.mark.skipif(not _has_triton_backend(), reason="no triton backend")
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_triton_forward_matches_reference(family, corpus, monkeypatch):
     """Inference through the triton kernels: same logits as the reference (tiny, no grad)."""
@@ -556,6 +527,8 @@ def _load_from_upstream(mine, upstream, rename):
 
 def _local_rename(name: str) -> str:
     parts = name.split(".")
+    if parts[0] == "layers" and parts[2] == "0" and parts[3] in ("q_scale", "k_scale"):
+        return ".".join(parts[:3] + ["learned", parts[3]])           # the spec's learned inputs
     if parts[0] == "layers" and parts[2] == "0" and parts[3] == "to_v_gate":
         return ".".join(parts[:4] + parts[5:])                     # to_v_gate.0.w -> to_v_gate.w
     if parts[0] == "layers" and parts[2] == "1" and parts[3] == "4":
@@ -612,8 +585,8 @@ def test_memory_efficient_lm_matches_upstream_with_gradients():
 
 def _quartic_rename(name: str) -> str:
     table = {"to_qkv.0.weight": "to_qkv.weight", "to_gates.0.weight": "to_gates.weight",
-             "to_gates.0.bias": "to_gates.bias", "pre_talking_heads.weight": "pre_mix",
-             "post_talking_heads.weight": "post_mix", "to_out.1.weight": "to_out.weight",
+             "to_gates.0.bias": "to_gates.bias", "pre_talking_heads.weight": "learned.pre_mix",
+             "post_talking_heads.weight": "learned.post_mix", "to_out.1.weight": "to_out.weight",
              "1.4.weight": "1.3.weight"}
     if name.startswith("to_logits.1"):
         return "final_norm.scale"

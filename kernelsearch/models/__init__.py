@@ -7,9 +7,11 @@
 - ``talking_heads`` (``talking_heads.py``): seed 004, quartic-transformer (multi-stream)
 
 Each model gets its attention from ``kernelsearch.load(spec, backend, **params)`` through
-``models/attention.py:make_attention`` and does only what the attention spec does not:
-embeddings, projections, norms, gates, residuals, feed-forwards, the dynamic-position-bias MLP,
-the talking-heads mixing weights (as parameters handed to the spec).
+``models/attention.py:make_attention``; each layer's attention block is a
+``kernelsearch.nn.Attention`` around it (the spec's learned inputs - talking-heads mixing
+weights, qk-rmsnorm scales - are that module's parameters, in ``learned``; heads split and
+merged with einops, as the seeds do). The model does only what the attention spec does not:
+embeddings, projections, norms, gates, residuals, feed-forwards, the dynamic-position-bias MLP.
 
 Model specs (``specs/models/<family>.yaml``) are described in ``models/config.py``; the corpus
 in ``models/data.py``; training, checkpoints and sampling in ``models/train.py``; the

@@ -1,8 +1,9 @@
 """The one door through which every model gets its attention: a spec compiled by kernelsearch.
 
 A model never computes scores, masks, softmax, rotary or head mixing itself; it calls
-``make_attention(spec, backend, **params)`` once per distinct parameter set and gets back
-``kernelsearch.load``'s callable ``attn(q, k, v, **inputs)``.
+``make_attention(spec, backend, **params)`` once per distinct parameter set, gets back
+``kernelsearch.load``'s callable ``attn(q, k, v, **inputs)`` and hands it to one
+``kernelsearch.nn.Attention`` per layer (which owns the learned inputs the model chooses).
 
 Which params a model passes (``resolve_params``):
 

@@ -6,19 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SpecError
+from ..nn import Attention as AttentionModule
 from . import attention as _attention
-
-
-def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """[b, n, (h d)] -> [b, h, n, d]"""
-    b, n, hd = t.shape
-    return t.reshape(b, n, heads, hd // heads).transpose(1, 2)
-
-
-def merge_heads(t: torch.Tensor) -> torch.Tensor:
-    """[b, h, n, d] -> [b, n, (h d)]"""
-    b, h, n, d = t.shape
-    return t.transpose(1, 2).reshape(b, n, h * d)
 
 
 def top_k(logits: torch.Tensor, thres: float = 0.9) -> torch.Tensor:
@@ -34,7 +23,9 @@ class LM(nn.Module):
     """Base of the five seed LMs: byte tokens in, next-token logits out.
 
     Subclasses set ``family`` and ``native_spec`` (their seed spec's file name), build their
-    attention with ``self.build_attention(structural, seed)`` and implement ``forward``.
+    attention with ``self.build_attention(structural, seed)``, hand it to one
+    ``kernelsearch.nn.Attention`` per layer (``attention_layers()``: each owns the learned inputs
+    of its layer, all share the compiled attention) and implement ``forward``.
     ``loss`` is next-token cross entropy (plus the auxiliary loss of ``forward_with_aux`` where a
     family has one).
     """
@@ -70,6 +61,10 @@ class LM(nn.Module):
     def set_attention(self, name: str, fn) -> None:
         # kept out of nn.Module's registry: the compiled attention has no learned state of its own
         object.__setattr__(self, name, fn)
+
+    def attention_layers(self) -> list[AttentionModule]:
+        """The model's attention modules, first layer first."""
+        return [m for m in self.modules() if isinstance(m, AttentionModule)]
 
     def forward_with_aux(self, x: torch.Tensor, mask: torch.Tensor | None = None):
         """(logits, auxiliary loss or None); families with an auxiliary loss override this."""

@@ -18,26 +18,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import LM, merge_heads, split_heads
+from ..nn import Attention as AttentionModule
+from .common import LM
 
 
-class Attention(nn.Module):
+class Attention(AttentionModule):
+    """The seed's attention block: kernelsearch.nn.Attention's own projections (``to_q``, ``to_k``,
+    ``to_v``, ``to_out``, no bias: the seed's), after a LayerNorm when ``pre_norm``."""
+
     def __init__(self, dim: int, heads: int, dim_head: int, pre_norm: bool, attn):
-        super().__init__()
-        inner = heads * dim_head
-        self.heads = heads
+        super().__init__(attn, heads=heads, dim=dim, dim_head=dim_head, bias=False, learned=[])
         self.norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(dim, inner, bias=False)
-        self.to_v = nn.Linear(dim, inner, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
-        object.__setattr__(self, "attn", attn)
 
     def forward(self, x, mask=None):
-        x = self.norm(x)
-        q, k, v = (split_heads(f(x), self.heads) for f in (self.to_q, self.to_k, self.to_v))
-        o = self.attn(q, k, v) if mask is None else self.attn(q, k, v, mask=mask)
-        return self.to_out(merge_heads(o.to(x.dtype)))
+        return super().forward(self.norm(x), mask=mask)
 
 
 def FeedForward(dim: int, mult: int = 4, pre_norm: bool = False) -> nn.Sequential:
@@ -60,7 +54,6 @@ class CosineSimLM(LM):
                          num_tokens=num_tokens, max_seq_len=max_seq_len)
         attn = self.build_attention(structural={"causal": True},
                                     seed={"scale": float(attn_scale), "groups": attn_l2norm_groups})
-        self.set_attention("attn", attn)
         self.token_emb = nn.Embedding(num_tokens, dim)
         self.pos_emb = nn.Embedding(max_seq_len, dim)
         self.residual_scale = 1.0 if pre_norm else (2 * depth) ** 0.25

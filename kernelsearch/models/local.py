@@ -17,22 +17,22 @@
 Done by the spec (structural params passed by the model): ``window_size``, ``causal``,
 ``look_backward`` (default 1), ``look_forward`` (default 0 when causal, else 1),
 ``exact_windowsize`` (LocalMHA's default True), ``rotary`` (= not use_dynamic_pos_bias), ``xpos``,
-``xpos_scale_base`` (the spec's default ``w // 2`` unless given), and the ``scale`` applied to q
-before rotary (``qk_scale`` = 8 with qk-rmsnorm, else the spec's ``d**-0.5``).
-
-Done in the model, before calling the attention (a choice, noted): the **qk-rmsnorm** itself —
-``l2norm`` of q and k along d (eps 1e-12) followed by the learned per-dim ``q_scale``/``k_scale``
-(init 1). These are exactly upstream's ops in upstream's order (l2norm, per-dim scale, then the
-attention's scale and rotary), so nothing changes semantically; fusing them into the kernel
-would need the spec to take ``q_scale``/``k_scale`` as inputs.
+``xpos_scale_base`` (the spec's default ``w // 2`` unless given), the ``scale`` applied to q
+before rotary (``qk_scale`` = 8 with qk-rmsnorm, else the spec's ``d**-0.5``) and, with
+``qk_rmsnorm`` (passed only when on), the **qk-rmsnorm** itself: ``l2norm`` of q and k along d
+followed by the learned per-dim ``q_scale``/``k_scale`` — upstream's ops in upstream's order,
+fused into the kernel. The scales are learned inputs of the spec, parameters of each layer's
+``kernelsearch.nn.Attention`` (``learned["q_scale"]``, ``learned["k_scale"]``, init 1).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
-from .common import LM, merge_heads, split_heads
+from ..nn import Attention as AttentionModule, merge_heads, split_heads
+from .common import LM
 
 
 class DynamicPositionBias(nn.Module):
@@ -44,40 +44,30 @@ class DynamicPositionBias(nn.Module):
     def forward(self, n: int) -> torch.Tensor:
         """The table [heads, n]: entry (h, t) is the bias for distance |i - j| = t."""
         w = self.mlp[0].weight
-        dist = torch.arange(n, device=w.device, dtype=w.dtype)[:, None]
-        return self.mlp(dist).t()
+        dist = torch.arange(n, device=w.device, dtype=w.dtype)
+        return rearrange(self.mlp(rearrange(dist, "n -> n 1")), "n h -> h n")
 
 
-class LocalMHA(nn.Module):
+class LocalMHA(AttentionModule):
+    """The seed's LocalMHA: its projections and value gate around the spec's attention, which
+    owns the qk-rmsnorm scales (``learned``) when ``qk_rmsnorm``."""
+
     def __init__(self, *, dim: int, heads: int, dim_head: int, attn, prenorm: bool = True,
                  qk_rmsnorm: bool = False, gate_values_per_head: bool = False):
-        super().__init__()
+        super().__init__(attn, heads=heads, dim_head=dim_head, projections=False,
+                         learned=["q_scale", "k_scale"] if qk_rmsnorm else [])
         inner = heads * dim_head
-        self.heads = heads
         self.norm = nn.LayerNorm(dim) if prenorm else nn.Identity()
         self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
-        self.qk_rmsnorm = qk_rmsnorm
-        if qk_rmsnorm:
-            self.q_scale = nn.Parameter(torch.ones(dim_head))
-            self.k_scale = nn.Parameter(torch.ones(dim_head))
         self.to_v_gate = nn.Linear(dim, heads) if gate_values_per_head else None
         self.to_out = nn.Linear(inner, dim, bias=False)
-        object.__setattr__(self, "attn", attn)
 
     def forward(self, x, mask=None, pos_bias_table=None):
         x = self.norm(x)
         q, k, v = (split_heads(t, self.heads) for t in self.to_qkv(x).chunk(3, dim=-1))
-        if self.qk_rmsnorm:
-            q = F.normalize(q, dim=-1) * self.q_scale
-            k = F.normalize(k, dim=-1) * self.k_scale
-        inputs = {}
-        if mask is not None:
-            inputs["mask"] = mask
-        if pos_bias_table is not None:
-            inputs["pos_bias_table"] = pos_bias_table
-        out = self.attn(q, k, v, **inputs).to(x.dtype)
+        out = self.attend(q, k, v, mask=mask, pos_bias_table=pos_bias_table).to(x.dtype)
         if self.to_v_gate is not None:
-            out = out * self.to_v_gate(x).transpose(1, 2).unsqueeze(-1).sigmoid()
+            out = out * rearrange(self.to_v_gate(x), "b n h -> b h n 1").sigmoid()
         return self.to_out(merge_heads(out))
 
 
@@ -118,9 +108,8 @@ class LocalLM(LM):
         if xpos_scale_base is not None:
             structural["xpos_scale_base"] = xpos_scale_base
         if qk_rmsnorm:
-            structural["scale"] = float(qk_scale)
+            structural.update(qk_rmsnorm=True, scale=float(qk_scale))
         attn = self.build_attention(structural=structural)
-        self.set_attention("attn", attn)
         self.window_size = local_attn_window_size
         self.token_emb = nn.Embedding(num_tokens, dim)
         self.pos_emb = nn.Embedding(max_seq_len, dim)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import LM, merge_heads, split_heads
+from ..nn import Attention as AttentionModule, merge_heads, split_heads
+from .common import LM
 
 
 class PreNorm(nn.Module):
@@ -34,20 +35,20 @@ class PreNorm(nn.Module):
         return self.fn(self.norm(x), **kwargs)
 
 
-class Attention(nn.Module):
+class Attention(AttentionModule):
+    """The seed's projections (``to_q``, ``to_kv``, ``to_out``: its names) around the spec's attention."""
+
     def __init__(self, dim: int, heads: int, dim_head: int, attn):
-        super().__init__()
+        super().__init__(attn, heads=heads, dim_head=dim_head, projections=False, learned=[])
         inner = heads * dim_head
-        self.heads = heads
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, inner * 2, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
-        object.__setattr__(self, "attn", attn)
 
     def forward(self, x, mask=None):
         q = split_heads(self.to_q(x), self.heads)
         k, v = (split_heads(t, self.heads) for t in self.to_kv(x).chunk(2, dim=-1))
-        o = self.attn(q, k, v) if mask is None else self.attn(q, k, v, mask=mask)
+        o = self.attend(q, k, v, mask=mask)
         return self.to_out(merge_heads(o.to(x.dtype)))
 
 
@@ -164,7 +165,6 @@ class MemoryEfficientLM(LM):
         super().__init__(spec=spec, backend=backend, attn_params=attn_params,
                          num_tokens=num_tokens, max_seq_len=max_seq_len)
         attn = self.build_attention(structural={"causal": True})
-        self.set_attention("attn", attn)
         self.token_emb = nn.Embedding(num_tokens, dim)
         self.pos_emb = nn.Embedding(max_seq_len, dim)
         self.net = ReversibleSequence([

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LM, merge_heads, split_heads
+from ..nn import Attention as AttentionModule, merge_heads, split_heads
+from .common import LM
 
 
 def _linear(dim_in: int, dim_out: int, bias: bool = True) -> nn.Linear:
@@ -41,17 +42,17 @@ class ScaleNorm(nn.Module):
         return F.layer_norm(x, (self.dim,), eps=self.eps) * self.g
 
 
-class Attention(nn.Module):
+class Attention(AttentionModule):
+    """The seed's projections (its names) around the spec's attention."""
+
     def __init__(self, dim: int, heads: int, dim_head: int, attn):
-        super().__init__()
-        self.heads = heads
+        super().__init__(attn, heads=heads, dim_head=dim_head, projections=False, learned=[])
         self.to_qkv = _linear(dim, 3 * heads * dim_head, bias=False)
         self.combine_output = _linear(heads * dim_head, dim)
-        object.__setattr__(self, "attn", attn)
 
     def forward(self, x, mask=None):
         q, k, v = (split_heads(t, self.heads) for t in self.to_qkv(x).chunk(3, dim=-1))
-        o = self.attn(q, k, v) if mask is None else self.attn(q, k, v, mask=mask)
+        o = self.attend(q, k, v, mask=mask)
         return self.combine_output(merge_heads(o.to(x.dtype)))
 
 
@@ -74,7 +75,6 @@ class MeshTFLM(LM):
         super().__init__(spec=spec, backend=backend, attn_params=attn_params,
                          num_tokens=num_tokens, max_seq_len=max_seq_len)
         attn = self.build_attention(structural={"causal": True}, seed={"scale": 1.0})
-        self.set_attention("attn", attn)
         self.wte = nn.Embedding(num_tokens, dim)
         self.wpe = nn.Embedding(max_seq_len, dim)
         nn.init.xavier_uniform_(self.wte.weight)     # tf.get_variable's default initializer

@@ -8,11 +8,11 @@
   ``sigmoid(Linear(x_normed) -> heads)`` (with bias) -> output Linear without bias.
   FF = RMSNorm -> Linear -> GELU -> Linear, no biases.
 - Logits: sum over streams -> RMSNorm -> Linear without bias.
-- **Talking heads** are the spec's job: the model owns the mixing weights — per layer
-  ``pre_mix``/``post_mix`` ``nn.Parameter`` of shape ``[s*h, s*h]`` (a 1x1 convolution's weight,
-  output head first, heads ordered ``(s h)``), identity (dirac) init — and passes them as the
-  spec's ``pre_mix``/``post_mix`` inputs, with structural params ``num_streams``,
-  ``pre_talking_heads``, ``post_talking_heads``. ``cross_stream_talking_heads=False`` mixes
+- **Talking heads** are the spec's job: each layer's attention is a ``kernelsearch.nn.Attention``
+  that owns the mixing weights as the spec's learned inputs — ``learned["pre_mix"]`` /
+  ``learned["post_mix"]`` of shape ``[s*h, s*h]`` (a 1x1 convolution's weight, output head first,
+  heads ordered ``(s h)``), identity (dirac) init, only those that are on — with structural params
+  ``num_streams``, ``pre_talking_heads``, ``post_talking_heads``. ``cross_stream_talking_heads=False`` mixes
   heads within each stream only (upstream's ``ablate_cross_stream_talking_heads``).
 - Seed param (with ``specs/talking_heads.yaml``): ``scale = +sqrt(dim_head)`` (upstream quirk).
 - ``causal`` is passed as True: upstream's LM never sets it (its attention defaults to
@@ -44,9 +44,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, reduce, repeat
 from torch import nn
 
-from .common import LM, merge_heads, split_heads
+from ..nn import Attention as AttentionModule, merge_heads
+from .common import LM
 
 
 class RMSNorm(nn.Module):
@@ -62,11 +64,11 @@ class RMSNorm(nn.Module):
 def calc_stream_loss(attn: torch.Tensor, streams: int) -> torch.Tensor:
     """-entropy over j of the mean of one head per stream, for every such choice:
     attn [(b s), h, i, j] -> [b, h**s, i]."""
-    bs, h, i, j = attn.shape
-    a = attn.reshape(bs // streams, streams, h, i, j).transpose(0, 1)
+    a = rearrange(attn, "(b s) h i j -> s b h i j", s=streams)
     accum = a[0]
-    for rest in a[1:]:
-        accum = (accum[:, :, None] + rest[:, None, :]).reshape(accum.shape[0], -1, i, j)
+    for rest in a[1:]:   # every pair (heads so far, head of this stream)
+        pairs = rearrange(accum, "b h i j -> b h 1 i j") + rearrange(rest, "b h i j -> b 1 h i j")
+        accum = rearrange(pairs, "b h1 h2 i j -> b (h1 h2) i j")
     mean = accum / streams
     return (mean * torch.log(mean.clamp(min=1e-20))).sum(-1)
 
@@ -90,14 +92,19 @@ class TalkingHeadsMLP(nn.Module):
                 f"{prefix}_down_a": self.down[:, :c], f"{prefix}_down_b": self.down[:, c:]}
 
 
-class Attention(nn.Module):
+class Attention(AttentionModule):
+    """The seed's attention block around the spec's attention. Linear talking heads: the mixers
+    that are on are the spec's learned inputs (``learned["pre_mix"]``, ``learned["post_mix"]``);
+    non-linear: ``TalkingHeadsMLP`` modules ``pre_mix``/``post_mix`` whose weights go per call."""
+
     def __init__(self, *, dim: int, heads: int, dim_head: int, mix_streams: int,
                  pre_talking_heads: bool, post_talking_heads: bool, attn, probe=None,
                  non_linear: bool = False):
-        super().__init__()
+        mixers = [name for name, on in (("pre_mix", pre_talking_heads), ("post_mix", post_talking_heads)) if on]
+        super().__init__(attn, heads=heads, dim_head=dim_head, projections=False,
+                         learned=[] if non_linear else mixers)
         inner = heads * dim_head
         all_heads = mix_streams * heads
-        self.heads = heads
         self.rmsnorm = RMSNorm(dim)
         self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
         self.to_gates = nn.Linear(dim, heads)
@@ -108,51 +115,43 @@ class Attention(nn.Module):
             # the spec's inputs are all required: the channel mean, and zeros for a disabled MLP's weights
             self.register_buffer("head_mean", torch.full((all_heads, all_heads), 1.0 / all_heads), persistent=False)
             self.register_buffer("no_mix", torch.zeros(all_heads, all_heads), persistent=False)
-        else:
-            self.pre_mix = nn.Parameter(torch.eye(all_heads)) if pre_talking_heads else None
-            self.post_mix = nn.Parameter(torch.eye(all_heads)) if post_talking_heads else None
         self.to_out = nn.Linear(inner, dim, bias=False)
-        object.__setattr__(self, "attn", attn)
         object.__setattr__(self, "probe", probe)
 
-    def _inputs(self, mask, post=True):
-        inputs = {}
-        if mask is not None:
-            inputs["mask"] = mask
-        if self.non_linear:
-            inputs["head_mean"] = self.head_mean
-            for prefix, mlp in (("pre", self.pre_mix), ("post", self.post_mix)):
-                if mlp is not None:
-                    inputs.update(mlp.inputs(prefix))
-                else:
-                    inputs.update({f"{prefix}_{part}": self.no_mix for part in ("up_a", "up_b", "down_a", "down_b")})
-            return inputs
-        if self.pre_mix is not None:
-            inputs["pre_mix"] = self.pre_mix
-        if post and self.post_mix is not None:
-            inputs["post_mix"] = self.post_mix
+    def _inputs(self, mask) -> dict:
+        """The inputs passed per call: the mask, and the non-linear mixers' weights."""
+        if not self.non_linear:
+            return {"mask": mask}
+        inputs = {"mask": mask, "head_mean": self.head_mean}
+        for prefix, mlp in (("pre", self.pre_mix), ("post", self.post_mix)):
+            if mlp is not None:
+                inputs.update(mlp.inputs(prefix))
+            else:
+                inputs.update({f"{prefix}_{part}": self.no_mix for part in ("up_a", "up_b", "down_a", "down_b")})
         return inputs
 
     def forward(self, x, mask=None, return_probs=False):
         x = self.rmsnorm(x)
-        q, k, v = (split_heads(t, self.heads) for t in self.to_qkv(x).chunk(3, dim=-1))
-        out = self.attn(q, k, v, **self._inputs(mask)).to(x.dtype)
-        out = out * self.to_gates(x).transpose(1, 2).unsqueeze(-1).sigmoid()
+        q, k, v = rearrange(self.to_qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.heads)
+        out = self.attend(q, k, v, **self._inputs(mask)).to(x.dtype)
+        out = out * rearrange(self.to_gates(x), "b n h -> b h n 1").sigmoid()
         out = self.to_out(merge_heads(out))
         if not return_probs:
             return out, None
         return out, self.probabilities(q, k, mask)
 
     def probabilities(self, q, k, mask=None):
-        """Post-softmax, pre-post-mix attention [(b s), h, i, j] through the probe attention."""
+        """Post-softmax, pre-post-mix attention [(b s), h, i, j] through the probe attention
+        (built without post-softmax mixing, so it does not read post_mix)."""
         bs, h, n_j, d = k.shape
         eye = torch.eye(n_j, dtype=q.dtype, device=q.device)
+        inputs = self.inputs(**self._inputs(mask))
         cols = []
         for start in range(0, n_j, d):
             v = eye[:, start:start + d]
             width = v.shape[1]
             v = F.pad(v, (0, d - width)).expand(bs, h, n_j, d)
-            cols.append(self.probe(q, k, v, **self._inputs(mask, post=False))[..., :width])
+            cols.append(self.probe(q, k, v, **inputs)[..., :width])
         return torch.cat(cols, dim=-1).to(q.dtype)
 
 
@@ -171,9 +170,9 @@ class TokenAndPosEmb(nn.Module):
 
     def forward(self, x):
         n = x.shape[-1]
-        e = self.token_emb(x) + self.pos_emb(torch.arange(n, device=x.device))   # [b, n, d]
-        e = e[:, None] + self.stream_emb[None, :, None]                          # [b, s, n, d]
-        return e.reshape(-1, n, e.shape[-1])                                     # [(b s), n, d]
+        e = self.token_emb(x) + self.pos_emb(torch.arange(n, device=x.device))
+        e = rearrange(e, "b n d -> b 1 n d") + rearrange(self.stream_emb, "s d -> 1 s 1 d")
+        return rearrange(e, "b s n d -> (b s) n d")
 
 
 class SeparateTokenAndPosEmb(nn.Module):
@@ -184,9 +183,9 @@ class SeparateTokenAndPosEmb(nn.Module):
 
     def forward(self, x):
         n = x.shape[-1]
-        tok = self.token_emb[:, x].transpose(0, 1)                  # [b, s, n, d]
-        e = tok + self.pos_emb[None, :, :n]                          # positions, not tokens
-        return e.reshape(-1, n, e.shape[-1])
+        tok = rearrange(self.token_emb[:, x], "s b n d -> b s n d")
+        e = tok + rearrange(self.pos_emb[:, :n], "s n d -> 1 s n d")      # positions, not tokens
+        return rearrange(e, "b s n d -> (b s) n d")
 
 
 class TalkingHeadsLM(LM):
@@ -216,7 +215,6 @@ class TalkingHeadsLM(LM):
                              f"{'with' if non_linear_talking_heads else 'without'} the talking-heads MLP's inputs "
                              f"(specs/{'talking_heads_mlp' if non_linear_talking_heads else 'talking_heads'}.yaml); "
                              f"got {self.spec}")
-        self.set_attention("attn", attn)
         self.stream_diversity_weight = float(stream_diversity_weight)
         probe = None
         if self.stream_diversity_weight > 0 and num_streams > 1:
@@ -238,18 +236,17 @@ class TalkingHeadsLM(LM):
         self.to_logits = nn.Linear(dim, num_tokens, bias=False)
 
     def _run(self, x, mask, with_probs):
-        b, n = x.shape
         s = self.num_streams
         x = self.emb(x)
         if mask is not None:
-            mask = mask.repeat_interleave(s, dim=0)
+            mask = repeat(mask, "b j -> (b s) j", s=s)
         probs = []
         for attn, ff in self.layers:
             out, p = attn(x, mask=mask, return_probs=with_probs)
             probs.append(p)
             x = x + out
             x = ff(x) + x
-        x = x.reshape(b, s, n, -1).sum(1)
+        x = reduce(x, "(b s) n d -> b n d", "sum", s=s)
         return self.to_logits(self.final_norm(x)), probs
 
     def forward(self, x, mask=None):
