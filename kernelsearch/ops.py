@@ -40,6 +40,9 @@ from .backends import torch_ops
 
 # folded integer constants are kept below this size (`10 ** 10 ** 10` would take forever)
 MAX_INT_BITS = 1024
+# to_int(x) saturates here on every backend (Triton's integers are int32)
+_INT_LIMIT = torch_ops.INT_LIMIT
+_INT_BITS = _INT_LIMIT.bit_length() - 1
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,11 @@ def _gelu(x: float) -> float:
 
 def _sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
+
+
+def _int_of(x):
+    """to_int(x) on Python numbers, as torch_ops.to_int on tensors: toward zero, within +-INT_LIMIT, NaN gives 0."""
+    return 0 if x != x else int(max(-_INT_LIMIT, min(_INT_LIMIT, x)))
 
 
 def _triton_pow(args, constants, shape):
@@ -259,6 +267,14 @@ _ELEMENTWISE = (
     elementwise("trunc", "elementwise trunc: round towards zero", torch.trunc, _keep_int(math.trunc),
                 rule="same", integer_identity=True, grad=(None,),
                 torch="torch.trunc({0})", python="float(math.trunc({0}))", triton="_trunc({0})", helpers=("_trunc",)),
+    # conversions (not called int/float: those name dtypes): to_int as Python's int() and torch's .long()
+    elementwise("to_int", f"x as an integer: toward zero (as Python's int()), within +-2**{_INT_BITS}, NaN gives 0",
+                torch_ops.to_int, _int_of, rule="int", grad=(None,), triton_operands="as_is",
+                torch="ops.to_int({0})", triton="_to_int({0})", helpers=("_to_int",),
+                python=f"(int(max(-{_INT_LIMIT}, min({_INT_LIMIT}, {{0}}))) if {{0}} == {{0}} else 0)"),
+    elementwise("to_float", "x as a float (integers converted; floats unchanged)", torch_ops.to_float, float,
+                rule="float", grad=("{g}",), linear="every", triton_operands="float",
+                torch="ops.to_float({0})", python="float({0})", triton="{0}"),
 )
 
 
@@ -470,6 +486,16 @@ def _round(x):
 @triton.jit
 def _trunc(x):
     return tl.where(x < 0.0, tl.ceil(x), tl.floor(x))
+''', ()),
+    "_to_int": (f'''
+@triton.jit
+def _to_int(x):
+    """to_int(x): toward zero, within +-{_INT_LIMIT} (as torch_ops.to_int), NaN gives 0."""
+    if x.dtype.is_floating():
+        x = tl.where(x == x, tl.minimum(tl.maximum(x, -{float(_INT_LIMIT)!r}), {float(_INT_LIMIT)!r}), 0.0)
+    else:
+        x = tl.minimum(tl.maximum(x, -{_INT_LIMIT}), {_INT_LIMIT})
+    return x.to(tl.int32)
 ''', ()),
 }
 

@@ -67,6 +67,10 @@ def _evaluate_node(node_id, node, args, tensors, contracted, graph, sizes, layou
         return ops.index(sizes[dim], axis[dim], len(layout), device)
     entry = registry.op(op)
     if entry.lowering == "elementwise":
+        if node.dtype == "float":   # integers meet floats at the computation's precision, not torch's default fp32
+            float_dtype = torch.promote_types(dtype, torch.float32)
+            args = [a.to(float_dtype) if isinstance(a, torch.Tensor) and not a.is_floating_point()
+                    and a.dtype != torch.bool else a for a in args]
         return registry.evaluate(op, args, node.dtype)
     feature = node.dims[-1] if node.dims else None
     first = node.args[0] if node.args else None

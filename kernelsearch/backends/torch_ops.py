@@ -32,6 +32,24 @@ def floordiv(a, b):
     return a // b
 
 
+# to_int(x) is limited to +-INT_LIMIT on every backend: Triton's integers are int32, torch's int64
+INT_LIMIT = 2 ** 30
+
+
+def to_int(x: torch.Tensor) -> torch.Tensor:
+    """The spec language's to_int(x): toward zero (as Python's int() and torch's .long()), limited to
+    +-INT_LIMIT (so int32 and int64 backends agree), NaN gives 0."""
+    if x.is_floating_point():
+        x = torch.nan_to_num(x, nan=0.0)
+    return x.clamp(-INT_LIMIT, INT_LIMIT).to(torch.int64)
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """The spec language's to_float(x): integers become floats of the dtype torch's own promotion gives
+    (`x * 1.0`); floats are unchanged."""
+    return x if x.is_floating_point() else x.to(torch.get_default_dtype())
+
+
 def dot(a: torch.Tensor, b: torch.Tensor, axis: int) -> torch.Tensor:
     """Contract `axis` of two aligned tensors; the result keeps the axis with size 1."""
     letters = "abcdefghijklmnop"[: max(a.ndim, b.ndim)]

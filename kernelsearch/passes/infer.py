@@ -203,6 +203,11 @@ def _same(entry, dtypes, where) -> str:
     return dtypes[0]
 
 
+def _integer(entry, dtypes, where) -> str:
+    _no_predicates(entry, dtypes, where)
+    return "int"
+
+
 def _minmax(entry, dtypes, where) -> str:
     return "float" if "float" in dtypes else dtypes[0]
 
@@ -221,6 +226,7 @@ _DTYPE_RULES = {
     "not": _not,
     "same": _same,                          # neg, abs, rounding: the argument's dtype
     "float": _float_arithmetic,             # exp, log, ...: float functions of numbers
+    "int": _integer,                        # to_int(x): an integer of any number
     "minmax": _minmax,
     "where": _where,
 }
