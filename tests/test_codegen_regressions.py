@@ -59,3 +59,31 @@ def test_gather_bounds_of_scalar_indices_are_tiles():
     for file in (forward, training):
         assert "(off_h >= 0)" not in file.source
         assert "(off_h + tl.zeros([BLOCK_M, BLOCK_N], tl.int32))" in file.source
+
+
+@pytest.mark.parametrize("name", ["softmax", "cosine_sim", "local", "talking_heads"])
+def test_kernel_signature_launch_and_aot_signature_are_one_list(name):
+    """The kernels' parameters, the launcher's arguments and the AOT signature come from one list
+    (triton_fwd.ArgGroup): compare the generated kernel's parameters with what the AOT check compiles."""
+    import ast
+
+    from kernelsearch.codegen.triton_aot import aot_signature, aot_signature_backward
+    from kernelsearch.codegen.triton_bwd import backward_plan
+    from kernelsearch.codegen.triton_fwd import plan
+    from kernelsearch.compiler import compile_graph
+    from kernelsearch.passes.split_prologue import split_prologue
+    spec = kernelsearch.load_spec(f"specs/{name}.yaml")
+    graph = compile_graph(spec)
+    forward, training = files_for(spec, {}, frozenset(spec.optional_inputs), "triton")
+    kernels = {f.name: [a.arg for a in f.args.args] for f in ast.parse(forward.source).body
+               if isinstance(f, ast.FunctionDef)}
+    p = plan(graph)
+    config = {"BLOCK_M": 16, "BLOCK_N": 16}
+    assert kernels[p.kernel] == list(aot_signature(p, config, {}, "float16")[0])
+    if p.prepass_kernel:
+        assert kernels[p.prepass_kernel] == list(aot_signature(p, config, {}, "float16", prepass=True)[0])
+    bp = backward_plan(split_prologue(graph).core)
+    kernels = {f.name: [a.arg for a in f.args.args] for f in ast.parse(training.source).body
+               if isinstance(f, ast.FunctionDef)}
+    expected = list(aot_signature_backward(bp, {"BLOCK_M_BWD": 16, "BLOCK_N_BWD": 16}, {}, "float16")[0])
+    assert kernels[bp.dq_kernel] == kernels[bp.dkdv_kernel] == expected

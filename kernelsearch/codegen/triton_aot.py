@@ -76,7 +76,7 @@ def aot_signature(p, config: dict, sizes: dict, dtype: str, prepass: bool = Fals
     prepass: for the k-prologue prepass kernel instead of the forward kernel."""
     from .triton_fwd import PREPASS_BLOCK_N, TensorArg
     elem = _TORCH_TO_TRITON.get(str(dtype), str(dtype))
-    args = p.prepass_args() if prepass else p.runtime_args()
+    args = p.prepass_runtime_args() if prepass else p.runtime_args()
     out = TensorArg("out", "out_ptr", p.out_dims, "float", False, p.out_strides)
     signature, constexprs, attrs = _signature(p, args, _pointer_types(p, elem),
                                               _unit_strides(list(p.tensors) + list(p.materialized) + [out]),

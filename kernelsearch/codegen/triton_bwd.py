@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from .. import ops
 from ..ir import Graph
 from . import names
-from .triton_fwd import (CodegenError, KernelPlan, TensorArg, _KernelWriter, _Value, feature_launch_args,
+from .triton_fwd import (ArgGroup, CodegenError, KernelPlan, TensorArg, _KernelWriter, _Value, _feature_constexprs,
+                         _scalar_groups, flat_params, launch_lines, signature_lines,
                          launcher_sizes, plan, tensor_arg)
 
 # 64x64 with 8 warps: no register spills in the dq kernels of the seed specs on sm_90 (4 warps spill 24-40 B)
@@ -54,19 +55,29 @@ class BackwardPlan:
     atomic: tuple            # inputs whose gradient is atomically accumulated (fp32 buffer)
     exact_delta: bool        # delta needs its own sweep (the plan's delta_sweep: p transformed after softmax)
 
-    def runtime_args(self) -> list[str]:
+    def args(self) -> list:
+        """The dq and dkdv kernels' parameters and launch arguments ([ArgGroup]; both kernels take the
+        same): the one list their signatures, the launcher's calls and the AOT signature come from."""
         p = self.forward
-        args = [t.ptr for t in p.tensors] + ["do_ptr", "lse_ptr", "delta_ptr"] + [g.ptr for g in self.grads]
-        for t in p.tensors + [self.dout] + self.grads:
-            args += list(t.strides)
-        args += [a for a, _ in p.sizes]
-        args += [a for a, _, _, _ in p.host]
-        return args
+        lead = p.tensors_by_name()[p.lead].var
+        pointers = ArgGroup(tuple(t.ptr for t in p.tensors) + ("do_ptr", "lse_ptr", "delta_ptr"),
+                            tuple(t.var for t in p.tensors) + ("do", "lse", "delta"))
+        groups = [pointers, ArgGroup(tuple(g.ptr for g in self.grads), tuple(g.var for g in self.grads))]
+        groups += [ArgGroup(t.strides, (f"*_strides({t.var}, {len(t.dims)})",))
+                   for t in p.tensors + [self.dout] + self.grads]
+        groups += _scalar_groups(p)
+        groups.append(ArgGroup(("BLOCK_M", "BLOCK_N"), ("BLOCK_M", "BLOCK_N"), True))
+        groups += _feature_constexprs(p)
+        if p.channels:
+            groups.append(ArgGroup(("CP",), (f"triton.next_power_of_2({p.streams} * H)",), True))
+        groups.append(ArgGroup(("DOT_PRECISION",), (f'"ieee" if {lead}.dtype == torch.float32 else "tf32"',), True))
+        return groups
+
+    def runtime_args(self) -> list[str]:
+        return flat_params(self.args())
 
     def constexpr_args(self) -> list[str]:
-        p = self.forward
-        return ["BLOCK_M", "BLOCK_N"] + [b for _, b in p.features] + [names.axis_name("EVEN", f) for f, _ in p.features] \
-            + (["CP"] if p.channels else []) + ["DOT_PRECISION"]
+        return flat_params(self.args(), constexpr=True)
 
 
 def backward_plan(graph: Graph) -> BackwardPlan:
@@ -145,18 +156,7 @@ class _BackwardWriter(_KernelWriter):
 
     # -- program set-up shared by both kernels
     def header(self, kernel: str) -> list[str]:
-        bp, p = self.bp, self.p
-        lines = ["@triton.jit", f"def {kernel}("]
-        lines.append(f"    {', '.join([t.ptr for t in p.tensors] + ['do_ptr', 'lse_ptr', 'delta_ptr'])},")
-        lines.append(f"    {', '.join(g.ptr for g in bp.grads)},")
-        for t in p.tensors + [bp.dout] + bp.grads:
-            lines.append(f"    {', '.join(t.strides)},")
-        lines.append(f"    {', '.join(a for a, _ in p.sizes)},")
-        if p.host:
-            lines.append(f"    {', '.join(a for a, _, _, _ in p.host)},")
-        lines.append(f"    {', '.join(f'{c}: tl.constexpr' for c in bp.constexpr_args())},")
-        lines.append("):")
-        return lines
+        return signature_lines(kernel, self.bp.args())
 
     def values_of_stage(self, stage: str) -> None:
         for node_id in self.g.ids():
@@ -502,25 +502,11 @@ def _launcher(graph: Graph, bp: BackwardPlan) -> str:
     for name, var in grads:
         lines.append(f"        {var}.zero_()")
     lines.append(f"        return {returned}")
-    args = [", ".join(params + ["do", "lse", "delta"] + [v for _, v in grads]) + ","]
-    for t in p.tensors:
-        args.append(f"*_strides({pnames[t.name]}, {len(t.dims)}),")
-    args.append(f"*_strides(do, {len(p.out_dims)}),")
-    for (name, var), g in zip(grads, bp.grads):
-        args.append(f"*_strides({var}, {len(g.dims)}),")
-    args.append(", ".join(a for a, _ in p.sizes) + ",")
-    if p.host:
-        args.append(", ".join(a for a, _, _, _ in p.host) + ",")
-    args.append("BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,")
-    args += feature_launch_args(p)
-    if p.channels:
-        args.append(f"CP=triton.next_power_of_2({p.streams} * H),")
-    args.append(f'DOT_PRECISION="ieee" if {lead}.dtype == torch.float32 else "tf32",')
-    args.append("num_warps=num_warps, num_stages=num_stages,")
     programs = f"B // {p.streams}" if p.channels else "B * H"
     for kernel, tiles in ((bp.dq_kernel, "triton.cdiv(I, BLOCK_M)"), (bp.dkdv_kernel, "triton.cdiv(J, BLOCK_N)")):
         lines.append(f"    ({kernel} if wrap is None else wrap({kernel}))[({tiles}, {programs})](")
-        lines += [f"        {a}" for a in args]
+        lines += launch_lines(bp.args())
+        lines.append("        num_warps=num_warps, num_stages=num_stages,")
         lines.append("    )")
     lines.append(f"    return {returned}")
     return "\n".join(lines) + "\n"

@@ -84,6 +84,59 @@ def tensor_arg(var: str, name: str, dims, dtype: str = "float", raw: bool = Fals
                      tuple(names.derived("stride", f"{var}_{axis}") for axis in range(len(dims))), var)
 
 
+@dataclass(frozen=True)
+class ArgGroup:
+    """Kernel parameters and the launcher's arguments that fill them: one line of the kernel's
+    signature and one line of its launch, rendered from the same object (so they cannot drift)."""
+    params: tuple              # the kernel's parameter names
+    launch: tuple              # the launcher's expressions (`*_strides(in_q, 4)` fills four params)
+    constexpr: bool = False    # tl.constexpr parameters, passed by keyword
+
+
+def _tensor_groups(tensors) -> list:
+    """A group of pointers (one per tensor), then each tensor's strides."""
+    groups = [ArgGroup(tuple(t.ptr for t in tensors), tuple(t.var for t in tensors))]
+    return groups + [ArgGroup(t.strides, (f"*_strides({t.var}, {len(t.dims)})",)) for t in tensors]
+
+
+def _scalar_groups(p) -> list:
+    groups = [ArgGroup(tuple(a for a, _ in p.sizes), tuple(a for a, _ in p.sizes))]
+    if p.host:
+        groups.append(ArgGroup(tuple(a for a, _, _, _ in p.host), tuple(a for a, _, _, _ in p.host)))
+    return groups
+
+
+def _feature_constexprs(p) -> list:
+    """The feature dims' constexprs: padded block, and whether it is exact."""
+    groups = []
+    for feature, block in p.features:
+        size = names.size(feature)
+        padded = f"max({MIN_DOT_BLOCK}, triton.next_power_of_2({size}))"
+        groups.append(ArgGroup((block, names.axis_name("EVEN", feature)), (padded, f"{size} == {padded}"), True))
+    return groups
+
+
+def signature_lines(name: str, groups: list) -> list:
+    """`@triton.jit def name(...)`: one line per group, constexprs last."""
+    lines = ["@triton.jit", f"def {name}("]
+    lines += [f"    {', '.join(g.params)}," for g in groups if not g.constexpr and g.params]
+    constexprs = [n for g in groups if g.constexpr for n in g.params]
+    lines.append(f"    {', '.join(f'{c}: tl.constexpr' for c in constexprs)},")
+    return lines + ["):"]
+
+
+def launch_lines(groups: list, indent: str = "        ") -> list:
+    """The launch's arguments for a kernel of `signature_lines(name, groups)`: one line per group."""
+    lines = [f"{indent}{', '.join(g.launch)}," for g in groups if not g.constexpr and g.params]
+    for group in (g for g in groups if g.constexpr):
+        lines.append(indent + " ".join(f"{n}={e}," for n, e in zip(group.params, group.launch)))
+    return lines
+
+
+def flat_params(groups: list, constexpr: bool = False) -> list:
+    return [n for g in groups if g.constexpr == constexpr for n in g.params]
+
+
 @dataclass
 class KernelPlan:
     """What the kernel takes and how it is launched; shared by codegen, launcher and AOT check."""
@@ -109,29 +162,43 @@ class KernelPlan:
     def lse_axes(self) -> str:
         return "[b, h, i] float32, contiguous"
 
+    def forward_args(self) -> list:
+        """The forward kernel's parameters and launch arguments ([ArgGroup]): the one list its
+        signature, its launcher's call and its AOT signature are rendered from."""
+        lead = self.tensors_by_name()[self.lead].var
+        out = TensorArg("out", "out_ptr", self.out_dims, "float", False, self.out_strides, "out")
+        groups = _tensor_groups(self.tensors + self.materialized)
+        groups[0] = ArgGroup(groups[0].params + ("out_ptr", "lse_ptr"),
+                             groups[0].launch + ("out", "out if lse is None else lse"))
+        groups.append(ArgGroup(out.strides, (f"*_strides(out, {len(out.dims)})",)))
+        groups += _scalar_groups(self)
+        groups.append(ArgGroup(("BLOCK_M", "BLOCK_N"), ("BLOCK_M", "BLOCK_N"), True))
+        groups += _feature_constexprs(self)
+        if self.channels:
+            groups.append(ArgGroup(("CP",), (f"triton.next_power_of_2({self.streams} * H)",), True))
+        groups.append(ArgGroup(("DOT_PRECISION", "STORE_LSE"),
+                               (f'"ieee" if {lead}.dtype == torch.float32 else "tf32"', "lse is not None"), True))
+        return groups
+
+    def prepass_args(self) -> list:
+        """The k-prologue prepass's parameters and launch arguments ([ArgGroup])."""
+        groups = _tensor_groups(self.tensors + self.materialized) + _scalar_groups(self)
+        return groups + [ArgGroup(("BLOCK_N",), (str(PREPASS_BLOCK_N),), True)] + _feature_constexprs(self)
+
+    def tensors_by_name(self) -> dict:
+        return {t.name: t for t in self.tensors}
+
     def runtime_args(self) -> list[str]:
-        args = [t.ptr for t in self.tensors] + [t.ptr for t in self.materialized] + ["out_ptr", "lse_ptr"]
-        for t in self.tensors + self.materialized:
-            args += list(t.strides)
-        args += list(self.out_strides)
-        args += [a for a, _ in self.sizes]
-        args += [a for a, _, _, _ in self.host]
-        return args
-
-    def prepass_args(self) -> list[str]:
-        args = [t.ptr for t in self.tensors] + [t.ptr for t in self.materialized]
-        for t in self.tensors + self.materialized:
-            args += list(t.strides)
-        args += [a for a, _ in self.sizes]
-        args += [a for a, _, _, _ in self.host]
-        return args
-
-    def prepass_constexpr_args(self) -> list[str]:
-        return ["BLOCK_N"] + [b for _, b in self.features] + [names.axis_name("EVEN", f) for f, _ in self.features]
+        return flat_params(self.forward_args())
 
     def constexpr_args(self) -> list[str]:
-        return ["BLOCK_M", "BLOCK_N"] + [b for _, b in self.features] + [names.axis_name("EVEN", f) for f, _ in self.features] \
-            + (["CP"] if self.channels else []) + ["DOT_PRECISION", "STORE_LSE"]
+        return flat_params(self.forward_args(), constexpr=True)
+
+    def prepass_runtime_args(self) -> list[str]:
+        return flat_params(self.prepass_args())
+
+    def prepass_constexpr_args(self) -> list[str]:
+        return flat_params(self.prepass_args(), constexpr=True)
 
 
 # --------------------------------------------------------------------------------------------- plan
@@ -633,21 +700,8 @@ class _KernelWriter:
     def kernel(self) -> str:
         p, g = self.p, self.g
         self.lines, self.memo, self.indent = [], {}, 1
-        header = []
-        args = p.runtime_args()
-        constexprs = p.constexpr_args()
-        header.append("@triton.jit")
-        header.append(f"def {p.kernel}(")
-        pointer_line = ", ".join([t.ptr for t in p.tensors + p.materialized] + ["out_ptr", "lse_ptr"])
-        header.append(f"    {pointer_line},")
-        for t in p.tensors + p.materialized:
-            header.append(f"    {', '.join(t.strides)},")
-        header.append(f"    {', '.join(p.out_strides)},")
-        header.append(f"    {', '.join(a for a, _ in p.sizes)},")
-        if p.host:
-            header.append(f"    {', '.join(a for a, _, _, _ in p.host)},")
-        header.append(f"    {', '.join(f'{c}: tl.constexpr' for c in constexprs)},")
-        header.append("):")
+        header = signature_lines(p.kernel, p.forward_args())
+        args = p.runtime_args() + p.constexpr_args()
         assert len(args) == len(set(args)), args
         self.kernel_header, self.inner_functions = header, []
         self.line(f'"""{g.spec.name}: schedule {g.schedule}, '
@@ -792,15 +846,7 @@ class _KernelWriter:
         p, g = self.p, self.g
         self.in_prepass, self.channels = True, False
         self.lines, self.memo, self.indent = [], {}, 1
-        header = ["@triton.jit", f"def {p.prepass_kernel}("]
-        header.append(f"    {', '.join(t.ptr for t in p.tensors + p.materialized)},")
-        for t in p.tensors + p.materialized:
-            header.append(f"    {', '.join(t.strides)},")
-        header.append(f"    {', '.join(a for a, _ in p.sizes)},")
-        if p.host:
-            header.append(f"    {', '.join(a for a, _, _, _ in p.host)},")
-        header.append(f"    {', '.join(f'{c}: tl.constexpr' for c in p.prepass_constexpr_args())},")
-        header.append("):")
+        header = signature_lines(p.prepass_kernel, p.prepass_args())
         computed = ", ".join(t.var for t in p.materialized)
         self.line(f'"""{g.spec.name}: per-key values computed once ({computed}), stored in the dot dtype."""')
         self.line("start_n = tl.program_id(0)")
@@ -1041,24 +1087,12 @@ def _launcher(graph: Graph, p: KernelPlan, defaults: dict) -> str:
     lines.append("        return out")
     if p.materialized:
         lines.append("    # per-key transforms, computed once for all query tiles (the k-prologue prepass)")
-        scratch = []
         for t in p.materialized:
-            var = t.var
-            scratch.append(var)
             shape = ", ".join(names.size(d) for d in t.dims)
-            lines.append(f"    {var} = torch.empty(({shape},), dtype={lead}.dtype, device={lead}.device)")
+            lines.append(f"    {t.var} = torch.empty(({shape},), dtype={lead}.dtype, device={lead}.device)")
         lines.append(f"    prepass = {p.prepass_kernel} if wrap is None else wrap({p.prepass_kernel})")
         lines.append(f"    prepass[(max(1, triton.cdiv(J, {PREPASS_BLOCK_N})), B * H)](")
-        lines.append(f"        {', '.join([pnames[n] for n in params] + scratch)},")
-        for t in p.tensors:
-            lines.append(f"        *_strides({pnames[t.name]}, {len(t.dims)}),")
-        for t, var in zip(p.materialized, scratch):
-            lines.append(f"        *_strides({var}, {len(t.dims)}),")
-        lines.append(f"        {', '.join(a for a, _ in p.sizes)},")
-        if p.host:
-            lines.append(f"        {', '.join(a for a, _, _, _ in p.host)},")
-        lines.append(f"        BLOCK_N={PREPASS_BLOCK_N},")
-        lines += ["        " + arg for arg in feature_launch_args(p)]
+        lines += launch_lines(p.prepass_args())
         lines.append("        num_warps=4,")
         lines.append("    )")
     if p.channels:
@@ -1067,21 +1101,7 @@ def _launcher(graph: Graph, p: KernelPlan, defaults: dict) -> str:
         lines.append("    grid = (triton.cdiv(I, BLOCK_M), B * H)")
     lines.append(f"    kernel = {p.kernel} if wrap is None else wrap({p.kernel})")
     lines.append("    kernel[grid](")
-    scratch = [t.var for t in p.materialized]
-    lines.append(f"        {', '.join([pnames[n] for n in params] + scratch)}, out, out if lse is None else lse,")
-    for t in p.tensors:
-        lines.append(f"        *_strides({pnames[t.name]}, {len(t.dims)}),")
-    for t, var in zip(p.materialized, scratch):
-        lines.append(f"        *_strides({var}, {len(t.dims)}),")
-    lines.append(f"        *_strides(out, {len(p.out_dims)}),")
-    lines.append(f"        {', '.join(a for a, _ in p.sizes)},")
-    if p.host:
-        lines.append(f"        {', '.join(a for a, _, _, _ in p.host)},")
-    lines.append("        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,")
-    lines += ["        " + arg for arg in feature_launch_args(p)]
-    if p.channels:
-        lines.append(f"        CP=triton.next_power_of_2({p.streams} * H),")
-    lines.append(f'        DOT_PRECISION="ieee" if {lead}.dtype == torch.float32 else "tf32", STORE_LSE=lse is not None,')
+    lines += launch_lines(p.forward_args())
     lines.append("        num_warps=num_warps, num_stages=num_stages,")
     lines.append("    )")
     lines.append("    return out")
@@ -1105,16 +1125,6 @@ def launcher_sizes(p: KernelPlan, pnames: dict) -> list[str]:
     for arg, node_id, dtype, expr in p.host:
         lines.append(f"    {arg} = {expr}")
     return lines
-
-
-def feature_launch_args(p: KernelPlan) -> list[str]:
-    """The feature dims' constexpr launch arguments: padded block, and whether it is exact."""
-    args = []
-    for feature, block in p.features:
-        size = names.size(feature)
-        padded = f"max({MIN_DOT_BLOCK}, triton.next_power_of_2({size}))"
-        args.append(f"{block}={padded}, {names.axis_name('EVEN', feature)}={size} == {padded},")
-    return args
 
 
 _LAUNCH_HELPERS = '''
