@@ -329,6 +329,33 @@ def test_checkpoint_round_trip(family, corpus, tmp_path):
     assert a == b
 
 
+@pytest.mark.parametrize("family,extra", [("talking_heads", {}),
+                                          ("local", dict(qk_rmsnorm=True, use_dynamic_pos_bias=False))])
+def test_checkpoints_with_the_learned_inputs_outside_learned_still_load(family, extra, corpus, tmp_path):
+    """Before the layers were kernelsearch.nn.Attention modules, their learned inputs were their own
+    parameters (``layers.0.0.pre_mix``, now ``layers.0.0.learned.pre_mix``): such a checkpoint loads,
+    in the same parameter order, so its optimizer state resumes training identically."""
+    cfg = tiny_config(family, **extra)
+    model = lm_train.make_model(cfg, BACKEND, seed=0)
+    opt = lm_train.make_optimizer(model, cfg.train.lr)
+    losses = lm_train.train_steps(model, opt, corpus, cfg, 2, generator=torch.Generator().manual_seed(0), progress=False)
+    path = tmp_path / "old.pt"
+    lm_train.save_checkpoint(path, model, cfg, opt, 2, losses, BACKEND)
+    ckpt = torch.load(path, weights_only=True)
+    old = {key.replace(".learned.", "."): t for key, t in ckpt["state_dict"].items()}
+    assert len(set(old) - set(ckpt["state_dict"])) == 2 * TINY["depth"]     # two learned inputs per layer
+    torch.save({**ckpt, "state_dict": old}, path)
+    again, _, ckpt = lm_train.load_checkpoint(path)
+    x = batch(corpus)[:, :-1]
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    opt2 = lm_train.make_optimizer(again, cfg.train.lr)
+    opt2.load_state_dict(ckpt["optimizer"])
+    a = lm_train.train_steps(model, opt, corpus, cfg, 2, generator=torch.Generator().manual_seed(9), progress=False)
+    b = lm_train.train_steps(again, opt2, corpus, cfg, 2, generator=torch.Generator().manual_seed(9), progress=False)
+    assert a == b
+
+
 def test_bad_checkpoint_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="not found"):
         lm_train.load_checkpoint(tmp_path / "nope.pt")

@@ -7,7 +7,7 @@ from einops import rearrange
 
 import kernelsearch
 from kernelsearch.errors import UsageError
-from kernelsearch.nn import Attention
+from kernelsearch.nn import Attention, merge_heads, split_heads
 
 from .conftest import spec_path
 
@@ -135,3 +135,21 @@ def test_learned_per_call_when_left_out():
     table = torch.randn(2, 13, dtype=torch.float64)
     assert len(module.learned) == 0
     assert not torch.allclose(module(_x(), pos_bias_table=table), module(_x()))
+
+
+def test_none_is_an_input_not_given():
+    """A model passes mask=mask whether or not it has one, whatever inputs its spec declares."""
+    no_mask = kernelsearch.load("name: plain\ninputs: {q: [b, h, i, d], k: [b, h, j, d], v: [b, h, j, d]}\n"
+                                "graph:\n  p: softmax(dot(q, k))\n  o: dot(p, v)\noutputs: [o]\n", backend="reference")
+    module = Attention(no_mask, heads=2, dim=32).double()
+    x = _x()
+    torch.testing.assert_close(module(x, mask=None), module(x))
+    with pytest.raises(TypeError, match=r"unexpected input\(s\) \['mask'\]"):
+        module(x, mask=torch.ones(2, 13, dtype=torch.bool))
+
+
+def test_split_and_merge_heads_are_the_einops_layout():
+    t = torch.arange(2 * 5 * 12).reshape(2, 5, 12)
+    heads = split_heads(t, 3)
+    assert heads.shape == (2, 3, 5, 4) and torch.equal(heads[1, 2, 4], t[1, 4, 8:12])
+    assert torch.equal(merge_heads(heads), t)

@@ -120,3 +120,34 @@ def test_local_qk_rmsnorm_is_fused(backend):
     expected = oracles.local_attention(normalise(q, dim=-1) * q_scale, normalise(k, dim=-1) * k_scale, v,
                                        window_size=4, scale=8.0)
     torch.testing.assert_close(attention(q, k, v, q_scale=q_scale, k_scale=k_scale), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b[0] + (b[1] or {}).get("lowering", ""))
+def test_lm_attention_blocks_own_the_seeds_learned_inputs(backend):
+    """The seed LMs' attention blocks (kernelsearch.nn.Attention) with their learned inputs moved off
+    their start: talking heads' mixers and local's qk-rmsnorm scales are the seeds' weights."""
+    from kernelsearch.models import local, talking_heads
+    g = torch.Generator().manual_seed(3)
+    streams, heads, d = 2, 3, 8
+    attention = _load("talking_heads", backend, scale=d ** 0.5, num_streams=streams, causal=True)
+    block = talking_heads.Attention(dim=16, heads=heads, dim_head=d, mix_streams=streams, pre_talking_heads=True,
+                                    post_talking_heads=True, attn=attention).double()
+    local_block = local.LocalMHA(dim=16, heads=2, dim_head=d, qk_rmsnorm=True,
+                                 attn=_load("local", backend, window_size=4, qk_rmsnorm=True, scale=8.0)).double()
+    assert list(block.learned.keys()) == ["pre_mix", "post_mix"]
+    assert list(local_block.learned.keys()) == ["q_scale", "k_scale"]
+    with torch.no_grad():
+        for weight in [*block.learned.values(), *local_block.learned.values()]:
+            weight.add_(0.5 * torch.randn(weight.shape, generator=g, dtype=torch.float64))
+    q, k, v = _qkv(2 * streams, heads, 12, 12, d, seed=13)
+    mask = _mask(2 * streams, 12, 5)
+    pre_mix, post_mix = (w.detach() for w in block.learned.values())
+    expected = oracles.talking_heads_attention(q, k, v, num_streams=streams, pre_mix=pre_mix, post_mix=post_mix,
+                                               causal=True, mask=mask)
+    torch.testing.assert_close(block.attend(q, k, v, mask=mask), expected)
+    q, k, v = _qkv(2, 2, 20, 20, d, seed=17)
+    normalise = torch.nn.functional.normalize
+    q_scale, k_scale = (w.detach() for w in local_block.learned.values())
+    expected = oracles.local_attention(normalise(q, dim=-1) * q_scale, normalise(k, dim=-1) * k_scale, v,
+                                       window_size=4, scale=8.0)
+    torch.testing.assert_close(local_block.attend(q, k, v), expected)

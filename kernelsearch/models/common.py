@@ -10,6 +10,18 @@ from ..nn import Attention as AttentionModule
 from . import attention as _attention
 
 
+def load_legacy_learned_keys(block: AttentionModule) -> None:
+    """State dicts written before a layer's learned inputs moved into its kernelsearch.nn.Attention
+    (``<layer>.pre_mix``, now ``<layer>.learned.pre_mix``) load into ``block``: their keys are renamed.
+    The parameters' order did not change, so the optimizer states saved with them still fit."""
+    def rename(module, state_dict, prefix, *_):
+        for name in module.learned.keys():
+            old, new = prefix + name, f"{prefix}learned.{name}"
+            if old in state_dict and new not in state_dict:
+                state_dict[new] = state_dict.pop(old)
+    block.register_load_state_dict_pre_hook(rename)
+
+
 def top_k(logits: torch.Tensor, thres: float = 0.9) -> torch.Tensor:
     """The seeds' filter: keep the top ``int((1 - thres) * vocab)`` logits (at least one)."""
     k = max(1, int((1 - thres) * logits.shape[-1]))
@@ -47,16 +59,18 @@ class LM(nn.Module):
         params = _attention.resolve_params(self.spec, self.native_spec, structural, seed or {},
                                            self.attn_params)
         params.update(overrides)
-        if not overrides:
-            self.resolved_attn_params = params
         # whatever the compiler draws from the RNG must not shift the model's initialisation
         with torch.random.fork_rng(devices=[]):
             try:
-                return _attention.make_attention(self.spec, self.backend, **params)
+                attention = _attention.make_attention(self.spec, self.backend, **params)
             except SpecError as e:
                 raise SpecError(f"{e.message} (the {self.family} model passes "
                                 f"{', '.join(f'{k}={v!r}' for k, v in params.items())})",
                                 e.location, e.hint) from None
+        if not overrides:       # the model's attention (an override builds a helper, e.g. a probe)
+            self.resolved_attn_params = params
+            self.set_attention("attn", attention)
+        return attention
 
     def set_attention(self, name: str, fn) -> None:
         # kept out of nn.Module's registry: the compiled attention has no learned state of its own

@@ -18,20 +18,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn import Attention as AttentionModule
+from ..nn import Attention as AttentionModule, merge_heads, split_heads
 from .common import LM
 
 
 class Attention(AttentionModule):
-    """The seed's attention block: kernelsearch.nn.Attention's own projections (``to_q``, ``to_k``,
-    ``to_v``, ``to_out``, no bias: the seed's), after a LayerNorm when ``pre_norm``."""
+    """The seed's projections (``to_q``, ``to_k``, ``to_v``, ``to_out``, no bias) around the spec's
+    attention, after a LayerNorm when ``pre_norm``. They are kernelsearch.nn.Attention's own
+    projections, but registered after the norm, in the order checkpoints hold them."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, pre_norm: bool, attn):
-        super().__init__(attn, heads=heads, dim=dim, dim_head=dim_head, bias=False, learned=[])
+        super().__init__(attn, heads=heads, dim_head=dim_head, projections=False, learned=[])
+        inner = heads * dim_head
         self.norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
 
     def forward(self, x, mask=None):
-        return super().forward(self.norm(x), mask=mask)
+        x = self.norm(x)
+        q, k, v = (split_heads(f(x), self.heads) for f in (self.to_q, self.to_k, self.to_v))
+        o = self.attend(q, k, v, mask=mask)
+        return self.to_out(merge_heads(o.to(x.dtype)))
 
 
 def FeedForward(dim: int, mult: int = 4, pre_norm: bool = False) -> nn.Sequential:

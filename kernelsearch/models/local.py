@@ -32,7 +32,7 @@ from einops import rearrange
 from torch import nn
 
 from ..nn import Attention as AttentionModule, merge_heads, split_heads
-from .common import LM
+from .common import LM, load_legacy_learned_keys
 
 
 class DynamicPositionBias(nn.Module):
@@ -61,6 +61,7 @@ class LocalMHA(AttentionModule):
         self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
         self.to_v_gate = nn.Linear(dim, heads) if gate_values_per_head else None
         self.to_out = nn.Linear(inner, dim, bias=False)
+        load_legacy_learned_keys(self)
 
     def forward(self, x, mask=None, pos_bias_table=None):
         x = self.norm(x)

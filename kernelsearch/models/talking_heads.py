@@ -48,7 +48,7 @@ from einops import rearrange, reduce, repeat
 from torch import nn
 
 from ..nn import Attention as AttentionModule, merge_heads
-from .common import LM
+from .common import LM, load_legacy_learned_keys
 
 
 class RMSNorm(nn.Module):
@@ -116,6 +116,7 @@ class Attention(AttentionModule):
             self.register_buffer("head_mean", torch.full((all_heads, all_heads), 1.0 / all_heads), persistent=False)
             self.register_buffer("no_mix", torch.zeros(all_heads, all_heads), persistent=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        load_legacy_learned_keys(self)
         object.__setattr__(self, "probe", probe)
 
     def _inputs(self, mask) -> dict:

@@ -189,7 +189,7 @@ def run(cfg: ModelConfig, *, backend: str = "auto", seed: int = 0, device: str |
     tokens = t.steps * t.batch_size * t.seq_len
     return RunResult(losses=losses, val_loss=val_loss, sample=sample, prime=prime,
                      family=cfg.family, spec=cfg.spec, device=device,
-                     backend=getattr(getattr(model, "attn", None), "backend", backend),
+                     backend=model.attn.backend,
                      steps=start_step + t.steps, seconds=seconds,
                      tokens_per_s=tokens / seconds if seconds > 0 else float("nan"),
                      checkpoint=str(checkpoint) if checkpoint else None,
