@@ -9,6 +9,7 @@ import torch
 from kernelsearch.backends import torch_ops as ops
 
 INPUTS = ('q', 'k', 'v', 'pos_bias_table')  # what materialized() and chunked() take, after in_
+STEPS = ('chunk_step',)  # chunked()'s step functions (compiled alone)
 
 
 def materialized(in_q, in_k, in_v, in_pos_bias_table):
@@ -51,7 +52,32 @@ def materialized(in_q, in_k, in_v, in_pos_bias_table):
 
 
 
-def chunked(in_q, in_k, in_v, in_pos_bias_table, CHUNK_N: int = 128, CHUNK_M: int = 0):
+def chunk_step(rows_v_i, chunk_v_j, v_pos_bias_table, v_h, rows_t46_window_distance,
+    chunk_t47_window_distance, v_look_backward, t52_window_keep, rows_t17_q_rotated,
+    chunk_t33_k_rotated, row_max, row_sum, accumulator, chunk_v_v):
+    """One tile of the online softmax: row statistics and accumulator updated by one key chunk."""
+    t41_s = (rows_v_i - chunk_v_j)  # [i, j]
+    t42_s = torch.abs(t41_s)  # [i, j]
+    t43_s = ops.gather_unchecked(v_pos_bias_table, [v_h, t42_s])  # [h, i, j]
+    v_window_distance = (rows_t46_window_distance - chunk_t47_window_distance)  # [i, j]
+    t50_window_keep = (v_window_distance <= v_look_backward)  # [i, j]
+    t53_window_keep = (v_window_distance >= t52_window_keep)  # [i, j]
+    v_window_keep = (t50_window_keep & t53_window_keep)  # [i, j]
+    t56_causal_keep = (chunk_v_j <= rows_v_i)  # [i, j]
+    t38_s = ops.dot(rows_t17_q_rotated, chunk_t33_k_rotated, 4)  # [b, h, i, j]
+    v_s = (t38_s + t43_s)  # [b, h, i, j]
+    logits = v_s.masked_fill(~(v_window_keep & t56_causal_keep), float('-inf'))  # dropped keys: -inf
+    chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+    safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+    weights = torch.exp(logits - safe_max)
+    rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+    row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+    accumulator = accumulator * rescale + ops.dot(weights, chunk_v_v, 3)
+    row_max = chunk_max
+    return row_max, row_sum, accumulator
+
+
+def chunked(in_q, in_k, in_v, in_pos_bias_table, CHUNK_N: int = 128, CHUNK_M: int = 0, chunk_step=chunk_step):
     """The chunked lowering (schedule one_pass)."""
     B, H, I, size_d = in_q.shape
     _, _, J, _ = in_k.shape
@@ -87,30 +113,15 @@ def chunked(in_q, in_k, in_v, in_pos_bias_table, CHUNK_N: int = 128, CHUNK_M: in
         row_max = torch.full([B, H, query_rows, 1, 1], float('-inf'), dtype=in_q.dtype, device=in_q.device)  # per row: [b, h, i]
         row_sum = torch.zeros([B, H, query_rows, 1, 1], dtype=in_q.dtype, device=in_q.device)
         accumulator = torch.zeros([B, H, query_rows, 1, size_d], dtype=in_q.dtype, device=in_q.device)
-        for key_start in range(max(0, ((((query_start) // 64) - 1) * 64)), min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1), CHUNK_N):  # the keys these rows can keep
+        for key_start in range(max(0, ((((query_start) // 64) - 1) * 64)) // CHUNK_N * CHUNK_N, min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1), CHUNK_N):  # the keys these rows can keep
             key_end = min(key_start + CHUNK_N, J)
             chunk_v_j = v_j[:, :, :, key_start:key_end]
             chunk_t33_k_rotated = t33_k_rotated[:, :, :, key_start:key_end]
             chunk_t47_window_distance = t47_window_distance[:, :, :, key_start:key_end]
             chunk_v_v = v_v[:, :, :, key_start:key_end]
-            t41_s = (rows_v_i - chunk_v_j)  # [i, j]
-            t42_s = torch.abs(t41_s)  # [i, j]
-            t43_s = ops.gather_unchecked(v_pos_bias_table, [v_h, t42_s])  # [h, i, j]
-            v_window_distance = (rows_t46_window_distance - chunk_t47_window_distance)  # [i, j]
-            t50_window_keep = (v_window_distance <= v_look_backward)  # [i, j]
-            t53_window_keep = (v_window_distance >= t52_window_keep)  # [i, j]
-            v_window_keep = (t50_window_keep & t53_window_keep)  # [i, j]
-            t56_causal_keep = (chunk_v_j <= rows_v_i)  # [i, j]
-            t38_s = ops.dot(rows_t17_q_rotated, chunk_t33_k_rotated, 4)  # [b, h, i, j]
-            v_s = (t38_s + t43_s)  # [b, h, i, j]
-            logits = v_s.masked_fill(~(v_window_keep & t56_causal_keep), float('-inf'))  # dropped keys: -inf
-            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-            weights = torch.exp(logits - safe_max)
-            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-            accumulator = accumulator * rescale + ops.dot(weights, chunk_v_v, 3)
-            row_max = chunk_max
+            row_max, row_sum, accumulator = chunk_step(rows_v_i, chunk_v_j, v_pos_bias_table, v_h,
+                rows_t46_window_distance, chunk_t47_window_distance, v_look_backward, t52_window_keep,
+                rows_t17_q_rotated, chunk_t33_k_rotated, row_max, row_sum, accumulator, chunk_v_v)
         # rows that kept no key give 0
         outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
     v_o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, size_d], dtype=in_q.dtype, device=in_q.device)

@@ -9,6 +9,7 @@ import torch
 from kernelsearch.backends import torch_ops as ops
 
 INPUTS = ('q', 'k', 'v', 'mask')  # what materialized() and chunked() take, after in_
+STEPS = ('chunk_step',)  # chunked()'s step functions (compiled alone)
 
 
 def materialized(in_q, in_k, in_v, in_mask):
@@ -30,7 +31,23 @@ def materialized(in_q, in_k, in_v, in_mask):
 
 
 
-def chunked(in_q, in_k, in_v, in_mask, CHUNK_N: int = 128, CHUNK_M: int = 0):
+def chunk_step(rows_v_q, chunk_v_k, t37_scale, chunk_v_mask, row_max, row_sum, accumulator,
+    chunk_v_v):
+    """One tile of the online softmax: row statistics and accumulator updated by one key chunk."""
+    t3_s = ops.dot(rows_v_q, chunk_v_k, 4)  # [b, h, i, j]
+    t5_s = (t3_s * t37_scale)  # [b, h, i, j]
+    logits = t5_s.masked_fill(~(chunk_v_mask), float('-inf'))  # dropped keys: -inf
+    chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+    safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+    weights = torch.exp(logits - safe_max)
+    rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
+    row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
+    accumulator = accumulator * rescale + ops.dot(weights, chunk_v_v, 3)
+    row_max = chunk_max
+    return row_max, row_sum, accumulator
+
+
+def chunked(in_q, in_k, in_v, in_mask, CHUNK_N: int = 128, CHUNK_M: int = 0, chunk_step=chunk_step):
     """The chunked lowering (schedule one_pass)."""
     B, H, I, size_d = in_q.shape
     _, _, J, _ = in_k.shape
@@ -56,16 +73,8 @@ def chunked(in_q, in_k, in_v, in_mask, CHUNK_N: int = 128, CHUNK_M: int = 0):
             chunk_v_k = v_k[:, :, :, key_start:key_end]
             chunk_v_mask = v_mask[:, :, :, key_start:key_end]
             chunk_v_v = v_v[:, :, :, key_start:key_end]
-            t3_s = ops.dot(rows_v_q, chunk_v_k, 4)  # [b, h, i, j]
-            t5_s = (t3_s * t37_scale)  # [b, h, i, j]
-            logits = t5_s.masked_fill(~(chunk_v_mask), float('-inf'))  # dropped keys: -inf
-            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-            weights = torch.exp(logits - safe_max)
-            rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing
-            row_sum = row_sum * rescale + weights.sum(3, keepdim=True)
-            accumulator = accumulator * rescale + ops.dot(weights, chunk_v_v, 3)
-            row_max = chunk_max
+            row_max, row_sum, accumulator = chunk_step(rows_v_q, chunk_v_k, t37_scale, chunk_v_mask, row_max,
+                row_sum, accumulator, chunk_v_v)
         # rows that kept no key give 0
         outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
     v_o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, size_d], dtype=in_q.dtype, device=in_q.device)

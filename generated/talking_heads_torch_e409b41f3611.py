@@ -9,6 +9,7 @@ import torch
 from kernelsearch.backends import torch_ops as ops
 
 INPUTS = ('q', 'k', 'v', 'mask', 'pre_mix', 'post_mix')  # what materialized() and chunked() take, after in_
+STEPS = ('statistics_step', 'chunk_step')  # chunked()'s step functions (compiled alone)
 
 
 def materialized(in_q, in_k, in_v, in_mask, in_pre_mix, in_post_mix):
@@ -34,7 +35,31 @@ def materialized(in_q, in_k, in_v, in_mask, in_pre_mix, in_post_mix):
 
 
 
-def chunked(in_q, in_k, in_v, in_mask, in_pre_mix, in_post_mix, CHUNK_N: int = 128, CHUNK_M: int = 0):
+def statistics_step(rows_t5_s, chunk_v_k, v_pre_mix, chunk_v_mask, row_max, row_sum):
+    """Pass 1, one tile: the exact row max and sum updated by one key chunk."""
+    v_s = ops.dot(rows_t5_s, chunk_v_k, 4)  # [b, h, i, j]
+    t10_s_mixed = ops.mix_heads(v_s, v_pre_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+    logits = t10_s_mixed.masked_fill(~(chunk_v_mask), float('-inf'))  # dropped keys: -inf
+    chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
+    safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+    row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum(3, keepdim=True)
+    row_max = chunk_max
+    return row_max, row_sum
+
+
+def chunk_step(rows_t5_s, chunk_v_k, v_pre_mix, chunk_v_mask, row_sum, safe_max, v_post_mix,
+    accumulator, chunk_v_v):
+    """Pass 2, one tile: normalised probabilities, what follows softmax, and the key reduction."""
+    v_s = ops.dot(rows_t5_s, chunk_v_k, 4)  # [b, h, i, j]
+    t10_s_mixed = ops.mix_heads(v_s, v_pre_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+    logits = t10_s_mixed.masked_fill(~(chunk_v_mask), float('-inf'))  # dropped keys: -inf
+    v_p = torch.exp(logits - safe_max) / row_sum  # [b, h, i, j]
+    t25_p_mixed = ops.mix_heads(v_p, v_post_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
+    accumulator = accumulator + ops.dot(t25_p_mixed, chunk_v_v, 3)
+    return accumulator
+
+
+def chunked(in_q, in_k, in_v, in_mask, in_pre_mix, in_post_mix, CHUNK_N: int = 128, CHUNK_M: int = 0, statistics_step=statistics_step, chunk_step=chunk_step):
     """The chunked lowering (schedule two_pass)."""
     B, H, I, size_d = in_q.shape
     _, _, J, _ = in_k.shape
@@ -63,14 +88,7 @@ def chunked(in_q, in_k, in_v, in_mask, in_pre_mix, in_post_mix, CHUNK_N: int = 1
             key_end = min(key_start + CHUNK_N, J)
             chunk_v_k = v_k[:, :, :, key_start:key_end]
             chunk_v_mask = v_mask[:, :, :, key_start:key_end]
-            chunk_v_v = v_v[:, :, :, key_start:key_end]
-            v_s = ops.dot(rows_t5_s, chunk_v_k, 4)  # [b, h, i, j]
-            t10_s_mixed = ops.mix_heads(v_s, v_pre_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-            logits = t10_s_mixed.masked_fill(~(chunk_v_mask), float('-inf'))  # dropped keys: -inf
-            chunk_max = torch.maximum(row_max, logits.amax(3, keepdim=True))
-            safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-            row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum(3, keepdim=True)
-            row_max = chunk_max
+            row_max, row_sum = statistics_step(rows_t5_s, chunk_v_k, v_pre_mix, chunk_v_mask, row_max, row_sum)
         safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
         # pass 2: probabilities, what follows softmax, and the key reduction
@@ -79,12 +97,8 @@ def chunked(in_q, in_k, in_v, in_mask, in_pre_mix, in_post_mix, CHUNK_N: int = 1
             chunk_v_k = v_k[:, :, :, key_start:key_end]
             chunk_v_mask = v_mask[:, :, :, key_start:key_end]
             chunk_v_v = v_v[:, :, :, key_start:key_end]
-            v_s = ops.dot(rows_t5_s, chunk_v_k, 4)  # [b, h, i, j]
-            t10_s_mixed = ops.mix_heads(v_s, v_pre_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-            logits = t10_s_mixed.masked_fill(~(chunk_v_mask), float('-inf'))  # dropped keys: -inf
-            v_p = torch.exp(logits - safe_max) / row_sum  # [b, h, i, j]
-            t25_p_mixed = ops.mix_heads(v_p, v_post_mix, streams=2, batch_axis=0, head_axis=1)  # [b, h, i, j]
-            accumulator = accumulator + ops.dot(t25_p_mixed, chunk_v_v, 3)
+            accumulator = chunk_step(rows_t5_s, chunk_v_k, v_pre_mix, chunk_v_mask, row_sum, safe_max,
+                v_post_mix, accumulator, chunk_v_v)
         outputs.append(accumulator)
     v_o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, size_d], dtype=in_q.dtype, device=in_q.device)
     return v_o.squeeze((3,))  # [b, h, i, d]

@@ -25,7 +25,7 @@ from ..errors import UsageError
 __all__ = [
     "ConfigError", "Knob", "Allowed", "OneOf", "AtLeast", "PowerOfTwo", "Constraint", "BACKENDS_WITH_KNOBS",
     "knobs", "knob_names", "default_config", "validate_config", "check_choices", "size_of", "next_pow2",
-    "MATERIALIZE_MAX_SCORES", "CHUNK_MAX_SCORES", "DEFAULT_CHUNK_N", "DEFAULT_CHUNK_M", "MAX_COMPILED_BLOCKS",
+    "MATERIALIZE_MAX_SCORES", "CHUNK_MAX_SCORES", "DEFAULT_CHUNK_N", "DEFAULT_CHUNK_M",
     "TRITON_FWD_DEFAULTS", "TRITON_FWD_DEFAULTS_HEADS_IN_TILE", "TRITON_BWD_DEFAULTS",
     "TRITON_BWD_DEFAULTS_HEADS_IN_TILE", "TRITON_FWD_KNOBS", "TRITON_BWD_KNOBS", "HEADS_IN_TILE_SCHEDULES",
 ]
@@ -169,10 +169,6 @@ MATERIALIZE_MAX_SCORES = 1 << 22   # score elements per call up to which the def
 CHUNK_MAX_SCORES = 1 << 22         # score elements per key chunk the default chunk size stays under
 DEFAULT_CHUNK_N = 256
 DEFAULT_CHUNK_M = 256              # query rows per chunk: causal / windowed specs skip the keys a chunk cannot keep
-# torch.compile unrolls the chunked lowering's loops over query and key chunks; compiling takes
-# about a second per block on a 2-core machine (softmax: 32 blocks 29 s, 512 blocks 443 s), so
-# beyond this many a config would spend its whole trial time limit compiling.
-MAX_COMPILED_BLOCKS = 128
 
 
 def _default_lowering(sizes: Mapping[str, int], schedule: str | None) -> str:
@@ -203,21 +199,6 @@ TORCH_KNOBS = (
          doc="query rows per chunk (0: all)", allowed=AtLeast(0, "query rows per chunk; 0: all rows at once")),
     Knob("compile", (False, True), False, doc="torch.compile", allowed=OneOf((False, True))),
 )
-
-
-def compiled_blocks_constraint(sizes: Mapping[str, int]) -> Constraint:
-    I, J = size_of(sizes, "i", 1024), size_of(sizes, "j", size_of(sizes, "i", 1024))
-
-    def blocks(c: Mapping[str, Any]) -> int:
-        return -(-I // (c.get("CHUNK_M") or I)) * -(-J // c["CHUNK_N"])
-
-    def ok(c: Mapping[str, Any]) -> bool:
-        return not (c.get("compile") and c.get("lowering") == "chunked") or blocks(c) <= MAX_COMPILED_BLOCKS
-
-    return Constraint(f"compiled chunked lowering unrolls <= {MAX_COMPILED_BLOCKS} blocks", ok,
-                      f"compile=True with CHUNK_M={{CHUNK_M}}, CHUNK_N={{CHUNK_N}} unrolls "
-                      f"ceil({I}/CHUNK_M) x ceil({J}/CHUNK_N) blocks, more than {MAX_COMPILED_BLOCKS} "
-                      "(about a second each to compile)")
 
 
 # -- triton ----------------------------------------------------------------------------------

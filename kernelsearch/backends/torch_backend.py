@@ -8,6 +8,8 @@ elements per call and chunked beyond, so that memory stays linear for long seque
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..codegen.files import torch_file
@@ -54,9 +56,21 @@ class TorchFunctions:
     def get(self, lowering: str, compiled: bool):
         key = (lowering, compiled)
         if key not in self.functions:
-            function = getattr(self.module, lowering)
-            self.functions[key] = torch.compile(function, fullgraph=True, dynamic=False) if compiled else function
+            self.functions[key] = self._compiled(lowering) if compiled else getattr(self.module, lowering)
         return self.functions[key]
+
+    def _compiled(self, lowering: str):
+        """The lowering under torch.compile. The chunked one keeps its loops over chunks in Python
+        and compiles its step functions (the work of one tile): compile time does not grow with
+        the number of chunks. Its chunks have at most two sizes per axis (the last may be short),
+        and automatic dynamic shapes (dynamic=None) compile a size-generic step once a second
+        size is seen, so a step compiles at most a few times whatever the sequence length."""
+        function = getattr(self.module, lowering)
+        if lowering != "chunked":
+            return torch.compile(function, fullgraph=True, dynamic=False)
+        steps = {name: torch.compile(getattr(self.module, name), fullgraph=True, dynamic=None)
+                 for name in self.module.STEPS}
+        return functools.partial(function, **steps)
 
 
 def build(graph: Graph, attention):

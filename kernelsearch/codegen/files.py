@@ -64,7 +64,8 @@ def torch_file(graph: Graph) -> GeneratedFile:
     imports = ("import math\n\n" if ops.python_modules(_scalar_ops(graph, graph.ids())) else "") + \
         "import torch\n\nfrom kernelsearch.backends import torch_ops as ops\n"
     source = (_header(graph, "the torch lowerings of one specialisation") + imports + "\n"
-              + f"INPUTS = {inputs!r}  # what materialized() and chunked() take, after in_\n\n\n"
+              + f"INPUTS = {inputs!r}  # what materialized() and chunked() take, after in_\n"
+              + f"STEPS = {torch_module.step_names(graph)!r}  # chunked()'s step functions (compiled alone)\n\n\n"
               + functions)
     return GeneratedFile(module_name(graph, "torch"), source, inputs)
 

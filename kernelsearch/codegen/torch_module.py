@@ -15,6 +15,10 @@ torch.compile(fullgraph=True): no data-dependent Python control flow, no host sy
 """
 from __future__ import annotations
 
+import ast
+import builtins
+from dataclasses import dataclass
+
 from .. import ops
 from ..ir import Graph
 from ..layout import layout_of, raw_inputs
@@ -128,12 +132,15 @@ def torch_source(graph: Graph, lowering: str) -> str:
             body.append(f"    {argument} = {argument}.unsqueeze(0)")
         cast = f".to({LEAD}.dtype)" if graph.spec.inputs[input_name].dtype == "float" and input_name != "q" else ""
         body.append(f"{value} = ops.align({argument}{cast}, {dims!r}, {tuple(emitter.layout)!r})")
+    steps = []
     if lowering == "materialized":
         body += _materialized_body(graph, emitter)
     else:
-        body += _chunked_body(graph, emitter)
+        steps, chunked_lines = _chunked_body(graph, emitter)
+        body += chunked_lines
+        lines[0] = lines[0][:-2] + "".join(f", {step.name}={step.name}" for step in steps) + "):"
     lines += ["    " + line if line else "" for line in body]
-    return "\n".join(lines) + "\n"
+    return "".join(step.source + "\n\n" for step in steps) + "\n".join(lines) + "\n"
 
 
 def _out_lines(graph: Graph, emitter: _Emitter, result: str) -> list[str]:
@@ -163,9 +170,69 @@ def _combine_keeps(keeps, name) -> str:
     return " & ".join(name(k) for k in keeps) if len(keeps) > 1 else name(keeps[0])
 
 
-def _chunked_body(graph: Graph, emitter: _Emitter) -> list[str]:
+@dataclass(frozen=True)
+class StepFunction:
+    """A generated function holding the body of one (query chunk, key chunk) step: the loops stay
+    in Python and call it, so torch.compile compiles one step (per chunk shape) instead of
+    unrolling every chunk - compile time does not grow with the sequence length."""
+    name: str
+    source: str
+    parameters: tuple   # what it reads from the enclosing lowering, in order of first use
+    carried: tuple      # what it updates and returns
+
+    def call(self) -> list[str]:
+        return _wrapped(f"{', '.join(self.carried)} = {self.name}(", self.parameters, ")")
+
+
+def _wrapped(opening: str, items, closing: str, width: int = 100) -> list[str]:
+    """`opening item, item, ...closing`, continued on lines indented by four when long."""
+    lines, current = [], opening
+    for n, item in enumerate(items):
+        text = item + (", " if n < len(items) - 1 else "")
+        if len(current) + len(text) > width and current.strip() and current != opening:
+            lines.append(current.rstrip())
+            current = "    "
+        current += text
+    return lines + [current + closing]
+
+
+# names generated code reads from the module (imports) or Python itself, never passed to a step
+_GLOBAL_NAMES = frozenset(dir(builtins)) | {"torch", "ops", "math"}
+
+
+def free_names(lines: list[str]) -> list[str]:
+    """Names straight-line code reads before assigning them (Python's ast, not text matching),
+    in order of first use: what a function holding these lines must take."""
+    free: list[str] = []
+    assigned: set[str] = set()
+    for statement in ast.parse("\n".join(lines)).body:
+        value = statement.value if isinstance(statement, (ast.Assign, ast.AugAssign, ast.Return)) else statement
+        for node in ast.walk(value) if value is not None else ():
+            if isinstance(node, ast.Name) and node.id not in assigned and node.id not in _GLOBAL_NAMES \
+                    and node.id not in free:
+                free.append(node.id)
+        targets = statement.targets if isinstance(statement, ast.Assign) else \
+            [statement.target] if isinstance(statement, ast.AugAssign) else []
+        assigned.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+    return free
+
+
+def step_function(name: str, doc: str, body: list[str], carried: tuple) -> StepFunction:
+    parameters = tuple(free_names(body))
+    source = "\n".join(_wrapped(f"def {name}(", parameters, "):") + [f'    """{doc}"""']
+                       + ["    " + line for line in body] + [f"    return {', '.join(carried)}"]) + "\n"
+    return StepFunction(name, source, parameters, carried)
+
+
+def step_names(graph: Graph) -> tuple[str, ...]:
+    """The step functions of the chunked lowering (the plan's sweeps: statistics first when two)."""
+    return ("statistics_step", "chunk_step") if graph.plan.sweeps == 2 else ("chunk_step",)
+
+
+def _chunked_body(graph: Graph, emitter: _Emitter) -> tuple[list[StepFunction], list[str]]:
     """Query rows in chunks, keys in chunks: prologues once, scores per tile, online softmax (one
-    sweep) or exact row statistics first (two), as the plan says."""
+    sweep) or exact row statistics first (two), as the plan says. Returns the step functions
+    (the work of one tile) and the lowering's body (prologues, the loops, the epilogue)."""
     (softmax,) = graph.find("softmax")
     axis_i, axis_j = emitter.axis["i"], emitter.axis["j"]
     after = graph.downstream(softmax) - {softmax}
@@ -203,27 +270,63 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> list[str]:
     first_key, last_key = "0", "J"
     render = lambda n: scalar_expression(graph, n, row="query_start")  # noqa: E731
     if bounds.lower is not None:
-        first_key = f"max(0, {render_bound(bounds.lower, render)})"
+        # aligned to CHUNK_N (the keys before the bound are dropped by the keep-predicates anyway):
+        # every key chunk but the one ending at J has CHUNK_N keys, so a compiled step sees few shapes
+        first_key = f"max(0, {render_bound(bounds.lower, render)}) // CHUNK_N * CHUNK_N"
     if bounds.upper is not None:
         render_last = lambda n: scalar_expression(graph, n, row="query_end - 1")  # noqa: E731
         last_key = f"min(J, {render_bound(bounds.upper, render_last)} + 1)"
     scores = graph.node(softmax).args[0]
     keep = _combine_keeps(graph.node(softmax).args[1:], name)
 
-    def chunk_header():
+    def key_loop(step: StepFunction) -> list[str]:
         out = [f"for key_start in range({first_key}, {last_key}, CHUNK_N):  # the keys these rows can keep",
                "    key_end = min(key_start + CHUNK_N, J)"]
         for n in chunk_inputs:   # a value over i and j (a bias) is cut to the query rows too
+            if key_sliced(n) not in step.parameters:
+                continue
             index = [":"] * axis_j + ["key_start:key_end"]
             if "i" in graph.node(n).dims:
                 index[axis_i] = "query_start:query_end"
             out.append(f"    {key_sliced(n)} = {variable(graph, n)}[{', '.join(index)}]")
-        for n in loop_nodes:
-            out.append(f"    {name(n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}")
-        masked = name(scores) if keep == "None" else \
-            f"{name(scores)}.masked_fill(~({keep}), float('-inf'))"
-        out.append(f"    logits = {masked}  # dropped keys: -inf")
-        return out
+        return out + ["    " + line for line in step.call()]
+
+    logits = [f"{name(n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}" for n in loop_nodes]
+    masked = name(scores) if keep == "None" else f"{name(scores)}.masked_fill(~({keep}), float('-inf'))"
+    logits.append(f"logits = {masked}  # dropped keys: -inf")
+    statistics = [
+        f"chunk_max = torch.maximum(row_max, logits.amax({axis_j}, keepdim=True))",
+        "safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))",
+    ]
+    if graph.plan.sweeps == 1:
+        body = logits + statistics + [
+            "weights = torch.exp(logits - safe_max)",
+            "rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing",
+            f"row_sum = row_sum * rescale + weights.sum({axis_j}, keepdim=True)",
+        ]
+        reduced = "weights"
+        if post_nodes:   # linear in p (the plan says so): applied to the unnormalised weights, divided at the end
+            body.append(f"{variable(graph, softmax)} = weights{emitter.dims_comment(softmax)}")
+            body += [f"{name(n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}" for n in post_nodes]
+            reduced = name(probabilities)
+        body += [f"accumulator = accumulator * rescale + ops.dot({reduced}, {name(values)}, {axis_j})",
+                 "row_max = chunk_max"]
+        steps = [step_function("chunk_step", "One tile of the online softmax: row statistics and accumulator "
+                               "updated by one key chunk.", body, ("row_max", "row_sum", "accumulator"))]
+    else:
+        first = logits + statistics + [
+            f"row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum({axis_j}, keepdim=True)",
+            "row_max = chunk_max",
+        ]
+        second = logits + [f"{variable(graph, softmax)} = torch.exp(logits - safe_max) / row_sum"
+                           f"{emitter.dims_comment(softmax)}"]
+        second += [f"{name(n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}" for n in post_nodes]
+        second.append(f"accumulator = accumulator + ops.dot({name(probabilities)}, {name(values)}, {axis_j})")
+        steps = [step_function("statistics_step", "Pass 1, one tile: the exact row max and sum updated by one key "
+                               "chunk.", first, ("row_max", "row_sum")),
+                 step_function("chunk_step", "Pass 2, one tile: normalised probabilities, what follows softmax, "
+                               "and the key reduction.", second, ("accumulator",))]
+    assert tuple(s.name for s in steps) == step_names(graph)
 
     def shape_of(dims):
         return "[" + ", ".join("query_rows" if d == "i" and d in dims else names.size(d) if d in dims else "1"
@@ -243,43 +346,17 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> list[str]:
     body.append(f"row_sum = torch.zeros({shape_of(score_dims)}, dtype={LEAD}.dtype, device={LEAD}.device)")
     body.append(f"accumulator = torch.zeros({shape_of(graph.node(reduction).dims)}, dtype={LEAD}.dtype, device={LEAD}.device)")
     if graph.plan.sweeps == 1:
-        body += chunk_header()
-        body += [
-            f"    chunk_max = torch.maximum(row_max, logits.amax({axis_j}, keepdim=True))",
-            "    safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))",
-            "    weights = torch.exp(logits - safe_max)",
-            "    rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing",
-            f"    row_sum = row_sum * rescale + weights.sum({axis_j}, keepdim=True)",
-        ]
-        reduced = "weights"
-        if post_nodes:   # linear in p (the plan says so): applied to the unnormalised weights, divided at the end
-            body.append(f"    {variable(graph, softmax)} = weights{emitter.dims_comment(softmax)}")
-            body += [f"    {name(n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}" for n in post_nodes]
-            reduced = name(probabilities)
-        body += [
-            f"    accumulator = accumulator * rescale + ops.dot({reduced}, {name(values)}, {axis_j})",
-            "    row_max = chunk_max",
-            "# rows that kept no key give 0",
-            "outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))",
-        ]
+        body += key_loop(steps[0])
+        body += ["# rows that kept no key give 0",
+                 "outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))"]
     else:
         # pass 1: exact row statistics; pass 2: normalised probabilities, transformed, times v
         body.append("# pass 1: row max and sum of every head")
-        body += chunk_header()
-        body += [
-            f"    chunk_max = torch.maximum(row_max, logits.amax({axis_j}, keepdim=True))",
-            "    safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))",
-            f"    row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum({axis_j}, keepdim=True)",
-            "    row_max = chunk_max",
-            "safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))",
-            "row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))",
-            "# pass 2: probabilities, what follows softmax, and the key reduction",
-        ]
-        body += chunk_header()
-        body.append(f"    {variable(graph, softmax)} = torch.exp(logits - safe_max) / row_sum{emitter.dims_comment(softmax)}")
-        for n in post_nodes:
-            body.append(f"    {name(n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}")
-        body.append(f"    accumulator = accumulator + ops.dot({name(probabilities)}, {name(values)}, {axis_j})")
+        body += key_loop(steps[0])
+        body += ["safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))",
+                 "row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))",
+                 "# pass 2: probabilities, what follows softmax, and the key reduction"]
+        body += key_loop(steps[1])
         body.append("outputs.append(accumulator)")
     lines += ["    " + line for line in body]
     empty = shape_of(graph.node(reduction).dims).replace("query_rows", "0")
@@ -288,7 +365,7 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> list[str]:
     for n in epilogue:
         lines.append(f"{variable(graph, n)} = {emitter.expression(n, lambda a: variable(graph, a))}"
                      f"{emitter.dims_comment(n)}")
-    return lines + _out_lines(graph, emitter, variable(graph, graph.output))
+    return steps, lines + _out_lines(graph, emitter, variable(graph, graph.output))
 
 
 def scalar_expression(graph: Graph, node_id: str, row: str) -> str:
