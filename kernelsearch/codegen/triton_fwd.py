@@ -338,6 +338,7 @@ class _KernelWriter:
         self.channels = p.channels
         self.materialized = {t.name: t for t in p.materialized}
         self.in_prepass = False
+        self.scope_lines = None       # set while a template's sweeps are rendered apart from the kernel's lines
 
     # -- shapes
     def axes(self, node_id: str) -> tuple:
@@ -698,127 +699,119 @@ class _KernelWriter:
 
     # -- the kernel
     def kernel(self) -> str:
+        """The forward kernel: FORWARD_HEAD, the sweeps (ONLINE_SWEEP or EXACT_SWEEPS, each key block
+        an inner function: KEY_BLOCK_*), FORWARD_TAIL; the slots hold layout and the spec's code."""
         p, g = self.p, self.g
         self.lines, self.memo, self.indent = [], {}, 1
         header = signature_lines(p.kernel, p.forward_args())
         args = p.runtime_args() + p.constexpr_args()
         assert len(args) == len(set(args)), args
         self.kernel_header, self.inner_functions = header, []
-        self.line(f'"""{g.spec.name}: schedule {g.schedule}, '
-                  f'{"heads-in-tile" if p.channels else "per-head"} programs, '
-                  f'{"two sweeps (exact softmax)" if p.exact else "online softmax"}."""')
-        self.line("start_m = tl.program_id(0)")
-        self.batch_and_heads()
-        self.assign("offs_i", "start_m * BLOCK_M + tl.arange(0, BLOCK_M)")
-        self.assign("row_ok", "offs_i < I")
-        self.feature_offsets()
-        self.assign("DOT_DTYPE", f"{self.tensor[self.p.lead].ptr}.dtype.element_ty")
-
         stages = {n: g.node(n).stage for n in g.ids()}
-        self.line()
-        self.line("# -- per program: values without i or j --")
-        for node_id in g.ids():
-            if stages[node_id] == "constant" and self._in_kernel(node_id):
-                self.value(node_id)
-        for mix in g.find("mix_heads"):
-            self.weight_tile(g.node(mix).args[1])
-        self.line()
-        self.line("# -- q prologue: once per query tile --")
-        for node_id in g.ids():
-            if stages[node_id] == "q_prologue" and self._in_kernel(node_id):
-                self.value(node_id)
-        for node_id in g.ids():   # hoist the casts of q-side dot operands out of the key loop
-            node = g.node(node_id)
-            if node.op == "dot" and stages[node.args[0]] in ("q_prologue",) and node_id not in self.accs:
-                if "j" in self.axes(node.args[1]):
-                    self.mma_operand(node.args[0])
 
-        self.line()
-        self.key_range()
-        scores_id = g.node(self.softmax).args[0]
-        keeps = g.node(self.softmax).args[1:]
+        def values_of(stage):
+            for node_id in g.ids():
+                if stages[node_id] == stage and self._in_kernel(node_id):
+                    self.value(node_id)
+
+        def q_prologue():
+            values_of("q_prologue")
+            for node_id in g.ids():   # hoist the casts of q-side dot operands out of the key loop
+                node = g.node(node_id)
+                if node.op == "dot" and stages[node.args[0]] == "q_prologue" and node_id not in self.accs:
+                    if "j" in self.axes(node.args[1]):
+                        self.mma_operand(node.args[0])
+
+        def per_program():
+            values_of("constant")
+            for mix in g.find("mix_heads"):
+                self.weight_tile(g.node(mix).args[1])
+
         score_axes = tuple(a for a in ("c", "i", "j") if a == "c" and p.channels or a in ("i", "j"))
         stat_axes = score_axes[:-1]
-        stat_shape = self.shape(stat_axes)
-        expand = f"[{', '.join([':'] * len(stat_axes) + ['None'])}]"
-        last = len(score_axes) - 1
+        flags = dict(last=len(score_axes) - 1, expand=f"[{', '.join([':'] * len(stat_axes) + ['None'])}]")
+        head = fill(FORWARD_HEAD, signature=header, doc=f"{g.spec.name}: schedule {g.schedule}, "
+                    f"{'heads-in-tile' if p.channels else 'per-head'} programs, "
+                    f"{'two sweeps (exact softmax)' if p.exact else 'online softmax'}.",
+                    program=self.capture(self.batch_and_heads), features=self.capture(self.feature_offsets),
+                    lead_ptr=self.tensor[p.lead].ptr, per_program=self.capture(per_program),
+                    q_prologue=self.capture(q_prologue), key_range=self.capture(self.key_range),
+                    stat_shape=self.shape(stat_axes))
         self.outer = dict(self.memo)
+        scores_id = g.node(self.softmax).args[0]
+        keeps = g.node(self.softmax).args[1:]
 
-        def stats_update(full):
-            self.masked_scores(scores_id, keeps, score_axes, full)
-            self.assign("m_new", f"tl.maximum(m_i, tl.max(s_tile, axis={last}))")
-            self.assign("m_use", "tl.where(m_new == float('-inf'), 0.0, m_new)", "rows with nothing kept yet")
-            self.assign("l_i", f"l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s_tile - m_use{expand}), axis={last})")
-            self.assign("m_i", "m_new")
+        def scores():
+            self.masked_scores(scores_id, keeps, score_axes, None)
 
-        def accumulate(full):
-            self.masked_scores(scores_id, keeps, score_axes, full)
-            if p.exact:
-                self.assign("p_tile", f"tl.exp2(s_tile - m_use{expand}) * inv_l{expand}")
-            else:
-                self.assign("m_new", f"tl.maximum(m_i, tl.max(s_tile, axis={last}))")
-                self.assign("m_use", "tl.where(m_new == float('-inf'), 0.0, m_new)", "rows with nothing kept yet")
-                self.assign("alpha", "tl.exp2(m_i - m_use)")
-                self.assign("p_tile", f"tl.exp2(s_tile - m_use{expand})")
-                self.assign("l_i", f"l_i * alpha + tl.sum(p_tile, axis={last})")
-                self.assign("m_i", "m_new")
+        def updates():
             self.memo[(self.softmax, 0)] = _Value("p_tile", score_axes, "f32")
             for acc in self.accs:
-                node = g.node(acc)
-                pv = self.value(node.args[0])
-                v_id = node.args[1]
-                v = self.value(v_id)
-                acc_name = self.acc_names[acc]
-                ptile = self.view(pv, score_axes)
-                vv = self.mma_operand(v_id)
-                if "c" in score_axes and "c" not in v.axes:
-                    vv = f"tl.broadcast_to({vv}[None, :, :], {self.shape(('c',) + v.axes)})"
-                if pv.axes != score_axes:
-                    ptile = f"tl.broadcast_to({ptile}, {self.shape(score_axes)})"
-                update = f"tl.dot({ptile}.to(DOT_DTYPE), {vv}, input_precision=DOT_PRECISION)"
-                if p.exact:
-                    self.assign(acc_name, f"{acc_name} + {update}")
-                else:
-                    self.assign(acc_name, f"{acc_name} * alpha{expand} + {update}")
+                self.accumulate(acc, score_axes, flags["expand"])
 
-        self.line()
-        self.assign("m_i", f"tl.full({stat_shape}, float('-inf'), tl.float32)", "row max (log2 units)")
-        self.assign("l_i", f"tl.zeros({stat_shape}, tl.float32)", "row sum")
+        def block(template):
+            return lambda full: self.emit(fill(template, scores=self.capture(scores), updates=self.capture(updates),
+                                               **flags))
+        # the inner functions may read what the kernel has defined before their loops (_kernel_scope)
+        self.scope_lines = head[len(header):]
         if p.exact:
-            self.line("# -- sweep 1 of 2: exact row statistics --")
-            self.sweep(stats_update, f"{p.kernel}_stats_block")
-            self.assign("m_use", "tl.where(m_i == float('-inf'), 0.0, m_i)")
-            self.assign("inv_l", "tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)",
-                        "rows with nothing kept give 0")
-            self.line()
-            self.line("# -- sweep 2 of 2: exact probabilities, post-softmax ops, p @ v --")
-        self.init_accumulators()
-        self.sweep(accumulate, f"{p.kernel}_key_block")
+            stats = self.capture(lambda: self.sweep(block(STATS_BLOCK), f"{p.kernel}_stats_block"))
+            sweeps = fill(EXACT_SWEEPS, stats=stats, accumulators=self.capture(self.init_accumulators), keys=[KEYS])
+            template = EXACT_KEY_BLOCK
+        else:
+            sweeps = fill(ONLINE_SWEEP, accumulators=self.capture(self.init_accumulators), keys=[KEYS])
+            template = ONLINE_KEY_BLOCK
+        self.scope_lines += sweeps[:sweeps.index(KEYS)]
+        keys = self.capture(lambda: self.sweep(block(template), f"{p.kernel}_key_block"))
+        sweeps[sweeps.index(KEYS):sweeps.index(KEYS) + 1] = keys
+        self.scope_lines = None
 
-        self.line()
-        self.line("# -- epilogue --")
-        if not p.exact:
-            self.assign("l_safe", "tl.where(l_i > 0.0, l_i, 1.0)", "rows with nothing kept give 0")
-        for acc in self.accs:
-            axes = self.acc_axes(acc)
-            value = f"{self.acc_names[acc]}" if p.exact else f"{self.acc_names[acc]} / l_safe{expand}"
-            name = self.names.of(acc)
-            self.assign(name, value, f"[{', '.join(g.node(acc).dims)}]")
-            self.memo[(acc, 0)] = _Value(name, axes, "f32")
-        out = self.value(g.output)
-        out_axes = self.axes(g.output)
-        out_t = TensorArg("out", "out_ptr", p.out_dims, "float", False, p.out_strides)
-        terms, masks = self.index_terms(out_t, out_axes, 0)
-        self.assign("out_offs", " + ".join(terms))
-        self.assign("out_mask", " & ".join(dict.fromkeys(masks)))
-        self.line(f"tl.store(out_ptr + out_offs, {self.f32(out)}.to(out_ptr.dtype.element_ty), mask=out_mask)")
-        self.line("if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf")
-        self.indent += 1
-        offs, mask = self.lse_offsets()
-        self.line(f"tl.store(lse_ptr + {offs}, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), "
-                  f"float('inf')), mask={mask})")
-        self.indent -= 1
-        return "\n".join(header + self.lines) + "\n"
+        def epilogue():
+            for acc in self.accs:
+                name = self.names.of(acc)
+                value = self.acc_names[acc] if p.exact else f"{self.acc_names[acc]} / l_safe{flags['expand']}"
+                self.assign(name, value, f"[{', '.join(g.node(acc).dims)}]")
+                self.memo[(acc, 0)] = _Value(name, self.acc_axes(acc), "f32")
+            self.value(g.output)
+        lines = self.capture(epilogue)
+        out, out_axes = self.value(g.output), self.axes(g.output)
+        terms, masks = self.index_terms(TensorArg("out", "out_ptr", p.out_dims, "float", False, p.out_strides),
+                                        out_axes, 0)
+        lse_offsets, lse_mask = self.lse_offsets()
+        tail = fill(EXACT_TAIL if p.exact else ONLINE_TAIL, epilogue=lines, out_offsets=" + ".join(terms),
+                    out_mask=" & ".join(dict.fromkeys(masks)), out=self.f32(out), lse_offsets=lse_offsets,
+                    lse_mask=lse_mask)
+        return "\n".join(head + sweeps + tail) + "\n"
+
+    def accumulate(self, acc: str, score_axes: tuple, expand: str) -> None:
+        """acc += p @ v for one accumulator (post-softmax ops rendered on the way: p may be mixed)."""
+        g, p = self.g, self.p
+        node = g.node(acc)
+        pv = self.value(node.args[0])
+        v_id = node.args[1]
+        v = self.value(v_id)
+        acc_name = self.acc_names[acc]
+        ptile = self.view(pv, score_axes)
+        vv = self.mma_operand(v_id)
+        if "c" in score_axes and "c" not in v.axes:
+            vv = f"tl.broadcast_to({vv}[None, :, :], {self.shape(('c',) + v.axes)})"
+        if pv.axes != score_axes:
+            ptile = f"tl.broadcast_to({ptile}, {self.shape(score_axes)})"
+        update = f"tl.dot({ptile}.to(DOT_DTYPE), {vv}, input_precision=DOT_PRECISION)"
+        self.assign(acc_name, f"{acc_name} + {update}" if p.exact else f"{acc_name} * alpha{expand} + {update}")
+
+    def capture(self, render) -> list:
+        """The lines `render()` emits, at the kernel body's indentation, instead of emitting them."""
+        lines, indent = self.lines, self.indent
+        self.lines, self.indent = [], 1
+        try:
+            render()
+            return self.lines
+        finally:
+            self.lines, self.indent = lines, indent
+
+    def emit(self, lines: list) -> None:
+        self.lines += lines
 
     def batch_and_heads(self) -> None:
         """off_b, off_h of the program (axis 1): one (batch, head), or every channel of a sample."""
@@ -957,7 +950,7 @@ class _KernelWriter:
         read off the rendered code (Python's ast), so the signature cannot miss a name."""
         import ast
         import textwrap
-        scope = _kernel_scope(self.kernel_header, self.lines)      # {name: constexpr?}
+        scope = _kernel_scope(self.kernel_header, self.lines if self.scope_lines is None else self.scope_lines)
         body = textwrap.dedent("\n".join(line for line in body_lines))
         tree = ast.parse(body)
         stored = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
@@ -1017,6 +1010,98 @@ class _KernelWriter:
         self.indent += 1
         render(every)
         self.indent -= 1
+
+
+# ------------------------------------------------------------------------------------- templates
+# The forward kernel as it reads: Triton with slots. `{name}` alone on a line is a slot of whole
+# lines (the spec's code, or layout-dependent set-up; it may be empty); `{name}` inside a line is
+# a value (a shape, an axis). fill() puts them in.
+
+FORWARD_HEAD = """\
+{signature}
+    \"\"\"{doc}\"\"\"
+    start_m = tl.program_id(0)
+{program}
+    offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_i < I
+{features}
+    DOT_DTYPE = {lead_ptr}.dtype.element_ty
+
+    # -- per program: values without i or j --
+{per_program}
+
+    # -- q prologue: once per query tile --
+{q_prologue}
+
+{key_range}
+
+    m_i = tl.full({stat_shape}, float('-inf'), tl.float32)  # row max (log2 units)
+    l_i = tl.zeros({stat_shape}, tl.float32)  # row sum"""
+
+ONLINE_SWEEP = """\
+{accumulators}
+{keys}"""
+
+EXACT_SWEEPS = """\
+    # -- sweep 1 of 2: exact row statistics --
+{stats}
+    m_use = tl.where(m_i == float('-inf'), 0.0, m_i)
+    inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)  # rows with nothing kept give 0
+
+    # -- sweep 2 of 2: exact probabilities, post-softmax ops, p @ v --
+{accumulators}
+{keys}"""
+
+# one key block (the body of an inner function; offs_j and col_ok come first: see sweep())
+ONLINE_KEY_BLOCK = """\
+{scores}
+    m_new = tl.maximum(m_i, tl.max(s_tile, axis={last}))
+    m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+    alpha = tl.exp2(m_i - m_use)
+    p_tile = tl.exp2(s_tile - m_use{expand})
+    l_i = l_i * alpha + tl.sum(p_tile, axis={last})
+    m_i = m_new
+{updates}"""
+
+STATS_BLOCK = """\
+{scores}
+    m_new = tl.maximum(m_i, tl.max(s_tile, axis={last}))
+    m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
+    l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s_tile - m_use{expand}), axis={last})
+    m_i = m_new"""
+
+EXACT_KEY_BLOCK = """\
+{scores}
+    p_tile = tl.exp2(s_tile - m_use{expand}) * inv_l{expand}
+{updates}"""
+
+_TAIL = """\
+
+    # -- epilogue --
+{normalise}{epilogue}
+    out_offs = {out_offsets}
+    out_mask = {out_mask}
+    tl.store(out_ptr + out_offs, {out}.to(out_ptr.dtype.element_ty), mask=out_mask)
+    if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
+        tl.store(lse_ptr + {lse_offsets}, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask={lse_mask})"""
+ONLINE_TAIL = _TAIL.replace("{normalise}", "    l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0\n")
+EXACT_TAIL = _TAIL.replace("{normalise}", "")
+
+
+KEYS = "<the key sweep>"   # where it goes, while the lines before it tell what its blocks may read
+
+
+def fill(template: str, **slots) -> list:
+    """The template's lines with its slots filled: a slot alone on a line takes a list of lines
+    (none, one or many), a slot inside a line a value."""
+    lines = []
+    for line in template.split("\n"):
+        name = line.strip()[1:-1] if line.strip().startswith("{") and line.strip().endswith("}") else None
+        if name is not None and name.isidentifier() and isinstance(slots.get(name), list):
+            lines += slots[name]
+        else:
+            lines.append(line.format(**{k: v for k, v in slots.items() if not isinstance(v, list)}))
+    return lines
 
 
 def _kernel_scope(header: list, lines: list) -> dict:
