@@ -134,7 +134,8 @@ def test_local_variants(variant, corpus):
     assert p["xpos"] is bool(variant.get("use_xpos")) and p["window_size"] == 16
     if variant.get("qk_rmsnorm"):       # fused into the spec; the scales are the layer's learned inputs
         assert p["qk_rmsnorm"] is True and p["scale"] == 8.0
-        assert {n: tuple(t.shape) for n, t in model.layers[0][0].learned.items()} == {"q_scale": (16,), "k_scale": (16,)}
+        learned = model.layers[0][0].learned
+        assert {n: tuple(t.shape) for n, t in learned.items()} == {"q_scale": (16,), "k_scale": (16,)}
     else:
         assert "qk_rmsnorm" not in p and len(model.layers[0][0].learned) == 0
     loss, _ = model.loss(batch(corpus))
@@ -338,7 +339,8 @@ def test_checkpoints_with_the_learned_inputs_outside_learned_still_load(family, 
     cfg = tiny_config(family, **extra)
     model = lm_train.make_model(cfg, BACKEND, seed=0)
     opt = lm_train.make_optimizer(model, cfg.train.lr)
-    losses = lm_train.train_steps(model, opt, corpus, cfg, 2, generator=torch.Generator().manual_seed(0), progress=False)
+    losses = lm_train.train_steps(model, opt, corpus, cfg, 2, generator=torch.Generator().manual_seed(0),
+                                  progress=False)
     path = tmp_path / "old.pt"
     lm_train.save_checkpoint(path, model, cfg, opt, 2, losses, BACKEND)
     ckpt = torch.load(path, weights_only=True)

@@ -12,8 +12,9 @@
   that owns the mixing weights as the spec's learned inputs — ``learned["pre_mix"]`` /
   ``learned["post_mix"]`` of shape ``[s*h, s*h]`` (a 1x1 convolution's weight, output head first,
   heads ordered ``(s h)``), identity (dirac) init, only those that are on — with structural params
-  ``num_streams``, ``pre_talking_heads``, ``post_talking_heads``. ``cross_stream_talking_heads=False`` mixes
-  heads within each stream only (upstream's ``ablate_cross_stream_talking_heads``).
+  ``num_streams``, ``pre_talking_heads``, ``post_talking_heads``.
+  ``cross_stream_talking_heads=False`` mixes heads within each stream only (upstream's
+  ``ablate_cross_stream_talking_heads``).
 - Seed param (with ``specs/talking_heads.yaml``): ``scale = +sqrt(dim_head)`` (upstream quirk).
 - ``causal`` is passed as True: upstream's LM never sets it (its attention defaults to
   non-causal), which makes next-token training leak the answer; an LM must be causal here.
