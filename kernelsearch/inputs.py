@@ -49,8 +49,18 @@ def check_call(spec: Spec, tensors: Mapping, params: Mapping | None = None) -> d
         raise TypeError(f"{spec.name} attention: q, k and v must have one dtype, got "
                         f"{', '.join(str(d) for d in dtypes)}; convert them, e.g. k.to(q.dtype)")
     if params:
-        check_param_values(spec, params, sizes)
+        _check_dims_named_after_params(spec, check_param_values(spec, params, sizes), sizes, origin)
     return sizes
+
+
+def _check_dims_named_after_params(spec: Spec, values: Mapping, sizes: Mapping[str, int], origin: Mapping) -> None:
+    """A dim named after an int param (t5_bias's `bias_table: [h, num_buckets]`) has that param's
+    value as its size: a table of another size would be read out of its bounds."""
+    for dim, size in sizes.items():
+        param = spec.params.get(dim)
+        if param is not None and param.type == "int" and isinstance(values.get(dim), int) and size != values[dim]:
+            raise ValueError(f"{spec.name} attention: dim '{dim}' of input '{origin[dim]}' has size {size}, but the "
+                             f"param '{dim}' is {values[dim]} (the spec names the dim after the param: they must agree)")
 
 
 def _check_names(spec: Spec, tensors: Mapping) -> None:
@@ -121,6 +131,9 @@ def input_shape(spec: Spec, name: str, sizes: dict, params: dict | None = None) 
     shape = []
     for dim in decl.shape:
         size = sizes.get(dim.upper())
+        if size is None and dim in spec.params and spec.params[dim].type == "int":   # a dim named after a param
+            value = (params or {}).get(dim, spec.params[dim].default)
+            size = value if isinstance(value, int) else None
         if size is None and dim == "n":           # a distance table: every |i - j| must be a row
             size = max(sizes["I"], sizes["J"])
         if size is None and dim.startswith("mix"):  # a head-mixing weight over streams * heads

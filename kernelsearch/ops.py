@@ -241,12 +241,12 @@ _ELEMENTWISE = (
                 # d/dx x Phi(x) = Phi(x) + x phi(x)
                 grad=("{g} * (0.5 * (1.0 + tl.erf({x0} * 0.7071067811865476)) + "
                       "{x0} * 0.3989422804014327 * tl.exp(-0.5 * {x0} * {x0}))",)),
-    elementwise("minimum", "elementwise minimum", _on_tensors(torch.minimum), min, positional=("a", "b"),
-                rule="minmax", absent="identity", torch="torch.minimum({0}, {1})", python="min({0}, {1})",
+    elementwise("minimum", "elementwise minimum", torch_ops.minimum, min, positional=("a", "b"),
+                rule="minmax", absent="identity", torch="ops.minimum({0}, {1})", python="min({0}, {1})",
                 triton="tl.minimum({0}, {1})", monotone=(1, 1), commutative=True,
                 grad=("tl.where({x0} <= {x1}, {g}, 0.0)", "tl.where({x0} <= {x1}, 0.0, {g})")),
-    elementwise("maximum", "elementwise maximum", _on_tensors(torch.maximum), max, positional=("a", "b"),
-                rule="minmax", absent="identity", torch="torch.maximum({0}, {1})", python="max({0}, {1})",
+    elementwise("maximum", "elementwise maximum", torch_ops.maximum, max, positional=("a", "b"),
+                rule="minmax", absent="identity", torch="ops.maximum({0}, {1})", python="max({0}, {1})",
                 triton="tl.maximum({0}, {1})", monotone=(1, 1), commutative=True,
                 grad=("tl.where({x0} >= {x1}, {g}, 0.0)", "tl.where({x0} >= {x1}, 0.0, {g})")),
     elementwise("where", "a where condition else b", _on_tensors(torch.where), lambda c, a, b: a if c else b,

@@ -9,7 +9,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)  # specs/ and generated/ paths are relative to the checkout
 
-SPECS = ["softmax", "cosine_sim", "memory_efficient", "local", "talking_heads"]
+SEEDS = ["softmax", "cosine_sim", "memory_efficient", "local", "talking_heads"]
+GALLERY = ["alibi", "softcap", "sliding_window", "document", "prefix_lm", "t5_bias"]   # issue 13's, tests/test_gallery.py
+SPECS = SEEDS + GALLERY
 
 
 # interpreted kernels may call Triton's @jit standard library whatever imported triton first (the

@@ -32,6 +32,15 @@ def floordiv(a, b):
     return a // b
 
 
+def minimum(a, b):
+    """torch.minimum with a Python number on either side (a spec's `minimum(distance, 8)`)."""
+    return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+
+
+def maximum(a, b):
+    return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
+
+
 # to_int(x) is limited to +-INT_LIMIT on every backend: Triton's integers are int32, torch's int64
 INT_LIMIT = 2 ** 30
 
