@@ -307,3 +307,11 @@ def test_random_inputs_size_a_dim_named_after_a_param():
     sizes = dict(B=1, H=3, I=4, J=5, D=8)
     assert random_inputs(spec, sizes)["bias_table"].shape == (3, 32)
     assert random_inputs(spec, sizes, params={"num_buckets": 8})["bias_table"].shape == (3, 8)
+
+
+def test_the_readme_shows_the_t5_bucket_as_the_spec_has_it():
+    from .conftest import ROOT
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("gathered from the learned table:\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    spec_lines = set((ROOT / "specs" / "t5_bias.yaml").read_text().splitlines())
+    assert block.strip() and all(line in spec_lines for line in block.splitlines()), block
