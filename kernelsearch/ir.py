@@ -159,9 +159,6 @@ class Graph:
             stage = f"  <{node.stage}>" if node.stage else ""
             lines.append(f"  {node_id:<14} {node.dtype:<5} {dims:<16} {node.describe()}{stage}")
         header = [f"graph {self.spec.name}: output {self.output}"]
-        if self.plan:
-            from .passes.plan import describe_plan   # the plan pass prints what it decided
-            header += [f"  {line}" for line in describe_plan(self)]
         return "\n".join(header + lines)
 
     def to_dot(self) -> str:

@@ -23,7 +23,7 @@ from .build import build
 from .classify import classify
 from .fold import fold
 from .infer import infer
-from .plan import plan
+from .plan import describe_plan, plan
 from .validate import validate
 
 # (name, pass) in order; `fold` is the one pass that takes the specialisation as well
@@ -46,5 +46,6 @@ def run_pipeline(spec, params: dict, present: frozenset, debug: bool = False) ->
     for name, run in PIPELINE:
         graph = run(graph, params, present) if run is fold else run(graph)
         if debug:
-            print(f"== after {name}\n{graph.dump()}", file=sys.stderr)
+            decisions = "".join(f"\n  {line}" for line in describe_plan(graph)) if graph.plan else ""
+            print(f"== after {name}{decisions}\n{graph.dump()}", file=sys.stderr)
     return graph
