@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from .. import ops
 from ..ir import Graph
 from . import names
-from .triton_fwd import (ArgGroup, CodegenError, KernelPlan, TensorArg, _KernelWriter, _Value, _feature_constexprs,
+from .triton_fwd import (KEYS, ArgGroup, CodegenError, KernelPlan, TensorArg, _KernelWriter, _Value, _feature_constexprs, fill,
                          _scalar_groups, flat_params, launch_lines, signature_lines,
                          launcher_sizes, plan, tensor_arg)
 
@@ -370,82 +370,128 @@ class _BackwardWriter(_KernelWriter):
 
     # -- the kernels
     def dq_kernel(self) -> str:
+        """DQ_KERNEL: per query tile, the key sweep(s) as inner functions (tile(): the spec's ops
+        reversed), then dq' and the mixing weights' gradients stored."""
         bp, p = self.bp, self.p
         self.lines, self.memo, self.indent = [], {}, 1
         header = self.header(bp.dq_kernel)
         self.kernel_header, self.inner_functions = header, []
-        self.line(f'"""{self.g.spec.name} backward, per query tile: dq\' and the gradients of bias, tables and '
-                  'mixing weights."""')
-        self.line("start_m = tl.program_id(0)")
-        self.batch_and_heads()
-        self.assign("offs_i", "start_m * BLOCK_M + tl.arange(0, BLOCK_M)")
-        self.assign("row_ok", "offs_i < I")
-        self.feature_offsets()
-        self.assign("DOT_DTYPE", f"{self.tensor[p.lead].ptr}.dtype.element_ty")
-        self.values_of_stage("constant")
-        self.weights()
-        self.values_of_stage("q_prologue")
-        self.row_inputs(with_delta=not bp.exact_delta)
-        self.init_operand_accs("i")
-        self.weight_accs = {}
-        for mix in self.g.find("mix_heads"):
-            weight = self.g.node(mix).args[1]
-            if weight in self.grad_of and weight not in self.weight_accs:
-                self.weight_accs[weight] = names.derived("dacc", names.argument(weight))
-                self.assign(self.weight_accs[weight], "tl.zeros([CP, CP], tl.float32)")
-        self.line()
-        self.key_range()
+
+        def accumulators():
+            self.init_operand_accs("i")
+            self.weight_accs = {}
+            for mix in self.g.find("mix_heads"):
+                weight = self.g.node(mix).args[1]
+                if weight in self.grad_of and weight not in self.weight_accs:
+                    self.weight_accs[weight] = names.derived("dacc", names.argument(weight))
+                    self.assign(self.weight_accs[weight], "tl.zeros([CP, CP], tl.float32)")
+        head = fill(DQ_HEAD, signature=header, doc=f"{self.g.spec.name} backward, per query tile: dq' and the "
+                    "gradients of bias, tables and mixing weights.", program=self.capture(self.batch_and_heads),
+                    features=self.capture(self.feature_offsets), lead_ptr=self.tensor[p.lead].ptr,
+                    per_program=self.capture(lambda: (self.values_of_stage("constant"), self.weights())),
+                    q_prologue=self.capture(lambda: self.values_of_stage("q_prologue")),
+                    row_inputs=self.capture(lambda: self.row_inputs(with_delta=not bp.exact_delta)),
+                    accumulators=self.capture(accumulators), key_range=self.capture(self.key_range))
         self.outer = dict(self.memo)
+        self.scope_lines = head[len(header):]     # what the inner functions may read (_kernel_scope)
+
+        def sweep(kind, block):
+            return self.capture(lambda: self.sweep(lambda full: self.tile(full, kind), f"{bp.dq_kernel}_{block}"))
+        sweeps = []
         if bp.exact_delta:
-            self.line("# -- sweep 1 of 2: delta = rowsum(p * dp), p transformed after softmax --")
-            self.assign("delta_acc", f"tl.zeros({self.shape(self.stat_axes)}, tl.float32)")
-            self.sweep(lambda full: self.tile(full, "delta"), f"{bp.dq_kernel}_delta_block")
-            self.assign("delta_i", "delta_acc")
-            offs, mask = self.lse_offsets()
-            self.line(f"tl.store(delta_ptr + {offs}, delta_i, mask={mask})  # for the dkdv kernel")
-            self.line("# -- sweep 2 of 2: gradients --")
-        self.sweep(lambda full: self.tile(full, "dq"), f"{bp.dq_kernel}_key_block")
-        self.line()
-        self.store_operand_accs()
-        for weight, acc in self.weight_accs.items():
-            t = self.grad_of[weight]
-            out_stride, in_stride = t.strides
-            self.line(f"tl.atomic_add({t.ptr} + offs_c[:, None] * {out_stride} + offs_c[None, :] * {in_stride}, {acc}, "
-                      "mask=c_ok[:, None] & c_ok[None, :])")
-        return "\n".join(header + self.lines) + "\n"
+            offsets, mask = self.lse_offsets()
+            sweeps = fill(DELTA_SWEEP, stat_shape=self.shape(self.stat_axes), delta=[KEYS], lse_offsets=offsets,
+                          lse_mask=mask)
+            at = sweeps.index(KEYS)
+            self.scope_lines += sweeps[:at]
+            sweeps[at:at + 1] = sweep("delta", "delta_block")
+            self.scope_lines += sweeps[at:]
+        keys = sweep("dq", "key_block")
+        self.scope_lines = None
+
+        def stores():
+            self.store_operand_accs()
+            for weight, acc in self.weight_accs.items():
+                t = self.grad_of[weight]
+                out_stride, in_stride = t.strides
+                self.line(f"tl.atomic_add({t.ptr} + offs_c[:, None] * {out_stride} + offs_c[None, :] * {in_stride}, "
+                          f"{acc}, mask=c_ok[:, None] & c_ok[None, :])")
+        return "\n".join(head + sweeps + keys + fill(DQ_TAIL, stores=self.capture(stores))) + "\n"
 
     def dkdv_kernel(self) -> str:
+        """DKDV_KERNEL: per key tile, the query blocks whose key range holds it (the forward's
+        bounds), each one tile() of the spec's ops reversed; dk' and dv' stored."""
         bp, p = self.bp, self.p
         self.lines, self.memo, self.indent = [], {}, 1
         header = self.header(bp.dkdv_kernel)
-        self.line(f'"""{self.g.spec.name} backward, per key tile: dk\', dv\' over the query blocks that keep it."""')
-        self.line("start_n = tl.program_id(0)")
-        self.batch_and_heads()
-        self.assign("offs_j", "start_n * BLOCK_N + tl.arange(0, BLOCK_N)")
-        self.assign("col_ok", "offs_j < J")
-        self.feature_offsets()
-        self.assign("DOT_DTYPE", f"{self.tensor[p.lead].ptr}.dtype.element_ty")
-        self.values_of_stage("constant")
-        self.weights()
-        self.values_of_stage("k_prologue")
-        self.init_operand_accs("j")
+        head = dict(signature=header, doc=f"{self.g.spec.name} backward, per key tile: dk', dv' over the query "
+                    "blocks that keep it.", program=self.capture(self.batch_and_heads),
+                    features=self.capture(self.feature_offsets), lead_ptr=self.tensor[p.lead].ptr,
+                    per_program=self.capture(lambda: (self.values_of_stage("constant"), self.weights())),
+                    k_prologue=self.capture(lambda: self.values_of_stage("k_prologue")),
+                    accumulators=self.capture(lambda: self.init_operand_accs("j")))
         self.outer = dict(self.memo)
-        self.line()
-        self.line("for start_m in range(0, tl.cdiv(I, BLOCK_M)):")
-        self.indent += 1
-        self.assign("offs_i", "start_m * BLOCK_M + tl.arange(0, BLOCK_M)")
-        self.assign("row_ok", "offs_i < I")
-        self.key_range()
-        self.line("if (start_n * BLOCK_N >= kv_lo) & (start_n * BLOCK_N < kv_hi):   # the forward visited this tile")
-        self.indent += 1
+        key_range = self.capture(self.key_range, indent=2)
         self.memo = dict(self.outer)
-        self.row_inputs(with_delta=True)
-        self.tile(False, "dkdv")
-        self.indent -= 2
+        tile = self.capture(lambda: (self.row_inputs(with_delta=True), self.tile(False, "dkdv")), indent=3)
         self.memo = dict(self.outer)
-        self.line()
-        self.store_operand_accs()
-        return "\n".join(header + self.lines) + "\n"
+        return "\n".join(fill(DKDV_KERNEL, key_range=key_range, tile=tile, stores=self.capture(self.store_operand_accs),
+                              **head)) + "\n"
+
+
+# ------------------------------------------------------------------------------------- templates
+# The backward kernels as they read (codegen/triton_fwd.py's fill(): a slot alone on a line takes
+# lines, inside a line a value).
+
+DQ_HEAD = """\
+{signature}
+    \"\"\"{doc}\"\"\"
+    start_m = tl.program_id(0)
+{program}
+    offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_i < I
+{features}
+    DOT_DTYPE = {lead_ptr}.dtype.element_ty
+{per_program}
+{q_prologue}
+{row_inputs}
+{accumulators}
+
+{key_range}"""
+
+DELTA_SWEEP = """\
+    # -- sweep 1 of 2: delta = rowsum(p * dp), p transformed after softmax --
+    delta_acc = tl.zeros({stat_shape}, tl.float32)
+{delta}
+    delta_i = delta_acc
+    tl.store(delta_ptr + {lse_offsets}, delta_i, mask={lse_mask})  # for the dkdv kernel
+    # -- sweep 2 of 2: gradients --"""
+
+DQ_TAIL = """\
+
+{stores}"""
+
+DKDV_KERNEL = """\
+{signature}
+    \"\"\"{doc}\"\"\"
+    start_n = tl.program_id(0)
+{program}
+    offs_j = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_j < J
+{features}
+    DOT_DTYPE = {lead_ptr}.dtype.element_ty
+{per_program}
+{k_prologue}
+{accumulators}
+
+    for start_m in range(0, tl.cdiv(I, BLOCK_M)):
+        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < I
+{key_range}
+        if (start_n * BLOCK_N >= kv_lo) & (start_n * BLOCK_N < kv_hi):   # the forward visited this tile
+{tile}
+
+{stores}"""
 
 
 _BWD_HELPERS = '''

@@ -800,15 +800,16 @@ class _KernelWriter:
         update = f"tl.dot({ptile}.to(DOT_DTYPE), {vv}, input_precision=DOT_PRECISION)"
         self.assign(acc_name, f"{acc_name} + {update}" if p.exact else f"{acc_name} * alpha{expand} + {update}")
 
-    def capture(self, render) -> list:
-        """The lines `render()` emits, at the kernel body's indentation, instead of emitting them."""
-        lines, indent = self.lines, self.indent
-        self.lines, self.indent = [], 1
+    def capture(self, render, indent: int = 1) -> list:
+        """The lines `render()` emits (at `indent` levels: the kernel body's by default), instead of
+        emitting them."""
+        lines, outer_indent = self.lines, self.indent
+        self.lines, self.indent = [], indent
         try:
             render()
             return self.lines
         finally:
-            self.lines, self.indent = lines, indent
+            self.lines, self.indent = lines, outer_indent
 
     def emit(self, lines: list) -> None:
         self.lines += lines
