@@ -87,3 +87,18 @@ def test_kernel_signature_launch_and_aot_signature_are_one_list(name):
                if isinstance(f, ast.FunctionDef)}
     expected = list(aot_signature_backward(bp, {"BLOCK_M_BWD": 16, "BLOCK_N_BWD": 16}, {}, "float16")[0])
     assert kernels[bp.dq_kernel] == kernels[bp.dkdv_kernel] == expected
+
+
+def test_aot_check_reports_the_compiler_and_raises_bugs(monkeypatch):
+    """What triton.compile refuses is the config's answer (ok False, the error); a bug in code
+    generation propagates instead of looking like a bad config (issue 14's error policy)."""
+    from kernelsearch.codegen import triton_aot, triton_fwd
+    big = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 4}
+    result = triton_aot.aot_check("specs/softmax.yaml", None, big, arch=90, sizes={"d": 128}, resources=False)
+    assert not result["ok"] and triton_aot.is_resource_error(result), result
+
+    def broken_plan(graph):
+        raise KeyError("a code generator bug")
+    monkeypatch.setattr(triton_fwd, "plan", broken_plan)
+    with pytest.raises(KeyError, match="code generator bug"):
+        triton_aot.aot_check("specs/softmax.yaml", None, {"BLOCK_M": 16, "BLOCK_N": 16}, arch=90, resources=False)

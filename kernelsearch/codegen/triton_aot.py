@@ -190,6 +190,10 @@ def resource_usage(compiled, arch: int) -> dict:
     return out
 
 
+class CompilerRejected(Exception):
+    """triton.compile refused a kernel (its error is the cause): what a config's check reports."""
+
+
 def aot_check(spec_or_graph, params=None, config=None, arch=90, *, sizes: dict | None = None,
               dtype: str = "float16", present=None, resources: bool = True, direction: str = "fwd") -> dict:
     """Compile the kernels for sm_<arch> without a GPU; see the module docstring.
@@ -204,7 +208,7 @@ def aot_check(spec_or_graph, params=None, config=None, arch=90, *, sizes: dict |
 
     from ..backends.triton_backend import default_config, load_module
     from .files import triton_file, triton_training_file
-    from .triton_fwd import plan
+    from .triton_fwd import CodegenError, plan
 
     arch = int(str(arch).lower().replace("sm_", "").replace("sm", "").rstrip("a"))
     if language_patched_by_interpreter():
@@ -219,8 +223,11 @@ def aot_check(spec_or_graph, params=None, config=None, arch=90, *, sizes: dict |
         log = io.StringIO()
         with triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
             triton.knobs.nvidia.dump_ptxas_log = True    # Triton prints ptxas -v's report: keep it
-            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                      options={"num_warps": int(warps), "num_stages": int(stages)})
+            try:
+                compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                          options={"num_warps": int(warps), "num_stages": int(stages)})
+            except Exception as e:   # whatever the compiler says of this config is its answer
+                raise CompilerRejected(e) from e
         shared = int(getattr(compiled.metadata, "shared", 0) or 0)
         entry = {"shared": shared, "n_regs": None, "n_spills": None}
         if resources:
@@ -257,9 +264,13 @@ def aot_check(spec_or_graph, params=None, config=None, arch=90, *, sizes: dict |
             for kernel in (bp.dq_kernel, bp.dkdv_kernel):
                 compile_kernel(getattr(module, kernel), *aot_signature_backward(bp, merged, all_sizes, dtype),
                                merged["num_warps_bwd"], merged["num_stages_bwd"])
-    except Exception as e:   # the compiler's error is the answer, not a crash
+    except CompilerRejected as e:   # the compiler's error is the answer, not a crash
+        result.update(error=_short(e.__cause__), compile_s=time.perf_counter() - start)
+        return result
+    except CodegenError as e:      # this generator cannot render the graph (names the op): for every config
         result.update(error=_short(e), compile_s=time.perf_counter() - start)
         return result
+    # anything else - a bug of the code generator or of this check - propagates: never a "bad config"
     result["compile_s"] = time.perf_counter() - start
     kernels = result["kernels"].values()
     shared = max(k["shared"] for k in kernels)
@@ -313,9 +324,9 @@ def _aot_check_in_subprocess(spec_or_graph, params, config, arch, sizes, dtype, 
                          capture_output=True, text=True, env=env)
     try:
         return json.loads(run.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return {"ok": False, "error": f"AOT subprocess failed (exit {run.returncode}): {run.stderr[-2000:]}",
-                "shared": None, "n_regs": None, "n_spills": None, "compile_s": None, "arch": arch, "config": config}
+    except (ValueError, IndexError):   # it crashed: a bug, not the compiler's answer about this config
+        raise RuntimeError(f"the AOT check's subprocess failed (exit {run.returncode}):\n{run.stderr[-4000:]}") \
+            from None
 
 
 def _parse_ptxas_log(log: str) -> dict | None:
