@@ -203,7 +203,7 @@ TORCH_KNOBS = (
 
 # -- triton ----------------------------------------------------------------------------------
 
-HEADS_IN_TILE_SCHEDULES = ("heads_in_tile", "two_pass")   # one program holds every head of a sample
+from ..passes.schedule import HEADS_IN_TILE as HEADS_IN_TILE_SCHEDULES  # noqa: E402  (defined once there)
 TRITON_FWD_DEFAULTS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 TRITON_FWD_DEFAULTS_HEADS_IN_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1}
 TRITON_BWD_DEFAULTS = {"BLOCK_M_BWD": 64, "BLOCK_N_BWD": 64, "num_warps_bwd": 8, "num_stages_bwd": 1}
