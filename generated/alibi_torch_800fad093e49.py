@@ -7,8 +7,10 @@ folded graph 800fad093e49, schedule one_pass
 import torch
 
 from kernelsearch.backends import torch_ops as ops
+from kernelsearch.backends import library_calls as library
 
-INPUTS = ('q', 'k', 'v')  # what materialized() and chunked() take, after in_
+INPUTS = ('q', 'k', 'v')  # what every lowering takes, after in_
+LOWERINGS = ('materialized', 'chunked', 'sdpa', 'flex')  # the functions below (library kernels where they fit)
 STEPS = ('chunk_step',)  # chunked()'s step functions (compiled alone)
 
 
@@ -110,4 +112,82 @@ def chunked(in_q, in_k, in_v, CHUNK_N: int = 128, CHUNK_M: int = 0, chunk_step=c
         # rows that kept no key give 0
         outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
     v_o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, size_d], dtype=in_q.dtype, device=in_q.device)
+    return v_o.squeeze((3,))  # [b, h, i, d]
+
+
+
+def sdpa(in_q, in_k, in_v):
+    """The sdpa lowering (schedule one_pass): F.scaled_dot_product_attention after the prologues."""
+    B, H, I, size_d = in_q.shape
+    _, _, J, _ = in_k.shape
+    # aligned layout [b, h, i, j, d]: one axis per dim, size 1 where a value does not vary
+    v_q = ops.align(in_q, ('b', 'h', 'i', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_k = ops.align(in_k.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_v = ops.align(in_v.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    t35_scale = -0.5
+    t36_scale = (size_d ** t35_scale)
+    library_scale = float(t36_scale)
+    library_query = v_q.squeeze((3,))  # [b, h, i, d]
+    library_key = v_k.squeeze((2,))  # [b, h, j, d]
+    library_value = v_v.squeeze((2,))  # [b, h, j, d]
+    t6_slope = 2
+    t8_slope = -8
+    v_h = ops.index(H, 1, 5, in_q.device)  # [h]
+    t10_slope = 1
+    t11_slope = (v_h + t10_slope)  # [h]
+    t12_slope = (t8_slope * t11_slope)  # [h]
+    t14_slope = (t12_slope / H)  # [h]
+    v_slope = (t6_slope ** t14_slope)  # [h]
+    v_j = ops.index(J, 3, 5, in_q.device)  # [j]
+    v_i = ops.index(I, 2, 5, in_q.device)  # [i]
+    t18_s = (v_j - v_i)  # [i, j]
+    t19_s = (v_slope * t18_s)  # [h, i, j]
+    t23_causal_keep = (v_i + J)  # [i]
+    t25_causal_keep = (t23_causal_keep - I)  # [i]
+    t26_causal_keep = (v_j <= t25_causal_keep)  # [i, j]
+    library_mask = torch.where(t26_causal_keep.squeeze((4,)), (t19_s.squeeze((4,))).to(in_q.dtype), float('-inf'))
+    library_output = library.sdpa(library_query, library_key, library_value, library_mask, library_scale, False)
+    v_o = library_output.unsqueeze(3)  # [b, h, i, d]
+    return v_o.squeeze((3,))  # [b, h, i, d]
+
+
+
+def flex(in_q, in_k, in_v):
+    """The flex lowering (schedule one_pass): FlexAttention after the prologues, biases as score_mod, keeps as mask_mod."""
+    B, H, I, size_d = in_q.shape
+    _, _, J, _ = in_k.shape
+    # aligned layout [b, h, i, j, d]: one axis per dim, size 1 where a value does not vary
+    v_q = ops.align(in_q, ('b', 'h', 'i', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_k = ops.align(in_k.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_v = ops.align(in_v.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    t6_slope = 2
+    t8_slope = -8
+    t10_slope = 1
+    t35_scale = -0.5
+    t36_scale = (size_d ** t35_scale)
+    library_scale = float(t36_scale)
+    library_query = v_q.squeeze((3,))  # [b, h, i, d]
+    library_key = v_k.squeeze((2,))  # [b, h, j, d]
+    library_value = v_v.squeeze((2,))  # [b, h, j, d]
+    def score_mod(score, batch, head, query_index, key_index):  # the biases, per score
+        t11_slope = (head + t10_slope)
+        t12_slope = (t8_slope * t11_slope)
+        t14_slope = (t12_slope / H)
+        v_slope = (t6_slope ** t14_slope)
+        t18_s = (key_index - query_index)
+        t19_s = (v_slope * t18_s)
+        return score + t19_s
+    def mask_mod(batch, head, query_index, key_index):  # the keep-predicates, per score
+        t23_causal_keep = (query_index + J)
+        t25_causal_keep = (t23_causal_keep - I)
+        t26_causal_keep = (key_index <= t25_causal_keep)
+        return t26_causal_keep
+    # the key range of every block of query rows (the plan's key-block bounds): FlexAttention's block mask
+    key_ranges = []
+    for query_start in range(0, I, library.BLOCK):
+        query_end = min(query_start + library.BLOCK, I)
+        key_ranges.append((0, min(J, (((query_end - 1) + J) - I) + 1)))
+    block_mask = library.block_mask(key_ranges, I, J, mask_mod)
+    library_output = library.flex(library_query, library_key, library_value, score_mod, block_mask, library_scale)
+    v_o = library_output.unsqueeze(3)  # [b, h, i, d]
     return v_o.squeeze((3,))  # [b, h, i, d]

@@ -7,8 +7,10 @@ folded graph b9adcbdaa780, schedule one_pass
 import torch
 
 from kernelsearch.backends import torch_ops as ops
+from kernelsearch.backends import library_calls as library
 
-INPUTS = ('q', 'k', 'v')  # what materialized() and chunked() take, after in_
+INPUTS = ('q', 'k', 'v')  # what every lowering takes, after in_
+LOWERINGS = ('materialized', 'chunked', 'sdpa', 'flex')  # the functions below (library kernels where they fit)
 STEPS = ('chunk_step',)  # chunked()'s step functions (compiled alone)
 
 
@@ -89,4 +91,66 @@ def chunked(in_q, in_k, in_v, CHUNK_N: int = 128, CHUNK_M: int = 0, chunk_step=c
         # rows that kept no key give 0
         outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
     v_o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, size_d], dtype=in_q.dtype, device=in_q.device)
+    return v_o.squeeze((3,))  # [b, h, i, d]
+
+
+
+def sdpa(in_q, in_k, in_v):
+    """The sdpa lowering (schedule one_pass): F.scaled_dot_product_attention after the prologues."""
+    B, H, I, size_d = in_q.shape
+    _, _, J, _ = in_k.shape
+    # aligned layout [b, h, i, j, d]: one axis per dim, size 1 where a value does not vary
+    v_q = ops.align(in_q, ('b', 'h', 'i', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_k = ops.align(in_k.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_v = ops.align(in_v.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_qn = ops.l2norm(v_q, 4, groups=1, eps=1e-12)  # [b, h, i, d]
+    v_kn = ops.l2norm(v_k, 4, groups=1, eps=1e-12)  # [b, h, j, d]
+    v_scale = 8.0
+    library_scale = float(v_scale)
+    library_query = v_qn.squeeze((3,))  # [b, h, i, d]
+    library_key = v_kn.squeeze((2,))  # [b, h, j, d]
+    library_value = v_v.squeeze((2,))  # [b, h, j, d]
+    if (((0) + J) - I) == 0:  # the only keep is j <= i: SDPA's own (top-left) causal mask
+        library_output = library.sdpa(library_query, library_key, library_value, None, library_scale, True)
+    else:
+        v_j = ops.index(J, 3, 5, in_q.device)  # [j]
+        v_i = ops.index(I, 2, 5, in_q.device)  # [i]
+        t17_causal_keep = (v_i + J)  # [i]
+        t19_causal_keep = (t17_causal_keep - I)  # [i]
+        t20_causal_keep = (v_j <= t19_causal_keep)  # [i, j]
+        library_mask = t20_causal_keep.squeeze((4,))
+        library_output = library.sdpa(library_query, library_key, library_value, library_mask, library_scale, False)
+    v_o = library_output.unsqueeze(3)  # [b, h, i, d]
+    return v_o.squeeze((3,))  # [b, h, i, d]
+
+
+
+def flex(in_q, in_k, in_v):
+    """The flex lowering (schedule one_pass): FlexAttention after the prologues, biases as score_mod, keeps as mask_mod."""
+    B, H, I, size_d = in_q.shape
+    _, _, J, _ = in_k.shape
+    # aligned layout [b, h, i, j, d]: one axis per dim, size 1 where a value does not vary
+    v_q = ops.align(in_q, ('b', 'h', 'i', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_k = ops.align(in_k.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_v = ops.align(in_v.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_qn = ops.l2norm(v_q, 4, groups=1, eps=1e-12)  # [b, h, i, d]
+    v_kn = ops.l2norm(v_k, 4, groups=1, eps=1e-12)  # [b, h, j, d]
+    v_scale = 8.0
+    library_scale = float(v_scale)
+    library_query = v_qn.squeeze((3,))  # [b, h, i, d]
+    library_key = v_kn.squeeze((2,))  # [b, h, j, d]
+    library_value = v_v.squeeze((2,))  # [b, h, j, d]
+    def mask_mod(batch, head, query_index, key_index):  # the keep-predicates, per score
+        t17_causal_keep = (query_index + J)
+        t19_causal_keep = (t17_causal_keep - I)
+        t20_causal_keep = (key_index <= t19_causal_keep)
+        return t20_causal_keep
+    # the key range of every block of query rows (the plan's key-block bounds): FlexAttention's block mask
+    key_ranges = []
+    for query_start in range(0, I, library.BLOCK):
+        query_end = min(query_start + library.BLOCK, I)
+        key_ranges.append((0, min(J, (((query_end - 1) + J) - I) + 1)))
+    block_mask = library.block_mask(key_ranges, I, J, mask_mod)
+    library_output = library.flex(library_query, library_key, library_value, None, block_mask, library_scale)
+    v_o = library_output.unsqueeze(3)  # [b, h, i, d]
     return v_o.squeeze((3,))  # [b, h, i, d]

@@ -7,8 +7,10 @@ folded graph 5e2f57b24a83, schedule one_pass
 import torch
 
 from kernelsearch.backends import torch_ops as ops
+from kernelsearch.backends import library_calls as library
 
-INPUTS = ('q', 'k', 'v', 'q_doc', 'k_doc')  # what materialized() and chunked() take, after in_
+INPUTS = ('q', 'k', 'v', 'q_doc', 'k_doc')  # what every lowering takes, after in_
+LOWERINGS = ('materialized', 'chunked', 'sdpa', 'flex')  # the functions below (library kernels where they fit)
 STEPS = ('chunk_step',)  # chunked()'s step functions (compiled alone)
 
 
@@ -95,4 +97,69 @@ def chunked(in_q, in_k, in_v, in_q_doc, in_k_doc, CHUNK_N: int = 128, CHUNK_M: i
         # rows that kept no key give 0
         outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
     v_o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, size_d], dtype=in_q.dtype, device=in_q.device)
+    return v_o.squeeze((3,))  # [b, h, i, d]
+
+
+
+def sdpa(in_q, in_k, in_v, in_q_doc, in_k_doc):
+    """The sdpa lowering (schedule one_pass): F.scaled_dot_product_attention after the prologues."""
+    B, H, I, size_d = in_q.shape
+    _, _, J, _ = in_k.shape
+    # aligned layout [b, h, i, j, d]: one axis per dim, size 1 where a value does not vary
+    v_q = ops.align(in_q, ('b', 'h', 'i', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_k = ops.align(in_k.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_v = ops.align(in_v.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_q_doc = ops.align(in_q_doc, ('b', 'i'), ('b', 'h', 'i', 'j', 'd'))
+    v_k_doc = ops.align(in_k_doc, ('b', 'j'), ('b', 'h', 'i', 'j', 'd'))
+    t25_scale = -0.5
+    t26_scale = (size_d ** t25_scale)
+    library_scale = float(t26_scale)
+    library_query = v_q.squeeze((3,))  # [b, h, i, d]
+    library_key = v_k.squeeze((2,))  # [b, h, j, d]
+    library_value = v_v.squeeze((2,))  # [b, h, j, d]
+    v_same_document = (v_q_doc == v_k_doc)  # [b, i, j]
+    v_j = ops.index(J, 3, 5, in_q.device)  # [j]
+    v_i = ops.index(I, 2, 5, in_q.device)  # [i]
+    t13_causal_keep = (v_i + J)  # [i]
+    t15_causal_keep = (t13_causal_keep - I)  # [i]
+    t16_causal_keep = (v_j <= t15_causal_keep)  # [i, j]
+    library_mask = v_same_document.squeeze((4,)) & t16_causal_keep.squeeze((4,))
+    library_output = library.sdpa(library_query, library_key, library_value, library_mask, library_scale, False)
+    v_o = library_output.unsqueeze(3)  # [b, h, i, d]
+    return v_o.squeeze((3,))  # [b, h, i, d]
+
+
+
+def flex(in_q, in_k, in_v, in_q_doc, in_k_doc):
+    """The flex lowering (schedule one_pass): FlexAttention after the prologues, biases as score_mod, keeps as mask_mod."""
+    B, H, I, size_d = in_q.shape
+    _, _, J, _ = in_k.shape
+    # aligned layout [b, h, i, j, d]: one axis per dim, size 1 where a value does not vary
+    v_q = ops.align(in_q, ('b', 'h', 'i', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_k = ops.align(in_k.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_v = ops.align(in_v.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_q_doc = ops.align(in_q_doc, ('b', 'i'), ('b', 'h', 'i', 'j', 'd'))
+    v_k_doc = ops.align(in_k_doc, ('b', 'j'), ('b', 'h', 'i', 'j', 'd'))
+    t25_scale = -0.5
+    t26_scale = (size_d ** t25_scale)
+    library_scale = float(t26_scale)
+    library_query = v_q.squeeze((3,))  # [b, h, i, d]
+    library_key = v_k.squeeze((2,))  # [b, h, j, d]
+    library_value = v_v.squeeze((2,))  # [b, h, j, d]
+    expanded_v_q_doc = v_q_doc.expand(B, H, I, J, 1)
+    expanded_v_k_doc = v_k_doc.expand(B, H, I, J, 1)
+    def mask_mod(batch, head, query_index, key_index):  # the keep-predicates, per score
+        v_same_document = (expanded_v_q_doc[batch, head, query_index, key_index, 0] == expanded_v_k_doc[batch, head, query_index, key_index, 0])
+        t13_causal_keep = (query_index + J)
+        t15_causal_keep = (t13_causal_keep - I)
+        t16_causal_keep = (key_index <= t15_causal_keep)
+        return v_same_document & t16_causal_keep
+    # the key range of every block of query rows (the plan's key-block bounds): FlexAttention's block mask
+    key_ranges = []
+    for query_start in range(0, I, library.BLOCK):
+        query_end = min(query_start + library.BLOCK, I)
+        key_ranges.append((0, min(J, (((query_end - 1) + J) - I) + 1)))
+    block_mask = library.block_mask(key_ranges, I, J, mask_mod)
+    library_output = library.flex(library_query, library_key, library_value, None, block_mask, library_scale)
+    v_o = library_output.unsqueeze(3)  # [b, h, i, d]
     return v_o.squeeze((3,))  # [b, h, i, d]

@@ -7,8 +7,10 @@ folded graph 2e61215bb94f, schedule one_pass
 import torch
 
 from kernelsearch.backends import torch_ops as ops
+from kernelsearch.backends import library_calls as library
 
-INPUTS = ('q', 'k', 'v', 'mask', 'pos_bias_table')  # what materialized() and chunked() take, after in_
+INPUTS = ('q', 'k', 'v', 'mask', 'pos_bias_table')  # what every lowering takes, after in_
+LOWERINGS = ('materialized', 'chunked', 'sdpa', 'flex')  # the functions below (library kernels where they fit)
 STEPS = ('chunk_step',)  # chunked()'s step functions (compiled alone)
 
 
@@ -128,4 +130,101 @@ def chunked(in_q, in_k, in_v, in_mask, in_pos_bias_table, CHUNK_N: int = 128, CH
         # rows that kept no key give 0
         outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
     v_o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, size_d], dtype=in_q.dtype, device=in_q.device)
+    return v_o.squeeze((3,))  # [b, h, i, d]
+
+
+
+def sdpa(in_q, in_k, in_v, in_mask, in_pos_bias_table):
+    """The sdpa lowering (schedule one_pass): F.scaled_dot_product_attention after the prologues."""
+    B, H, I, size_d = in_q.shape
+    _, _, J, _ = in_k.shape
+    # aligned layout [b, h, i, j, d]: one axis per dim, size 1 where a value does not vary
+    v_q = ops.align(in_q, ('b', 'h', 'i', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_k = ops.align(in_k.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_v = ops.align(in_v.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_mask = ops.align(in_mask, ('b', 'j'), ('b', 'h', 'i', 'j', 'd'))
+    v_pos_bias_table = in_pos_bias_table  # a table or weight, used as it is
+    v_i = ops.index(I, 2, 5, in_q.device)  # [i]
+    v_rotary_query_offset = 0
+    t15_q_rotated = (v_i + v_rotary_query_offset)  # [i]
+    v_j = ops.index(J, 3, 5, in_q.device)  # [j]
+    t33_k_rotated = ops.rotary(v_k, v_j, 4, theta=10000.0)  # [b, h, j, d]
+    t75_scale = -0.5
+    t76_scale = (size_d ** t75_scale)
+    v_q_scaled = (v_q * t76_scale)  # [b, h, i, d]
+    t17_q_rotated = ops.rotary(v_q_scaled, t15_q_rotated, 4, theta=10000.0)  # [b, h, i, d]
+    library_scale = float(1.0)
+    library_query = t17_q_rotated.squeeze((3,))  # [b, h, i, d]
+    library_key = t33_k_rotated.squeeze((2,))  # [b, h, j, d]
+    library_value = v_v.squeeze((2,))  # [b, h, j, d]
+    v_h = ops.index(H, 1, 5, in_q.device)  # [h]
+    t41_s = (v_i - v_j)  # [i, j]
+    t42_s = torch.abs(t41_s)  # [i, j]
+    t43_s = ops.gather_unchecked(v_pos_bias_table, [v_h, t42_s])  # [h, i, j]
+    v_window_size = 64
+    t46_window_distance = ops.floordiv(v_i, v_window_size)  # [i]
+    t47_window_distance = ops.floordiv(v_j, v_window_size)  # [j]
+    v_window_distance = (t46_window_distance - t47_window_distance)  # [i, j]
+    v_look_backward = 1
+    t50_window_keep = (v_window_distance <= v_look_backward)  # [i, j]
+    t52_window_keep = 0
+    t53_window_keep = (v_window_distance >= t52_window_keep)  # [i, j]
+    v_window_keep = (t50_window_keep & t53_window_keep)  # [i, j]
+    t56_causal_keep = (v_j <= v_i)  # [i, j]
+    library_mask = torch.where(v_window_keep.squeeze((4,)) & t56_causal_keep.squeeze((4,)) & v_mask.squeeze((4,)), (t43_s.squeeze((4,))).to(in_q.dtype), float('-inf'))
+    library_output = library.sdpa(library_query, library_key, library_value, library_mask, library_scale, False)
+    v_o = library_output.unsqueeze(3)  # [b, h, i, d]
+    return v_o.squeeze((3,))  # [b, h, i, d]
+
+
+
+def flex(in_q, in_k, in_v, in_mask, in_pos_bias_table):
+    """The flex lowering (schedule one_pass): FlexAttention after the prologues, biases as score_mod, keeps as mask_mod."""
+    B, H, I, size_d = in_q.shape
+    _, _, J, _ = in_k.shape
+    # aligned layout [b, h, i, j, d]: one axis per dim, size 1 where a value does not vary
+    v_q = ops.align(in_q, ('b', 'h', 'i', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_k = ops.align(in_k.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_v = ops.align(in_v.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_mask = ops.align(in_mask, ('b', 'j'), ('b', 'h', 'i', 'j', 'd'))
+    v_pos_bias_table = in_pos_bias_table  # a table or weight, used as it is
+    v_i = ops.index(I, 2, 5, in_q.device)  # [i]
+    v_rotary_query_offset = 0
+    t15_q_rotated = (v_i + v_rotary_query_offset)  # [i]
+    v_j = ops.index(J, 3, 5, in_q.device)  # [j]
+    t33_k_rotated = ops.rotary(v_k, v_j, 4, theta=10000.0)  # [b, h, j, d]
+    v_window_size = 64
+    v_look_backward = 1
+    t52_window_keep = 0
+    t75_scale = -0.5
+    t76_scale = (size_d ** t75_scale)
+    v_q_scaled = (v_q * t76_scale)  # [b, h, i, d]
+    t17_q_rotated = ops.rotary(v_q_scaled, t15_q_rotated, 4, theta=10000.0)  # [b, h, i, d]
+    library_scale = float(1.0)
+    library_query = t17_q_rotated.squeeze((3,))  # [b, h, i, d]
+    library_key = t33_k_rotated.squeeze((2,))  # [b, h, j, d]
+    library_value = v_v.squeeze((2,))  # [b, h, j, d]
+    expanded_v_mask = v_mask.expand(B, H, I, J, 1)
+    def score_mod(score, batch, head, query_index, key_index):  # the biases, per score
+        t41_s = (query_index - key_index)
+        t42_s = torch.abs(t41_s)
+        t43_s = v_pos_bias_table[head, t42_s]
+        return score + t43_s
+    def mask_mod(batch, head, query_index, key_index):  # the keep-predicates, per score
+        t46_window_distance = ops.floordiv(query_index, v_window_size)
+        t47_window_distance = ops.floordiv(key_index, v_window_size)
+        v_window_distance = (t46_window_distance - t47_window_distance)
+        t50_window_keep = (v_window_distance <= v_look_backward)
+        t53_window_keep = (v_window_distance >= t52_window_keep)
+        v_window_keep = (t50_window_keep & t53_window_keep)
+        t56_causal_keep = (key_index <= query_index)
+        return v_window_keep & t56_causal_keep & expanded_v_mask[batch, head, query_index, key_index, 0]
+    # the key range of every block of query rows (the plan's key-block bounds): FlexAttention's block mask
+    key_ranges = []
+    for query_start in range(0, I, library.BLOCK):
+        query_end = min(query_start + library.BLOCK, I)
+        key_ranges.append((max(0, ((((query_start) // 64) - 1) * 64)) // library.BLOCK * library.BLOCK, min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1)))
+    block_mask = library.block_mask(key_ranges, I, J, mask_mod)
+    library_output = library.flex(library_query, library_key, library_value, score_mod, block_mask, library_scale)
+    v_o = library_output.unsqueeze(3)  # [b, h, i, d]
     return v_o.squeeze((3,))  # [b, h, i, d]

@@ -7,8 +7,10 @@ folded graph adcf5acc6ec9, schedule one_pass
 import torch
 
 from kernelsearch.backends import torch_ops as ops
+from kernelsearch.backends import library_calls as library
 
-INPUTS = ('q', 'k', 'v', 'prefix_len')  # what materialized() and chunked() take, after in_
+INPUTS = ('q', 'k', 'v', 'prefix_len')  # what every lowering takes, after in_
+LOWERINGS = ('materialized', 'chunked', 'sdpa', 'flex')  # the functions below (library kernels where they fit)
 STEPS = ('chunk_step',)  # chunked()'s step functions (compiled alone)
 
 
@@ -95,4 +97,68 @@ def chunked(in_q, in_k, in_v, in_prefix_len, CHUNK_N: int = 128, CHUNK_M: int = 
         # rows that kept no key give 0
         outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
     v_o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, size_d], dtype=in_q.dtype, device=in_q.device)
+    return v_o.squeeze((3,))  # [b, h, i, d]
+
+
+
+def sdpa(in_q, in_k, in_v, in_prefix_len):
+    """The sdpa lowering (schedule one_pass): F.scaled_dot_product_attention after the prologues."""
+    B, H, I, size_d = in_q.shape
+    _, _, J, _ = in_k.shape
+    # aligned layout [b, h, i, j, d]: one axis per dim, size 1 where a value does not vary
+    v_q = ops.align(in_q, ('b', 'h', 'i', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_k = ops.align(in_k.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_v = ops.align(in_v.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_prefix_len = ops.align(in_prefix_len, ('b',), ('b', 'h', 'i', 'j', 'd'))
+    t25_scale = -0.5
+    t26_scale = (size_d ** t25_scale)
+    library_scale = float(t26_scale)
+    library_query = v_q.squeeze((3,))  # [b, h, i, d]
+    library_key = v_k.squeeze((2,))  # [b, h, j, d]
+    library_value = v_v.squeeze((2,))  # [b, h, j, d]
+    v_j = ops.index(J, 3, 5, in_q.device)  # [j]
+    v_i = ops.index(I, 2, 5, in_q.device)  # [i]
+    t10_prefix_or_causal = (v_i + J)  # [i]
+    t12_prefix_or_causal = (t10_prefix_or_causal - I)  # [i]
+    t13_prefix_or_causal = (v_j <= t12_prefix_or_causal)  # [i, j]
+    t15_prefix_or_causal = (v_j < v_prefix_len)  # [b, j]
+    t16_prefix_or_causal = (t13_prefix_or_causal | t15_prefix_or_causal)  # [b, i, j]
+    library_mask = t16_prefix_or_causal.squeeze((4,))
+    library_output = library.sdpa(library_query, library_key, library_value, library_mask, library_scale, False)
+    v_o = library_output.unsqueeze(3)  # [b, h, i, d]
+    return v_o.squeeze((3,))  # [b, h, i, d]
+
+
+
+def flex(in_q, in_k, in_v, in_prefix_len):
+    """The flex lowering (schedule one_pass): FlexAttention after the prologues, biases as score_mod, keeps as mask_mod."""
+    B, H, I, size_d = in_q.shape
+    _, _, J, _ = in_k.shape
+    # aligned layout [b, h, i, j, d]: one axis per dim, size 1 where a value does not vary
+    v_q = ops.align(in_q, ('b', 'h', 'i', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_k = ops.align(in_k.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_v = ops.align(in_v.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_prefix_len = ops.align(in_prefix_len, ('b',), ('b', 'h', 'i', 'j', 'd'))
+    t25_scale = -0.5
+    t26_scale = (size_d ** t25_scale)
+    library_scale = float(t26_scale)
+    library_query = v_q.squeeze((3,))  # [b, h, i, d]
+    library_key = v_k.squeeze((2,))  # [b, h, j, d]
+    library_value = v_v.squeeze((2,))  # [b, h, j, d]
+    expanded_v_prefix_len = v_prefix_len.expand(B, H, I, J, 1)
+    def mask_mod(batch, head, query_index, key_index):  # the keep-predicates, per score
+        t10_prefix_or_causal = (query_index + J)
+        t12_prefix_or_causal = (t10_prefix_or_causal - I)
+        t13_prefix_or_causal = (key_index <= t12_prefix_or_causal)
+        t15_prefix_or_causal = (key_index < expanded_v_prefix_len[batch, head, query_index, key_index, 0])
+        t16_prefix_or_causal = (t13_prefix_or_causal | t15_prefix_or_causal)
+        return t16_prefix_or_causal
+    # the key range of every block of query rows (the plan's key-block bounds): FlexAttention's block mask
+    key_ranges = []
+    for query_start in range(0, I, library.BLOCK):
+        query_end = min(query_start + library.BLOCK, I)
+        key_ranges.append((0, J))
+    block_mask = library.block_mask(key_ranges, I, J, mask_mod)
+    library_output = library.flex(library_query, library_key, library_value, None, block_mask, library_scale)
+    v_o = library_output.unsqueeze(3)  # [b, h, i, d]
     return v_o.squeeze((3,))  # [b, h, i, d]

@@ -7,8 +7,10 @@ folded graph 53a4a2628380, schedule one_pass
 import torch
 
 from kernelsearch.backends import torch_ops as ops
+from kernelsearch.backends import library_calls as library
 
-INPUTS = ('q', 'k', 'v', 'bias_table')  # what materialized() and chunked() take, after in_
+INPUTS = ('q', 'k', 'v', 'bias_table')  # what every lowering takes, after in_
+LOWERINGS = ('materialized', 'chunked', 'sdpa', 'flex')  # the functions below (library kernels where they fit)
 STEPS = ('chunk_step',)  # chunked()'s step functions (compiled alone)
 
 
@@ -135,4 +137,104 @@ def chunked(in_q, in_k, in_v, in_bias_table, CHUNK_N: int = 128, CHUNK_M: int = 
         # rows that kept no key give 0
         outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
     v_o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, size_d], dtype=in_q.dtype, device=in_q.device)
+    return v_o.squeeze((3,))  # [b, h, i, d]
+
+
+
+def sdpa(in_q, in_k, in_v, in_bias_table):
+    """The sdpa lowering (schedule one_pass): F.scaled_dot_product_attention after the prologues."""
+    B, H, I, size_d = in_q.shape
+    _, _, J, _ = in_k.shape
+    # aligned layout [b, h, i, j, d]: one axis per dim, size 1 where a value does not vary
+    v_q = ops.align(in_q, ('b', 'h', 'i', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_k = ops.align(in_k.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_v = ops.align(in_v.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_bias_table = in_bias_table  # a table or weight, used as it is
+    t54_scale = -0.5
+    t55_scale = (size_d ** t54_scale)
+    library_scale = float(t55_scale)
+    library_query = v_q.squeeze((3,))  # [b, h, i, d]
+    library_key = v_k.squeeze((2,))  # [b, h, j, d]
+    library_value = v_v.squeeze((2,))  # [b, h, j, d]
+    v_h = ops.index(H, 1, 5, in_q.device)  # [h]
+    v_j = ops.index(J, 3, 5, in_q.device)  # [j]
+    v_i = ops.index(I, 2, 5, in_q.device)  # [i]
+    v_relative = (v_j - v_i)  # [i, j]
+    t12_after = 0
+    t13_after = (v_relative > t12_after)  # [i, j]
+    t16_buckets = 16
+    t18_after = 0
+    t19_after = torch.where(t13_after, t16_buckets, t18_after)  # [i, j]
+    t22_distance = torch.abs(v_relative)  # [i, j]
+    v_exact = 8
+    t29_bucket = (t22_distance < v_exact)  # [i, j]
+    t30_far = ops.maximum(t22_distance, v_exact)  # [i, j]
+    t31_far = (t30_far / v_exact)  # [i, j]
+    t32_far = torch.log(t31_far)  # [i, j]
+    t35_far = 2.772588722239781
+    t36_far = (t32_far / t35_far)  # [i, j]
+    t37_far = 8
+    t38_far = (t36_far * t37_far)  # [i, j]
+    t39_far = ops.to_int(t38_far)  # [i, j]
+    v_far = (v_exact + t39_far)  # [i, j]
+    t42_bucket = 15
+    t43_bucket = ops.minimum(v_far, t42_bucket)  # [i, j]
+    t44_bucket = torch.where(t29_bucket, t22_distance, t43_bucket)  # [i, j]
+    v_bucket = (t19_after + t44_bucket)  # [i, j]
+    t46_s = ops.gather_unchecked(v_bias_table, [v_h, v_bucket])  # [h, i, j]
+    library_mask = (t46_s.squeeze((4,))).to(in_q.dtype)
+    library_output = library.sdpa(library_query, library_key, library_value, library_mask, library_scale, False)
+    v_o = library_output.unsqueeze(3)  # [b, h, i, d]
+    return v_o.squeeze((3,))  # [b, h, i, d]
+
+
+
+def flex(in_q, in_k, in_v, in_bias_table):
+    """The flex lowering (schedule one_pass): FlexAttention after the prologues, biases as score_mod, keeps as mask_mod."""
+    B, H, I, size_d = in_q.shape
+    _, _, J, _ = in_k.shape
+    # aligned layout [b, h, i, j, d]: one axis per dim, size 1 where a value does not vary
+    v_q = ops.align(in_q, ('b', 'h', 'i', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_k = ops.align(in_k.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_v = ops.align(in_v.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_bias_table = in_bias_table  # a table or weight, used as it is
+    t12_after = 0
+    t16_buckets = 16
+    t18_after = 0
+    v_exact = 8
+    t35_far = 2.772588722239781
+    t37_far = 8
+    t42_bucket = 15
+    t54_scale = -0.5
+    t55_scale = (size_d ** t54_scale)
+    library_scale = float(t55_scale)
+    library_query = v_q.squeeze((3,))  # [b, h, i, d]
+    library_key = v_k.squeeze((2,))  # [b, h, j, d]
+    library_value = v_v.squeeze((2,))  # [b, h, j, d]
+    def score_mod(score, batch, head, query_index, key_index):  # the biases, per score
+        v_relative = (key_index - query_index)
+        t13_after = (v_relative > t12_after)
+        t19_after = torch.where(t13_after, t16_buckets, t18_after)
+        t22_distance = torch.abs(v_relative)
+        t29_bucket = (t22_distance < v_exact)
+        t30_far = ops.maximum(t22_distance, v_exact)
+        t31_far = (t30_far / v_exact)
+        t32_far = torch.log(t31_far)
+        t36_far = (t32_far / t35_far)
+        t38_far = (t36_far * t37_far)
+        t39_far = ops.to_int(t38_far)
+        v_far = (v_exact + t39_far)
+        t43_bucket = ops.minimum(v_far, t42_bucket)
+        t44_bucket = torch.where(t29_bucket, t22_distance, t43_bucket)
+        v_bucket = (t19_after + t44_bucket)
+        t46_s = v_bias_table[head, v_bucket]
+        return score + t46_s
+    # the key range of every block of query rows (the plan's key-block bounds): FlexAttention's block mask
+    key_ranges = []
+    for query_start in range(0, I, library.BLOCK):
+        query_end = min(query_start + library.BLOCK, I)
+        key_ranges.append((0, J))
+    block_mask = library.block_mask(key_ranges, I, J, None)
+    library_output = library.flex(library_query, library_key, library_value, score_mod, block_mask, library_scale)
+    v_o = library_output.unsqueeze(3)  # [b, h, i, d]
     return v_o.squeeze((3,))  # [b, h, i, d]

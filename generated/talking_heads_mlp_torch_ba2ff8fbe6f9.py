@@ -8,7 +8,8 @@ import torch
 
 from kernelsearch.backends import torch_ops as ops
 
-INPUTS = ('q', 'k', 'v', 'mask', 'head_mean', 'pre_up_a', 'pre_up_b', 'pre_down_a', 'pre_down_b', 'post_up_a', 'post_up_b', 'post_down_a', 'post_down_b')  # what materialized() and chunked() take, after in_
+INPUTS = ('q', 'k', 'v', 'mask', 'head_mean', 'pre_up_a', 'pre_up_b', 'pre_down_a', 'pre_down_b', 'post_up_a', 'post_up_b', 'post_down_a', 'post_down_b')  # what every lowering takes, after in_
+LOWERINGS = ('materialized', 'chunked')  # the functions below (library kernels where they fit)
 STEPS = ('statistics_step', 'chunk_step')  # chunked()'s step functions (compiled alone)
 
 

@@ -7,8 +7,10 @@ folded graph 41d942474685, schedule one_pass
 import torch
 
 from kernelsearch.backends import torch_ops as ops
+from kernelsearch.backends import library_calls as library
 
-INPUTS = ('q', 'k', 'v')  # what materialized() and chunked() take, after in_
+INPUTS = ('q', 'k', 'v')  # what every lowering takes, after in_
+LOWERINGS = ('materialized', 'chunked', 'sdpa', 'flex')  # the functions below (library kernels where they fit)
 STEPS = ('chunk_step',)  # chunked()'s step functions (compiled alone)
 
 
@@ -74,4 +76,53 @@ def chunked(in_q, in_k, in_v, CHUNK_N: int = 128, CHUNK_M: int = 0, chunk_step=c
         # rows that kept no key give 0
         outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
     v_o = torch.cat(outputs, 2) if outputs else torch.zeros([B, H, 0, 1, size_d], dtype=in_q.dtype, device=in_q.device)
+    return v_o.squeeze((3,))  # [b, h, i, d]
+
+
+
+def sdpa(in_q, in_k, in_v):
+    """The sdpa lowering (schedule one_pass): F.scaled_dot_product_attention after the prologues."""
+    B, H, I, size_d = in_q.shape
+    _, _, J, _ = in_k.shape
+    # aligned layout [b, h, i, j, d]: one axis per dim, size 1 where a value does not vary
+    v_q = ops.align(in_q, ('b', 'h', 'i', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_k = ops.align(in_k.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_v = ops.align(in_v.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    t31_scale = -0.5
+    t32_scale = (size_d ** t31_scale)
+    t5_s = (v_q * t32_scale)  # [b, h, i, d]
+    library_scale = float(1.0)
+    library_query = t5_s.squeeze((3,))  # [b, h, i, d]
+    library_key = v_k.squeeze((2,))  # [b, h, j, d]
+    library_value = v_v.squeeze((2,))  # [b, h, j, d]
+    library_mask = None
+    library_output = library.sdpa(library_query, library_key, library_value, library_mask, library_scale, False)
+    v_o = library_output.unsqueeze(3)  # [b, h, i, d]
+    return v_o.squeeze((3,))  # [b, h, i, d]
+
+
+
+def flex(in_q, in_k, in_v):
+    """The flex lowering (schedule one_pass): FlexAttention after the prologues, biases as score_mod, keeps as mask_mod."""
+    B, H, I, size_d = in_q.shape
+    _, _, J, _ = in_k.shape
+    # aligned layout [b, h, i, j, d]: one axis per dim, size 1 where a value does not vary
+    v_q = ops.align(in_q, ('b', 'h', 'i', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_k = ops.align(in_k.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_v = ops.align(in_v.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    t31_scale = -0.5
+    t32_scale = (size_d ** t31_scale)
+    t5_s = (v_q * t32_scale)  # [b, h, i, d]
+    library_scale = float(1.0)
+    library_query = t5_s.squeeze((3,))  # [b, h, i, d]
+    library_key = v_k.squeeze((2,))  # [b, h, j, d]
+    library_value = v_v.squeeze((2,))  # [b, h, j, d]
+    # the key range of every block of query rows (the plan's key-block bounds): FlexAttention's block mask
+    key_ranges = []
+    for query_start in range(0, I, library.BLOCK):
+        query_end = min(query_start + library.BLOCK, I)
+        key_ranges.append((0, J))
+    block_mask = library.block_mask(key_ranges, I, J, None)
+    library_output = library.flex(library_query, library_key, library_value, None, block_mask, library_scale)
+    v_o = library_output.unsqueeze(3)  # [b, h, i, d]
     return v_o.squeeze((3,))  # [b, h, i, d]

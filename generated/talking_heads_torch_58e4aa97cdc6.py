@@ -8,7 +8,8 @@ import torch
 
 from kernelsearch.backends import torch_ops as ops
 
-INPUTS = ('q', 'k', 'v', 'post_mix')  # what materialized() and chunked() take, after in_
+INPUTS = ('q', 'k', 'v', 'post_mix')  # what every lowering takes, after in_
+LOWERINGS = ('materialized', 'chunked')  # the functions below (library kernels where they fit)
 STEPS = ('statistics_step', 'chunk_step')  # chunked()'s step functions (compiled alone)
 
 

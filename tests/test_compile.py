@@ -56,3 +56,18 @@ def test_compiled_chunked_lowering_compiles_one_step_not_every_chunk():
     expected = reference(**{n: t.double() if t.is_floating_point() else t for n, t in tensors.items()})
     torch.testing.assert_close(compiled(**tensors).double(), expected, rtol=2e-4, atol=2e-5)
     assert 1 <= counters["stats"]["unique_graphs"] <= 4
+
+
+@pytest.mark.parametrize("name, lowering", [("local", "sdpa"), ("cosine_sim", "sdpa"), ("local", "flex")])
+def test_library_lowerings_compile_fullgraph(name, lowering):
+    """sdpa and flex with compile=True: their prologues, masks and block masks trace without breaks."""
+    torch._dynamo.reset()
+    params = {"window_size": 8} if name == "local" else {}
+    compiled = kernelsearch.load(spec_path(name), backend="torch", config={"lowering": lowering, "compile": True},
+                                 **params)
+    reference = kernelsearch.load(spec_path(name), backend="reference", **params)
+    tensors = random_inputs(reference.spec, dict(B=2, H=2, I=19, J=40, D=16), params=params)
+    expected = reference(**{n: t.double() if t.is_floating_point() else t for n, t in tensors.items()})
+    with torch.no_grad():
+        got = compiled(**tensors)
+    torch.testing.assert_close(got.double(), expected, rtol=2e-4, atol=2e-5)

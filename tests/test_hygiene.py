@@ -135,7 +135,7 @@ def test_any_names_torch_backend(name):
     def check(mapping):
         spec = parse_spec(renamed(name, mapping), f"{name}-renamed.yaml")
         sizes = dim_sizes(mapping, B=2, H=2, I=17, J=33, D=16, N=64)
-        for lowering in ("materialized", "chunked"):
+        for lowering in ("materialized", "chunked", "sdpa"):
             _compare(spec, "torch", {"lowering": lowering, "CHUNK_N": 16, "CHUNK_M": 8}, sizes)
     check()
 
@@ -160,5 +160,5 @@ def test_generator_vocabulary_as_names_collides_with_nothing():
                "causal_keep": "ops", "o": "math"}
     spec = parse_spec(renamed("cosine_sim", mapping), "cosine_sim-renamed.yaml")
     sizes = dict(B=2, H=2, I=17, J=33, D=16)
-    for lowering in ("materialized", "chunked"):
+    for lowering in ("materialized", "chunked", "sdpa"):
         _compare(spec, "torch", {"lowering": lowering, "CHUNK_N": 16, "CHUNK_M": 8}, sizes)

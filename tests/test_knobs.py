@@ -20,8 +20,9 @@ BIG = {"b": 1, "h": 4, "i": 8192, "j": 8192, "d": 64}
     ({"CHUNK_N": True}, "CHUNK_N=True is not allowed"),
     ({"CHUNK_N": 64.0}, "CHUNK_N=64.0 is not allowed"),
     ({"CHUNK_M": -1}, "CHUNK_M=-1 is not allowed; CHUNK_M (query rows per chunk (0: all)) must be an integer >= 0"),
-    ({"lowering": "bogus"}, "lowering='bogus' is not allowed; lowering (materialized scores or chunked online "
-                            "softmax) must be one of 'materialized', 'chunked'"),
+    ({"lowering": "bogus"}, "lowering='bogus' is not allowed; lowering (materialized scores, chunked online "
+                            "softmax, or PyTorch's sdpa / flex where they fit the graph) must be one of "
+                            "'materialized', 'chunked', 'sdpa', 'flex'"),
     ({"compile": 1}, "compile=1 is not allowed"),
 ])
 def test_invalid_torch_configs_name_the_knob_the_value_and_what_is_allowed(config, needle):

@@ -189,10 +189,13 @@ def _default_chunk_n(sizes: Mapping[str, int], schedule: str | None) -> int:
     return chunk
 
 
+# generated, then library kernels (offered for a graph only where passes/library.py says they fit)
+TORCH_LOWERINGS = ("materialized", "chunked", "sdpa", "flex")
 _CHUNKED = ("lowering", ("chunked",))
 TORCH_KNOBS = (
-    Knob("lowering", ("materialized", "chunked"), _default_lowering,
-         doc="materialized scores or chunked online softmax", allowed=OneOf(("materialized", "chunked"))),
+    Knob("lowering", TORCH_LOWERINGS, _default_lowering,
+         doc="materialized scores, chunked online softmax, or PyTorch's sdpa / flex where they fit the graph",
+         allowed=OneOf(TORCH_LOWERINGS)),
     Knob("CHUNK_N", (32, 64, 128, 256, 512, 1024, 2048, 4096), _default_chunk_n, when=_CHUNKED,
          doc="key chunk size", allowed=AtLeast(1, "keys per chunk")),
     Knob("CHUNK_M", (0, 128, 512), _default_chunk_m, when=_CHUNKED,

@@ -1,6 +1,7 @@
 """The torch backend: the generated torch file of each specialisation (codegen/files.py), imported.
 
-Knobs (the config): lowering "materialized" | "chunked", CHUNK_N (keys per chunk), CHUNK_M (query
+Knobs (the config): lowering "materialized" | "chunked" | "sdpa" | "flex" (PyTorch's own kernels,
+where passes/library.py says the graph fits them), CHUNK_N (keys per chunk), CHUNK_M (query
 rows per chunk, 0 = all; a query chunk visits only the keys its rows can keep), compile
 (wrap in torch.compile(fullgraph=True)). Without a config: the tuned one recorded for this
 device and shape bucket if there is one, else materialized up to MATERIALIZE_MAX_SCORES score
@@ -12,11 +13,13 @@ import functools
 
 import torch
 
+from ..codegen import torch_module
 from ..codegen.files import torch_file
 from ..ir import Graph
 from ..layout import bind
 from ..runtime import config_store
-from . import knobs, loader
+from ..passes import library
+from . import knobs, library_calls, loader
 
 # the knobs, their defaults and limits are declared in knobs.py; these names stay for the generated module
 from .knobs import DEFAULT_CHUNK_M, DEFAULT_CHUNK_N, MATERIALIZE_MAX_SCORES  # noqa: E402,F401
@@ -26,10 +29,14 @@ def default_config(graph: Graph, sizes: dict) -> dict:
     return knobs.default_config("torch", sizes)
 
 
-def complete_config(config: dict | None, sizes: dict) -> dict:
+def complete_config(config: dict | None, sizes: dict, graph: Graph | None = None) -> dict:
     """A partial config (``{"lowering": "chunked", "CHUNK_N": 512}``) takes the defaults for the
-    knobs it leaves out; ``last_config`` shows the result. ConfigError for an invalid one."""
-    return knobs.validate_config("torch", config, sizes)
+    knobs it leaves out; ``last_config`` shows the result. ConfigError for an invalid one, or for
+    a lowering that cannot run `graph`."""
+    full = knobs.validate_config("torch", config, sizes)
+    if graph is not None:
+        check_lowering(graph, full)
+    return full
 
 
 def tuned_config(graph: Graph, sizes: dict, dtype, device) -> dict | None:
@@ -73,16 +80,42 @@ class TorchFunctions:
         return functools.partial(function, **steps)
 
 
+def check_lowering(graph: Graph, config: dict) -> None:
+    """ConfigError when the config's lowering cannot run this graph (a library kernel that does
+    not fit it), naming why and the lowerings that can."""
+    lowering = config["lowering"]
+    available = torch_module.lowerings(graph)
+    if lowering not in available:
+        raise knobs.ConfigError(f"torch config: lowering={lowering!r} cannot run {graph.spec.name} with these "
+                                f"params and inputs: {library.why_not(graph, lowering)}; its lowerings are "
+                                f"{', '.join(available)}")
+
+
+def _tuned_lowering_usable(config: dict, tensors: dict) -> bool:
+    """A tuned record's flex lowering is skipped where FlexAttention cannot run the call (CPU:
+    float64, or gradients needed); the defaults then run it (same result, no record needed)."""
+    if config.get("lowering") != "flex" or tensors["q"].device.type != "cpu":
+        return True
+    needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                                 for t in tensors.values())
+    return tensors["q"].dtype in library_calls.FLEX_CPU_DTYPES and not needs_grad
+
+
 def build(graph: Graph, attention):
     functions = TorchFunctions(graph, attention.generated)
-    for lowering in ("materialized", "chunked"):
+    for lowering in torch_module.lowerings(graph):
         functions.get(lowering, compiled=False)   # generate now, not while a caller is being traced
     arguments = functions.file.inputs
 
     def run(tensors: dict):
         sizes = bind(graph, tensors)
-        config = complete_config(attention.config or tuned_config(graph, sizes, tensors["q"].dtype,
-                                                                  tensors["q"].device), sizes)
+        chosen = attention.config
+        if not chosen:
+            chosen = tuned_config(graph, sizes, tensors["q"].dtype, tensors["q"].device)
+            if chosen and (chosen.get("lowering") not in torch_module.lowerings(graph)
+                           or not _tuned_lowering_usable(chosen, tensors)):
+                chosen = None
+        config = complete_config(chosen, sizes, graph)
         attention.last_config = config
         function = functions.get(config["lowering"], bool(config["compile"]))
         args = [tensors[n] for n in arguments]

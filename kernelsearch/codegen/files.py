@@ -60,11 +60,14 @@ def _scalar_ops(graph: Graph, node_ids) -> set[str]:
 
 def torch_file(graph: Graph) -> GeneratedFile:
     inputs = tuple(torch_module.graph_inputs(graph))
-    functions = "\n\n\n".join(torch_module.torch_source(graph, lowering) for lowering in torch_module.LOWERINGS)
+    lowerings = torch_module.lowerings(graph)
+    functions = "\n\n\n".join(torch_module.torch_source(graph, lowering) for lowering in lowerings)
     imports = ("import math\n\n" if ops.python_modules(_scalar_ops(graph, graph.ids())) else "") + \
-        "import torch\n\nfrom kernelsearch.backends import torch_ops as ops\n"
+        "import torch\n\nfrom kernelsearch.backends import torch_ops as ops\n" + \
+        ("from kernelsearch.backends import library_calls as library\n" if lowerings != torch_module.LOWERINGS else "")
     source = (_header(graph, "the torch lowerings of one specialisation") + imports + "\n"
-              + f"INPUTS = {inputs!r}  # what materialized() and chunked() take, after in_\n"
+              + f"INPUTS = {inputs!r}  # what every lowering takes, after in_\n"
+              + f"LOWERINGS = {lowerings!r}  # the functions below (library kernels where they fit)\n"
               + f"STEPS = {torch_module.step_names(graph)!r}  # chunked()'s step functions (compiled alone)\n\n\n"
               + functions)
     return GeneratedFile(module_name(graph, "torch"), source, inputs)

@@ -22,11 +22,18 @@ from dataclasses import dataclass
 from .. import ops
 from ..ir import Graph
 from ..layout import layout_of, raw_inputs
+from ..passes import library
 from ..passes.bounds import render_bound
 from . import names
 
 LOOP_STAGES = ("score", "keep")
-LOWERINGS = ("materialized", "chunked")
+LOWERINGS = ("materialized", "chunked")   # every graph has these; library.lowerings(graph) may add sdpa, flex
+
+
+def lowerings(graph: Graph) -> tuple[str, ...]:
+    """The torch backend's lowerings of this graph: the generated ones, then the library kernels
+    that can express it (passes/library.py)."""
+    return LOWERINGS + library.lowerings(graph)
 
 
 LEAD = names.argument("q")     # the tensor whose dtype and device every allocation follows
@@ -110,13 +117,13 @@ def graph_inputs(graph: Graph) -> list[str]:
 
 def torch_source(graph: Graph, lowering: str) -> str:
     """Source of `def <lowering>(in_q, in_k, in_v, <inputs>, CHUNK_N=..., CHUNK_M=...)` for this graph."""
-    if lowering not in LOWERINGS:
-        raise ValueError(f"unknown lowering {lowering!r}")
+    if lowering not in lowerings(graph):
+        raise ValueError(f"lowering {lowering!r} cannot run this graph; its lowerings are {lowerings(graph)}")
     emitter = _Emitter(graph)
     arguments = graph_inputs(graph)
     extra = ", CHUNK_N: int = 128, CHUNK_M: int = 0" if lowering == "chunked" else ""
     lines = [f"def {lowering}({', '.join(names.argument(n) for n in arguments)}{extra}):"]
-    lines.append(f'    """The {lowering} lowering (schedule {graph.schedule})."""')
+    lines.append(f'    """The {lowering} lowering (schedule {graph.schedule}){_WHAT.get(lowering, "")}."""')
     body = _size_lines(graph, emitter, arguments)
     layout = ", ".join(emitter.layout)
     body.append(f"# aligned layout [{layout}]: one axis per dim, size 1 where a value does not vary")
@@ -135,6 +142,8 @@ def torch_source(graph: Graph, lowering: str) -> str:
     steps = []
     if lowering == "materialized":
         body += _materialized_body(graph, emitter)
+    elif lowering in library.LIBRARY_LOWERINGS:
+        body += _library_body(graph, emitter, lowering)
     else:
         steps, chunked_lines = _chunked_body(graph, emitter)
         body += chunked_lines
@@ -266,16 +275,7 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> tuple[list[StepFunction], 
     chunk_inputs = sorted({a for a in used if "j" in graph.node(a).dims}, key=lambda n: graph.node(n).order)
     row_inputs = sorted({a for a in used if "i" in graph.node(a).dims and "j" not in graph.node(a).dims},
                         key=lambda n: graph.node(n).order)
-    bounds = graph.key_bounds
-    first_key, last_key = "0", "J"
-    render = lambda n: scalar_expression(graph, n, row="query_start")  # noqa: E731
-    if bounds.lower is not None:
-        # aligned to CHUNK_N (the keys before the bound are dropped by the keep-predicates anyway):
-        # every key chunk but the one ending at J has CHUNK_N keys, so a compiled step sees few shapes
-        first_key = f"max(0, {render_bound(bounds.lower, render)}) // CHUNK_N * CHUNK_N"
-    if bounds.upper is not None:
-        render_last = lambda n: scalar_expression(graph, n, row="query_end - 1")  # noqa: E731
-        last_key = f"min(J, {render_bound(bounds.upper, render_last)} + 1)"
+    first_key, last_key = key_range(graph, "CHUNK_N")
     scores = graph.node(softmax).args[0]
     keep = _combine_keeps(graph.node(softmax).args[1:], name)
 
@@ -366,6 +366,157 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> tuple[list[StepFunction], 
         lines.append(f"{variable(graph, n)} = {emitter.expression(n, lambda a: variable(graph, a))}"
                      f"{emitter.dims_comment(n)}")
     return steps, lines + _out_lines(graph, emitter, variable(graph, graph.output))
+
+
+def key_range(graph: Graph, chunk: str) -> tuple[str, str]:
+    """(first, end) keys the query rows query_start .. query_end - 1 can keep (the plan's key-block
+    bounds), the first aligned to a multiple of `chunk`: the keys before the bound are dropped by
+    the keep-predicates anyway, and every key chunk but the one ending at J is then whole, so a
+    compiled step sees few shapes."""
+    bounds = graph.key_bounds
+    first_key, last_key = "0", "J"
+    if bounds.lower is not None:
+        render = lambda n: scalar_expression(graph, n, row="query_start")  # noqa: E731
+        first_key = f"max(0, {render_bound(bounds.lower, render)}) // {chunk} * {chunk}"
+    if bounds.upper is not None:
+        render_last = lambda n: scalar_expression(graph, n, row="query_end - 1")  # noqa: E731
+        last_key = f"min(J, {render_bound(bounds.upper, render_last)} + 1)"
+    return first_key, last_key
+
+
+# -- library lowerings: PyTorch's own kernels after the prologues (passes/library.py) ---------------
+
+_WHAT = {"sdpa": ": F.scaled_dot_product_attention after the prologues",
+         "flex": ": FlexAttention after the prologues, biases as score_mod, keeps as mask_mod"}
+# the per-element index arguments of FlexAttention's score_mod / mask_mod, by dim
+_MOD_INDEX = {"b": "batch", "h": "head", "i": "query_index", "j": "key_index"}
+
+
+def _library_body(graph: Graph, emitter: _Emitter, lowering: str) -> list[str]:
+    form = library.library_form(graph)
+    assert not isinstance(form, str), form
+    mask_roots = list(form.biases) + list(form.keeps)
+    structural = set(form.score_nodes) | set(graph.find("softmax")) | {form.reduction}
+    epilogue = [n for n in graph.ids() if n != form.reduction and form.reduction in graph.upstream(n)]
+    rest = [form.query, form.key, form.value] + [f for _, f in form.scale] + epilogue
+    needed_elsewhere = set(rest).union(*(graph.upstream(n) for n in rest))
+    closure = set(mask_roots).union(*(graph.upstream(n) for n in mask_roots))
+    mask_nodes = closure - needed_elsewhere
+    # flex: what has dims is rendered per element inside the mods (tables are read as they are);
+    # host scalars are computed outside, once
+    per_element = {n for n in closure if graph.node(n).dims and n not in emitter.raw}
+    outside_mask = {n for n in mask_nodes if not graph.node(n).dims} if lowering == "flex" else set()
+    name = lambda n: variable(graph, n)  # noqa: E731
+
+    def computed(nodes) -> list[str]:
+        return [f"{name(n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}"
+                for n, node in graph.nodes() if n in nodes and node.op not in ("input", "size")]
+
+    before = {n for n in graph.ids() if n not in structural and n not in epilogue and n not in mask_nodes}
+    lines = computed(before | outside_mask)
+    factors = " * ".join(f"{name(f)}" if op == "mul" else f"(1 / {name(f)})" for op, f in form.scale)
+    lines.append(f"library_scale = float({factors or 1.0})")
+    for role, n in (("query", form.query), ("key", form.key), ("value", form.value)):
+        lines.append(f"library_{role} = {_unaligned(graph, emitter, n)}  # [{', '.join(graph.node(n).dims)}]")
+    if lowering == "sdpa":
+        lines += _sdpa_call(graph, emitter, form, computed(mask_nodes))
+    else:
+        lines += _flex_call(graph, emitter, form, per_element)
+    lines.append(f"{name(form.reduction)} = library_output.unsqueeze({emitter.axis['j']})"
+                 f"{emitter.dims_comment(form.reduction)}")
+    lines += computed(set(epilogue))
+    return lines + _out_lines(graph, emitter, name(graph.output))
+
+
+def _unaligned(graph: Graph, emitter: _Emitter, node_id: str, dims=None) -> str:
+    """An aligned value as a plain tensor over its dims (or `dims`, kept with size 1 if need be)."""
+    dims = dims or graph.node(node_id).dims
+    dropped = tuple(n for n, d in enumerate(emitter.layout) if d not in dims)
+    kept = [d for d in emitter.layout if d in dims]
+    assert kept == list(dims), (node_id, kept, dims)   # the layout orders dims as the library wants them
+    return f"{variable(graph, node_id)}.squeeze({dropped})" if dropped else variable(graph, node_id)
+
+
+def _score_mask(graph: Graph, emitter: _Emitter, form) -> list[str]:
+    """`library_mask`: SDPA's attn_mask over [b, h, i, j] (broadcast): the keeps as a boolean, the
+    biases added, dropped keys -inf."""
+    score_dims = ("b", "h", "i", "j")
+    whole = lambda n: _unaligned(graph, emitter, n, score_dims)  # noqa: E731
+    keep = " & ".join(whole(k) for k in form.keeps)
+    bias = " + ".join(whole(b) for b in form.biases)
+    if form.biases and form.keeps:
+        return [f"library_mask = torch.where({keep}, ({bias}).to({LEAD}.dtype), float('-inf'))"]
+    if form.biases:
+        return [f"library_mask = ({bias}).to({LEAD}.dtype)"]
+    return [f"library_mask = {keep or 'None'}"]
+
+
+def _sdpa_call(graph: Graph, emitter: _Emitter, form, mask_lines: list[str]) -> list[str]:
+    call = ("library_output = library.sdpa(library_query, library_key, library_value, {mask}, "
+            "library_scale, {causal})")
+    general = mask_lines + _score_mask(graph, emitter, form) + [call.format(mask="library_mask", causal=False)]
+    if form.causal_row is None:
+        return general
+    offset = scalar_expression(graph, form.causal_row, row="0")
+    return ([f"if {offset} == 0:  # the only keep is j <= i: SDPA's own (top-left) causal mask",
+             "    " + call.format(mask="None", causal=True), "else:"]
+            + ["    " + line for line in general])
+
+
+def _flex_call(graph: Graph, emitter: _Emitter, form, mod_nodes: set) -> list[str]:
+    inputs = sorted({n for n in mod_nodes if graph.node(n).op == "input"}, key=lambda n: graph.node(n).order)
+    full = ", ".join(names.size(d) if d in library.SCORE_DIMS else "1" for d in emitter.layout)
+    lines = [f"{names.derived('expanded', variable(graph, n))} = {variable(graph, n)}.expand({full})"
+             for n in inputs]
+
+    def element(n: str) -> str:
+        node = graph.node(n)
+        if node.op == "index":
+            return _MOD_INDEX[node.attrs["dim"]]
+        if n not in mod_nodes:
+            return variable(graph, n)   # a host scalar or a table, computed outside
+        if node.op == "input":
+            index = ", ".join(_MOD_INDEX.get(d, "0") for d in emitter.layout)
+            return f"{names.derived('expanded', variable(graph, n))}[{index}]"
+        return variable(graph, n)
+
+    def body(roots) -> list[str]:
+        nodes = set(roots).union(*(graph.upstream(r) for r in roots)) & mod_nodes
+        out = []
+        for n, node in graph.nodes():
+            if n not in nodes or node.op in ("input", "index"):
+                continue
+            args = [element(a) for a in node.args]
+            if node.op == "gather":
+                text = f"{args[0]}[{', '.join(args[1:])}]"
+            else:
+                text = ops.render(node.op, "torch", args, node.dtype)
+            out.append(f"    {variable(graph, n)} = {text}")
+        return out
+
+    index_args = ", ".join(_MOD_INDEX[d] for d in ("b", "h", "i", "j"))
+    score_mod = "None"
+    if form.biases:
+        lines.append(f"def score_mod(score, {index_args}):  # the biases, per score")
+        lines += body(form.biases)
+        lines.append(f"    return score + {' + '.join(element(b) for b in form.biases)}")
+        score_mod = "score_mod"
+    mask_mod = "None"
+    if form.keeps:
+        lines.append(f"def mask_mod({index_args}):  # the keep-predicates, per score")
+        lines += body(form.keeps)
+        lines.append(f"    return {' & '.join(element(k) for k in form.keeps)}")
+        mask_mod = "mask_mod"
+    first_key, last_key = key_range(graph, "library.BLOCK")
+    lines += ["# the key range of every block of query rows (the plan's key-block bounds): FlexAttention's block mask",
+              "key_ranges = []",
+              "for query_start in range(0, I, library.BLOCK):",
+              "    query_end = min(query_start + library.BLOCK, I)",
+              f"    key_ranges.append(({first_key}, {last_key}))",
+              f"block_mask = library.block_mask(key_ranges, I, J, {mask_mod})",
+              "library_output = library.flex(library_query, library_key, library_value, "
+              f"{score_mod}, block_mask, library_scale)"]
+    return lines
 
 
 def scalar_expression(graph: Graph, node_id: str, row: str) -> str:

@@ -256,11 +256,27 @@ def _torch_choices(knob: Knob, spec_tune: Mapping[str, Sequence], sizes: Mapping
     return tuple(spec_tune.get(knob.name, knob.choices))
 
 
-def torch_space(spec: Any, sizes: Mapping[str, int], direction: str = "fwd") -> SearchSpace:
+def torch_lowerings(spec: Any, direction: str = "fwd", dtype: str = "float32", params=None, present=None) -> tuple:
+    """The lowerings the torch backend can run for this spec's graph (the library kernels only
+    where passes/library.py says they fit; FlexAttention has no CPU backward and runs float32,
+    bfloat16 and float16 only). `present` None: every optional input given."""
+    from ..backends.library_calls import FLEX_CPU_DTYPES
+    from ..codegen.torch_module import lowerings
+    from ..compiler import compile_graph
+
+    found = lowerings(compile_graph(spec, params, present))
+    flex_runs = direction == "fwd" and dtype in {str(t).removeprefix("torch.") for t in FLEX_CPU_DTYPES}
+    return tuple(lowering for lowering in found if lowering != "flex" or flex_runs)
+
+
+def torch_space(spec: Any, sizes: Mapping[str, int], direction: str = "fwd", dtype: str = "float32") -> SearchSpace:
     """CPU target: the torch backend's knobs (lowering, CHUNK_N, CHUNK_M, compile; see knobs.py),
-    the spec's ``tune:`` choices for those it names. (A compiled chunked config compiles one
-    step per chunk shape, not the unrolled loops: its compile time does not grow with N.)"""
+    the spec's ``tune:`` choices for those it names, the lowerings its graph can run
+    (`torch_lowerings`). (A compiled chunked config compiles one step per chunk shape, not the
+    unrolled loops: its compile time does not grow with N.)"""
     spec_tune = dict(getattr(spec, "tune", None) or {})
+    spec_tune.setdefault("lowering", tuple(lowering for lowering in declared.TORCH_LOWERINGS
+                                           if lowering in torch_lowerings(spec, direction, dtype)))
     knobs = [_tuned_knob(k, _torch_choices(k, spec_tune, sizes), sizes, None) for k in declared.knobs("torch")]
     return SearchSpace(knobs, [], target="cpu")
 
@@ -302,7 +318,7 @@ def backend_space(backend: str, spec: Any, sizes: Mapping[str, int], direction: 
                   dtype: str = "float32", schedule: str | None = None) -> SearchSpace:
     """The search space of a backend's declared knobs for this problem."""
     if backend == "torch":
-        return torch_space(spec, sizes, direction)
+        return torch_space(spec, sizes, direction, dtype)
     if backend == "triton":
         return triton_space(spec, sizes, direction, dtype, schedule)
     raise ValueError(f"the {backend} backend has no knobs to tune")

@@ -1,0 +1,53 @@
+"""PyTorch's own attention kernels, as the generated "sdpa" and "flex" lowerings call them
+(codegen/torch_module.py renders the calls; passes/library.py decides where they fit).
+
+FlexAttention is fast (and linear in memory) only compiled: eager it is PyTorch's O(N^2)
+reference. On the CPU it runs float32, bfloat16 and float16 and has no backward (PyTorch
+2.14): `flex` says so instead of failing deep inside Inductor.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+BLOCK = 128   # FlexAttention's block size: query rows and keys per block of its block mask
+FLEX_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# one compile per shape: Inductor's CPU template fails to build some size-generic (dynamic) graphs
+_compiled_flex = torch.compile(flex_attention, dynamic=False)
+
+
+def sdpa(query, key, value, mask, scale: float, causal: bool):
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, is_causal=causal)
+
+
+def block_mask(key_ranges: list, I: int, J: int, mask_mod) -> BlockMask:
+    """FlexAttention's block mask from the (first, end) keys of each block of BLOCK query rows:
+    the key blocks outside a row block's range are skipped whole; inside, mask_mod decides."""
+    key_blocks = max(1, -(-J // BLOCK))
+    first = torch.tensor([lo // BLOCK for lo, _ in key_ranges] or [0], dtype=torch.int32)
+    end = torch.tensor([-(-hi // BLOCK) if hi > lo else lo // BLOCK for lo, hi in key_ranges] or [0],
+                       dtype=torch.int32)
+    count = (end - first).clamp(min=0)
+    indices = (first[:, None] + torch.arange(key_blocks, dtype=torch.int32)).clamp(max=key_blocks - 1)
+    kwargs = {} if mask_mod is None else {"mask_mod": mask_mod}
+    return BlockMask.from_kv_blocks(count[None, None], indices[None, None].contiguous(), BLOCK_SIZE=BLOCK,
+                                    seq_lengths=(I, J), **kwargs)
+
+
+def flex(query, key, value, score_mod, mask: BlockMask, scale: float):
+    if query.device.type == "cpu":
+        if query.dtype not in FLEX_CPU_DTYPES:
+            raise TypeError(f"the flex lowering runs float32, bfloat16 or float16 on the CPU (FlexAttention), "
+                            f"not {query.dtype}; use lowering='sdpa', 'chunked' or 'materialized'")
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+            raise NotImplementedError("the flex lowering has no backward on the CPU (FlexAttention); use "
+                                      "lowering='sdpa', 'chunked' or 'materialized' to train")
+    if torch.compiler.is_compiling():
+        # inside a compiled lowering, Inductor's CPU flex template fails on a view of a fused 5-d
+        # prologue ("too many values to unpack"); clone/contiguous are elided, a one-term sum is
+        # not: each operand becomes a 4-d buffer of its own (O(N d), once)
+        query, key, value = (torch.sum(t.unsqueeze(0), 0) for t in (query, key, value))
+        return flex_attention(query, key, value, score_mod=score_mod, block_mask=mask, scale=scale)
+    return _compiled_flex(query, key, value, score_mod=score_mod, block_mask=mask, scale=scale)

@@ -1,0 +1,182 @@
+"""Pass (analysis): which of PyTorch's own attention kernels can run a folded graph.
+
+The torch backend's library lowerings - "sdpa" (F.scaled_dot_product_attention) and "flex"
+(FlexAttention) - are candidates like its generated ones, offered only for graphs they can
+express. A graph fits when, after its per-row q/k/v prologues, it is exactly
+
+    o = dot(softmax(dot(q', k') * scale + bias, keep=[...]), v')     (then an epilogue on o)
+
+with q' [b, h, i, x], k' [b, h, j, x], v' [b, h, j, y]; `scale` a product (or quotient) of host
+scalars (sizes, params, constants); `bias` a sum of terms over b, h, i, j only; `keep` the
+predicates over b, h, i, j; no cross-head mixing, nothing between softmax and dot(p, v).
+
+    sdpa    the biases and keeps are evaluated whole (an additive or boolean attn_mask); a lone
+            keep `j <= i + offset` is SDPA's is_causal when offset is 0 at the call's sizes
+    flex    the biases become a score_mod and the keeps a mask_mod, evaluated per element: every
+            node they are made of must be an elementwise op, an index, a gather, an input over
+            b, h, i, j or a host scalar (nothing over a feature dim)
+
+Recognising them reads the graph's structure, never a spec's name. Code generators
+(codegen/torch_module.py) render the `LibraryForm`; they decide none of this.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import ops
+from ..ir import Graph
+
+__all__ = ["LibraryForm", "library_form", "lowerings", "LIBRARY_LOWERINGS", "SCORE_DIMS"]
+
+LIBRARY_LOWERINGS = ("sdpa", "flex")
+SCORE_DIMS = frozenset("bhij")
+_SCALE_OPS = ("mul", "div")
+
+
+@dataclass(frozen=True)
+class LibraryForm:
+    query: str                 # q' [b, h, i, x]
+    key: str                   # k' [b, h, j, x]
+    value: str                 # v' [b, h, j, y]
+    scale: tuple               # ((op, node), ...): the dot times / divided by these host scalars
+    biases: tuple              # additive score terms over b, h, i, j
+    keeps: tuple               # keep-predicates over b, h, i, j
+    score_nodes: tuple         # dot(q', k') and the scale/bias arithmetic on it: not rendered
+    reduction: str             # dot(p, v'): what the library call returns
+    causal_row: str | None     # a lone keep `j <= R` with R = i + offset (no bias): R's node
+    flex: str | None           # why FlexAttention cannot express it (None: it can)
+
+
+def _is_host_scalar(graph: Graph, node_id: str) -> bool:
+    """A value with no dims computed from sizes, params and constants only (a Python number)."""
+    if graph.node(node_id).dims:
+        return False
+    return all(graph.node(n).op != "input" for n in graph.upstream(node_id) | {node_id})
+
+
+def _split_scores(graph: Graph, node_id: str):
+    """(dot, scale factors, bias terms, arithmetic nodes) of `dot * c / c' + bias + ...`, or a
+    reason string."""
+    node = graph.node(node_id)
+    if node.op == "dot":
+        return node_id, [], [], [node_id]
+    if node.op in _SCALE_OPS:
+        operand, factor = node.args
+        if node.op == "mul" and _is_host_scalar(graph, operand):
+            operand, factor = factor, operand
+        if not _is_host_scalar(graph, factor):
+            return f"the scores are scaled by '{factor}', which is not a host scalar"
+        found = _split_scores(graph, operand)
+        if isinstance(found, str):
+            return found
+        dot, scale, biases, arithmetic = found
+        if biases:
+            return "the scores' bias is scaled after it is added"
+        return dot, scale + [(node.op, factor)], biases, arithmetic + [node_id]
+    if node.op == "add":
+        for scored, other in (node.args, node.args[::-1]):
+            if "dot" in {graph.node(n).op for n in graph.upstream(scored) | {scored}}:
+                found = _split_scores(graph, scored)
+                if isinstance(found, str):
+                    return found
+                dot, scale, biases, arithmetic = found
+                return dot, scale, biases + [other], arithmetic + [node_id]
+    return f"the scores are made by '{node.op}', not a scaled dot(q, k) plus a bias"
+
+
+def _flex_reason(graph: Graph, roots) -> str | None:
+    """Why the nodes behind `roots` (biases and keeps) cannot be rendered per element."""
+    for root in roots:
+        for n in sorted(graph.upstream(root) | {root}, key=lambda m: graph.node(m).order):
+            node = graph.node(n)
+            if not node.dims or node.op == "index":
+                continue
+            if node.op == "input" and n in _raw_tables(graph):
+                continue
+            if not set(node.dims) <= SCORE_DIMS:
+                return f"'{n}' varies over {', '.join(sorted(set(node.dims) - SCORE_DIMS))}, not only b, h, i, j"
+            if node.op not in ("input", "gather") and not ops.is_elementwise(node.op):
+                return f"'{n}' ({node.op}) is not elementwise"
+    return None
+
+
+def _raw_tables(graph: Graph) -> set:
+    from ..layout import raw_inputs
+    return raw_inputs(graph)
+
+
+def _causal_row(graph: Graph, keeps: tuple, biases: list) -> str | None:
+    """R when the only keep is `j <= R` and R is i plus or minus host scalars."""
+    if len(keeps) != 1 or biases:
+        return None
+    keep = graph.node(keeps[0])
+    if keep.op != "le" or graph.node(keep.args[0]).op != "index" or graph.node(keep.args[0]).attrs["dim"] != "j":
+        return None
+    row = keep.args[1]
+    current = row
+    while graph.node(current).op in ("add", "sub"):
+        left, right = graph.node(current).args
+        if not _is_host_scalar(graph, right):
+            if graph.node(current).op == "sub" or not _is_host_scalar(graph, left):
+                return None
+            left, right = right, left
+        current = left
+    node = graph.node(current)
+    return row if node.op == "index" and node.attrs["dim"] == "i" else None
+
+
+def library_form(graph: Graph) -> LibraryForm | str:
+    """The graph as a library attention call, or why it is not one."""
+    plan = graph.plan
+    if plan.heads_in_tile:
+        return "heads are mixed (no library kernel mixes heads)"
+    if plan.sweeps != 1 or len(plan.accumulators) != 1:
+        return "probabilities are transformed after softmax"
+    (softmax,) = graph.find("softmax")
+    (reduction,) = plan.accumulators
+    probabilities, value = graph.node(reduction).args
+    if probabilities != softmax:
+        return "probabilities are transformed before dot(p, v)"
+    if any(node.stage == "post_softmax" and n != reduction for n, node in graph.nodes()):
+        return "values are computed from the probabilities besides dot(p, v)"
+    scores, *keeps = graph.node(softmax).args
+    found = _split_scores(graph, scores)
+    if isinstance(found, str):
+        return found
+    dot, scale, biases, arithmetic = found
+    query, key = graph.node(dot).args
+    feature = graph.node(query).dims[-1:]
+    if graph.node(query).dims != ("b", "h", "i") + feature or graph.node(key).dims != ("b", "h", "j") + feature:
+        return "dot(q, k)'s operands are not [b, h, i, x] and [b, h, j, x]"
+    if len(graph.node(value).dims) != 4 or graph.node(value).dims[:3] != ("b", "h", "j"):
+        return "dot(p, v)'s values are not [b, h, j, y]"
+    for n in arithmetic[:-1]:   # intermediate results of the score arithmetic feed nothing else
+        if set(graph.users(n)) - set(arithmetic):
+            return f"'{n}' is used besides the scores"
+    if set(graph.users(scores)) != {softmax} or set(graph.users(softmax)) != {reduction}:
+        return "the scores or probabilities are used besides softmax and dot(p, v)"
+    for term in biases + keeps:
+        if not set(graph.node(term).dims) <= SCORE_DIMS:
+            return f"'{term}' varies over more than b, h, i, j"
+        if dot in graph.upstream(term):
+            return f"'{term}' depends on the scores"
+    return LibraryForm(query=query, key=key, value=value, scale=tuple(scale), biases=tuple(biases),
+                       keeps=tuple(keeps), score_nodes=tuple(arithmetic), reduction=reduction,
+                       causal_row=_causal_row(graph, tuple(keeps), biases),
+                       flex=_flex_reason(graph, biases + keeps))
+
+
+def lowerings(graph: Graph) -> tuple[str, ...]:
+    """The library lowerings that can run this graph, in LIBRARY_LOWERINGS order."""
+    form = library_form(graph)
+    if isinstance(form, str):
+        return ()
+    return ("sdpa",) + (("flex",) if form.flex is None else ())
+
+
+def why_not(graph: Graph, lowering: str) -> str | None:
+    """Why a library lowering cannot run this graph (None: it can)."""
+    form = library_form(graph)
+    if isinstance(form, str):
+        return form
+    return form.flex if lowering == "flex" else None
