@@ -44,6 +44,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from . import ops
 from .errors import UsageError
 
 __all__ = ["Attention", "LearnedInput", "has_grouped_kv_heads", "learned_inputs", "merge_heads", "shared_attention",
@@ -83,7 +84,8 @@ def _init_rule(users: list) -> str:
     # the value that makes the input a no-op where the spec uses it (how the seeds start them)
     if users and all(node.op == "mix_heads" for node in users):
         return "identity"
-    if users and all(node.op == "mul" for node in users):
+    units = {ops.unit_of(node.op) for node in users}
+    if units == {1}:    # only multiplied: ones (the op registry's units: x * 1, x + 0)
         return "ones"
     return "zeros"
 

@@ -81,6 +81,8 @@ class Op:
     order: tuple | None = None           # a comparison `a OP b` as a bound on a: (upper | lower, offset added to b)
     converse: str | None = None          # the comparison with its arguments swapped: a < b  <=>  b > a
     conjunction: bool = False            # holds when every argument does (keep-predicates split at it)
+    unit: float | None = None            # commutative ops: u with op(x, u) == x (x + 0, x * 1): what a learned
+                                         # input that meets the graph only here starts at to change nothing
 
     @property
     def callable(self) -> bool:
@@ -170,12 +172,12 @@ def _same_both_sides(template) -> tuple:
 
 _SYNTAX = (
     _binary("add", "+", "arithmetic", operator.add, operator.add, grad=("{g}", "{g}"), linear="every",
-            monotone=(1, 1), commutative=True, inverse={0: _same_both_sides(("-", "u", "c"))}),
+            monotone=(1, 1), commutative=True, unit=0, inverse={0: _same_both_sides(("-", "u", "c"))}),
     _binary("sub", "-", "arithmetic", operator.sub, operator.sub, grad=("{g}", "-{g}"), linear="every",
             monotone=(1, -1), inverse={0: _same_both_sides(("+", "u", "c")),     # x - c <= u  <=>  x <= u + c
                                        1: _same_both_sides(("-", "c", "u"))}),   # c - x <= u  <=>  x >= c - u
     _binary("mul", "*", "arithmetic", operator.mul, operator.mul, grad=("{g} * {x1}", "{g} * {x0}"), linear="one",
-            monotone=(1, "positive"), commutative=True,
+            monotone=(1, "positive"), commutative=True, unit=1,
             # x * c <= u  <=>  x <= u // c;  x * c >= u  <=>  x >= ceil(u / c) = -((-u) // c)
             inverse={0: (("//", "u", "c"), ("-", 0, ("//", ("-", 0, "u"), "c")))}),
     _binary("div", "/", "float_arithmetic", operator.truediv, operator.truediv,
@@ -362,6 +364,11 @@ def op(name: str) -> Op:
         return OPS[name]
     except KeyError:
         raise KeyError(f"op '{name}' is not in the op registry (kernelsearch/ops.py)") from None
+
+
+def unit_of(name: str):
+    """The op's unit (see Op.unit), None when it has none or is no registered op."""
+    return OPS[name].unit if name in OPS else None
 
 
 def is_elementwise(name: str) -> bool:
