@@ -48,8 +48,8 @@ def test_load_imports_the_committed_bytes(name, tmp_path, monkeypatch):
     spec = kernelsearch.load_spec(spec_path(name))
     attention = kernelsearch.load(spec_path(name), backend="torch")
     modules = {run.functions.module.__file__ for run in attention._implementations.values()}
-    for path in map(__import__("pathlib").Path, modules):
-        assert path.parent == tmp_path / "generated"
+    for path in map(__import__("pathlib").Path, modules):   # a cache file (this one's, or an earlier test's)
+        assert path.parent.name == "generated" and path.parent != GENERATED
         assert path.read_text() == (GENERATED / path.name).read_text()
     assert len(modules) == len(torch_files(spec))
 

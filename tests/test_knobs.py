@@ -90,10 +90,12 @@ def test_spec_tune_choices_are_checked_against_the_declared_knobs():
 def test_load_refuses_a_bad_config_before_any_call():
     """Issue 12: CHUNK_N -5 returned zeros, 0 failed deep in range(), CHUNK_NN was ignored."""
     for config in ({"lowering": "chunked", "CHUNK_N": -5}, {"lowering": "chunked", "CHUNK_N": 0},
-                   {"CHUNK_NN": 64}, "abc"):
+                   {"CHUNK_NN": 64}):
         with pytest.raises(ValueError) as e:
             kernelsearch.load("specs/softmax.yaml", backend="torch", config=config)
         assert "config" in str(e.value)
+    with pytest.raises(TypeError, match="config must be a dict"):   # not a dict at all: a type error
+        kernelsearch.load("specs/softmax.yaml", backend="torch", config="abc")
     with pytest.raises(ValueError, match="BLOCK_M=48"):
         kernelsearch.load("specs/softmax.yaml", backend="triton", config={"BLOCK_M": 48})
 
