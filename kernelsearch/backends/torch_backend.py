@@ -29,13 +29,13 @@ def default_config(graph: Graph, sizes: dict) -> dict:
     return knobs.default_config("torch", sizes)
 
 
-def complete_config(config: dict | None, sizes: dict, graph: Graph | None = None) -> dict:
+def complete_config(config: dict | None, sizes: dict, graph: Graph | None = None, available=None) -> dict:
     """A partial config (``{"lowering": "chunked", "CHUNK_N": 512}``) takes the defaults for the
     knobs it leaves out; ``last_config`` shows the result. ConfigError for an invalid one, or for
-    a lowering that cannot run `graph`."""
+    a lowering that cannot run `graph` (`available`: its lowerings, when the caller knows them)."""
     full = knobs.validate_config("torch", config, sizes)
     if graph is not None:
-        check_lowering(graph, full)
+        check_lowering(graph, full, available)
     return full
 
 
@@ -80,11 +80,11 @@ class TorchFunctions:
         return functools.partial(function, **steps)
 
 
-def check_lowering(graph: Graph, config: dict) -> None:
+def check_lowering(graph: Graph, config: dict, available=None) -> None:
     """ConfigError when the config's lowering cannot run this graph (a library kernel that does
     not fit it), naming why and the lowerings that can."""
     lowering = config["lowering"]
-    available = torch_module.lowerings(graph)
+    available = torch_module.lowerings(graph) if available is None else available
     if lowering not in available:
         raise knobs.ConfigError(f"torch config: lowering={lowering!r} cannot run {graph.spec.name} with these "
                                 f"params and inputs: {library.why_not(graph, lowering)}; its lowerings are "
@@ -103,7 +103,8 @@ def _tuned_lowering_usable(config: dict, tensors: dict) -> bool:
 
 def build(graph: Graph, attention):
     functions = TorchFunctions(graph, attention.generated)
-    for lowering in torch_module.lowerings(graph):
+    available = torch_module.lowerings(graph)     # decided now: a call torch.compile traces reads no graph
+    for lowering in available:
         functions.get(lowering, compiled=False)   # generate now, not while a caller is being traced
     arguments = functions.file.inputs
 
@@ -112,10 +113,9 @@ def build(graph: Graph, attention):
         chosen = attention.config
         if not chosen:
             chosen = tuned_config(graph, sizes, tensors["q"].dtype, tensors["q"].device)
-            if chosen and (chosen.get("lowering") not in torch_module.lowerings(graph)
-                           or not _tuned_lowering_usable(chosen, tensors)):
+            if chosen and (chosen.get("lowering") not in available or not _tuned_lowering_usable(chosen, tensors)):
                 chosen = None
-        config = complete_config(chosen, sizes, graph)
+        config = complete_config(chosen, sizes, graph, available)
         attention.last_config = config
         function = functions.get(config["lowering"], bool(config["compile"]))
         args = [tensors[n] for n in arguments]
