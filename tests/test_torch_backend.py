@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kernelsearch
+from kernelsearch.backends import torch_backend
 from kernelsearch.inputs import random_inputs
 
 from .conftest import spec_path
@@ -101,13 +102,24 @@ def test_gradcheck_chunked():
 
 
 def test_default_lowering_switches_to_chunked_for_long_sequences():
-    attention = kernelsearch.load(spec_path("softmax"), backend="torch")
-    small = random_inputs(attention.spec, dict(B=1, H=1, I=8, J=8, D=8))
+    """Without SDPA (heads mixed): materialized for short sequences, chunked and compiled beyond."""
+    attention = kernelsearch.load(spec_path("talking_heads"), backend="torch")
+    small = random_inputs(attention.spec, dict(B=2, H=1, I=8, J=8, D=8))
     attention(**small)
-    assert attention.last_config["lowering"] == "materialized"
-    big = random_inputs(attention.spec, dict(B=1, H=4, I=1100, J=1100, D=8), optional=False)
-    attention(**big)
-    assert attention.last_config["lowering"] == "chunked"
+    assert attention.last_config == {"lowering": "materialized", "compile": False}
+    for n, compiled in ((1100, False), (4096, True)):   # compiled from 2**26 scores (b h i j)
+        config = torch_backend.default_config(attention.graph(), {"b": 2, "h": 2, "i": n, "j": n, "d": 8})
+        assert (config["lowering"], config["compile"], config["CHUNK_M"]) == ("chunked", compiled, 256)
+
+
+def test_default_config_is_sdpa_where_it_fits_and_chunked_for_windows():
+    softmax = kernelsearch.load(spec_path("softmax"), backend="torch")
+    softmax(**random_inputs(softmax.spec, dict(B=1, H=1, I=8, J=8, D=8)))
+    assert softmax.last_config == {"lowering": "sdpa", "compile": False}
+    local = kernelsearch.load(spec_path("local"), backend="torch")
+    for n, compiled in ((1024, False), (4096, True)):
+        config = torch_backend.default_config(local.graph(), {"b": 1, "h": 4, "i": n, "j": n, "d": 64})
+        assert config == {"lowering": "chunked", "CHUNK_N": 128, "CHUNK_M": 128, "compile": compiled}
 
 
 def test_a_partial_config_takes_the_defaults_for_what_it_leaves_out():
@@ -119,8 +131,8 @@ def test_a_partial_config_takes_the_defaults_for_what_it_leaves_out():
     torch.testing.assert_close(attention(**tensors), reference(**tensors), rtol=1e-10, atol=1e-10)
     assert attention.last_config == {"lowering": "chunked", "CHUNK_N": 64, "CHUNK_M": 256, "compile": False}
     attention = kernelsearch.load(spec_path("local"), backend="torch", config={"compile": False})
-    attention(**tensors)
-    assert attention.last_config == {"lowering": "materialized", "compile": False}
+    attention(**tensors)   # no lowering given: the graph's defaults (windows: chunked, 128 x 128)
+    assert attention.last_config == {"lowering": "chunked", "CHUNK_N": 128, "CHUNK_M": 128, "compile": False}
 
 
 def test_non_contiguous_and_broadcast_inputs():

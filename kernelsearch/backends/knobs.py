@@ -25,7 +25,7 @@ from ..errors import UsageError
 __all__ = [
     "ConfigError", "Knob", "Allowed", "OneOf", "AtLeast", "PowerOfTwo", "Constraint", "BACKENDS_WITH_KNOBS",
     "knobs", "knob_names", "default_config", "validate_config", "check_choices", "size_of", "next_pow2",
-    "MATERIALIZE_MAX_SCORES", "CHUNK_MAX_SCORES", "DEFAULT_CHUNK_N", "DEFAULT_CHUNK_M",
+    "MATERIALIZE_MAX_SCORES", "CHUNK_MAX_SCORES", "DEFAULT_CHUNK_N", "DEFAULT_CHUNK_M", "WINDOW_CHUNK", "COMPILE_MIN_SCORES", "torch_defaults",
     "TRITON_FWD_DEFAULTS", "TRITON_FWD_DEFAULTS_HEADS_IN_TILE", "TRITON_BWD_DEFAULTS",
     "TRITON_BWD_DEFAULTS_HEADS_IN_TILE", "TRITON_FWD_KNOBS", "TRITON_BWD_KNOBS", "HEADS_IN_TILE_SCHEDULES",
 ]
@@ -166,14 +166,47 @@ class Constraint:
 # -- torch -----------------------------------------------------------------------------------
 
 MATERIALIZE_MAX_SCORES = 1 << 22   # score elements per call up to which the default is materialized
-CHUNK_MAX_SCORES = 1 << 22         # score elements per key chunk the default chunk size stays under
+# score elements per key chunk the default chunk size stays under: a chunk's scores (and their exp)
+# stay in a 2 MiB L2 (softmax N=4096, compiled, 1 thread: 256 rows x 256 keys 225 ms, x 512 366 ms)
+CHUNK_MAX_SCORES = 1 << 19
 DEFAULT_CHUNK_N = 256
 DEFAULT_CHUNK_M = 256              # query rows per chunk: causal / windowed specs skip the keys a chunk cannot keep
 
 
-def _default_lowering(sizes: Mapping[str, int], schedule: str | None) -> str:
+WINDOW_CHUNK = 128   # query rows and keys per chunk when windows bound the keys from below
+COMPILE_MIN_SCORES = 1 << 26   # score elements per call from which the default compiles (b h N^2: 4 x 4096^2)
+
+
+def torch_defaults(sizes: Mapping[str, int], lowerings: tuple = ("materialized", "chunked"),
+                   windowed: bool = False) -> dict:
+    """What the torch backend runs without a config or a tuned record: a heuristic from the sizes
+    and the graph (its lowerings, and whether its keep-predicates bound the keys from below, as
+    windows do), picking what the tuner found on the bench shapes (b=1, h=4, d=64, fp32, one
+    thread, N = 1024 and 4096; bench/results/):
+
+    - windows: the chunked lowering with 128-row, 128-key chunks visits only the keys near each
+      block (local N=4096: 84 ms eager, 48 ms compiled, against 1225 ms for SDPA, which computes
+      every score, and 53 ms for flex); compiled from COMPILE_MIN_SCORES scores, where the
+      compile (~3 s) pays for itself (N=1024: 22 ms eager, 15.5 ms compiled);
+    - else SDPA where it fits the graph (its fused kernel: softmax N=4096 171 ms, the generated
+      chunked lowering 290 ms at best);
+    - else (heads mixed, scores transformed) materialized up to MATERIALIZE_MAX_SCORES scores,
+      then chunked (memory linear in N), compiled from COMPILE_MIN_SCORES.
+
+    Returns the lowering, compile, and the chunk sizes where they differ from the knobs' defaults."""
     scores = size_of(sizes, "b") * size_of(sizes, "h") * size_of(sizes, "i") * size_of(sizes, "j", size_of(sizes, "i"))
-    return "materialized" if scores <= MATERIALIZE_MAX_SCORES else "chunked"
+    compiled = scores >= COMPILE_MIN_SCORES
+    if windowed and "chunked" in lowerings:
+        return {"lowering": "chunked", "CHUNK_N": WINDOW_CHUNK, "CHUNK_M": WINDOW_CHUNK, "compile": compiled}
+    if "sdpa" in lowerings:
+        return {"lowering": "sdpa", "compile": False}
+    if scores > MATERIALIZE_MAX_SCORES:
+        return {"lowering": "chunked", "compile": compiled}
+    return {"lowering": "materialized", "compile": False}
+
+
+def _default_lowering(sizes: Mapping[str, int], schedule: str | None) -> str:
+    return torch_defaults(sizes)["lowering"]
 
 
 def _default_chunk_m(sizes: Mapping[str, int], schedule: str | None) -> int:

@@ -4,8 +4,9 @@ Knobs (the config): lowering "materialized" | "chunked" | "sdpa" | "flex" (PyTor
 where passes/library.py says the graph fits them), CHUNK_N (keys per chunk), CHUNK_M (query
 rows per chunk, 0 = all; a query chunk visits only the keys its rows can keep), compile
 (wrap in torch.compile(fullgraph=True)). Without a config: the tuned one recorded for this
-device and shape bucket if there is one, else materialized up to MATERIALIZE_MAX_SCORES score
-elements per call and chunked beyond, so that memory stays linear for long sequences.
+device and shape bucket if there is one, else the heuristic of knobs.torch_defaults (windows:
+chunked; else SDPA where it fits; else materialized up to MATERIALIZE_MAX_SCORES score elements
+per call and chunked beyond, so that memory stays linear for long sequences).
 """
 from __future__ import annotations
 
@@ -26,14 +27,21 @@ from .knobs import DEFAULT_CHUNK_M, DEFAULT_CHUNK_N, MATERIALIZE_MAX_SCORES  # n
 
 
 def default_config(graph: Graph, sizes: dict) -> dict:
-    return knobs.default_config("torch", sizes)
+    return complete_config(None, sizes, graph)
 
 
 def complete_config(config: dict | None, sizes: dict, graph: Graph | None = None, available=None) -> dict:
     """A partial config (``{"lowering": "chunked", "CHUNK_N": 512}``) takes the defaults for the
-    knobs it leaves out; ``last_config`` shows the result. ConfigError for an invalid one, or for
-    a lowering that cannot run `graph` (`available`: its lowerings, when the caller knows them)."""
-    full = knobs.validate_config("torch", config, sizes)
+    knobs it leaves out; ``last_config`` shows the result. Without a lowering, the graph's defaults
+    (knobs.torch_defaults: from its lowerings and whether windows bound its keys) fill what the
+    config leaves out. ConfigError for an invalid config, or for a lowering that cannot run
+    `graph` (`available`: its lowerings, when the caller knows them)."""
+    given = config
+    if graph is not None and (config is None or isinstance(config, dict)) and (config or {}).get("lowering") is None:
+        available = torch_module.lowerings(graph) if available is None else available
+        defaults = knobs.torch_defaults(sizes, available, windowed=graph.key_bounds.lower is not None)
+        given = {**defaults, **{k: v for k, v in (config or {}).items() if v is not None}}
+    full = knobs.validate_config("torch", given, sizes)
     if graph is not None:
         check_lowering(graph, full, available)
     return full
