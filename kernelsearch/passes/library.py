@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from .. import ops
 from ..ir import Graph
+from ..layout import layout_of, raw_inputs
 
 __all__ = ["LibraryForm", "library_form", "lowerings", "LIBRARY_LOWERINGS", "SCORE_DIMS"]
 
@@ -91,18 +92,13 @@ def _flex_reason(graph: Graph, roots) -> str | None:
             node = graph.node(n)
             if not node.dims or node.op == "index":
                 continue
-            if node.op == "input" and n in _raw_tables(graph):
+            if node.op == "input" and n in raw_inputs(graph):
                 continue
             if not set(node.dims) <= SCORE_DIMS:
                 return f"'{n}' varies over {', '.join(sorted(set(node.dims) - SCORE_DIMS))}, not only b, h, i, j"
             if node.op not in ("input", "gather") and not ops.is_elementwise(node.op):
                 return f"'{n}' ({node.op}) is not elementwise"
     return None
-
-
-def _raw_tables(graph: Graph) -> set:
-    from ..layout import raw_inputs
-    return raw_inputs(graph)
 
 
 def _causal_row(graph: Graph, keeps: tuple, biases: list) -> str | None:
@@ -150,6 +146,12 @@ def library_form(graph: Graph) -> LibraryForm | str:
         return "dot(q, k)'s operands are not [b, h, i, x] and [b, h, j, x]"
     if len(graph.node(value).dims) != 4 or graph.node(value).dims[:3] != ("b", "h", "j"):
         return "dot(p, v)'s values are not [b, h, j, y]"
+    layout = layout_of(graph)
+    for n in (query, key, value):   # the library's [b, h, seq, feature] is the aligned layout's order
+        if [d for d in layout if d in graph.node(n).dims] != list(graph.node(n).dims):
+            return f"'{n}' is laid out in another order than [b, h, {graph.node(n).dims[2]}, feature]"
+    if [d for d in layout if d in SCORE_DIMS] != ["b", "h", "i", "j"]:
+        return "the layout does not order b, h, i, j"
     for n in arithmetic[:-1]:   # intermediate results of the score arithmetic feed nothing else
         if set(graph.users(n)) - set(arithmetic):
             return f"'{n}' is used besides the scores"
