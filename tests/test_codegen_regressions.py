@@ -100,5 +100,7 @@ def test_aot_check_reports_the_compiler_and_raises_bugs(monkeypatch):
     def broken_plan(graph):
         raise KeyError("a code generator bug")
     monkeypatch.setattr(triton_fwd, "plan", broken_plan)
+    # in this process (a subprocess would not see the patch; the bug strikes before any compilation)
+    monkeypatch.setattr(triton_aot, "language_patched_by_interpreter", lambda: False)
     with pytest.raises(KeyError, match="code generator bug"):
         triton_aot.aot_check("specs/softmax.yaml", None, {"BLOCK_M": 16, "BLOCK_N": 16}, arch=90, resources=False)

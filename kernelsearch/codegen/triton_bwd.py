@@ -377,7 +377,7 @@ class _BackwardWriter(_KernelWriter):
         header = self.header(bp.dq_kernel)
         self.kernel_header, self.inner_functions = header, []
 
-        def accumulators():
+        def accumulator_set_up():
             self.init_operand_accs("i")
             self.weight_accs = {}
             for mix in self.g.find("mix_heads"):
@@ -391,7 +391,7 @@ class _BackwardWriter(_KernelWriter):
                     per_program=self.capture(lambda: (self.values_of_stage("constant"), self.weights())),
                     q_prologue=self.capture(lambda: self.values_of_stage("q_prologue")),
                     row_inputs=self.capture(lambda: self.row_inputs(with_delta=not bp.exact_delta)),
-                    accumulators=self.capture(accumulators), key_range=self.capture(self.key_range))
+                    accumulators=self.capture(accumulator_set_up), key_range=self.capture(self.key_range))
         self.outer = dict(self.memo)
         self.scope_lines = head[len(header):]     # what the inner functions may read (_kernel_scope)
 
