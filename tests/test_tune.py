@@ -558,7 +558,8 @@ def _tune_spec(spec: str, sizes: dict):
 
     out = io.StringIO()
     res = tune(TuneOptions(spec=spec, target="cpu", shape=sizes, sampler="grid", progress=False, seed=0,
-                           only={"compile": [False], "CHUNK_N": [32, 64]}, retime_repeats=2, out=out))
+                           only={"compile": [False], "CHUNK_N": [32, 64], "lowering": ["materialized", "chunked"]},
+                           retime_repeats=2, out=out))
     return res, out.getvalue()
 
 
