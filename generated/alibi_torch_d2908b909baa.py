@@ -188,7 +188,7 @@ def flex(in_q, in_k, in_v, in_mask):
         t25_causal_keep = (t23_causal_keep - I)
         t26_causal_keep = (key_index <= t25_causal_keep)
         return t26_causal_keep & expanded_v_mask[batch, head, query_index, key_index, 0]
-    # the key range of every block of query rows (the plan's key-block bounds): FlexAttention's block mask
+    # the keys every block of query rows can keep (the plan's key-block bounds): FlexAttention's block mask
     key_ranges = []
     for query_start in range(0, I, library.BLOCK):
         query_end = min(query_start + library.BLOCK, I)

@@ -160,11 +160,11 @@ def flex(in_q, in_k, in_v, in_attn_bias):
         t19_causal_keep = (t17_causal_keep - I)
         t20_causal_keep = (key_index <= t19_causal_keep)
         return t20_causal_keep
-    # the key range of every block of query rows (the plan's key-block bounds): FlexAttention's block mask
+    # the keys every block of query rows can keep (the plan's key-block bounds, and those all its rows keep): FlexAttention's block mask
     key_ranges = []
     for query_start in range(0, I, library.BLOCK):
         query_end = min(query_start + library.BLOCK, I)
-        key_ranges.append((0, min(J, (((query_end - 1) + J) - I) + 1)))
+        key_ranges.append((0, min(J, (((query_end - 1) + J) - I) + 1), 0, min(J, (((query_start) + J) - I) + 1)))
     block_mask = library.block_mask(key_ranges, I, J, mask_mod)
     library_output = library.flex(library_query, library_key, library_value, score_mod, block_mask, library_scale)
     v_o = library_output.unsqueeze(3)  # [b, h, i, d]

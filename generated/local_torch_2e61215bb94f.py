@@ -219,7 +219,7 @@ def flex(in_q, in_k, in_v, in_mask, in_pos_bias_table):
         v_window_keep = (t50_window_keep & t53_window_keep)
         t56_causal_keep = (key_index <= query_index)
         return v_window_keep & t56_causal_keep & expanded_v_mask[batch, head, query_index, key_index, 0]
-    # the key range of every block of query rows (the plan's key-block bounds): FlexAttention's block mask
+    # the keys every block of query rows can keep (the plan's key-block bounds): FlexAttention's block mask
     key_ranges = []
     for query_start in range(0, I, library.BLOCK):
         query_end = min(query_start + library.BLOCK, I)

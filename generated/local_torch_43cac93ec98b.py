@@ -213,11 +213,11 @@ def flex(in_q, in_k, in_v, in_pos_bias_table):
         v_window_keep = (t50_window_keep & t53_window_keep)
         t56_causal_keep = (key_index <= query_index)
         return v_window_keep & t56_causal_keep
-    # the key range of every block of query rows (the plan's key-block bounds): FlexAttention's block mask
+    # the keys every block of query rows can keep (the plan's key-block bounds, and those all its rows keep): FlexAttention's block mask
     key_ranges = []
     for query_start in range(0, I, library.BLOCK):
         query_end = min(query_start + library.BLOCK, I)
-        key_ranges.append((max(0, ((((query_start) // 64) - 1) * 64)) // library.BLOCK * library.BLOCK, min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1)))
+        key_ranges.append((max(0, ((((query_start) // 64) - 1) * 64)) // library.BLOCK * library.BLOCK, min(J, min((((((query_end - 1) // 64) - 0) * 64) + 63), (query_end - 1)) + 1), max(0, ((((query_end - 1) // 64) - 1) * 64)), min(J, min((((((query_start) // 64) - 0) * 64) + 63), (query_start)) + 1)))
     block_mask = library.block_mask(key_ranges, I, J, mask_mod)
     library_output = library.flex(library_query, library_key, library_value, score_mod, block_mask, library_scale)
     v_o = library_output.unsqueeze(3)  # [b, h, i, d]

@@ -142,7 +142,7 @@ def flex(in_q, in_k, in_v, in_mask, in_attn_bias):
         return score + expanded_v_attn_bias[batch, head, query_index, key_index, 0]
     def mask_mod(batch, head, query_index, key_index):  # the keep-predicates, per score
         return expanded_v_mask[batch, head, query_index, key_index, 0]
-    # the key range of every block of query rows (the plan's key-block bounds): FlexAttention's block mask
+    # the keys every block of query rows can keep (the plan's key-block bounds): FlexAttention's block mask
     key_ranges = []
     for query_start in range(0, I, library.BLOCK):
         query_end = min(query_start + library.BLOCK, I)

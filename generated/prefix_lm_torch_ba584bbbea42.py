@@ -159,7 +159,7 @@ def flex(in_q, in_k, in_v, in_prefix_len, in_mask):
         t15_prefix_or_causal = (key_index < expanded_v_prefix_len[batch, head, query_index, key_index, 0])
         t16_prefix_or_causal = (t13_prefix_or_causal | t15_prefix_or_causal)
         return t16_prefix_or_causal & expanded_v_mask[batch, head, query_index, key_index, 0]
-    # the key range of every block of query rows (the plan's key-block bounds): FlexAttention's block mask
+    # the keys every block of query rows can keep (the plan's key-block bounds): FlexAttention's block mask
     key_ranges = []
     for query_start in range(0, I, library.BLOCK):
         query_end = min(query_start + library.BLOCK, I)

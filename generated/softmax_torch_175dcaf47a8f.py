@@ -115,7 +115,7 @@ def flex(in_q, in_k, in_v):
     library_query = v_q.squeeze((3,))  # [b, h, i, d]
     library_key = v_k.squeeze((2,))  # [b, h, j, d]
     library_value = v_v.squeeze((2,))  # [b, h, j, d]
-    # the key range of every block of query rows (the plan's key-block bounds): FlexAttention's block mask
+    # the keys every block of query rows can keep (the plan's key-block bounds): FlexAttention's block mask
     key_ranges = []
     for query_start in range(0, I, library.BLOCK):
         query_end = min(query_start + library.BLOCK, I)

@@ -229,7 +229,7 @@ def flex(in_q, in_k, in_v, in_bias_table):
         v_bucket = (t19_after + t44_bucket)
         t46_s = v_bias_table[head, v_bucket]
         return score + t46_s
-    # the key range of every block of query rows (the plan's key-block bounds): FlexAttention's block mask
+    # the keys every block of query rows can keep (the plan's key-block bounds): FlexAttention's block mask
     key_ranges = []
     for query_start in range(0, I, library.BLOCK):
         query_end = min(query_start + library.BLOCK, I)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kernelsearch
+from kernelsearch.backends import library_calls
 from kernelsearch.backends.knobs import ConfigError
 from kernelsearch.codegen.files import torch_file
 from kernelsearch.inputs import random_inputs
@@ -167,3 +168,22 @@ def test_generated_file_holds_the_library_lowerings_and_the_causal_fast_path():
     assert "def sdpa(" in source and "def flex(" in source and "LOWERINGS = ('materialized', 'chunked', 'sdpa', 'flex')" in source
     assert "SDPA's own (top-left) causal mask" in source     # j <= i + J - I: is_causal when I == J
     assert "SDPA's own" not in torch_file(_graph(spec_path("softmax"), frozenset(["mask"]), causal=True)).source
+
+
+def test_flex_skips_the_mask_in_blocks_every_row_keeps_whole():
+    """local with 128-key windows, causal, no padding mask: every keep is a key bound, so key blocks
+    inside the bounds of all rows of a query block are full blocks (mask_mod not evaluated)."""
+    params = {"window_size": 128, "look_backward": 2}
+    reference = kernelsearch.load(spec_path("local"), backend="reference", **params)
+    flex = kernelsearch.load(spec_path("local"), backend="torch", config={"lowering": "flex"}, **params)
+    graph = flex.graph(frozenset(["pos_bias_table"]))
+    assert library.library_form(graph).full_blocks
+    assert not library.library_form(flex.graph(frozenset(["mask"]))).full_blocks   # padding is no bound
+    tensors = random_inputs(reference.spec, dict(B=1, H=2, I=300, J=300, D=16), dtype=torch.float64, seed=5,
+                            optional=["pos_bias_table"], params=params)
+    got = flex(**_cast(tensors, torch.float32))
+    torch.testing.assert_close(got.double(), reference(**tensors), rtol=2e-5, atol=2e-5)
+    ranges = [(0, 129, 0, 1), (0, 257, 0, 129), (0, 300, 128, 257)]   # query blocks of 128: (first, end, full first, full end)
+    mask = library_calls.block_mask(ranges, 300, 300, None)
+    assert mask.full_kv_num_blocks[0, 0].tolist() == [0, 1, 1]
+    assert mask.kv_num_blocks[0, 0].tolist() == [2, 2, 2]

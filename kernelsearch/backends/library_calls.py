@@ -23,17 +23,34 @@ def sdpa(query, key, value, mask, scale: float, causal: bool):
 
 
 def block_mask(key_ranges: list, I: int, J: int, mask_mod) -> BlockMask:
-    """FlexAttention's block mask from the (first, end) keys of each block of BLOCK query rows:
-    the key blocks outside a row block's range are skipped whole; inside, mask_mod decides."""
+    """FlexAttention's block mask from, for each block of BLOCK query rows, (first, end) of the keys
+    its rows can keep - and, where the graph's keeps are all bounds, (first, end) of the keys all
+    its rows keep: key blocks outside the first range are skipped whole, those inside the second
+    are kept whole (mask_mod is not evaluated there), mask_mod decides in the others."""
     key_blocks = max(1, -(-J // BLOCK))
-    first = torch.tensor([lo // BLOCK for lo, _ in key_ranges] or [0], dtype=torch.int32)
-    end = torch.tensor([-(-hi // BLOCK) if hi > lo else lo // BLOCK for lo, hi in key_ranges] or [0],
-                       dtype=torch.int32)
-    count = (end - first).clamp(min=0)
-    indices = (first[:, None] + torch.arange(key_blocks, dtype=torch.int32)).clamp(max=key_blocks - 1)
-    kwargs = {} if mask_mod is None else {"mask_mod": mask_mod}
-    return BlockMask.from_kv_blocks(count[None, None], indices[None, None].contiguous(), BLOCK_SIZE=BLOCK,
-                                    seq_lengths=(I, J), **kwargs)
+    partial, full = [], []
+    for row in key_ranges:
+        lo, hi = row[0] // BLOCK, -(-row[1] // BLOCK) if row[1] > row[0] else row[0] // BLOCK
+        whole = range(0)
+        if len(row) == 4 and row[3] > row[2]:   # blocks inside [first_full, min(end_full, J)) entirely
+            whole = range(max(lo, -(-row[2] // BLOCK)), min(hi, min(row[3], J) // BLOCK))
+        full.append(list(whole))
+        partial.append([b for b in range(lo, hi) if b not in whole])
+    mask = {} if mask_mod is None else {"mask_mod": mask_mod}
+    if any(full):
+        mask.update(zip(("full_kv_num_blocks", "full_kv_indices"), _block_tensors(full, key_blocks)))
+    count, indices = _block_tensors(partial, key_blocks)
+    return BlockMask.from_kv_blocks(count, indices, BLOCK_SIZE=BLOCK, seq_lengths=(I, J), **mask)
+
+
+def _block_tensors(blocks: list, key_blocks: int) -> tuple:
+    """kv_num_blocks [1, 1, rows] and kv_indices [1, 1, rows, key_blocks] of per-row block lists."""
+    blocks = blocks or [[]]
+    count = torch.tensor([len(b) for b in blocks], dtype=torch.int32)
+    indices = torch.zeros(len(blocks), key_blocks, dtype=torch.int32)
+    for n, row in enumerate(blocks):
+        indices[n, :len(row)] = torch.tensor(row, dtype=torch.int32)
+    return count[None, None], indices[None, None]
 
 
 def flex(query, key, value, score_mod, mask: BlockMask, scale: float):

@@ -368,18 +368,21 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> tuple[list[StepFunction], 
     return steps, lines + _out_lines(graph, emitter, variable(graph, graph.output))
 
 
-def key_range(graph: Graph, chunk: str) -> tuple[str, str]:
+def key_range(graph: Graph, chunk: str | None, full: bool = False) -> tuple[str, str]:
     """(first, end) keys the query rows query_start .. query_end - 1 can keep (the plan's key-block
     bounds), the first aligned to a multiple of `chunk`: the keys before the bound are dropped by
     the keep-predicates anyway, and every key chunk but the one ending at J is then whole, so a
-    compiled step sees few shapes."""
+    compiled step sees few shapes. `full`: the keys all of those rows keep (the bounds are
+    non-decreasing in i: the lower one at the last row, the upper one at the first)."""
     bounds = graph.key_bounds
     first_key, last_key = "0", "J"
+    first_row, last_row = ("query_end - 1", "query_start") if full else ("query_start", "query_end - 1")
     if bounds.lower is not None:
-        render = lambda n: scalar_expression(graph, n, row="query_start")  # noqa: E731
-        first_key = f"max(0, {render_bound(bounds.lower, render)}) // {chunk} * {chunk}"
+        render = lambda n: scalar_expression(graph, n, row=first_row)  # noqa: E731
+        first_key = f"max(0, {render_bound(bounds.lower, render)})"
+        first_key += f" // {chunk} * {chunk}" if chunk else ""
     if bounds.upper is not None:
-        render_last = lambda n: scalar_expression(graph, n, row="query_end - 1")  # noqa: E731
+        render_last = lambda n: scalar_expression(graph, n, row=last_row)  # noqa: E731
         last_key = f"min(J, {render_bound(bounds.upper, render_last)} + 1)"
     return first_key, last_key
 
@@ -508,11 +511,16 @@ def _flex_call(graph: Graph, emitter: _Emitter, form, mod_nodes: set) -> list[st
         lines.append(f"    return {' & '.join(element(k) for k in form.keeps)}")
         mask_mod = "mask_mod"
     first_key, last_key = key_range(graph, "library.BLOCK")
-    lines += ["# the key range of every block of query rows (the plan's key-block bounds): FlexAttention's block mask",
+    ranges = f"({first_key}, {last_key})"
+    if form.full_blocks:   # the keys every row of the block keeps: mask_mod is skipped there
+        first_full, last_full = key_range(graph, None, full=True)
+        ranges = f"({first_key}, {last_key}, {first_full}, {last_full})"
+    lines += ["# the keys every block of query rows can keep (the plan's key-block bounds"
+              + (", and those all its rows keep" if form.full_blocks else "") + "): FlexAttention's block mask",
               "key_ranges = []",
               "for query_start in range(0, I, library.BLOCK):",
               "    query_end = min(query_start + library.BLOCK, I)",
-              f"    key_ranges.append(({first_key}, {last_key}))",
+              f"    key_ranges.append({ranges})",
               f"block_mask = library.block_mask(key_ranges, I, J, {mask_mod})",
               "library_output = library.flex(library_query, library_key, library_value, "
               f"{score_mod}, block_mask, library_scale)"]

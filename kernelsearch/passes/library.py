@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from .. import ops
 from ..ir import Graph
 from ..layout import layout_of, raw_inputs
+from .bounds import conjuncts
 
 __all__ = ["LibraryForm", "library_form", "lowerings", "LIBRARY_LOWERINGS", "SCORE_DIMS"]
 
@@ -46,6 +47,8 @@ class LibraryForm:
     reduction: str             # dot(p, v'): what the library call returns
     causal_row: str | None     # a lone keep `j <= R` with R = i + offset (no bias): R's node
     flex: str | None           # why FlexAttention cannot express it (None: it can)
+    full_blocks: bool          # every keep conjunct is one the key-block bounds come from: blocks inside
+                               # the bounds of every row of a block are kept whole (no mask_mod there)
 
 
 def _is_host_scalar(graph: Graph, node_id: str) -> bool:
@@ -165,7 +168,9 @@ def library_form(graph: Graph) -> LibraryForm | str:
     return LibraryForm(query=query, key=key, value=value, scale=tuple(scale), biases=tuple(biases),
                        keeps=tuple(keeps), score_nodes=tuple(arithmetic), reduction=reduction,
                        causal_row=_causal_row(graph, tuple(keeps), biases),
-                       flex=_flex_reason(graph, biases + keeps))
+                       flex=_flex_reason(graph, biases + keeps),
+                       full_blocks=bool(keeps) and {c for k in keeps for c in conjuncts(graph, k)}
+                       <= set(graph.key_bounds.conjuncts_used))
 
 
 def lowerings(graph: Graph) -> tuple[str, ...]:
