@@ -116,6 +116,12 @@ def test_default_config_is_sdpa_where_it_fits_and_chunked_for_windows():
     softmax = kernelsearch.load(spec_path("softmax"), backend="torch")
     softmax(**random_inputs(softmax.spec, dict(B=1, H=1, I=8, J=8, D=8)))
     assert softmax.last_config == {"lowering": "sdpa", "compile": False}
+    masked = kernelsearch.load(spec_path("memory_efficient"), backend="torch", causal=True)
+    graph = masked.graph()   # causal + padding + bias: SDPA would visit the keys causality drops
+    for n, lowering in ((1024, "sdpa"), (4096, "chunked")):
+        assert torch_backend.default_config(graph, {"b": 1, "h": 4, "i": n, "j": n, "d": 64})["lowering"] == lowering
+    causal = kernelsearch.load(spec_path("cosine_sim"), backend="torch").graph(frozenset())   # is_causal: no mask
+    assert torch_backend.default_config(causal, {"b": 1, "h": 4, "i": 4096, "j": 4096, "d": 64})["lowering"] == "sdpa"
     local = kernelsearch.load(spec_path("local"), backend="torch")
     for n, compiled in ((1024, False), (4096, True)):
         config = torch_backend.default_config(local.graph(), {"b": 1, "h": 4, "i": n, "j": n, "d": 64})

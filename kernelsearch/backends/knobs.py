@@ -178,7 +178,7 @@ COMPILE_MIN_SCORES = 1 << 26   # score elements per call from which the default 
 
 
 def torch_defaults(sizes: Mapping[str, int], lowerings: tuple = ("materialized", "chunked"),
-                   windowed: bool = False) -> dict:
+                   windowed: bool = False, sdpa_masks_bounds: bool = False) -> dict:
     """What the torch backend runs without a config or a tuned record: a heuristic from the sizes
     and the graph (its lowerings, and whether its keep-predicates bound the keys from below, as
     windows do), picking what the tuner found on the bench shapes (b=1, h=4, d=64, fp32, one
@@ -189,7 +189,10 @@ def torch_defaults(sizes: Mapping[str, int], lowerings: tuple = ("materialized",
       every score, and 53 ms for flex); compiled from COMPILE_MIN_SCORES scores, where the
       compile (~3 s) pays for itself (N=1024: 22 ms eager, 15.5 ms compiled);
     - else SDPA where it fits the graph (its fused kernel: softmax N=4096 171 ms, the generated
-      chunked lowering 290 ms at best);
+      chunked lowering 225 ms at best), except from COMPILE_MIN_SCORES scores when the
+      keep-predicates bound the keys but SDPA would get them as a mask and visit every key
+      (`sdpa_masks_bounds`; memory_efficient N=4096, causal + padding + bias: SDPA 464 ms, the
+      chunked lowering compiled 256 ms);
     - else (heads mixed, scores transformed) materialized up to MATERIALIZE_MAX_SCORES scores,
       then chunked (memory linear in N), compiled from COMPILE_MIN_SCORES.
 
@@ -198,8 +201,10 @@ def torch_defaults(sizes: Mapping[str, int], lowerings: tuple = ("materialized",
     compiled = scores >= COMPILE_MIN_SCORES
     if windowed and "chunked" in lowerings:
         return {"lowering": "chunked", "CHUNK_N": WINDOW_CHUNK, "CHUNK_M": WINDOW_CHUNK, "compile": compiled}
-    if "sdpa" in lowerings:
+    if "sdpa" in lowerings and not (sdpa_masks_bounds and compiled):
         return {"lowering": "sdpa", "compile": False}
+    if "sdpa" in lowerings:
+        return {"lowering": "chunked", "compile": True}
     if scores > MATERIALIZE_MAX_SCORES:
         return {"lowering": "chunked", "compile": compiled}
     return {"lowering": "materialized", "compile": False}

@@ -30,16 +30,24 @@ def default_config(graph: Graph, sizes: dict) -> dict:
     return complete_config(None, sizes, graph)
 
 
-def complete_config(config: dict | None, sizes: dict, graph: Graph | None = None, available=None) -> dict:
+def sdpa_masks_bounds(graph: Graph, available: tuple) -> bool:
+    return "sdpa" in available and library.sdpa_visits_skippable_keys(graph)
+
+
+def complete_config(config: dict | None, sizes: dict, graph: Graph | None = None, available=None,
+                    masks_bounds: bool | None = None) -> dict:
     """A partial config (``{"lowering": "chunked", "CHUNK_N": 512}``) takes the defaults for the
     knobs it leaves out; ``last_config`` shows the result. Without a lowering, the graph's defaults
     (knobs.torch_defaults: from its lowerings and whether windows bound its keys) fill what the
     config leaves out. ConfigError for an invalid config, or for a lowering that cannot run
-    `graph` (`available`: its lowerings, when the caller knows them)."""
+    `graph` (`available`, `masks_bounds`: its lowerings and sdpa_masks_bounds, when the caller
+    knows them: a call torch.compile traces runs no graph analysis)."""
     given = config
     if graph is not None and (config is None or isinstance(config, dict)) and (config or {}).get("lowering") is None:
         available = torch_module.lowerings(graph) if available is None else available
-        defaults = knobs.torch_defaults(sizes, available, windowed=graph.key_bounds.lower is not None)
+        masks_bounds = sdpa_masks_bounds(graph, available) if masks_bounds is None else masks_bounds
+        defaults = knobs.torch_defaults(sizes, available, windowed=graph.key_bounds.lower is not None,
+                                        sdpa_masks_bounds=masks_bounds)
         given = {**defaults, **{k: v for k, v in (config or {}).items() if v is not None}}
     full = knobs.validate_config("torch", given, sizes)
     if graph is not None:
@@ -112,6 +120,7 @@ def _tuned_lowering_usable(config: dict, tensors: dict) -> bool:
 def build(graph: Graph, attention):
     functions = TorchFunctions(graph, attention.generated)
     available = torch_module.lowerings(graph)     # decided now: a call torch.compile traces reads no graph
+    masks_bounds = sdpa_masks_bounds(graph, available)
     for lowering in available:
         functions.get(lowering, compiled=False)   # generate now, not while a caller is being traced
     arguments = functions.file.inputs
@@ -123,7 +132,7 @@ def build(graph: Graph, attention):
             chosen = tuned_config(graph, sizes, tensors["q"].dtype, tensors["q"].device)
             if chosen and (chosen.get("lowering") not in available or not _tuned_lowering_usable(chosen, tensors)):
                 chosen = None
-        config = complete_config(chosen, sizes, graph, available)
+        config = complete_config(chosen, sizes, graph, available, masks_bounds)
         attention.last_config = config
         function = functions.get(config["lowering"], bool(config["compile"]))
         args = [tensors[n] for n in arguments]

@@ -28,7 +28,8 @@ from ..ir import Graph
 from ..layout import layout_of, raw_inputs
 from .bounds import conjuncts
 
-__all__ = ["LibraryForm", "library_form", "lowerings", "LIBRARY_LOWERINGS", "SCORE_DIMS"]
+__all__ = ["LibraryForm", "library_form", "lowerings", "why_not", "sdpa_visits_skippable_keys",
+           "LIBRARY_LOWERINGS", "SCORE_DIMS"]
 
 LIBRARY_LOWERINGS = ("sdpa", "flex")
 SCORE_DIMS = frozenset("bhij")
@@ -179,6 +180,17 @@ def lowerings(graph: Graph) -> tuple[str, ...]:
     if isinstance(form, str):
         return ()
     return ("sdpa",) + (("flex",) if form.flex is None else ())
+
+
+def sdpa_visits_skippable_keys(graph: Graph) -> bool:
+    """True when the keep-predicates bound the keys (causal, windows: the chunked lowering skips
+    key blocks) but the SDPA call gets them as a materialised mask and visits every key; False
+    for SDPA's own causal mask (is_causal) and for graphs without key bounds."""
+    form = library_form(graph)
+    bounds = graph.key_bounds
+    if isinstance(form, str) or (bounds.lower is None and bounds.upper is None):
+        return False
+    return form.causal_row is None
 
 
 def why_not(graph: Graph, lowering: str) -> str | None:
