@@ -123,7 +123,7 @@ def test_default_config_is_sdpa_where_it_fits_and_chunked_for_windows():
     causal = kernelsearch.load(spec_path("cosine_sim"), backend="torch").graph(frozenset())   # is_causal: no mask
     assert torch_backend.default_config(causal, {"b": 1, "h": 4, "i": 4096, "j": 4096, "d": 64})["lowering"] == "sdpa"
     local = kernelsearch.load(spec_path("local"), backend="torch")
-    for n, compiled in ((1024, False), (4096, True)):
+    for n, compiled in ((512, False), (1024, True)):
         config = torch_backend.default_config(local.graph(), {"b": 1, "h": 4, "i": n, "j": n, "d": 64})
         assert config == {"lowering": "chunked", "CHUNK_N": 128, "CHUNK_M": 128, "compile": compiled}
 

@@ -186,8 +186,8 @@ def torch_defaults(sizes: Mapping[str, int], lowerings: tuple = ("materialized",
 
     - windows: the chunked lowering with 128-row, 128-key chunks visits only the keys near each
       block (local N=4096: 84 ms eager, 48 ms compiled, against 1225 ms for SDPA, which computes
-      every score, and 53 ms for flex); compiled from COMPILE_MIN_SCORES scores, where the
-      compile (~3 s) pays for itself (N=1024: 22 ms eager, 15.5 ms compiled);
+      every score, and 53 ms for flex); compiled from MATERIALIZE_MAX_SCORES scores, where the
+      compile (~3 s) pays for itself (N=1024: 22-36 ms eager, 14-15.5 ms compiled);
     - else SDPA where it fits the graph (its fused kernel: softmax N=4096 171 ms, the generated
       chunked lowering 225 ms at best), except from COMPILE_MIN_SCORES scores when the
       keep-predicates bound the keys but SDPA would get them as a mask and visit every key
@@ -200,7 +200,8 @@ def torch_defaults(sizes: Mapping[str, int], lowerings: tuple = ("materialized",
     scores = size_of(sizes, "b") * size_of(sizes, "h") * size_of(sizes, "i") * size_of(sizes, "j", size_of(sizes, "i"))
     compiled = scores >= COMPILE_MIN_SCORES
     if windowed and "chunked" in lowerings:
-        return {"lowering": "chunked", "CHUNK_N": WINDOW_CHUNK, "CHUNK_M": WINDOW_CHUNK, "compile": compiled}
+        return {"lowering": "chunked", "CHUNK_N": WINDOW_CHUNK, "CHUNK_M": WINDOW_CHUNK,
+                "compile": scores >= MATERIALIZE_MAX_SCORES}
     if "sdpa" in lowerings and not (sdpa_masks_bounds and compiled):
         return {"lowering": "sdpa", "compile": False}
     if "sdpa" in lowerings:
