@@ -187,3 +187,37 @@ def test_flex_skips_the_mask_in_blocks_every_row_keeps_whole():
     mask = library_calls.block_mask(ranges, 300, 300, None)
     assert mask.full_kv_num_blocks[0, 0].tolist() == [0, 1, 1]
     assert mask.kv_num_blocks[0, 0].tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize("lowering", ["sdpa", "flex"])
+def test_a_tuned_library_lowering_is_recorded_and_loaded_like_any_config(lowering, tmp_path, monkeypatch):
+    """A records-file entry naming a library lowering is what load() runs without a config (local:
+    its default would be chunked); a flex record is skipped (the graph's defaults run) for calls
+    FlexAttention cannot run on the CPU."""
+    from kernelsearch.compiler import compile_graph
+    from kernelsearch.runtime import config_store
+    from kernelsearch.spec import load_spec
+
+    monkeypatch.setenv("KERNELSEARCH_HOME", str(tmp_path))
+    monkeypatch.delenv("KERNELSEARCH_RECORDS", raising=False)
+    config_store.clear_cache()
+    sizes = {"B": 1, "H": 2, "I": 128, "J": 128, "D": 32}
+    graph = compile_graph(load_spec(spec_path("local")), {}, frozenset())
+    config_store.record(graph.spec.sha256, "torch", config_store.device_name("cpu"), config_store.shape_bucket(sizes),
+                        "float32", "fwd", {"lowering": lowering, "compile": False},
+                        params_tag=config_store.params_tag(graph.params))
+    try:
+        attention = kernelsearch.load(spec_path("local"), backend="torch")
+        reference = kernelsearch.load(spec_path("local"), backend="reference")
+        tensors = random_inputs(attention.spec, sizes, dtype=torch.float64, optional=False)
+        with torch.no_grad():
+            got = attention(**_cast(tensors, torch.float32))
+        assert attention.last_config == {"lowering": lowering, "compile": False}
+        torch.testing.assert_close(got.double(), reference(**tensors), rtol=2e-5, atol=2e-5)
+        q = tensors["q"].float().requires_grad_()
+        attention(q, tensors["k"].float(), tensors["v"].float()).sum().backward()
+        # a flex record gives way to the defaults (windows: chunked) where FlexAttention cannot run
+        assert attention.last_config["lowering"] == ("sdpa" if lowering == "sdpa" else "chunked")
+        assert q.grad is not None
+    finally:
+        config_store.clear_cache()
