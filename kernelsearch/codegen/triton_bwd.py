@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from .. import ops
 from ..ir import Graph
 from . import names
-from .triton_fwd import (KEYS, ArgGroup, CodegenError, KernelPlan, TensorArg, _KernelWriter, _Value, _feature_constexprs, fill,
+from .triton_fwd import (KEYS, QUERY_TILE_PROGRAM, ArgGroup, CodegenError, KernelPlan, TensorArg, _KernelWriter, _Value, _feature_constexprs, fill,
                          _scalar_groups, flat_params, launch_lines, signature_lines,
                          launcher_sizes, plan, tensor_arg)
 
@@ -443,15 +443,7 @@ class _BackwardWriter(_KernelWriter):
 # The backward kernels as they read (codegen/triton_fwd.py's fill(): a slot alone on a line takes
 # lines, inside a line a value).
 
-DQ_HEAD = """\
-{signature}
-    \"\"\"{doc}\"\"\"
-    start_m = tl.program_id(0)
-{program}
-    offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_i < I
-{features}
-    DOT_DTYPE = {lead_ptr}.dtype.element_ty
+DQ_HEAD = QUERY_TILE_PROGRAM + """
 {per_program}
 {q_prologue}
 {row_inputs}

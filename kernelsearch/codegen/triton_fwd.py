@@ -1018,7 +1018,9 @@ class _KernelWriter:
 # lines (the spec's code, or layout-dependent set-up; it may be empty); `{name}` inside a line is
 # a value (a shape, an axis). fill() puts them in.
 
-FORWARD_HEAD = """\
+# a program over one query tile (of one head, or of every head of a sample: {program}); the
+# forward and the dq kernel start alike
+QUERY_TILE_PROGRAM = """\
 {signature}
     \"\"\"{doc}\"\"\"
     start_m = tl.program_id(0)
@@ -1026,7 +1028,9 @@ FORWARD_HEAD = """\
     offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_i < I
 {features}
-    DOT_DTYPE = {lead_ptr}.dtype.element_ty
+    DOT_DTYPE = {lead_ptr}.dtype.element_ty"""
+
+FORWARD_HEAD = QUERY_TILE_PROGRAM + """
 
     # -- per program: values without i or j --
 {per_program}
