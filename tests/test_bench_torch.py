@@ -19,7 +19,9 @@ def run_bench(tmp_path, *args):
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     text = out.read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith(("| variant", "| ---"))]
+    measurements = text.split("\n| goal")[0]      # the goals table follows the measurements
+    rows = [line for line in measurements.splitlines()
+            if line.startswith("| ") and not line.startswith(("| variant", "| ---"))]
     return text, [[cell.strip() for cell in line.strip("|").split("|")] for line in rows]
 
 

@@ -23,6 +23,6 @@ def test_b1_h4_n16384_d64_fp32_peak_memory_well_under_1gib():
     result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     measured = json.loads(result.stdout.strip().splitlines()[-1])
-    assert measured["lowering"] == "chunked" and measured["finite"]
+    assert measured["lowering"] in ("chunked", "sdpa") and measured["finite"]   # both O(N) memory (the default is sdpa where it fits)
     # materialised scores alone would be 4 * 16384^2 * 4 bytes = 4 GiB
     assert measured["peak_increase_mib"] < 512, measured   # half of 1 GiB; RSS counts freed-but-kept heap too
