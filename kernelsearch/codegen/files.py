@@ -75,29 +75,29 @@ def torch_file(graph: Graph) -> GeneratedFile:
 
 def triton_file(graph: Graph) -> GeneratedFile:
     """The inference path: the forward kernels of the whole graph (q/k/v transforms fused)."""
-    from .triton_fwd import default_config, plan, triton_functions, triton_function_name
-    functions = triton_functions(graph, default_config(graph))
-    name = triton_function_name(graph)
-    body = functions + f"\n\nforward = {name}\nforward_fake = {name}_fake\n"
-    return GeneratedFile(module_name(graph, "triton"),
-                         _header(graph, "the Triton inference kernels of one specialisation")
-                         + triton_prelude(graph) + "\n\n" + body,
-                         tuple(t.name for t in plan(graph).tensors))
+    return _triton_module(graph, "triton", "the Triton inference kernels of one specialisation", training=False)
 
 
 def triton_training_file(graph: Graph) -> GeneratedFile:
     """The training path of a core graph (passes/split_prologue.py): forward saving the rows'
     log-sum-exp, and the dq and dkdv kernels."""
+    return _triton_module(graph, "triton_train", "the Triton training kernels (forward with lse, dq, dkdv) of one "
+                                                 "specialisation's core graph", training=True)
+
+
+def _triton_module(graph: Graph, kind: str, what: str, training: bool) -> GeneratedFile:
+    """The forward kernels and launcher (and with `training` the backward ones), their prelude,
+    and the names the backend calls: forward, forward_fake (and backward)."""
     from .triton_bwd import backward_function_name, backward_functions
-    from .triton_fwd import default_config, plan, triton_functions, triton_function_name
+    from .triton_fwd import default_config, plan, triton_function_name, triton_functions
     name = triton_function_name(graph)
-    body = (triton_functions(graph, default_config(graph)) + "\n\n" + backward_functions(graph)
-            + f"\n\nforward = {name}\nforward_fake = {name}_fake\nbackward = {backward_function_name(graph)}\n")
-    return GeneratedFile(module_name(graph, "triton_train"),
-                         _header(graph, "the Triton training kernels (forward with lse, dq, dkdv) of one "
-                                        "specialisation's core graph")
-                         + triton_prelude(graph, training=True) + "\n\n" + body,
-                         tuple(t.name for t in plan(graph).tensors))
+    body = triton_functions(graph, default_config(graph))
+    aliases = f"forward = {name}\nforward_fake = {name}_fake\n"
+    if training:
+        body += "\n\n" + backward_functions(graph)
+        aliases += f"backward = {backward_function_name(graph)}\n"
+    source = _header(graph, what) + triton_prelude(graph, training=training) + "\n\n" + body + "\n\n" + aliases
+    return GeneratedFile(module_name(graph, kind), source, tuple(t.name for t in plan(graph).tensors))
 
 
 def triton_prelude(graph: Graph, training: bool = False) -> str:

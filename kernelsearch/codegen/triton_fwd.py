@@ -952,7 +952,7 @@ class _KernelWriter:
         import ast
         import textwrap
         scope = _kernel_scope(self.kernel_header, self.lines if self.scope_lines is None else self.scope_lines)
-        body = textwrap.dedent("\n".join(line for line in body_lines))
+        body = textwrap.dedent("\n".join(body_lines))
         tree = ast.parse(body)
         stored = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
         loaded = sorted((n.lineno, n.col_offset, n.id) for n in ast.walk(tree)
