@@ -74,6 +74,14 @@ class Plan:
     host: tuple[str, ...]            # scalars computed from sizes and params on the host, passed to kernels
     key_bounds: KeyBlockBounds       # which key blocks a query block needs, and from which conjuncts
     delta_sweep: bool                # backward: rowsum(p * dp) needs a sweep of its own (p transformed first)
+    normalisers: tuple = ()          # the row normalisers (normalisers.Normaliser: kind, scores, sink, keeps)
+    reduced_by: tuple = ()           # one sweep: per accumulator, the position in `normalisers` of the one it is
+                                     # linear in (its online rescaling and final division); () with two sweeps
+
+    @property
+    def statistics(self) -> tuple:
+        """The normalisers that keep row statistics (softmaxes), in order: the planes of the saved lse."""
+        return tuple(n for n in self.normalisers if n.statistics)
 
 
 @dataclass

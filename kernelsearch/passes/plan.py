@@ -18,6 +18,9 @@
                    come from (those need no mask in blocks they keep whole)
     delta sweep    backward: delta = rowsum(p * dp) needs a sweep of its own when p is transformed
                    before dot(p, v); otherwise it is rowsum(dO * O)
+    normalisers    the row normalisers (kernelsearch/normalisers.py): each softmax keeps its own row
+                   statistics (and its sink), masked ones none; with one sweep, the normaliser each
+                   accumulator is linear in (reduced_by: whose rescaling and division it takes)
 
 Code generators (codegen/) render the plan; they decide none of this.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 from .. import ops
 from ..exprs import INDEX_VARIABLES
+from ..normalisers import normalisers as find_normalisers
 from ..ir import Graph, Plan
 from .bounds import key_block_bounds
 from .schedule import HEADS_IN_TILE, head_groups, schedule_of
@@ -64,15 +68,42 @@ def accumulators(graph: Graph) -> tuple[str, ...]:
                  if node.op == "dot" and graph.node(node.args[0]).dims[-1:] == ("j",))
 
 
-def sweeps(graph: Graph, schedule: str, accs: tuple, softmax: str) -> tuple[int, str]:
-    """(1 or 2, why)."""
+def sweeps(graph: Graph, schedule: str, accs: tuple, norms: tuple) -> tuple[int, str, tuple]:
+    """(1 or 2, why, reduced_by): one online sweep when every accumulator reduces what exactly one
+    normaliser made, linearly when that one keeps row statistics (a softmax's rescaling and final
+    division apply to it); otherwise the exact two-sweep form (row statistics first). A dot of a
+    combination of several normalisers (dot(p1 - lam * p2, v)) is not distributed over them: it
+    takes the two sweeps."""
     if schedule == "two_pass":
-        return 2, "heads are mixed after softmax: every head's rows are normalised exactly first"
+        return 2, "heads are mixed after softmax: every head's rows are normalised exactly first", ()
     memo: dict = {}
+    reduced_by = []
     for acc in accs:
-        if linearity(graph, graph.node(acc).args[0], softmax, memo) is not True:
-            return 2, f"what {_label(graph, acc)} reduces is not linear in the probabilities: they are normalised exactly first"
-    return 1, "online softmax: what reaches dot(p, v) is linear in the probabilities"
+        operand = graph.node(acc).args[0]
+        used = [k for k, n in enumerate(norms) if n.node in graph.upstream(operand)]
+        if len(used) != 1:
+            what = ", ".join(_label(graph, norms[k].node) for k in used) or "no normaliser"
+            return 2, (f"{_label(graph, acc)} reduces a combination of {what}: the dot is not distributed over "
+                       "them, so every row is normalised exactly first (two sweeps)"), ()
+        (k,) = used
+        if norms[k].statistics and linearity(graph, operand, norms[k].node, {**memo}) is not True:
+            return 2, (f"what {_label(graph, acc)} reduces is not linear in the probabilities: they are normalised "
+                       "exactly first"), ()
+        reduced_by.append(k)
+    if not any(n.statistics for n in norms):
+        return 1, "one sweep: no row statistics (masked: p is the kept values themselves)", tuple(reduced_by)
+    several = " (each softmax its own statistics, one key sweep)" if len(norms) > 1 else ""
+    return 1, f"online softmax: what reaches dot(p, v) is linear in the probabilities{several}", tuple(reduced_by)
+
+
+def delta_sweep(graph: Graph, accs: tuple, norms: tuple) -> bool:
+    """The backward's delta = rowsum(p * dp) is rowsum(dO * O) only for one softmax whose p goes
+    straight into the one dot(p, v); otherwise it takes a sweep of its own."""
+    statistics = [n for n in norms if n.statistics]
+    if not statistics:
+        return False    # masked normalisers need no delta
+    direct = len(norms) == 1 and len(accs) == 1 and graph.node(accs[0]).args[0] == norms[0].node
+    return not direct
 
 
 def prepass(graph: Graph, accs: tuple) -> tuple[str, ...]:
@@ -104,16 +135,16 @@ def host_scalars(graph: Graph) -> tuple[str, ...]:
 
 def plan(graph: Graph) -> Graph:
     graph = graph.copy()
-    (softmax,) = graph.find("softmax")
+    norms = find_normalisers(graph)
     schedule = schedule_of(graph)
     accs = accumulators(graph)
-    count, reason = sweeps(graph, schedule, accs, softmax)
+    count, reason, reduced_by = sweeps(graph, schedule, accs, norms)
     graph.plan = Plan(
         schedule=schedule, sweeps=count, sweeps_reason=reason,
         heads_in_tile=schedule in HEADS_IN_TILE, head_groups=head_groups(graph),
         accumulators=accs, prepass=prepass(graph, accs), host=host_scalars(graph),
-        key_bounds=key_block_bounds(graph),
-        delta_sweep=any(graph.node(a).args[0] != softmax for a in accs))
+        key_bounds=key_block_bounds(graph), delta_sweep=delta_sweep(graph, accs, norms),
+        normalisers=norms, reduced_by=reduced_by)
     return graph
 
 
@@ -152,8 +183,16 @@ def describe_plan(graph: Graph) -> list[str]:
     p = graph.plan
     heads = f"heads in tile, {p.head_groups} stream(s) per sample" if p.heads_in_tile else "one head per program"
     lines = [f"schedule {p.schedule}: {heads}",
-             f"sweeps   {p.sweeps}: {p.sweeps_reason}",
-             f"reduce   {_labels(graph, p.accumulators) or '(nothing: no dot(p, v))'}"]
+             f"sweeps   {p.sweeps}: {p.sweeps_reason}"]
+    for k, n in enumerate(p.normalisers):
+        what = "row statistics (max, sum)" if n.statistics else "no row statistics (p = x where kept, else 0)"
+        sink = "" if n.sink is None else f", sink {_spelled(graph, n.sink, 'i')} in the denominator"
+        keeps = f", keeps {_labels(graph, n.keeps)}" if n.keeps else ""
+        lines.append(f"norm     {_label(graph, n.node)} = {graph.node(n.node).op}({_label(graph, n.scores)}): "
+                     f"{what}{sink}{keeps}")
+    lines.append(f"reduce   {_labels(graph, p.accumulators) or '(nothing: no dot(p, v))'}"
+                 + ("" if not p.reduced_by or len(p.normalisers) == 1 else
+                    f"  (rescaled by {', '.join(_label(graph, p.normalisers[k].node) for k in p.reduced_by)})"))
     if p.prepass:
         lines.append(f"prepass  {_labels(graph, p.prepass)}  (per-key values written once, not recomputed per query tile)")
     else:
