@@ -212,11 +212,13 @@ def test_the_gallery_is_the_issue_s_contract():
         "document": {"scale": "D ** (-0.5)", "causal": True},
         "prefix_lm": {"scale": "D ** (-0.5)", "causal": True},
         "t5_bias": {"scale": "D ** (-0.5)", "num_buckets": 32, "max_distance": 128, "bidirectional": True},
+        "sinks": {"scale": "D ** (-0.5)", "causal": True, "window": 0},
     }
     expected_inputs = {
         "document": {"q_doc": ("int", ("b", "i")), "k_doc": ("int", ("b", "j"))},
         "prefix_lm": {"prefix_len": ("int", ("b",))},
         "t5_bias": {"bias_table": ("float", ("h", "num_buckets"))},
+        "sinks": {"sinks": ("float", ("h",))},
     }
     import ast
     for name in GALLERY:

@@ -43,10 +43,12 @@ class ScaleNorm(nn.Module):
 
 
 class Attention(AttentionModule):
-    """The seed's projections (its names) around the spec's attention."""
+    """The seed's projections (its names) around the spec's attention; the spec's learned inputs
+    (e.g. the sinks of specs/sinks.yaml) are the layer's parameters, starting where they change nothing
+    (kernelsearch.nn: zeros, ones or the identity; the seed spec has none)."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, attn):
-        super().__init__(attn, heads=heads, dim_head=dim_head, projections=False, learned=[])
+        super().__init__(attn, heads=heads, dim_head=dim_head, projections=False, learned=None)
         self.to_qkv = _linear(dim, 3 * heads * dim_head, bias=False)
         self.combine_output = _linear(heads * dim_head, dim)
 
