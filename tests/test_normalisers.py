@@ -66,7 +66,24 @@ def sinks(q, k, v, sinks, mask=None, scale=None, causal=True, window=0):
     return torch.einsum("bhij,bhjd->bhid", p, v)
 
 
-DEFINITIONS = {"sinks": sinks}
+def sigmoid(q, k, v, mask=None, scale=None, causal=True, bias=None):
+    """Ramapuram et al. 2024: p_ij = sigmoid(s_ij * scale + bias), bias = -log(n) by default, no row
+    normalisation; dropped entries contribute nothing."""
+    B, I, J = q.shape[0], q.shape[2], k.shape[2]
+    bias = -math.log(J) if bias is None else bias
+    p = torch.sigmoid(_scores(q, k, scale) + bias) * _keep(B, I, J, causal, 0, mask)
+    return torch.einsum("bhij,bhjd->bhid", p, v)
+
+
+def diff_attn(q, k, v, q2, k2, lam, mask=None, scale=None, causal=True):
+    """Ye et al. 2024: the difference of two softmax attention maps, the second weighted by lambda."""
+    B, H, I, J = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    keep = _keep(B, I, J, causal, 0, mask)
+    p = _softmax_rows(_scores(q, k, scale), keep) - lam.reshape(1, H, 1, 1) * _softmax_rows(_scores(q2, k2, scale), keep)
+    return torch.einsum("bhij,bhjd->bhid", p, v)
+
+
+DEFINITIONS = {"sinks": sinks, "sigmoid": sigmoid, "diff_attn": diff_attn}
 
 
 # ------------------------------------------------------------------------------------- the cases
@@ -90,6 +107,10 @@ CASES = [
     Case("sinks", {"window": 5}, mask=True),
     Case("sinks", {"causal": False, "scale": 0.5}, (1, 2, 20, 20, 16)),
     Case("sinks", {"causal": False, "window": 4}, (1, 2, 20, 20, 16), mask=True),
+    Case("sigmoid", mask=True),
+    Case("sigmoid", {"causal": False, "bias": 0.5}, (1, 2, 20, 20, 16)),
+    Case("diff_attn", mask=True),
+    Case("diff_attn", {"causal": False, "scale": 0.3}, (1, 2, 20, 20, 16)),
 ]
 
 
@@ -105,6 +126,10 @@ def make_inputs(case: Case, seed: int = 0) -> dict:
         given["mask"] = mask
     if case.spec == "sinks":
         given["sinks"] = torch.randn(H, generator=g, dtype=torch.float64)
+    if case.spec.startswith("diff_attn"):
+        given["q2"] = torch.randn(B, H, I, D, generator=g, dtype=torch.float64)
+        given["k2"] = torch.randn(B, H, J, D, generator=g, dtype=torch.float64)
+        given["lam"] = torch.rand(H, generator=g, dtype=torch.float64) + 0.2
     return given
 
 
@@ -163,9 +188,13 @@ def test_the_specs_are_the_issue_s_contract():
     import ast
     expected_params = {
         "sinks": {"scale": "D ** (-0.5)", "causal": True, "window": 0},
+        "sigmoid": {"scale": "D ** (-0.5)", "causal": True, "bias": "-log(J)"},
+        "diff_attn": {"scale": "D ** (-0.5)", "causal": True},
     }
     expected_inputs = {
         "sinks": {"sinks": ("float", ("h",))},
+        "diff_attn": {"q2": ("float", ("b", "h", "i", "d")), "k2": ("float", ("b", "h", "j", "d")),
+                      "lam": ("float", ("h",))},
     }
     for name in expected_params:
         spec = kernelsearch.load_spec(spec_path(name))
@@ -175,7 +204,7 @@ def test_the_specs_are_the_issue_s_contract():
         assert defaults == expected_params[name], name
         required = {n: (d.dtype, tuple(d.shape)) for n, d in spec.inputs.items()
                     if not d.optional and n not in ("q", "k", "v")}
-        assert required == expected_inputs[name], name
+        assert required == expected_inputs.get(name, {}), name
         assert spec.inputs["mask"].optional and spec.inputs["mask"].dtype == "bool"
 
 
@@ -249,6 +278,8 @@ def test_softmax_plus_one_is_the_sink_zero(tmp_path, causal, interpreter):  # no
 
 @pytest.mark.parametrize("name, reason", [
     ("sinks", "sink"),
+    ("sigmoid", "masked(...), not softmax"),
+    ("diff_attn", "2 normalisers"),
 ])
 def test_library_kernels_are_not_offered_for_what_they_cannot_express(name, reason):
     """SDPA and FlexAttention have one softmax and no sink: the torch backend does not offer them."""
@@ -260,11 +291,43 @@ def test_library_kernels_are_not_offered_for_what_they_cannot_express(name, reas
     assert torch_lowerings(graph) == ("materialized", "chunked")
 
 
+def _graph(spec, **params):
+    return kernelsearch.load(spec, backend="reference", **params).graph(frozenset())
+
+
 def test_the_plan_names_the_sink():
-    graph = kernelsearch.load(spec_path("sinks"), backend="reference").graph(frozenset())
+    graph = _graph(spec_path("sinks"))
     (normaliser,) = graph.plan.normalisers
     assert (normaliser.kind, normaliser.sink, graph.plan.sweeps) == ("softmax", "sinks", 1)
     assert any("sink sinks in the denominator" in line for line in describe_plan(graph))
+
+
+def test_masked_attention_has_no_row_statistics_and_keeps_block_skipping():
+    graph = _graph(spec_path("sigmoid"))
+    (normaliser,) = graph.plan.normalisers
+    assert (normaliser.kind, normaliser.statistics, graph.plan.sweeps, graph.plan.delta_sweep) == \
+        ("masked", False, 1, False)
+    assert graph.plan.key_bounds.upper is not None          # causal: key blocks past the diagonal are skipped
+    assert not _graph(spec_path("sigmoid"), causal=False).plan.key_bounds.skips_blocks
+    lines = describe_plan(graph)
+    assert any("no row statistics" in line for line in lines) and any(line.startswith("keys     row i keeps keys")
+                                                                     for line in lines)
+
+
+def test_a_param_default_may_call_an_elementwise_op_of_sizes():
+    """sigmoid's bias defaults to -log(J): the registry's log on a size, evaluated at the call's J."""
+    spec = kernelsearch.load_spec(spec_path("sigmoid"))
+    from kernelsearch.inputs import check_param_values
+    values = check_param_values(spec, {n: p.default for n, p in spec.params.items()}, {"j": 40, "d": 16})
+    assert values["bias"] == pytest.approx(-math.log(40))
+
+
+def test_a_dot_of_a_combination_of_softmaxes_takes_two_sweeps():
+    """diff_attn writes dot(p1 - lam * p2, v): not distributed; exact row statistics of both first."""
+    graph = _graph(spec_path("diff_attn"))
+    assert [n.kind for n in graph.plan.normalisers] == ["softmax", "softmax"]
+    assert graph.plan.sweeps == 2 and "not distributed" in graph.plan.sweeps_reason
+    assert graph.plan.delta_sweep and len(graph.plan.statistics) == 2
 
 
 @pytest.mark.parametrize("text, message, hint", [
@@ -307,3 +370,98 @@ def test_sinks_trains_a_language_model(capsys):
                  "--batch-size", "2", "--sample-len", "4", "--backend", "torch", "--json", "--quiet"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert len(result["losses"]) == 2 and all(math.isfinite(loss) for loss in result["losses"])
+
+
+@pytest.mark.parametrize("name", ["sigmoid"])
+def test_masked_attention_trains_a_language_model(name, capsys):
+    """diff_attn does not train in the LMs yet: its q2 and k2 are per-token inputs no model makes."""
+    import json
+    from kernelsearch.cli import main
+    assert main(["lm", spec_path(name), "--model", "mesh_tf", "--steps", "2", "--seq-len", "64",
+                 "--batch-size", "2", "--sample-len", "4", "--backend", "torch", "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["losses"]) == 2 and all(math.isfinite(loss) for loss in result["losses"])
+
+
+RELU = """\
+name: relu_attention
+summary: ReLU attention - relu(s) / J on the kept entries, no row statistics.
+params:
+  scale: {type: float, default: "D ** -0.5"}
+  causal: {type: bool, default: true}
+inputs:
+  q: [b, h, i, d]
+  k: [b, h, j, d]
+  v: [b, h, j, d]
+  mask: {shape: [b, j], dtype: bool, optional: true}
+graph:
+  s: dot(q, k) * scale
+  causal_keep: (j <= i + J - I) if causal else None
+  p: masked(relu(s) / J, keep=[causal_keep, mask])
+  o: dot(p, v)
+outputs: [o]
+"""
+
+
+def _relu_attention(q, k, v, mask=None, causal=True):
+    B, I, J = q.shape[0], q.shape[2], k.shape[2]
+    p = torch.relu(_scores(q, k, None)) / J * _keep(B, I, J, causal, 0, mask)
+    return torch.einsum("bhij,bhjd->bhid", p, v)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_relu_attention_through_masked(tmp_path, causal, interpreter):  # noqa: F811
+    path = tmp_path / "relu_attention.yaml"
+    path.write_text(RELU)
+    case = Case("relu_attention", {"causal": causal}, mask=True)
+    given = make_inputs(case)
+    expected, expected_grads, dout = _expected(case, given, _relu_attention)
+    for backend, config in (("reference", None), ("torch", {"lowering": "materialized"}),
+                            ("torch", {"lowering": "chunked", "CHUNK_N": 16, "CHUNK_M": 8})):
+        _on_eager_backend(case.id, str(path), case.params, given, expected, expected_grads, dout, backend, config)
+    _on_triton(case.id, str(path), case.params, given, expected, expected_grads, dout)
+
+
+def test_a_combination_of_dots_shares_one_sweep(tmp_path, interpreter):  # noqa: F811
+    """dot(p1, v) - lam * dot(p2, v): each accumulator is linear in one softmax - one online sweep,
+    each accumulator rescaled and divided by its own softmax's statistics."""
+    path = tmp_path / "diff_attn_split.yaml"
+    path.write_text((spec_path_text := open(spec_path("diff_attn")).read())
+                    .replace("o: dot(p1 - lam * p2, v)", "o: dot(p1, v) - lam * dot(p2, v)"))
+    assert spec_path_text != path.read_text()
+    graph = _graph(str(path))
+    assert graph.plan.sweeps == 1 and graph.plan.reduced_by == (0, 1)
+    assert any("rescaled by p1, p2" in line for line in describe_plan(graph))
+    case = Case("diff_attn", mask=True)
+    given = make_inputs(case)
+    expected, expected_grads, dout = _expected(case, given)
+    for backend, config in (("reference", None), ("torch", {"lowering": "materialized"}),
+                            ("torch", {"lowering": "chunked", "CHUNK_N": 16, "CHUNK_M": 8})):
+        _on_eager_backend(case.id, str(path), {}, given, expected, expected_grads, dout, backend, config)
+    attention = kernelsearch.load(str(path), backend="triton", config={"BLOCK_M": 16, "BLOCK_N": 16})
+    with torch.no_grad():
+        inference = attention(**{n: t.float() if t.is_floating_point() else t for n, t in given.items()})
+    torch.testing.assert_close(inference.double(), expected, **FP32)
+    leaves = {n: t.float().requires_grad_() if t.is_floating_point() else t for n, t in given.items()}
+    out = attention(**leaves)
+    out.backward(dout.float())
+    torch.testing.assert_close(out.detach().double(), expected, **FP32)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(leaves[name].grad.double(), grad, **FP32_GRAD, msg=lambda m: f"d{name}: {m}")
+
+
+def test_the_readme_shows_the_normalisers_as_the_specs_have_them():
+    from .conftest import ROOT
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("**Row normalisers**", 1)[1].split("SDPA and FlexAttention are offered", 1)[0]
+    import re
+    blocks = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 3
+    known = {line.strip() for text in [SOFTMAX_PLUS_ONE, RELU] + [open(spec_path(n)).read()
+                                                                  for n in ("sinks", "sigmoid", "diff_attn")]
+             for line in text.splitlines()}
+    for block in blocks:
+        for line in filter(str.strip, block.splitlines()):
+            assert line.strip() in known, line
+    for construct in ("softmax(s, keep=[...], sinks=x)", "masked(x, keep=[...])", "relu"):
+        assert construct in readme, construct

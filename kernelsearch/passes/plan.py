@@ -208,5 +208,9 @@ def describe_plan(graph: Graph) -> list[str]:
                      f"from {_labels(graph, bounds.conjuncts_used)})")
     else:
         lines.append("keys     every key block of every row (no keep-predicate bounds them)")
-    lines.append("backward delta = rowsum(p * dp) " + ("in a sweep of its own" if p.delta_sweep else "= rowsum(dO * O)"))
+    if not p.statistics:
+        lines.append("backward no delta: no row statistics (d x = d p where kept, else 0)")
+    else:
+        lines.append("backward delta = rowsum(p * dp) " + ("in a sweep of its own" if p.delta_sweep else "= rowsum(dO * O)")
+                     + (" per softmax" if len(p.statistics) > 1 else ""))
     return lines
