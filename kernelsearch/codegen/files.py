@@ -122,6 +122,8 @@ def triton_prelude(graph: Graph, training: bool = False) -> str:
     kept = [block for name, block in blocks.items() if name in wanted]   # in the prelude's order
     needs_math = ops.python_modules(_scalar_ops(graph, host))
     used_imports = [line for line in imports if not line.startswith("import math") or needs_math]
+    if graph.plan.block_mask is not None:   # the launchers compute it in torch (torch_module.block_mask_source)
+        used_imports += ["", "from kernelsearch.backends import torch_ops as ops", BLOCK_MASK_IMPORT.strip()]
     return "\n".join(used_imports) + "\n" + "".join("\n\n" + block.strip("\n") + "\n" for block in kept)
 
 
