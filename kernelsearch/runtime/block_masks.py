@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockMask", "Tiles", "lookup", "store", "CHUNK_ELEMENTS", "CACHE_ENTRIES"]
+__all__ = ["BlockMask", "Tiles", "from_tiles", "lookup", "store", "CHUNK_ELEMENTS", "CACHE_ENTRIES"]
 
 CHUNK_ELEMENTS = 1 << 22    # (i, j) pairs evaluated at once: rows per chunk = this / (keys * b? * h?)
 CACHE_ENTRIES = 32          # masks kept per generated file (shapes and block sizes in use)
@@ -119,10 +119,14 @@ class Tiles:
         self.keeps_all[:, :, row_blocks, key_blocks] = every.view(shape).all(5).all(3)
 
     def result(self) -> BlockMask:
-        partial = self.keeps & ~self.keeps_all
-        return BlockMask(self.block_m, self.block_n, self.keeps, self.keeps_all,
-                         _lists(partial), _lists(self.keeps_all),
-                         _lists(partial.transpose(-1, -2)), _lists(self.keeps_all.transpose(-1, -2)))
+        return from_tiles(self.keeps, self.keeps_all, self.block_m, self.block_n)
+
+
+def from_tiles(keeps: torch.Tensor, keeps_all: torch.Tensor, block_m: int, block_n: int) -> BlockMask:
+    """The block mask of dense [b?, h?, query blocks, key blocks] tables (keeps_all within keeps)."""
+    partial = keeps & ~keeps_all
+    return BlockMask(block_m, block_n, keeps, keeps_all, _lists(partial), _lists(keeps_all),
+                     _lists(partial.transpose(-1, -2)), _lists(keeps_all.transpose(-1, -2)))
 
 
 def lookup(cache: dict, key) -> BlockMask | None:
