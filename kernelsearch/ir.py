@@ -67,14 +67,20 @@ class BlockMaskPlan:
     inputs (document ids). The kernels then visit only the listed tiles, and tiles every row of
     which the conjuncts keep whole run without their masks.
 
-    `conjuncts` are evaluated into the mask: every conjunct over both i and j, and the ones the
-    bounds came from (so the mask is exact for those too); `unbounded` are the conjuncts over i
-    and j the bounds do not capture (why there is a mask); `dims` the batch/head dims it varies
-    over (b, h); `inputs` the inputs it reads (empty: cached per shape and block size)."""
+    `conjuncts` make the mask: every conjunct over both i and j, and the ones the bounds came
+    from; `unbounded` are the conjuncts over i and j the bounds do not capture (why there is a
+    mask). Each conjunct gives per tile "keeps something" / "keeps everything" by one rule, and
+    the mask is their conjunction: `bounded` from the key-block bounds (no evaluation), `ranges`
+    ((conjunct, query side, key side): `a[i] == b[j]`) from the min and max of each side per
+    block, `evaluated` over [rows, keys] chunks reduced per tile. `dims` the batch/head dims it
+    varies over (b, h); `inputs` the inputs it reads (empty: cached per shape and block size)."""
     conjuncts: tuple[str, ...]
     unbounded: tuple[str, ...]
     dims: tuple[str, ...]
     inputs: tuple[str, ...]
+    bounded: tuple[str, ...] = ()
+    ranges: tuple[tuple[str, str, str], ...] = ()
+    evaluated: tuple[str, ...] = ()
 
     @property
     def per_call(self) -> bool:

@@ -602,17 +602,22 @@ def block_mask_call(graph: Graph, block_m: str, block_n: str, device: str) -> st
 
 def block_mask_source(graph: Graph) -> str:
     """`def block_mask(<inputs>, <sizes>, BLOCK_M, BLOCK_N, device)`: the plan's block mask at one
-    block size, as runtime/block_masks.BlockMask - the conjuncts evaluated over chunks of whole
-    query blocks and the keys their rows' bounds allow, reduced per tile; cached per shape and
-    block size when they read no input."""
+    block size, as runtime/block_masks.BlockMask - each conjunct by its rule (passes/block_mask.py):
+    the bounded ones from the key-block bounds of each query block, `a == b` from per-block
+    ranges, the others evaluated over chunks of whole query blocks and the keys their rows'
+    bounds allow; cached per shape and block size when they read no input."""
     mask = graph.plan.block_mask
     emitter = _Emitter(graph, device="device")
     inputs, dims = block_mask_arguments(graph)
     params = [names.argument(n) for n in inputs] + [names.size(d) for d in dims] + ["BLOCK_M: int", "BLOCK_N: int",
                                                                                     "device"]
     nodes = _block_mask_nodes(graph)
-    in_tile = [n for n in nodes if {"i", "j"} <= set(graph.node(n).dims) and graph.node(n).op != "input"]
-    whole = [n for n in nodes if n not in in_tile and graph.node(n).op not in ("input", "size")]
+    in_tile = [n for n in nodes if {"i", "j"} <= set(graph.node(n).dims) and graph.node(n).op != "input"
+               and n in set().union(*(graph.upstream(c) for c in mask.evaluated))]
+    computed = set().union(*(graph.upstream(n) for r in mask.ranges for n in r[1:]),
+                           *(graph.upstream(c) for c in mask.evaluated))   # the bounded rule reads no tensor
+    whole = [n for n in nodes if {"i", "j"} - set(graph.node(n).dims) and graph.node(n).op not in ("input", "size")
+             and n in computed]
     from ..passes.plan import _labels
     reads = f"reads {', '.join(inputs)}: computed per call" if inputs else \
         "reads no input: computed once per shape and block size, cached"
@@ -633,13 +638,38 @@ def block_mask_source(graph: Graph) -> str:
     batch = names.size("b") if "b" in mask.dims else "1"
     heads = names.size("h") if "h" in mask.dims else "1"
     body.append(f"tiles = block_masks.Tiles({batch}, {heads}, I, J, BLOCK_M, BLOCK_N, ({axes}), device)")
+    if mask.bounded:
+        first_key, last_key = key_range(graph, None)
+        first_full, last_full = key_range(graph, None, full=True)
+        body += [f"# {_escaped(_labels(graph, mask.bounded))}: the key-block bounds of each query block "
+                 "(the keys its rows can keep, and those all of them keep)",
+                 "key_ranges = []",
+                 "for query_start in range(0, I, BLOCK_M):",
+                 "    query_end = min(query_start + BLOCK_M, I)",
+                 f"    key_ranges.append(({first_key}, {last_key}, {first_full}, {last_full}))",
+                 "tiles.bounds(key_ranges)"]
+    for conjunct, query_side, key_side in mask.ranges:
+        body.append(f"tiles.equal_ranges({variable(graph, query_side)}, {variable(graph, key_side)})  "
+                    f"# {_escaped(_labels(graph, [conjunct]))}: each side's min and max per block")
+    if mask.evaluated:
+        body += _evaluated_lines(graph, emitter, mask, inputs, whole, in_tile)
+    body.append(f"return block_masks.store({BLOCK_MASK_CACHE}, key, tiles.result())" if not mask.per_call
+                else "return tiles.result()")
+    lines += ["    " + line for line in body]
+    return "\n".join(lines) + "\n"
+
+
+def _evaluated_lines(graph: Graph, emitter: _Emitter, mask, inputs, whole, in_tile) -> list[str]:
+    """The loop evaluating the conjuncts no cheaper rule covers, chunk by chunk of whole query blocks."""
+    from ..passes.plan import _labels
     first_key, last_key = key_range(graph, "BLOCK_N")
     sliced = {}
     loop = ["key_start, key_end = " + f"{first_key}, {last_key}  # the keys these rows' bounds allow",
-            "if key_end <= key_start:", "    continue"]
+            "if key_end <= key_start:", "    tiles.skip_rows(query_start, query_end)", "    continue"]
+    readers = set(mask.evaluated).union(*(graph.node(t).args for t in in_tile))
     for n in inputs + whole:
         node_dims = graph.node(n).dims
-        if n in emitter.raw or not ({"i", "j"} & set(node_dims)):
+        if n in emitter.raw or not ({"i", "j"} & set(node_dims)) or n not in readers:
             continue
         index = [":"] * (max(emitter.axis[d] for d in ("i", "j") if d in node_dims) + 1)
         if "i" in node_dims:
@@ -647,18 +677,13 @@ def block_mask_source(graph: Graph) -> str:
         if "j" in node_dims:
             index[emitter.axis["j"]] = "key_start:key_end"
         sliced[n] = names.derived("tile", variable(graph, n))
-        if any(n in graph.node(t).args for t in in_tile) or n in mask.conjuncts:
-            loop.append(f"{sliced[n]} = {variable(graph, n)}[{', '.join(index)}]")
+        loop.append(f"{sliced[n]} = {variable(graph, n)}[{', '.join(index)}]")
     name = lambda a: sliced.get(a, variable(graph, a))  # noqa: E731
     loop += [f"{variable(graph, n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}" for n in in_tile]
-    keep = " & ".join(name(c) for c in mask.conjuncts)
+    keep = " & ".join(name(c) for c in mask.evaluated)
     loop.append(f"tiles.add({keep}, query_start, query_end, key_start, key_end)")
-    body.append("for query_start, query_end in tiles.row_chunks():  # whole query blocks at a time")
-    body += ["    " + line for line in loop]
-    body.append(f"return block_masks.store({BLOCK_MASK_CACHE}, key, tiles.result())" if not mask.per_call
-                else "return tiles.result()")
-    lines += ["    " + line for line in body]
-    return "\n".join(lines) + "\n"
+    return ([f"# {_escaped(_labels(graph, mask.evaluated))}: evaluated over whole query blocks x the keys they can keep"]
+            + ["for query_start, query_end in tiles.row_chunks():"] + ["    " + line for line in loop])
 
 
 def _escaped(text: str) -> str:

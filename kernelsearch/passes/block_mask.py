@@ -16,8 +16,20 @@ is (runtime/block_masks.py holds the lists).
                 there is one
     dims        b and/or h where the conjuncts vary with them (the mask's leading dims)
     inputs      the inputs the conjuncts read: none - computed once per (shape, block size) and
-                cached; some (document ids, prefix lengths) - computed per call, vectorised torch
-                over [rows, keys] chunks reduced per block with any / all (no D factor)
+                cached; some (document ids, prefix lengths) - computed per call, in vectorised
+                torch (no D factor)
+
+Each conjunct gives per tile "keeps something" and "keeps everything" by the cheapest rule that
+fits it; the mask is their conjunction (exact for "everything"; "something" may list a tile the
+conjuncts together keep nothing in - visited, masked, never wrong):
+
+    bounded     a conjunct the key-block bounds come from: the bounds at the block's first and
+                last rows (as the kernels' full-block ranges), O(blocks)
+    ranges      `a == b` with a over i (not j) and b over j (not i) - document ids: the min and
+                max of each side per block; something where the ranges meet, everything where
+                both are one and the same value, O(I + J + blocks)
+    evaluated   anything else: the conjunct over chunks of whole query blocks x the keys the
+                bounds allow, counted per tile, O(I * J) without a D factor
 
 Heads-in-tile programs hold every head of a sample: a per-head list cannot drive them, so those
 graphs get no block mask (the plan says so; their tiles apply every mask as before).
@@ -56,4 +68,22 @@ def block_mask_plan(graph: Graph, bounds: KeyBlockBounds, heads_in_tile: bool) -
     upstream = set().union(*(graph.upstream(c) for c in chosen))
     dims = tuple(d for d in ("b", "h") if any(d in graph.node(c).dims for c in chosen))
     inputs = tuple(n for n in graph.ids() if n in upstream and graph.node(n).op == "input")
-    return BlockMaskPlan(conjuncts=chosen, unbounded=unbounded, dims=dims, inputs=inputs)
+    bounded = tuple(c for c in chosen if c in used)
+    ranges = tuple(r for r in (_equal_ranges(graph, c) for c in chosen if c not in used) if r is not None)
+    evaluated = tuple(c for c in chosen if c not in used and c not in {r[0] for r in ranges})
+    return BlockMaskPlan(conjuncts=chosen, unbounded=unbounded, dims=dims, inputs=inputs, bounded=bounded,
+                         ranges=ranges, evaluated=evaluated)
+
+
+def _equal_ranges(graph: Graph, conjunct: str) -> tuple[str, str, str] | None:
+    """(conjunct, query side, key side) of `a == b`, a varying with i and not j, b with j and not
+    i, both integers (document ids); None otherwise."""
+    node = graph.node(conjunct)
+    if node.op != "eq":
+        return None
+    for a, b in (node.args, node.args[::-1]):
+        da, db = set(graph.node(a).dims), set(graph.node(b).dims)
+        if "i" in da and "j" not in da and "j" in db and "i" not in db \
+                and graph.node(a).dtype == graph.node(b).dtype == "int":
+            return conjunct, a, b
+    return None

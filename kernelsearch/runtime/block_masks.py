@@ -79,16 +79,86 @@ class BlockMask:
         return self.keeps.float().mean().item() if self.keeps.numel() else 0.0
 
 
+def _view(value: torch.Tensor, axes) -> torch.Tensor:
+    """An aligned value as [value's size on each of `axes`] (its other axes have size 1)."""
+    others = [a for a in range(value.ndim) if a not in axes]
+    return value.permute(*axes, *others).reshape([value.shape[a] for a in axes])
+
+
+def _block_min_max(side: torch.Tensor, block: int) -> tuple:
+    """[b, h, n] -> the min and max of each block of `block` along n ([b, h, blocks]); the last
+    block padded with its last value (which changes neither)."""
+    n = side.shape[-1]
+    padded = _cdiv(n, block) * block
+    if padded != n:
+        side = torch.cat([side, side[..., -1:].expand(*side.shape[:-1], padded - n)], -1)
+    blocks = side.reshape(*side.shape[:-1], padded // block, block)
+    return blocks.amin(-1), blocks.amax(-1)
+
+
+# k bools read as one k-byte integer: all True is this value, any True is non-zero
+_WORDS = {8: (torch.int64, int.from_bytes(bytes([1] * 8), "little", signed=True)),
+          4: (torch.int32, int.from_bytes(bytes([1] * 4), "little", signed=True)),
+          2: (torch.int16, int.from_bytes(bytes([1] * 2), "little", signed=True))}
+
+
+def _per_row_and_key_block(keep: torch.Tensor, key_blocks: int, block_n: int) -> tuple:
+    """[b, h, rows, key_blocks * block_n] bool (contiguous) -> (any, all) over each key block,
+    [b, h, rows, key_blocks]: groups of k consecutive bools are read as one k-byte integer (one
+    compare instead of a reduction over a short inner dim), repeatedly, while k divides the block."""
+    b, h, rows, _ = keep.shape
+    some, every, width = keep, keep, block_n
+    while width > 1:
+        k = next((k for k in (8, 4, 2) if width % k == 0), None)
+        if k is None:
+            break
+        dtype, ones = _WORDS[k]
+        some = some.view(torch.uint8).view(dtype) != 0
+        every = every.view(torch.uint8).view(dtype) == ones
+        width //= k
+    some = some.view(b, h, rows, key_blocks, width)
+    every = every.view(b, h, rows, key_blocks, width)
+    return some.any(-1), every.all(-1)
+
+
 class Tiles:
-    """Accumulates a block mask from chunks of the conjuncts' values."""
+    """A block mask built rule by rule (passes/block_mask.py): each conjunct's "keeps something"
+    and "keeps everything" per tile are and-ed in."""
 
     def __init__(self, batch: int, heads: int, I: int, J: int, BLOCK_M: int, BLOCK_N: int, axes: tuple, device):
         self.batch, self.heads, self.I, self.J = batch, heads, I, J
         self.block_m, self.block_n = int(BLOCK_M), int(BLOCK_N)
-        self.axes = tuple(axes)      # positions of b, h, i, j in the aligned layout the chunks come in
-        shape = (batch, heads, _cdiv(I, self.block_m), _cdiv(J, self.block_n))
-        self.keeps = torch.zeros(shape, dtype=torch.bool, device=device)
-        self.keeps_all = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.axes = tuple(axes)      # positions of b, h, i, j in the aligned layout values come in
+        self.device = device
+        self.rows, self.cols = _cdiv(I, self.block_m), _cdiv(J, self.block_n)
+        shape = (batch, heads, self.rows, self.cols)
+        key_ends = (torch.arange(self.cols, device=device) + 1) * self.block_n
+        self.keeps = torch.ones(shape, dtype=torch.bool, device=device)
+        self.keeps_all = (key_ends <= J).expand(shape).clone()     # a tile crossing J is never whole
+
+    def bounds(self, key_ranges: list) -> None:
+        """The bounded conjuncts: per query block (first, end) of the keys its rows can keep and
+        (first, end) of those all its rows keep (the key-block bounds at its first and last rows)."""
+        if not key_ranges:
+            return
+        ranges = torch.tensor(key_ranges, dtype=torch.int64, device=self.device)     # [query blocks, 4]
+        starts = torch.arange(self.cols, device=self.device)[None] * self.block_n
+        ends = starts + self.block_n
+        self.keeps &= (starts < ranges[:, 1:2]) & (ends > ranges[:, 0:1])
+        self.keeps_all &= (starts >= ranges[:, 2:3]) & (ends <= ranges[:, 3:4])
+
+    def equal_ranges(self, query_side: torch.Tensor, key_side: torch.Tensor) -> None:
+        """`a == b`, a over (b?, h?, i), b over (b?, h?, j) (aligned): something kept where a
+        block's ranges of a and b meet, everything where both are one and the same value."""
+        if not self.I or not self.J:
+            return
+        b, h, i, j = self.axes
+        a_min, a_max = _block_min_max(_view(query_side, (b, h, i)), self.block_m)
+        k_min, k_max = _block_min_max(_view(key_side, (b, h, j)), self.block_n)
+        a_min, a_max = a_min[..., :, None], a_max[..., :, None]        # [b?, h?, query blocks, 1]
+        k_min, k_max = k_min[..., None, :], k_max[..., None, :]        # [b?, h?, 1, key blocks]
+        self.keeps &= (a_min <= k_max) & (k_min <= a_max)
+        self.keeps_all &= (a_min == a_max) & (k_min == k_max) & (a_min == k_min)
 
     def row_chunks(self):
         """(query_start, query_end) of chunks of whole query blocks, small enough to evaluate at once."""
@@ -98,28 +168,36 @@ class Tiles:
             yield start, min(start + step, self.I)
 
     def add(self, keep: torch.Tensor, query_start: int, query_end: int, key_start: int, key_end: int) -> None:
-        """keep: the conjuncts' value (aligned layout, size 1 where it does not vary) at rows
-        query_start..query_end - 1 (query_start a block start) and keys key_start..key_end - 1
-        (key_start a block start)."""
+        """The evaluated conjuncts: their value (aligned, size 1 where it does not vary) at rows
+        query_start..query_end - 1 (a block start) and keys key_start..key_end - 1 (a block
+        start; the keys outside keep nothing), counted per tile."""
         rows, keys = query_end - query_start, key_end - key_start
-        others = [a for a in range(keep.ndim) if a not in self.axes]
-        keep = keep.permute(*self.axes, *others).reshape(keep.shape[self.axes[0]], keep.shape[self.axes[1]],
-                                                          keep.shape[self.axes[2]], keep.shape[self.axes[3]])
-        keep = keep.expand(self.batch, self.heads, rows, keys)
-        padded_rows, padded_keys = _cdiv(rows, self.block_m) * self.block_m, _cdiv(keys, self.block_n) * self.block_n
-        some = torch.zeros(self.batch, self.heads, padded_rows, padded_keys, dtype=torch.bool, device=keep.device)
-        some[:, :, :rows, :keys] = keep
-        every = some.clone()
-        every[:, :, rows:, :keys] = True      # rows past I hold nothing to keep; keys past the chunk are not kept
-        shape = (self.batch, self.heads, padded_rows // self.block_m, self.block_m,
-                 padded_keys // self.block_n, self.block_n)
         first_row, first_key = query_start // self.block_m, key_start // self.block_n
-        row_blocks, key_blocks = slice(first_row, first_row + shape[2]), slice(first_key, first_key + shape[4])
-        self.keeps[:, :, row_blocks, key_blocks] = some.view(shape).any(5).any(3)
-        self.keeps_all[:, :, row_blocks, key_blocks] = every.view(shape).all(5).all(3)
+        row_blocks, key_blocks = _cdiv(rows, self.block_m), _cdiv(keys, self.block_n)
+        keep = _view(keep, self.axes).expand(self.batch, self.heads, rows, keys)
+        pad_keys, pad_rows = key_blocks * self.block_n - keys, row_blocks * self.block_m - rows
+        if pad_keys:     # the last key block: padded keys keep nothing
+            keep = torch.nn.functional.pad(keep.to(torch.uint8), (0, pad_keys)).bool()
+        some_rows, every_rows = _per_row_and_key_block(keep.contiguous(), key_blocks, self.block_n)
+        if pad_rows:     # the last query block: rows past I keep nothing, and need nothing kept
+            some_rows = torch.nn.functional.pad(some_rows, (0, 0, 0, pad_rows), value=False)
+            every_rows = torch.nn.functional.pad(every_rows, (0, 0, 0, pad_rows), value=True)
+        shape = (self.batch, self.heads, row_blocks, self.block_m, key_blocks)
+        some = torch.zeros(self.batch, self.heads, row_blocks, self.cols, dtype=torch.bool, device=keep.device)
+        every = torch.zeros_like(some)
+        some[..., first_key:first_key + key_blocks] = some_rows.view(shape).any(3)
+        every[..., first_key:first_key + key_blocks] = every_rows.view(shape).all(3)
+        self.keeps[:, :, first_row:first_row + row_blocks] &= some
+        self.keeps_all[:, :, first_row:first_row + row_blocks] &= every
+
+    def skip_rows(self, query_start: int, query_end: int) -> None:
+        """Rows whose bounds allow no key: nothing kept."""
+        blocks = slice(query_start // self.block_m, _cdiv(query_end, self.block_m))
+        self.keeps[:, :, blocks] = False
+        self.keeps_all[:, :, blocks] = False
 
     def result(self) -> BlockMask:
-        return from_tiles(self.keeps, self.keeps_all, self.block_m, self.block_n)
+        return from_tiles(self.keeps, self.keeps_all & self.keeps, self.block_m, self.block_n)
 
 
 def from_tiles(keeps: torch.Tensor, keeps_all: torch.Tensor, block_m: int, block_n: int) -> BlockMask:
