@@ -25,8 +25,6 @@ SPELLINGS = {
     "min": "minimum(a, b) (elementwise)",
     "fmax": "maximum(a, b)",
     "fmin": "minimum(a, b)",
-    "int": "to_int(x)",
-    "float": "to_float(x)",
     "long": "to_int(x)",
     "masked_fill": "softmax(s, keep=[predicate]) to drop scores (True = kept), or where(predicate, x, other)",
     "masked_fill_": "softmax(s, keep=[predicate]) to drop scores (True = kept), or where(predicate, x, other)",
