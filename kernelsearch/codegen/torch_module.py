@@ -417,7 +417,8 @@ _MOD_INDEX = {"b": "batch", "h": "head", "i": "query_index", "j": "key_index"}
 def _library_body(graph: Graph, emitter: _Emitter, lowering: str) -> list[str]:
     form = library.library_form(graph)
     assert not isinstance(form, str), form
-    mask_roots = list(form.biases) + list(form.keeps)
+    assert lowering == "flex" or form.sdpa is None, form.sdpa
+    mask_roots = list(form.biases) + list(form.keeps) + list(form.score_terms)
     structural = set(form.score_nodes) | set(graph.find("softmax")) | {form.reduction}
     epilogue = [n for n in graph.ids() if n != form.reduction and form.reduction in graph.upstream(n)]
     rest = [form.query, form.key, form.value] + [f for _, f in form.scale] + epilogue
@@ -518,7 +519,19 @@ def _flex_call(graph: Graph, emitter: _Emitter, form, mod_nodes: set) -> list[st
 
     index_args = ", ".join(_MOD_INDEX[d] for d in ("b", "h", "i", "j"))
     score_mod = "None"
-    if form.biases:
+    if form.score_function:   # the scores as a function of dot(q', k'), FlexAttention's score (scale 1)
+        dot, *path = form.score_function
+        lines.append(f"def score_mod(score, {index_args}):  # the scores from q.k, per score")
+        lines += body(form.score_terms)
+        lines.append(f"    {variable(graph, dot)} = score")
+        for n in path:
+            node = graph.node(n)
+            text = ops.render(node.op, "torch", [element(a) if a not in form.score_function else variable(graph, a)
+                                                 for a in node.args], node.dtype)
+            lines.append(f"    {variable(graph, n)} = {text}")
+        lines.append(f"    return {variable(graph, path[-1]) if path else 'score'}")
+        score_mod = "score_mod"
+    elif form.biases:
         lines.append(f"def score_mod(score, {index_args}):  # the biases, per score")
         lines += body(form.biases)
         lines.append(f"    return score + {' + '.join(element(b) for b in form.biases)}")

@@ -246,7 +246,11 @@ def resolve(opts: TuneOptions) -> Resolved:
         warnings.warn("float16 on the CPU is slow and not what the CPU backend is for", stacklevel=2)
     device = "cuda" if target == "cuda" and not interpret else "cpu"
     dev_name = rec.device_name(device)
-    space = adapter.space(spec, sizes, opts.direction, dtype)
+    present = tuple(sorted(n for n, d in dict(spec.inputs).items() if getattr(d, "optional", False))) \
+        if opts.optional_inputs else ()
+    # the space of the graph the trials time: these params, these optional inputs (its lowerings,
+    # schedule and default config are that graph's, as they are `load`'s for those calls)
+    space = adapter.space(spec, sizes, opts.direction, dtype, params=dict(opts.params), present=present)
     if opts.only:
         try:
             space = fix_choices(space, opts.only)
@@ -263,8 +267,6 @@ def resolve(opts: TuneOptions) -> Resolved:
         timeout = None
     storage = parse_storage(opts.storage)
     bucket = rec.shape_bucket(sizes)
-    present = tuple(sorted(n for n, d in dict(spec.inputs).items() if getattr(d, "optional", False))) \
-        if opts.optional_inputs else ()
     tag = rec.params_tag(params, present)
     name = study_name(spec.name, spec.sha256, backend, dev_name, bucket, dtype, opts.direction, tag,
                       space.signature())
