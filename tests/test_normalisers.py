@@ -465,3 +465,50 @@ def test_the_readme_shows_the_normalisers_as_the_specs_have_them():
             assert line.strip() in known, line
     for construct in ("softmax(s, keep=[...], sinks=x)", "masked(x, keep=[...])", "relu"):
         assert construct in readme, construct
+
+
+MIXED = """\
+name: mixed
+inputs:
+  q: [b, h, i, d]
+  k: [b, h, j, d]
+  v: [b, h, j, d]
+  sinks: [b, h]
+  mask: {shape: [b, j], dtype: bool, optional: true}
+graph:
+  s: dot(q, k) * 0.25
+  p1: softmax(s, keep=[j <= i + J - I, mask], sinks=sinks * 2.0)
+  p2: masked(sigmoid(s), keep=[i + J - I - j < 4])
+  o: dot(p1 * p1 + p2, v)
+outputs: [o]
+"""
+
+
+def _mixed(q, k, v, sinks, mask=None):
+    """A softmax with a computed per-(b, h) sink, squared, plus a windowed sigmoid without statistics."""
+    B, H, I, J = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    s = torch.einsum("bhid,bhjd->bhij", q, k) * 0.25
+    logits = torch.cat([s.masked_fill(~_keep(B, I, J, True, 0, mask), float("-inf")),
+                        (sinks * 2.0).reshape(B, H, 1, 1).expand(B, H, I, 1)], dim=-1)
+    p1 = torch.softmax(logits, dim=-1)[..., :-1]
+    p2 = torch.sigmoid(s) * _keep(B, I, J, False, 4)
+    return torch.einsum("bhij,bhjd->bhid", p1 * p1 + p2, v)
+
+
+def test_a_softmax_with_a_computed_sink_and_a_masked_normaliser_together(tmp_path, interpreter):  # noqa: F811
+    """Two normalisers of different kinds and keeps (the key loop visits what either keeps: every
+    block here), p transformed non-linearly (two sweeps), a [b, h] sink computed from an input (the
+    training path takes it from autograd's prologue)."""
+    path = tmp_path / "mixed.yaml"
+    path.write_text(MIXED)
+    graph = _graph(str(path))
+    assert [n.kind for n in graph.plan.normalisers] == ["softmax", "masked"] and graph.plan.sweeps == 2
+    assert not graph.plan.key_bounds.skips_blocks
+    case = Case("mixed", mask=True)
+    given = make_inputs(case)
+    given["sinks"] = torch.randn(2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected, expected_grads, dout = _expected(case, given, _mixed)
+    for backend, config in (("reference", None), ("torch", {"lowering": "materialized"}),
+                            ("torch", {"lowering": "chunked", "CHUNK_N": 16, "CHUNK_M": 8})):
+        _on_eager_backend(case.id, str(path), {}, given, expected, expected_grads, dout, backend, config)
+    _on_triton(case.id, str(path), {}, given, expected, expected_grads, dout)

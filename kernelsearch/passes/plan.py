@@ -21,6 +21,10 @@
     normalisers    the row normalisers (kernelsearch/normalisers.py): each softmax keeps its own row
                    statistics (and its sink), masked ones none; with one sweep, the normaliser each
                    accumulator is linear in (reduced_by: whose rescaling and division it takes)
+    block mask     keep conjuncts over i and j the key bounds miss (document ids, prefix-or-causal,
+                   neighbourhoods): which tiles keep something / everything, computed at run time
+                   per block size - cached per shape when they read no input, per call when they
+                   do (passes/block_mask.py); the kernels visit only the listed tiles
 
 Code generators (codegen/) render the plan; they decide none of this.
 """
@@ -30,6 +34,7 @@ from .. import ops
 from ..exprs import INDEX_VARIABLES
 from ..normalisers import normalisers as find_normalisers
 from ..ir import Graph, Plan
+from .block_mask import block_mask_plan, mask_conjuncts_unbounded
 from .bounds import key_block_bounds
 from .schedule import HEADS_IN_TILE, head_groups, schedule_of
 
@@ -139,12 +144,14 @@ def plan(graph: Graph) -> Graph:
     schedule = schedule_of(graph)
     accs = accumulators(graph)
     count, reason, reduced_by = sweeps(graph, schedule, accs, norms)
+    bounds = key_block_bounds(graph)
     graph.plan = Plan(
         schedule=schedule, sweeps=count, sweeps_reason=reason,
         heads_in_tile=schedule in HEADS_IN_TILE, head_groups=head_groups(graph),
         accumulators=accs, prepass=prepass(graph, accs), host=host_scalars(graph),
-        key_bounds=key_block_bounds(graph), delta_sweep=delta_sweep(graph, accs, norms),
-        normalisers=norms, reduced_by=reduced_by)
+        key_bounds=bounds, delta_sweep=delta_sweep(graph, accs, norms),
+        normalisers=norms, reduced_by=reduced_by,
+        block_mask=block_mask_plan(graph, bounds, schedule in HEADS_IN_TILE))
     return graph
 
 
@@ -208,9 +215,27 @@ def describe_plan(graph: Graph) -> list[str]:
                      f"from {_labels(graph, bounds.conjuncts_used)})")
     else:
         lines.append("keys     every key block of every row (no keep-predicate bounds them)")
+    lines += _describe_block_mask(graph)
     if not p.statistics:
         lines.append("backward no delta: no row statistics (d x = d p where kept, else 0)")
     else:
         lines.append("backward delta = rowsum(p * dp) " + ("in a sweep of its own" if p.delta_sweep else "= rowsum(dO * O)")
                      + (" per softmax" if len(p.statistics) > 1 else ""))
     return lines
+
+
+def _describe_block_mask(graph: Graph) -> list[str]:
+    mask = graph.plan.block_mask
+    if mask is None:
+        missed = mask_conjuncts_unbounded(graph, graph.plan.key_bounds)
+        if not missed:
+            return []
+        return [f"blocks   no block mask for {_labels(graph, missed)}: heads in tile (a program holds every head); "
+                "its masks apply in every tile"]
+    others = [c for c in mask.conjuncts if c not in mask.unbounded]
+    over = ", ".join(mask.dims + ("query block", "key block"))
+    when = (f"per call (reads {', '.join(mask.inputs)})" if mask.per_call
+            else "once per shape and block size (reads no input; cached)")
+    return [f"blocks   block mask of {_labels(graph, mask.unbounded)}"
+            + (f" (with {_labels(graph, others)})" if others else "")
+            + f" over [{over}]: {when}; tiles it keeps nothing in are skipped, tiles it keeps whole run without its masks"]
