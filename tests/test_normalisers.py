@@ -512,3 +512,44 @@ def test_a_softmax_with_a_computed_sink_and_a_masked_normaliser_together(tmp_pat
                             ("torch", {"lowering": "chunked", "CHUNK_N": 16, "CHUNK_M": 8})):
         _on_eager_backend(case.id, str(path), {}, given, expected, expected_grads, dout, backend, config)
     _on_triton(case.id, str(path), {}, given, expected, expected_grads, dout)
+
+
+DOCUMENT_SINKS = """\
+name: document_sinks
+inputs:
+  q: [b, h, i, d]
+  k: [b, h, j, d]
+  v: [b, h, j, d]
+  q_doc: {shape: [b, i], dtype: int}
+  k_doc: {shape: [b, j], dtype: int}
+  sinks: [h]
+graph:
+  s: dot(q, k) * 0.25
+  p: softmax(s, keep=[q_doc == k_doc, j <= i + J - I], sinks=sinks)
+  o: dot(p, v)
+outputs: [o]
+"""
+
+
+def _document_sinks(q, k, v, q_doc, k_doc, sinks):
+    B, H, I, J = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    keep = (q_doc[:, None, :, None] == k_doc[:, None, None, :]) & _keep(B, I, J)
+    s = (torch.einsum("bhid,bhjd->bhij", q, k) * 0.25).masked_fill(~keep, float("-inf"))
+    p = torch.softmax(torch.cat([s, sinks.reshape(1, H, 1, 1).expand(B, H, I, 1)], dim=-1), dim=-1)[..., :-1]
+    return torch.einsum("bhij,bhjd->bhid", p, v)
+
+
+def test_sinks_with_a_block_mask(tmp_path, interpreter):  # noqa: F811
+    """Document ids make a block mask (tiles of other documents skipped); the sink is in every row."""
+    path = tmp_path / "document_sinks.yaml"
+    path.write_text(DOCUMENT_SINKS)
+    assert _graph(str(path)).plan.block_mask is not None
+    case = Case("sinks", {}, (2, 2, 40, 50, 16))
+    given = make_inputs(case)
+    g = torch.Generator().manual_seed(5)
+    k_doc = torch.cumsum(torch.rand(2, 50, generator=g) < 0.1, dim=1)
+    given.update(k_doc=k_doc, q_doc=k_doc[:, 10:].clone())
+    expected, expected_grads, dout = _expected(case, given, _document_sinks)
+    for backend, config in (("reference", None), ("torch", {"lowering": "chunked", "CHUNK_N": 16, "CHUNK_M": 16})):
+        _on_eager_backend(case.id, str(path), {}, given, expected, expected_grads, dout, backend, config)
+    _on_triton(case.id, str(path), {}, given, expected, expected_grads, dout)
