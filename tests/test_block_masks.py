@@ -436,6 +436,38 @@ def test_an_index_only_mask_is_cached_per_shape_and_block_size():
         assert torch.equal(mask.keeps, _tiles(keep, bm, bn)[0])
 
 
+def test_the_kernels_tiles_key_the_cached_mask(interpreter):  # noqa: F811
+    """The tuner's tiles: the same static mask spec run at 16x16, 32x16 and 16x16 again on the
+    Triton kernels - each correct, one cached mask per tile shape (the backward's tiles too)."""
+    case = Case("neighbourhood", {}, (1, 2, 23, 23, 16))
+    given = make_inputs(case)
+    expected = attend(given["q"], given["k"], given["v"], keep_of(case.spec, case.params, given))
+    attention = kernelsearch.load(case.source(), backend="triton")
+    graph = _graph(case)
+    module = interpreter.load_module(triton_file(graph), interpret=True)
+    module._BLOCK_MASKS.clear()
+    for block_m, block_n in ((16, 16), (32, 16), (16, 16)):
+        attention.config = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+        with torch.no_grad():
+            out = attention(**{n: t.float() for n, t in given.items()})
+        torch.testing.assert_close(out.double(), expected, **FP32, msg=lambda m: f"{block_m}x{block_n}: {m}")
+    assert sorted(key[-3:-1] for key in module._BLOCK_MASKS) == [(16, 16), (32, 16)]
+
+
+def test_a_traced_caller_runs_the_chunked_lowering_with_its_masks_in_tile():
+    """torch.compile(fullgraph=True) over a caller: the block mask (a host sync) is not traced -
+    every chunk the bounds allow runs, the masks in-tile - and the output is the definition's."""
+    torch._dynamo.reset()
+    case = Case("document", {}, (1, 2, 20, 20, 16))
+    given = make_inputs(case)
+    attention = kernelsearch.load(case.source(), backend="torch",
+                                  config={"lowering": "chunked", "CHUNK_N": 8, "CHUNK_M": 8})
+    compiled = torch.compile(lambda **t: attention(**t) * 2.0, fullgraph=True, backend="aot_eager")
+    out = compiled(**{n: t.float() if t.is_floating_point() else t for n, t in given.items()})
+    expected = attend(given["q"], given["k"], given["v"], keep_of("document", {}, given))
+    torch.testing.assert_close(out.double() / 2.0, expected, **FP32)
+
+
 def test_the_generated_files_show_the_mask_they_run():
     graph = _graph(Case("document"))
     torch_source = torch_file(graph).source
