@@ -475,3 +475,12 @@ def test_the_generated_files_show_the_mask_they_run():
     triton_source = triton_file(graph).source
     assert "tiles = block_mask(in_q_doc, in_k_doc, B, I, J, BLOCK_M, BLOCK_N, in_q.device)" in triton_source
     assert "for listed in range(0, count_kv_blocks)" in triton_source
+
+
+def test_the_torch_default_prefers_the_skipping_chunked_lowering_at_length():
+    """SDPA would get the document mask materialised and visit every key: from COMPILE_MIN_SCORES
+    scores the default is the chunked lowering, which skips the tiles the block mask leaves out."""
+    from kernelsearch.backends.torch_backend import default_config
+    graph = _graph(Case("document", {"causal": False}))
+    assert default_config(graph, {"b": 1, "h": 4, "i": 4096, "j": 4096, "d": 64})["lowering"] == "chunked"
+    assert default_config(graph, {"b": 1, "h": 4, "i": 512, "j": 512, "d": 64})["lowering"] == "sdpa"
