@@ -18,6 +18,10 @@
                    come from (those need no mask in blocks they keep whole)
     delta sweep    backward: delta = rowsum(p * dp) needs a sweep of its own when p is transformed
                    before dot(p, v); otherwise it is rowsum(dO * O)
+    block mask     keep conjuncts over i and j the key bounds miss (document ids, prefix-or-causal,
+                   neighbourhoods): which tiles keep something / everything, computed at run time
+                   per block size - cached per shape when they read no input, per call when they
+                   do (passes/block_mask.py); the kernels visit only the listed tiles
 
 Code generators (codegen/) render the plan; they decide none of this.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 from .. import ops
 from ..exprs import INDEX_VARIABLES
 from ..ir import Graph, Plan
+from .block_mask import block_mask_plan, mask_conjuncts_unbounded
 from .bounds import key_block_bounds
 from .schedule import HEADS_IN_TILE, head_groups, schedule_of
 
@@ -108,12 +113,14 @@ def plan(graph: Graph) -> Graph:
     schedule = schedule_of(graph)
     accs = accumulators(graph)
     count, reason = sweeps(graph, schedule, accs, softmax)
+    bounds = key_block_bounds(graph)
     graph.plan = Plan(
         schedule=schedule, sweeps=count, sweeps_reason=reason,
         heads_in_tile=schedule in HEADS_IN_TILE, head_groups=head_groups(graph),
         accumulators=accs, prepass=prepass(graph, accs), host=host_scalars(graph),
-        key_bounds=key_block_bounds(graph),
-        delta_sweep=any(graph.node(a).args[0] != softmax for a in accs))
+        key_bounds=bounds,
+        delta_sweep=any(graph.node(a).args[0] != softmax for a in accs),
+        block_mask=block_mask_plan(graph, bounds, schedule in HEADS_IN_TILE))
     return graph
 
 
@@ -169,5 +176,23 @@ def describe_plan(graph: Graph) -> list[str]:
                      f"from {_labels(graph, bounds.conjuncts_used)})")
     else:
         lines.append("keys     every key block of every row (no keep-predicate bounds them)")
+    lines += _describe_block_mask(graph)
     lines.append("backward delta = rowsum(p * dp) " + ("in a sweep of its own" if p.delta_sweep else "= rowsum(dO * O)"))
     return lines
+
+
+def _describe_block_mask(graph: Graph) -> list[str]:
+    mask = graph.plan.block_mask
+    if mask is None:
+        missed = mask_conjuncts_unbounded(graph, graph.plan.key_bounds)
+        if not missed:
+            return []
+        return [f"blocks   no block mask for {_labels(graph, missed)}: heads in tile (a program holds every head); "
+                "its masks apply in every tile"]
+    others = [c for c in mask.conjuncts if c not in mask.unbounded]
+    over = ", ".join(mask.dims + ("query block", "key block"))
+    when = (f"per call (reads {', '.join(mask.inputs)})" if mask.per_call
+            else "once per shape and block size (reads no input; cached)")
+    return [f"blocks   block mask of {_labels(graph, mask.unbounded)}"
+            + (f" (with {_labels(graph, others)})" if others else "")
+            + f" over [{over}]: {when}; tiles it keeps nothing in are skipped, tiles it keeps whole run without its masks"]
