@@ -157,7 +157,7 @@ class FakeTarget:
         return fake_spec(self.behaviour), dict(params)   # the fake has no declared params
 
     def space(self, spec: Any, sizes: Mapping[str, int], direction: str, dtype: str, params=None,
-              present=()) -> SearchSpace:
+              present=(), device: str = "cpu") -> SearchSpace:
         return fake_space(spec, sizes, direction)
 
     def open(self, problem: Any) -> "FakeBackend":

@@ -6,9 +6,9 @@ process inside the `target.Problem`. It answers, in the tuner's process:
 - ``backend``: the backend name records are written under (``torch``, ``triton``);
 - ``load_spec(spec_path, params) -> (spec, resolved params)``: the spec (``name``, ``sha256``,
   ``path``, ``inputs``, ``params``, ``tune``), SpecError/UsageError for bad input;
-- ``space(spec, sizes, direction, dtype, params=, present=) -> SearchSpace``: the knobs to search
+- ``space(spec, sizes, direction, dtype, params=, present=, device=) -> SearchSpace``: the knobs to search
   for this problem: the spec with the ``params`` given (--param) and the optional inputs ``present`` that
-  the trials give (its default config is the one the backend runs without a record);
+  the trials give, timed on ``device`` (its default config is the one the backend runs without a record);
 - ``defaults``: None, or the tuner's defaults for it (shape, dtype, trials, time budgets), as
   in `study.DEFAULTS`;
 
@@ -63,8 +63,9 @@ class KernelsearchTarget:
     defaults = None   # the study's, per target (cpu, cuda)
 
     def space(self, spec: Any, sizes: Mapping[str, int], direction: str, dtype: str,
-              params: Mapping[str, Any] | None = None, present: tuple = ()) -> SearchSpace:
-        return backend_space(self.backend, spec, sizes, direction, dtype, params=params, present=present)
+              params: Mapping[str, Any] | None = None, present: tuple = (), device: str = "cuda") -> SearchSpace:
+        return backend_space(self.backend, spec, sizes, direction, dtype, params=params, present=present,
+                             device=device)
 
     def open(self, problem: Any) -> "KernelsearchBackend":
         return KernelsearchBackend(problem)
@@ -134,8 +135,8 @@ class KernelsearchBackend:
     def feasibility(self, config: Mapping[str, Any]) -> dict | None:
         """The Triton kernels compiled for the device's architecture (sm_90 without a GPU) at the
         tuned sizes: TrialFailure when they do not compile or their shared memory does not fit."""
-        if self.p.backend != "triton":
-            return None
+        if self.p.backend != "triton" or config.get("lowering", "triton") != "triton":
+            return None   # no Triton kernel to compile: PyTorch's own (sdpa, flex) or the torch backend
         from ..codegen.triton_aot import aot_check, is_resource_error
 
         arch = 90

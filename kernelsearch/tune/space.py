@@ -94,6 +94,21 @@ class SearchSpace:
                 cfg[k.name] = k.default
         return cfg
 
+    def lowering_defaults(self) -> list[dict]:
+        """For each value of a ``lowering`` knob, the default config of that lowering (its other
+        knobs at their defaults): every lowering, PyTorch's own kernels included, is timed in the
+        study whatever the sampler does (the warm start queues them after the default)."""
+        if "lowering" not in self.names:
+            return []
+        out = []
+        for value in self.knob("lowering").choices:
+            cfg: dict[str, Any] = {}
+            for k in self.knobs:
+                if k.active(cfg):
+                    cfg[k.name] = value if k.name == "lowering" else k.default
+            out.append(cfg)
+        return out
+
     def canonical(self, config: Mapping[str, Any]) -> dict:
         """Keep the active knobs, in declaration order; unknown keys are dropped."""
         cfg: dict[str, Any] = {}
@@ -286,12 +301,21 @@ def torch_lowerings(spec: Any, direction: str = "fwd", dtype: str = "float32", p
     optional inputs (`study_graph`; or `graph` itself): the library kernels only where
     passes/library.py says they fit; FlexAttention has no CPU backward and runs float32,
     bfloat16 and float16 only."""
-    from ..backends.library_calls import FLEX_CPU_DTYPES
     from ..codegen.torch_module import lowerings
 
     found = lowerings(graph if graph is not None else study_graph(spec, params, present))
-    flex_runs = direction == "fwd" and dtype in {str(t).removeprefix("torch.") for t in FLEX_CPU_DTYPES}
-    return tuple(lowering for lowering in found if lowering != "flex" or flex_runs)
+    return _runnable(found, "cpu", direction, dtype)
+
+
+def _runnable(lowerings: tuple, device_type: str, direction: str, dtype: str) -> tuple:
+    """The lowerings that run calls of this direction and dtype on this kind of device
+    (FlexAttention: `library_calls.flex_runs`)."""
+    import torch
+
+    from ..backends.library_calls import flex_runs
+
+    runs = flex_runs(device_type, getattr(torch, dtype), direction == "fwd+bwd")
+    return tuple(lowering for lowering in lowerings if lowering != "flex" or runs)
 
 
 def torch_space(spec: Any, sizes: Mapping[str, int], direction: str = "fwd", dtype: str = "float32",
@@ -319,17 +343,23 @@ def torch_space(spec: Any, sizes: Mapping[str, int], direction: str = "fwd", dty
 
 def triton_space(spec: Any, sizes: Mapping[str, int], direction: str = "fwd", dtype: str = "float16",
                  schedule: str | None = None, params: Mapping[str, Any] | None = None,
-                 present=None) -> SearchSpace:
-    """CUDA target: the Triton kernels' tiles, warps and stages (knobs.py); with ``direction ==
-    "fwd+bwd"`` the backward kernels' knobs too, with the spec's choices for them or else the
-    forward ones. Tiles are multiples of 16 and no larger than the padded sequence they tile;
-    shared memory is measured by the feasibility hook (AOT compile). The default is the config
-    `load` runs without a record: the declared defaults for the schedule of the graph of these
-    params and optional inputs (`study_graph`; ``schedule`` given: that one)."""
-    if schedule is None:
-        schedule = study_graph(spec, params, present).schedule
+                 present=None, device: str = "cuda") -> SearchSpace:
+    """CUDA target: the lowering - the generated Triton kernels, or PyTorch's own SDPA and
+    FlexAttention where they fit the graph of these params and optional inputs (`study_graph`)
+    and run on ``device`` (Triton's interpreter: the CPU) - and for the Triton kernels their
+    tiles, warps and stages (knobs.py); with ``direction == "fwd+bwd"`` the backward kernels'
+    knobs too, with the spec's choices for them or else the forward ones. Tiles are multiples of
+    16 and no larger than the padded sequence they tile; shared memory is measured by the
+    feasibility hook (AOT compile). The default is the config `load` runs without a record: the
+    declared defaults for that graph's schedule (``schedule`` given: that one)."""
+    from ..backends.triton_backend import lowerings
+
+    graph = study_graph(spec, params, present)
+    schedule = schedule or graph.schedule
     spec_tune = dict(getattr(spec, "tune", None) or {})
-    names = declared.TRITON_FWD_KNOBS + (declared.TRITON_BWD_KNOBS if direction == "fwd+bwd" else ())
+    spec_tune["lowering"] = _runnable(lowerings(graph), "cpu" if device.startswith("cpu") else "cuda",
+                                      direction, dtype)
+    names = ("lowering",) + declared.TRITON_FWD_KNOBS + (declared.TRITON_BWD_KNOBS if direction == "fwd+bwd" else ())
     forward_of = dict(zip(declared.TRITON_BWD_KNOBS, declared.TRITON_FWD_KNOBS))
     by_name = {k.name: k for k in declared.knobs("triton")}
     default = declared.default_config("triton", sizes, schedule)
@@ -343,13 +373,13 @@ def triton_space(spec: Any, sizes: Mapping[str, int], direction: str = "fwd", dt
 
 def backend_space(backend: str, spec: Any, sizes: Mapping[str, int], direction: str = "fwd",
                   dtype: str = "float32", schedule: str | None = None, params: Mapping[str, Any] | None = None,
-                  present=None) -> SearchSpace:
+                  present=None, device: str = "cuda") -> SearchSpace:
     """The search space of a backend's declared knobs for this problem: the spec at ``params``
-    with the optional inputs ``present`` (None: all of them)."""
+    with the optional inputs ``present`` (None: all of them), timed on ``device``."""
     if backend == "torch":
         return torch_space(spec, sizes, direction, dtype, params, present)
     if backend == "triton":
-        return triton_space(spec, sizes, direction, dtype, schedule, params, present)
+        return triton_space(spec, sizes, direction, dtype, schedule, params, present, device)
     raise ValueError(f"the {backend} backend has no knobs to tune")
 
 
