@@ -8,6 +8,7 @@ import torch
 
 from .. import ops as registry
 from ..ir import Graph
+from ..inputs import per_key_head
 from ..layout import bind, input_dims, layout_of, raw_inputs
 from . import torch_ops as ops
 
@@ -57,7 +58,12 @@ def _evaluate_node(node_id, node, args, tensors, contracted, graph, sizes, layou
         tensor = tensors[node_id]
         if tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        return tensor if node_id in raw else ops.align(tensor, input_dims(graph, node_id, tensor), layout)
+        if node_id in raw:
+            return tensor
+        dims = input_dims(graph, node_id, tensor)
+        if per_key_head(dims):   # grouped KV heads: query head h reads KV head h // (H / H_kv)
+            tensor = ops.query_heads(tensor, dims.index("h"), sizes["h"])
+        return ops.align(tensor, dims, layout)
     if op == "const":
         return node.attrs["value"]
     if op == "size":
