@@ -199,3 +199,27 @@ def test_other_specs_take_grouped_kv_heads(name, backend, interpreter):  # noqa:
     out, grads = run(attention, given, dout, dtype)
     tolerance = (FP64, FP64) if dtype == torch.float64 else (FP32, FP32_GRAD)
     check(f"{name} {backend}", out, grads, expected, expected_grads, *tolerance)
+
+
+def test_gqa_trains_a_language_model_with_grouped_kv_heads(capsys):
+    """`kernelsearch lm specs/gqa.yaml --kv-heads 2`: mesh-tensorflow's LM with 4 query heads and 2
+    KV heads (its qkv projection makes 2 k and 2 v heads, passed as they are)."""
+    import json
+    import math
+
+    from kernelsearch.cli import main
+    from kernelsearch.models.config import build_model, resolve_model
+    assert main(["lm", spec_path("gqa"), "--model", "mesh_tf", "--kv-heads", "2", "--steps", "2", "--seq-len", "64",
+                 "--batch-size", "2", "--sample-len", "4", "--backend", "torch", "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["losses"]) == 2 and all(math.isfinite(loss) for loss in result["losses"])
+    cfg = resolve_model("mesh_tf", spec_path("gqa"))
+    cfg.model["kv_heads"] = 2
+    attention = build_model(cfg, backend="torch").attention_layers()[0]
+    assert (attention.heads, attention.kv_heads) == (4, 2)
+    assert attention.to_qkv.out_features == (4 + 2 * 2) * attention.dim_head
+
+
+def test_kv_heads_flag_is_refused_for_families_without_it():
+    from kernelsearch.cli import main
+    assert main(["lm", spec_path("cosine_sim"), "--model", "cosine_sim", "--kv-heads", "2", "--steps", "0"]) == 2
