@@ -223,3 +223,50 @@ def test_gqa_trains_a_language_model_with_grouped_kv_heads(capsys):
 def test_kv_heads_flag_is_refused_for_families_without_it():
     from kernelsearch.cli import main
     assert main(["lm", spec_path("cosine_sim"), "--model", "cosine_sim", "--kv-heads", "2", "--steps", "0"]) == 2
+
+
+KEY_BIAS_SPEC = """\
+name: key_bias
+summary: softmax attention plus a learned bias per (batch, head, key) - a per-KV-head input other than k and v.
+params:
+  scale: {type: float, default: "D ** -0.5"}
+inputs:
+  q: [b, h, i, d]
+  k: [b, h, j, d]
+  v: [b, h, j, d]
+  key_bias: [b, h, j]
+graph:
+  s: dot(q, k) * scale + key_bias
+  p: softmax(s)
+  o: dot(p, v)
+outputs: [o]
+"""
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch-materialized", "torch-chunked", "torch-sdpa", "triton"])
+def test_any_input_over_heads_and_keys_is_per_kv_head(backend, tmp_path, interpreter):  # noqa: F811
+    """key_bias [b, h, j] comes with k's H_kv heads and is read by query head h at h // G, its gradient
+    summed over the group; one with q's H heads while k has H_kv is refused (they must agree)."""
+    path = tmp_path / "key_bias.yaml"
+    path.write_text(KEY_BIAS_SPEC)
+    g = torch.Generator().manual_seed(7)
+    given = {"q": torch.randn(B, H, I, D, generator=g, dtype=torch.float64),
+             "k": torch.randn(B, 2, J, D, generator=g, dtype=torch.float64),
+             "v": torch.randn(B, 2, J, D, generator=g, dtype=torch.float64),
+             "key_bias": torch.randn(B, 2, J, generator=g, dtype=torch.float64)}
+
+    def definition(q, k, v, key_bias):
+        k, v, key_bias = (t.repeat_interleave(2, 1) for t in (k, v, key_bias))
+        s = torch.einsum("bhid,bhjd->bhij", q, k) * D ** -0.5 + key_bias[:, :, None, :]
+        return torch.softmax(s, -1) @ v
+    expected, expected_grads, dout = expected_and_gradients(definition, given)
+    kind, _, lowering = backend.partition("-")
+    config = TILES if kind == "triton" else {"lowering": lowering, "CHUNK_N": 16} if lowering else None
+    attention = kernelsearch.load(str(path), backend=kind, **({"config": config} if config else {}))
+    dtype = torch.float64 if kind == "reference" else torch.float32
+    out, grads = run(attention, given, dout, dtype)
+    tolerance = (FP64, FP64) if dtype == torch.float64 else (FP32, FP32_GRAD)
+    check(f"key_bias {backend}", out, grads, expected, expected_grads, *tolerance)
+    with pytest.raises(ValueError, match="input 'key_bias' has 4 heads, but input 'k' has 2"):
+        attention(given["q"].to(dtype), given["k"].to(dtype), given["v"].to(dtype),
+                  key_bias=torch.zeros(B, H, J, dtype=dtype))

@@ -172,7 +172,7 @@ def torch_source(graph: Graph, lowering: str) -> str:
         elif per_key_head(dims) and input_name not in ("k", "v"):
             # library kernels take grouped k and v (enable_gqa); another per-KV-head input (a [b, h, j]
             # bias) is read per query head in their masks
-            argument = f"ops.query_heads({argument}, {dims.index('h')}, H)"
+            argument = f"ops.query_heads({argument}, {dims.index('h') - len(dims)}, H)"   # from the end: b? may be left out
         body.append(f"{value} = ops.align({argument}{cast}, {dims!r}, {tuple(emitter.layout)!r}{group})")
     steps = []
     if lowering == "materialized":
