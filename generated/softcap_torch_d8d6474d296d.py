@@ -7,9 +7,10 @@ folded graph d8d6474d296d, schedule one_pass
 import torch
 
 from kernelsearch.backends import torch_ops as ops
+from kernelsearch.backends import library_calls as library
 
 INPUTS = ('q', 'k', 'v')  # what every lowering takes, after in_
-LOWERINGS = ('materialized', 'chunked')  # the functions below (library kernels where they fit)
+LOWERINGS = ('materialized', 'chunked', 'flex')  # the functions below (library kernels where they fit)
 STEPS = ('chunk_step',)  # chunked()'s step functions (compiled alone)
 
 
@@ -101,3 +102,42 @@ def chunked(in_q, in_k, in_v, CHUNK_N: int = 128, CHUNK_M: int = 0, chunk_step=c
         outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))
     v_o = torch.cat(outputs, 3) if outputs else torch.zeros([B, KV_H, G, 0, 1, size_d], dtype=in_q.dtype, device=in_q.device)
     return ops.merge_groups(v_o.squeeze((4,)), 1, KV_H, G)  # [b, h, i, d]
+
+
+
+def flex(in_q, in_k, in_v):
+    """The flex lowering (schedule one_pass): FlexAttention after the prologues, biases as score_mod, keeps as mask_mod."""
+    B, H, I, size_d = in_q.shape
+    _, _, J, _ = in_k.shape
+    # aligned layout [b, h, i, j, d]: one axis per dim, size 1 where a value does not vary
+    v_q = ops.align(in_q, ('b', 'h', 'i', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_k = ops.align(in_k.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_v = ops.align(in_v.to(in_q.dtype), ('b', 'h', 'j', 'd'), ('b', 'h', 'i', 'j', 'd'))
+    v_cap = 30.0
+    t26_scale = -0.5
+    t27_scale = (size_d ** t26_scale)
+    library_scale = float(1.0)
+    library_query = v_q.squeeze((3,))  # [b, h, i, d]
+    library_key = v_k.squeeze((2,))  # [b, h, j, d]
+    library_value = v_v.squeeze((2,))  # [b, h, j, d]
+    def score_mod(score, batch, head, query_index, key_index):  # the scores from q.k, per score
+        t4_s = score
+        t6_s = (t4_s * t27_scale)
+        t7_s = (t6_s / v_cap)
+        t8_s = torch.tanh(t7_s)
+        v_s = (v_cap * t8_s)
+        return v_s
+    def mask_mod(batch, head, query_index, key_index):  # the keep-predicates, per score
+        t14_causal_keep = (query_index + J)
+        t16_causal_keep = (t14_causal_keep - I)
+        t17_causal_keep = (key_index <= t16_causal_keep)
+        return t17_causal_keep
+    # the keys every block of query rows can keep (the plan's key-block bounds, and those all its rows keep): FlexAttention's block mask
+    key_ranges = []
+    for query_start in range(0, I, library.BLOCK):
+        query_end = min(query_start + library.BLOCK, I)
+        key_ranges.append((0, min(J, (((query_end - 1) + J) - I) + 1), 0, min(J, (((query_start) + J) - I) + 1)))
+    block_mask = library.block_mask(key_ranges, I, J, mask_mod)
+    library_output = library.flex(library_query, library_key, library_value, score_mod, block_mask, library_scale)
+    v_o = library_output.unsqueeze(3)  # [b, h, i, d]
+    return v_o.squeeze((3,))  # [b, h, i, d]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import math
 
+from . import nearest
 from .errors import SourceLocation, SpecError
 from .ops import CALLABLE
 
@@ -110,8 +111,28 @@ def parse(source: str, path: str, where: SourceLocation, quoted: bool = False) -
     return tree.body
 
 
+def _dotted(node: ast.expr) -> list[str]:
+    """`torch.nn.functional.relu` -> ["torch", "nn", "functional", "relu"] (what the parts are named)."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    return parts[::-1] or ["?"]
+
+
 def _check_node(node: ast.AST, path: str) -> None:
     where = node.location
+    if isinstance(node, ast.Attribute):     # math.pi, torch.inf, x.shape: what it would be here
+        name = node.attr
+        if name in nearest.NAMES:
+            hint = nearest.NAMES[name]
+        elif name in ("shape", "size"):
+            hint = "sizes are written I, J, D (and the upper-case name of any declared dim)"
+        else:
+            hint = nearest.dotted_call(_dotted(node), OPS)
+        raise SpecError(f"attribute access is not allowed in a spec expression ('.{name}')", where, hint)
     for forbidden, (what, hint) in _FORBIDDEN_DESCRIPTIONS.items():
         if isinstance(node, forbidden):
             raise SpecError(f"{what} is not allowed in a spec expression", where, hint)
@@ -126,11 +147,11 @@ def _check_node(node: ast.AST, path: str) -> None:
                         "write a finite number; to drop keys, give softmax a keep-predicate: softmax(s, keep=[...])")
     if isinstance(node, ast.Call):
         if not isinstance(node.func, ast.Name):
-            raise SpecError("only ops can be called, by their bare name", where,
-                            f"known ops: {', '.join(sorted(OPS))}")
+            dotted = _dotted(node.func)
+            raise SpecError(f"only ops can be called, by their bare name, not {'.'.join(dotted)}(...)", where,
+                            nearest.dotted_call(dotted, OPS))
         if node.func.id not in OPS:
-            from .spec import _suggest
-            raise SpecError(f"unknown op '{node.func.id}'", where, _suggest(node.func.id, OPS))
+            raise SpecError(f"unknown op '{node.func.id}'", where, nearest.unknown_op(node.func.id, OPS))
         signature = OPS[node.func.id]
         if len(node.args) != len(signature.positional):
             raise SpecError(f"{signature.name}() takes {len(signature.positional)} positional argument(s) "
@@ -141,10 +162,8 @@ def _check_node(node: ast.AST, path: str) -> None:
             if keyword.arg is None:
                 raise SpecError("**-unpacking is not allowed", where)
             if keyword.arg not in signature.keywords:
-                from .spec import _suggest
                 raise SpecError(f"{signature.name}() has no keyword '{keyword.arg}'", where,
-                                _suggest(keyword.arg, signature.keywords) if signature.keywords
-                                else f"{signature.name}() takes no keywords")
+                                nearest.unknown_keyword(signature.name, keyword.arg, signature.keywords))
     if isinstance(node, (ast.List, ast.Tuple)) and not getattr(node, "_allowed_list", False):
         pass  # where lists may appear is checked when the graph is built (only as softmax keep=)
 

@@ -60,6 +60,34 @@ class KeyBlockBounds:
 
 
 @dataclass(frozen=True)
+class BlockMaskPlan:
+    """Which (query block, key block) tiles keep anything, from keep conjuncts the interval bounds
+    do not capture (passes/block_mask.py). Computed at run time per block size (and shape): once
+    and cached when the conjuncts read only indices, sizes and params; per call when they read
+    inputs (document ids). The kernels then visit only the listed tiles, and tiles every row of
+    which the conjuncts keep whole run without their masks.
+
+    `conjuncts` make the mask: every conjunct over both i and j, and the ones the bounds came
+    from; `unbounded` are the conjuncts over i and j the bounds do not capture (why there is a
+    mask). Each conjunct gives per tile "keeps something" / "keeps everything" by one rule, and
+    the mask is their conjunction: `bounded` from the key-block bounds (no evaluation), `ranges`
+    ((conjunct, query side, key side): `a[i] == b[j]`) from the min and max of each side per
+    block, `evaluated` over [rows, keys] chunks reduced per tile. `dims` the batch/head dims it
+    varies over (b, h); `inputs` the inputs it reads (empty: cached per shape and block size)."""
+    conjuncts: tuple[str, ...]
+    unbounded: tuple[str, ...]
+    dims: tuple[str, ...]
+    inputs: tuple[str, ...]
+    bounded: tuple[str, ...] = ()
+    ranges: tuple[tuple[str, str, str], ...] = ()
+    evaluated: tuple[str, ...] = ()
+
+    @property
+    def per_call(self) -> bool:
+        return bool(self.inputs)
+
+
+@dataclass(frozen=True)
 class Plan:
     """How a graph runs: every schedule decision, made once by passes/plan.py. Code generators
     render it; none of them decides any of this again. Node ids refer to the graph's nodes.
@@ -77,6 +105,9 @@ class Plan:
     pack_kv_group: bool = False      # grouped KV heads: a forward program's rows are (query, head of the KV
                                      # group) pairs, so each K/V tile is loaded once for the whole group
     pack_reason: str = ""            # why (not), in words
+    # tiles listed from keep conjuncts the bounds miss (None: the bounds are all); left out of the
+    # repr (so plans without one keep their fingerprints) and fingerprinted on its own
+    block_mask: BlockMaskPlan | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -178,6 +209,11 @@ class Graph:
         return "\n".join(lines)
 
 
+def _block_mask_line(graph: Graph) -> list[str]:
+    mask = getattr(graph.plan, "block_mask", None)
+    return [f"block mask {mask!r}"] if mask is not None else []
+
+
 def fingerprint(graph: Graph) -> str:
     """A hash of everything code generation reads from a folded, scheduled graph: specialisations
     (param values, present inputs) that fold to the same graph share it, and so share their
@@ -185,7 +221,8 @@ def fingerprint(graph: Graph) -> str:
     import hashlib
     spec = graph.spec
     lines = [f"variant {spec.name}", f"output {graph.output}", f"plan {graph.plan!r}",
-             f"dims {graph.dim_order}", f"notes {sorted((k, repr(v)) for k, v in graph.notes.items())}"]
+             f"dims {graph.dim_order}", *_block_mask_line(graph),
+             f"notes {sorted((k, repr(v)) for k, v in graph.notes.items())}"]
     for node_id, node in graph.nodes():
         attrs = sorted((k, repr(v)) for k, v in node.attrs.items())
         lines.append(f"{node_id} {node.op} {node.args} {attrs} {node.dims} {node.dtype} {node.stage}")

@@ -48,7 +48,7 @@ from torch import nn
 from . import ops
 from .errors import UsageError
 
-__all__ = ["Attention", "LearnedInput", "learned_inputs", "merge_heads", "shared_attention",
+__all__ = ["Attention", "LearnedInput", "learned_inputs", "required_learnable", "merge_heads", "shared_attention",
            "split_heads"]
 
 
@@ -85,6 +85,31 @@ def _init_rule(users: list) -> str:
     return "zeros"
 
 
+def _learnable(attention) -> dict:
+    """name -> (declaration, users) of the inputs that could be learned: float, read by the spec,
+    varying along none of the call's batch, query and key dims."""
+    spec = attention.spec
+    roles = _roles(spec)
+    call_dims = {roles["batch"], roles["query"], roles["key"]}
+    graph = attention.graph(None)                      # every optional input present
+    candidates = {}
+    for node_id, node in graph.nodes():
+        if node.op != "input" or node.name in ("q", "k", "v"):
+            continue
+        decl = spec.inputs[node.name]
+        if decl.dtype != "float" or set(decl.shape) & call_dims:
+            continue
+        candidates[node.name] = (decl, [graph.node(u) for u in graph.users(node_id)])
+    return candidates
+
+
+def required_learnable(attention) -> list[str]:
+    """The required inputs that could be learned, in the spec's order: what a model that knows
+    nothing of a spec's extra inputs (a bias table, sink logits) learns so that it can call it."""
+    learnable = _learnable(attention)
+    return [n for n, decl in attention.spec.inputs.items() if n in learnable and not decl.optional]
+
+
 def learned_inputs(attention, heads: int, dim_head: int, kv_heads: int | None = None,
                    sizes: Mapping[str, int] | None = None,
                    names: Iterable[str] | None = None) -> dict[str, LearnedInput]:
@@ -100,15 +125,7 @@ def learned_inputs(attention, heads: int, dim_head: int, kv_heads: int | None = 
     known = {roles["heads"]: heads, roles["feature"]: dim_head}
     known.update({n: v for n, v in attention.params.items() if isinstance(v, int) and not isinstance(v, bool)})
     known.update(sizes or {})
-    candidates = {}
-    for node_id, node in graph.nodes():
-        if node.op != "input" or node.name in ("q", "k", "v"):
-            continue
-        decl = spec.inputs[node.name]
-        if decl.dtype != "float" or set(decl.shape) & call_dims:
-            continue
-        users = [graph.node(u) for u in graph.users(node_id)]
-        candidates[node.name] = (decl, users)
+    candidates = _learnable(attention)
     wanted = [n for n in spec.inputs if n in candidates] if names is None else list(names)
     for name in wanted:
         if name not in candidates:

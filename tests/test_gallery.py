@@ -119,11 +119,13 @@ def t5_relative_position_bucket(relative_position, bidirectional=True, num_bucke
     return relative_buckets
 
 
-def t5_bias(q, k, v, bias_table, mask=None, scale=None, num_buckets=32, max_distance=128, bidirectional=True):
-    i, j, _ = _positions(q.shape[2], k.shape[2])
+def t5_bias(q, k, v, bias_table, mask=None, scale=None, num_buckets=32, max_distance=128, bidirectional=True,
+            causal=False):
+    i, j, last_kept = _positions(q.shape[2], k.shape[2])
     bucket = t5_relative_position_bucket(j - i, bidirectional, num_buckets, max_distance)
     s = _scores(q, k, scale) + bias_table[:, bucket]        # [h, i, j]
-    return _attend(s, torch.ones((), dtype=torch.bool), v, mask)
+    keep = (j <= last_kept) if causal else torch.ones((), dtype=torch.bool)
+    return _attend(s, keep, v, mask)
 
 
 DEFINITIONS = {f.__name__: f for f in (gqa, alibi, softcap, sliding_window, document, prefix_lm, t5_bias)}
@@ -165,6 +167,7 @@ CASES = [
     Case("t5_bias", mask=True),
     Case("t5_bias", {"num_buckets": 8, "max_distance": 16}),                          # the last bucket is reached
     Case("t5_bias", {"num_buckets": 8, "max_distance": 16, "bidirectional": False}, (1, 2, 20, 20, 16)),
+    Case("t5_bias", {"num_buckets": 8, "max_distance": 16, "bidirectional": False, "causal": True}, mask=True),
 ]
 
 
@@ -226,7 +229,8 @@ def test_the_gallery_is_the_issue_s_contract():
         "sliding_window": {"scale": "D ** (-0.5)", "window": 1024, "causal": True},
         "document": {"scale": "D ** (-0.5)", "causal": True},
         "prefix_lm": {"scale": "D ** (-0.5)", "causal": True},
-        "t5_bias": {"scale": "D ** (-0.5)", "num_buckets": 32, "max_distance": 128, "bidirectional": True},
+        "t5_bias": {"scale": "D ** (-0.5)", "num_buckets": 32, "max_distance": 128, "bidirectional": True,
+                    "causal": False},
     }
     expected_inputs = {
         "document": {"q_doc": ("int", ("b", "i")), "k_doc": ("int", ("b", "j"))},
@@ -332,10 +336,10 @@ def test_the_readme_shows_the_t5_bucket_as_the_spec_has_it():
     assert block.strip() and all(line in spec_lines for line in block.splitlines()), block
 
 
-@pytest.mark.parametrize("name", ["alibi", "softcap", "sliding_window"])
+@pytest.mark.parametrize("name", ["alibi", "softcap", "sliding_window", "document", "prefix_lm", "t5_bias"])
 def test_gallery_specs_train_a_language_model(name, capsys):
-    """`kernelsearch lm` trains mesh-tensorflow's LM around them (t5_bias has no `causal` and document
-    and prefix_lm need inputs that the LMs do not make yet: not here)."""
+    """`kernelsearch lm` trains mesh-tensorflow's LM around them (document ids and the prefix length
+    are made from the tokens: tests/test_token_inputs.py)."""
     import json
     from kernelsearch.cli import main
     assert main(["lm", spec_path(name), "--model", "mesh_tf", "--steps", "2", "--seq-len", "64",

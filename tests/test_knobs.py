@@ -68,7 +68,8 @@ def test_completion_defaults_by_size_and_schedule():
     assert (tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["num_warps_bwd"]) == (64, 64, 8)
     assert validate_config("triton", {}, {"i": 20, "j": 9})["BLOCK_M"] == 32
     assert validate_config("triton", {"num_warps": 2}, None, "heads_in_tile") == \
-        {**knobs.TRITON_FWD_DEFAULTS_HEADS_IN_TILE, **knobs.TRITON_BWD_DEFAULTS_HEADS_IN_TILE, "num_warps": 2}
+        {"lowering": "triton", **knobs.TRITON_FWD_DEFAULTS_HEADS_IN_TILE, **knobs.TRITON_BWD_DEFAULTS_HEADS_IN_TILE,
+         "num_warps": 2}
 
 
 def test_every_declared_default_and_choice_is_allowed():

@@ -135,8 +135,8 @@ def test_triton_space_from_spec_tune_section():
 
     spec = kernelsearch.load("specs/cosine_sim.yaml", backend="reference").spec
     fwd = triton_space(spec, {"B": 1, "H": 1, "I": 48, "J": 1000, "D": 64}, "fwd")
-    assert fwd.names == ["BLOCK_M", "BLOCK_N", "num_warps", "num_stages"]
-    assert all(c["BLOCK_M"] <= 64 for c in fwd.enumerate())  # next_pow2(48) = 64
+    assert fwd.names == ["lowering", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages"]
+    assert all(c["BLOCK_M"] <= 64 for c in fwd.enumerate() if c["lowering"] == "triton")  # next_pow2(48) = 64
     both = triton_space(spec, {"B": 1, "H": 1, "I": 256, "J": 256, "D": 64}, "fwd+bwd")
     assert {"BLOCK_M_BWD", "BLOCK_N_BWD", "num_warps_bwd", "num_stages_bwd"} <= set(both.names)
 
@@ -596,7 +596,8 @@ def test_cuda_target_in_the_interpreter_prunes_by_shared_memory_then_load_uses_t
 
     sizes = {"B": 1, "H": 1, "I": 33, "J": 128, "D": 256}
     res, out = _tune_triton(monkeypatch, "specs/softmax.yaml", sizes,
-                            {"BLOCK_M": [16, 32], "BLOCK_N": [128], "num_warps": [4], "num_stages": [1, 4]})
+                            {"lowering": ["triton"], "BLOCK_M": [16, 32], "BLOCK_N": [128], "num_warps": [4],
+                             "num_stages": [1, 4]})
     assert "Triton's CPU interpreter" in out
     trials = _trials(res)
     assert len(trials) == 4
@@ -621,7 +622,7 @@ def test_cuda_target_in_the_interpreter_prunes_by_shared_memory_then_load_uses_t
 
 def test_cuda_target_in_the_interpreter_tunes_forward_and_backward(ks_home, monkeypatch):
     sizes = {"B": 1, "H": 2, "I": 17, "J": 33, "D": 16}
-    only = {"BLOCK_M": [16], "BLOCK_N": [16], "num_warps": [4], "num_stages": [1],
+    only = {"lowering": ["triton"], "BLOCK_M": [16], "BLOCK_N": [16], "num_warps": [4], "num_stages": [1],
             "BLOCK_M_BWD": [16, 32], "BLOCK_N_BWD": [16], "num_warps_bwd": [4], "num_stages_bwd": [1]}
     res, out = _tune_triton(monkeypatch, "specs/cosine_sim.yaml", sizes, only, direction="fwd+bwd")
     trials = _trials(res)

@@ -156,7 +156,8 @@ class FakeTarget:
     def load_spec(self, spec_path: Any, params: Mapping[str, Any]) -> tuple[FakeSpec, dict]:
         return fake_spec(self.behaviour), dict(params)   # the fake has no declared params
 
-    def space(self, spec: Any, sizes: Mapping[str, int], direction: str, dtype: str) -> SearchSpace:
+    def space(self, spec: Any, sizes: Mapping[str, int], direction: str, dtype: str, params=None,
+              present=(), device: str = "cpu") -> SearchSpace:
         return fake_space(spec, sizes, direction)
 
     def open(self, problem: Any) -> "FakeBackend":

@@ -14,6 +14,12 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 BLOCK = 128   # FlexAttention's block size: query rows and keys per block of its block mask
 FLEX_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+def flex_runs(device_type: str, dtype: torch.dtype, backward: bool) -> bool:
+    """Whether FlexAttention runs calls of this dtype (and, with `backward`, their gradients) on
+    this kind of device: on the CPU float32, bfloat16 and float16, forward only."""
+    return device_type != "cpu" or (dtype in FLEX_CPU_DTYPES and not backward)
+
+
 # one compile per shape: Inductor's CPU template fails to build some size-generic (dynamic) graphs
 _compiled_flex = torch.compile(flex_attention, dynamic=False)
 

@@ -107,7 +107,7 @@ def check_lowering(graph: Graph, config: dict, available=None) -> None:
                                 f"{', '.join(available)}")
 
 
-def _tuned_lowering_usable(config: dict, tensors: dict) -> bool:
+def record_usable(config: dict, tensors: dict) -> bool:
     """A tuned record's flex lowering is skipped where FlexAttention cannot run the call (CPU:
     float64, or gradients needed); the defaults then run it (same result, no record needed)."""
     if config.get("lowering") != "flex" or tensors["q"].device.type != "cpu":
@@ -130,7 +130,7 @@ def build(graph: Graph, attention):
         chosen = attention.config
         if not chosen:
             chosen = tuned_config(graph, sizes, tensors["q"].dtype, tensors["q"].device)
-            if chosen and (chosen.get("lowering") not in available or not _tuned_lowering_usable(chosen, tensors)):
+            if chosen and (chosen.get("lowering") not in available or not record_usable(chosen, tensors)):
                 chosen = None
         config = complete_config(chosen, sizes, graph, available, masks_bounds)
         attention.last_config = config

@@ -19,9 +19,12 @@ Two paths per specialisation:
                 forward kernel that also saves the rows' log-sum-exp, and the generated dq and
                 dkdv kernels in backward.
 
-Knobs (the config): BLOCK_M, BLOCK_N, num_warps, num_stages (forward) and BLOCK_M_BWD,
-BLOCK_N_BWD, num_warps_bwd, num_stages_bwd (backward). Without `attention.config` the tuned
-config recorded for this device, shape and params is used, else the defaults.
+Knobs (the config): lowering ("triton": the generated kernels; "sdpa" / "flex": PyTorch's own
+kernels, run by the torch backend's generated library lowerings, where passes/library.py says
+they fit the graph), and for the kernels BLOCK_M, BLOCK_N, num_warps, num_stages (forward) and
+BLOCK_M_BWD, BLOCK_N_BWD, num_warps_bwd, num_stages_bwd (backward). Without `attention.config`
+the tuned config recorded for this device, shape and params is used (when its lowering can run
+the call), else the defaults (the Triton kernels).
 """
 from __future__ import annotations
 
@@ -35,8 +38,9 @@ from ..codegen.triton_fwd import CodegenError, plan
 from ..ir import Graph
 from ..layout import bind
 from . import loader
+from ..passes import library
 from ..runtime import config_store
-from . import knobs
+from . import knobs, torch_backend
 
 # fill outputs with NaN before the launch (tests set this, so unwritten elements cannot pass)
 POISON_OUTPUTS = os.environ.get("KERNELSEARCH_POISON", "") == "1"
@@ -193,13 +197,32 @@ def library_op_kind(interpret: bool):
     return triton_op, wrap_triton
 
 
-def resolve_config(attention, graph: Graph, sizes: dict, q) -> dict:
+def lowerings(graph: Graph) -> tuple[str, ...]:
+    """The triton backend's lowerings of this graph: its generated kernels, then PyTorch's own
+    (sdpa, flex: the torch backend's generated library lowerings) where passes/library.py says
+    they fit."""
+    return ("triton",) + library.lowerings(graph)
+
+
+def resolve_config(attention, graph: Graph, sizes: dict, q, available: tuple | None = None,
+                   tensors: dict | None = None) -> dict:
     """attention.config, else the tuned config for this call (not while torch.compile traces: no
-    file I/O in a graph), else the defaults; knobs the config leaves out take their defaults."""
+    file I/O in a graph) when its lowering can run the call, else the defaults; knobs the config
+    leaves out take their defaults. ConfigError for a given lowering that cannot run the graph."""
+    available = lowerings(graph) if available is None else available
     config = attention.config if attention is not None and attention.config else None
     if config is None and not torch.compiler.is_compiling():
         config = tuned_config(graph, sizes, q.dtype, q.device)
-    return knobs.validate_config("triton", config, sizes, graph.schedule)
+        lowering = (config or {}).get("lowering", "triton")
+        if config and (lowering not in available
+                       or (tensors is not None and not torch_backend.record_usable(config, tensors))):
+            config = None   # a record this call cannot run (another graph's library lowering): the defaults
+    full = knobs.validate_config("triton", config, sizes, graph.schedule)
+    if full["lowering"] not in available:
+        raise knobs.ConfigError(f"triton config: lowering={full['lowering']!r} cannot run {graph.spec.name} with "
+                                f"these params and inputs: {library.why_not(graph, full['lowering'])}; its "
+                                f"lowerings are {', '.join(available)}")
+    return full
 
 
 class TritonTraining:
@@ -298,6 +321,9 @@ def build(graph: Graph, attention):
     torch.compile traces must find them (no code generation or imports inside a graph)."""
     forward = TritonForward(graph)
     forward.op()
+    available = lowerings(graph)   # decided now: a call torch.compile traces reads no graph
+    # PyTorch's own kernels where they fit: the torch backend's generated library lowerings
+    library_functions = torch_backend.TorchFunctions(graph) if len(available) > 1 else None
     try:
         training = TritonTraining(graph, forward.interpret)
         training.op()
@@ -312,9 +338,12 @@ def build(graph: Graph, attention):
                                "set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU "
                                "in Triton's interpreter, or use backend='torch'")
         sizes = bind(graph, tensors)
-        config = resolve_config(attention, graph, sizes, tensors["q"])
+        config = resolve_config(attention, graph, sizes, tensors["q"], available, tensors)
         if attention is not None:
             attention.last_config = dict(config)
+        if config["lowering"] != "triton":
+            function = library_functions.get(config["lowering"], compiled=False)
+            return function(*[tensors[n] for n in library_functions.file.inputs])
         if needs_grad(tensors):
             if training is None:
                 raise BackwardNotImplemented(f"{graph.spec.name}: inputs require grad, but the triton backward "

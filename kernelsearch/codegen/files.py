@@ -23,6 +23,7 @@ from ..ir import Graph, fingerprint
 from . import torch_module
 
 KINDS = ("torch", "triton", "triton_train")
+BLOCK_MASK_IMPORT = "from kernelsearch.runtime import block_masks\n"   # where the plan has a block mask
 
 HEADER = '''"""{variant}: {what}.
 
@@ -61,10 +62,12 @@ def _scalar_ops(graph: Graph, node_ids) -> set[str]:
 def torch_file(graph: Graph) -> GeneratedFile:
     inputs = tuple(torch_module.graph_inputs(graph))
     lowerings = torch_module.lowerings(graph)
-    functions = "\n\n\n".join(torch_module.torch_source(graph, lowering) for lowering in lowerings)
+    functions = "\n\n\n".join(([torch_module.block_mask_source(graph)] if graph.plan.block_mask else [])
+                               + [torch_module.torch_source(graph, lowering) for lowering in lowerings])
     imports = ("import math\n\n" if ops.python_modules(_scalar_ops(graph, graph.ids())) else "") + \
         "import torch\n\nfrom kernelsearch.backends import torch_ops as ops\n" + \
-        ("from kernelsearch.backends import library_calls as library\n" if lowerings != torch_module.LOWERINGS else "")
+        ("from kernelsearch.backends import library_calls as library\n" if lowerings != torch_module.LOWERINGS else "") + \
+        (BLOCK_MASK_IMPORT if graph.plan.block_mask else "")
     source = (_header(graph, "the torch lowerings of one specialisation") + imports + "\n"
               + f"INPUTS = {inputs!r}  # what every lowering takes, after in_\n"
               + f"LOWERINGS = {lowerings!r}  # the functions below (library kernels where they fit)\n"
@@ -119,6 +122,8 @@ def triton_prelude(graph: Graph, training: bool = False) -> str:
     kept = [block for name, block in blocks.items() if name in wanted]   # in the prelude's order
     needs_math = ops.python_modules(_scalar_ops(graph, host))
     used_imports = [line for line in imports if not line.startswith("import math") or needs_math]
+    if graph.plan.block_mask is not None:   # the launchers compute it in torch (torch_module.block_mask_source)
+        used_imports += ["", "from kernelsearch.backends import torch_ops as ops", BLOCK_MASK_IMPORT.strip()]
     return "\n".join(used_imports) + "\n" + "".join("\n\n" + block.strip("\n") + "\n" for block in kept)
 
 

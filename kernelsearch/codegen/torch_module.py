@@ -55,12 +55,14 @@ def variable(graph: Graph, node_id: str) -> str:
 
 class _Emitter:
     """grouped: the head axis is (KV head, group member) - the materialized and chunked lowerings;
-    the library kernels take k and v with their KV heads as they are (enable_gqa)."""
+    the library kernels (and the block mask) take k and v with their KV heads as they are (enable_gqa)."""
 
-    def __init__(self, graph: Graph, grouped: bool = True):
+    def __init__(self, graph: Graph, device: str = f"{LEAD}.device", grouped: bool = False, library: bool = False):
         self.graph = graph
+        self.device = device          # the expression of the device index tensors are made on
         layout = layout_of(graph)
         self.grouped = grouped and "h" in layout
+        self.library = library        # a library lowering: per-KV-head inputs besides k, v are read per query head
         if self.grouped:
             at = layout.index("h") + 1
             layout = layout[:at] + (GROUP,) + layout[at:]
@@ -90,8 +92,8 @@ class _Emitter:
         if op == "index":
             dim = node.attrs["dim"]
             if dim == "h" and self.grouped:   # query head = KV head * G + member
-                return f"ops.head_index(KV_H, G, {self.axis[dim]}, {len(self.layout)}, {LEAD}.device)"
-            return f"ops.index({names.size(dim)}, {self.axis[dim]}, {len(self.layout)}, {LEAD}.device)"
+                return f"ops.head_index(KV_H, G, {self.axis[dim]}, {len(self.layout)}, {self.device})"
+            return f"ops.index({names.size(dim)}, {self.axis[dim]}, {len(self.layout)}, {self.device})"
         if ops.is_elementwise(op):   # the op's torch rendering (ops.py); Python's on host scalars
             scalar = all(not graph.node(a).dims for a in node.args)
             return ops.render(op, "python" if scalar else "torch", args, node.dtype)
@@ -147,7 +149,8 @@ def torch_source(graph: Graph, lowering: str) -> str:
     """Source of `def <lowering>(in_q, in_k, in_v, <inputs>, CHUNK_N=..., CHUNK_M=...)` for this graph."""
     if lowering not in lowerings(graph):
         raise ValueError(f"lowering {lowering!r} cannot run this graph; its lowerings are {lowerings(graph)}")
-    emitter = _Emitter(graph, grouped=lowering not in library.LIBRARY_LOWERINGS)
+    in_library = lowering in library.LIBRARY_LOWERINGS
+    emitter = _Emitter(graph, grouped=not in_library, library=in_library)
     arguments = graph_inputs(graph)
     extra = ", CHUNK_N: int = 128, CHUNK_M: int = 0" if lowering == "chunked" else ""
     lines = [f"def {lowering}({', '.join(names.argument(n) for n in arguments)}{extra}):"]
@@ -155,6 +158,25 @@ def torch_source(graph: Graph, lowering: str) -> str:
     body = _size_lines(graph, emitter, arguments)
     layout = ", ".join(emitter.layout)
     body.append(f"# aligned layout [{layout}]: one axis per dim, size 1 where a value does not vary")
+    body += _input_lines(graph, emitter, arguments)
+    steps = []
+    if lowering == "materialized":
+        body += _materialized_body(graph, emitter)
+    elif lowering in library.LIBRARY_LOWERINGS:
+        body += _library_body(graph, emitter, lowering)
+    else:
+        steps, chunked_lines = _chunked_body(graph, emitter)
+        body += chunked_lines
+        lines[0] = lines[0][:-2] + "".join(f", {step.name}={step.name}" for step in steps) \
+            + (", block_mask=block_mask" if graph.plan.block_mask is not None else "") + "):"
+    lines += ["    " + line if line else "" for line in body]
+    return "".join(step.source + "\n\n" for step in steps) + "\n".join(lines) + "\n"
+
+
+def _input_lines(graph: Graph, emitter: _Emitter, arguments, cast: bool = True) -> list[str]:
+    """Each input as a value of the aligned layout (tables and weights as they are); `cast`: float
+    inputs in q's dtype."""
+    body = []
     for input_name in arguments:
         argument, value = names.argument(input_name), variable(graph, input_name)
         if input_name in emitter.raw:
@@ -165,26 +187,16 @@ def torch_source(graph: Graph, lowering: str) -> str:
         if optional:
             body.append(f"if {argument}.ndim == {len(dims) - 1}:")
             body.append(f"    {argument} = {argument}.unsqueeze(0)")
-        cast = f".to({LEAD}.dtype)" if graph.spec.inputs[input_name].dtype == "float" and input_name != "q" else ""
+        to = f".to({LEAD}.dtype)" if cast and graph.spec.inputs[input_name].dtype == "float" and input_name != "q" else ""
         group = ""
         if "h" in dims and emitter.grouped:   # per KV head: size 1 along the group axis (broadcast, no copy)
             group = ", group=1" if per_key_head(dims) else ", group=G"
-        elif per_key_head(dims) and input_name not in ("k", "v"):
+        elif emitter.library and per_key_head(dims) and input_name not in ("k", "v"):
             # library kernels take grouped k and v (enable_gqa); another per-KV-head input (a [b, h, j]
             # bias) is read per query head in their masks
             argument = f"ops.query_heads({argument}, {dims.index('h') - len(dims)}, H)"   # from the end: b? may be left out
-        body.append(f"{value} = ops.align({argument}{cast}, {dims!r}, {tuple(emitter.layout)!r}{group})")
-    steps = []
-    if lowering == "materialized":
-        body += _materialized_body(graph, emitter)
-    elif lowering in library.LIBRARY_LOWERINGS:
-        body += _library_body(graph, emitter, lowering)
-    else:
-        steps, chunked_lines = _chunked_body(graph, emitter)
-        body += chunked_lines
-        lines[0] = lines[0][:-2] + "".join(f", {step.name}={step.name}" for step in steps) + "):"
-    lines += ["    " + line if line else "" for line in body]
-    return "".join(step.source + "\n\n" for step in steps) + "\n".join(lines) + "\n"
+        body.append(f"{value} = ops.align({argument}{to}, {dims!r}, {tuple(emitter.layout)!r}{group})")
+    return body
 
 
 def _out_lines(graph: Graph, emitter: _Emitter, result: str) -> list[str]:
@@ -321,6 +333,9 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> tuple[list[StepFunction], 
     def key_loop(step: StepFunction) -> list[str]:
         out = [f"for key_start in range({first_key}, {last_key}, CHUNK_N):  # the keys these rows can keep",
                "    key_end = min(key_start + CHUNK_N, J)"]
+        if graph.plan.block_mask is not None:
+            out += ["    if visits is not None and not visits[query_start // row_step][key_start // CHUNK_N]:",
+                    "        continue  # the block mask: these rows keep no key of this chunk"]
         for n in chunk_inputs:   # a value over i and j (a bias) is cut to the query rows too
             if key_sliced(n) not in step.parameters:
                 continue
@@ -374,6 +389,12 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> tuple[list[StepFunction], 
 
     lines.append("# query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep")
     lines.append("row_step = CHUNK_M if 0 < CHUNK_M < I else max(I, 1)")
+    if graph.plan.block_mask is not None:
+        call = block_mask_call(graph, "row_step", "CHUNK_N", f"{LEAD}.device")
+        lines += ["# the plan's block mask, the chunks as its blocks: (query chunk, key chunk) pairs that keep nothing",
+                  "# are skipped (not while torch.compile traces a caller: no host sync there; the masks still apply)",
+                  "visits = None if block_mask is None or torch.compiler.is_compiling() else \\",
+                  f"    {call}.visited_tiles()"]
     lines.append("outputs = []")
     lines.append("for query_start in range(0, I, row_step):")
     body = ["query_end = min(query_start + row_step, I)", "query_rows = query_end - query_start"]
@@ -438,7 +459,8 @@ _MOD_INDEX = {"b": "batch", "h": "head", "i": "query_index", "j": "key_index"}
 def _library_body(graph: Graph, emitter: _Emitter, lowering: str) -> list[str]:
     form = library.library_form(graph)
     assert not isinstance(form, str), form
-    mask_roots = list(form.biases) + list(form.keeps)
+    assert lowering == "flex" or form.sdpa is None, form.sdpa
+    mask_roots = list(form.biases) + list(form.keeps) + list(form.score_terms)
     structural = set(form.score_nodes) | set(graph.find("softmax")) | {form.reduction}
     epilogue = [n for n in graph.ids() if n != form.reduction and form.reduction in graph.upstream(n)]
     rest = [form.query, form.key, form.value] + [f for _, f in form.scale] + epilogue
@@ -539,7 +561,19 @@ def _flex_call(graph: Graph, emitter: _Emitter, form, mod_nodes: set) -> list[st
 
     index_args = ", ".join(_MOD_INDEX[d] for d in ("b", "h", "i", "j"))
     score_mod = "None"
-    if form.biases:
+    if form.score_function:   # the scores as a function of dot(q', k'), FlexAttention's score (scale 1)
+        dot, *path = form.score_function
+        lines.append(f"def score_mod(score, {index_args}):  # the scores from q.k, per score")
+        lines += body(form.score_terms)
+        lines.append(f"    {variable(graph, dot)} = score")
+        for n in path:
+            node = graph.node(n)
+            text = ops.render(node.op, "torch", [element(a) if a not in form.score_function else variable(graph, a)
+                                                 for a in node.args], node.dtype)
+            lines.append(f"    {variable(graph, n)} = {text}")
+        lines.append(f"    return {variable(graph, path[-1]) if path else 'score'}")
+        score_mod = "score_mod"
+    elif form.biases:
         lines.append(f"def score_mod(score, {index_args}):  # the biases, per score")
         lines += body(form.biases)
         lines.append(f"    return score + {' + '.join(element(b) for b in form.biases)}")
@@ -579,3 +613,134 @@ def scalar_expression(graph: Graph, node_id: str, row: str) -> str:
     if not ops.is_elementwise(node.op):
         raise NotImplementedError(f"bound expression with op '{node.op}'")
     return ops.render(node.op, "python", [scalar_expression(graph, a, row) for a in node.args], node.dtype)
+
+
+# -- the plan's block mask (passes/block_mask.py), rendered for the torch and Triton files ----------
+
+BLOCK_MASK_FUNCTION = "block_mask"
+BLOCK_MASK_CACHE = "_BLOCK_MASKS"
+
+
+def _block_mask_nodes(graph: Graph) -> list[str]:
+    """The nodes the block mask's conjuncts are computed from, in graph order."""
+    conjuncts = graph.plan.block_mask.conjuncts
+    upstream = set().union(*(graph.upstream(c) for c in conjuncts))
+    return [n for n in graph.ids() if n in upstream]
+
+
+def _bound_nodes(tree) -> set:
+    if tree is None or tree[0] == "const":
+        return set()
+    if tree[0] == "node":
+        return {tree[1]}
+    return _bound_nodes(tree[1]) | _bound_nodes(tree[2])
+
+
+def block_mask_arguments(graph: Graph) -> tuple[list[str], list[str]]:
+    """(inputs, size dims) `block_mask()` takes, besides BLOCK_M, BLOCK_N and the device."""
+    mask, bounds = graph.plan.block_mask, graph.key_bounds
+    nodes = _block_mask_nodes(graph)
+    bound_nodes = _bound_nodes(bounds.lower) | _bound_nodes(bounds.upper)
+    reached = set(nodes).union(*(graph.upstream(n) for n in bound_nodes))
+    dims = set(mask.dims) | {"i", "j"}
+    dims |= {graph.node(n).attrs["dim"] for n in reached if graph.node(n).op in ("size", "index")}
+    order = list(graph.dim_order) + sorted(dims - set(graph.dim_order))
+    return list(mask.inputs), [d for d in order if d in dims]
+
+
+def block_mask_call(graph: Graph, block_m: str, block_n: str, device: str) -> str:
+    """The call of `block_mask()` from a lowering or a launcher (they hold the inputs and sizes)."""
+    inputs, dims = block_mask_arguments(graph)
+    args = [names.argument(n) for n in inputs] + [names.size(d) for d in dims] + [block_m, block_n, device]
+    return f"{BLOCK_MASK_FUNCTION}({', '.join(args)})"
+
+
+def block_mask_source(graph: Graph) -> str:
+    """`def block_mask(<inputs>, <sizes>, BLOCK_M, BLOCK_N, device)`: the plan's block mask at one
+    block size, as runtime/block_masks.BlockMask - each conjunct by its rule (passes/block_mask.py):
+    the bounded ones from the key-block bounds of each query block, `a == b` from per-block
+    ranges, the others evaluated over chunks of whole query blocks and the keys their rows'
+    bounds allow; cached per shape and block size when they read no input."""
+    mask = graph.plan.block_mask
+    emitter = _Emitter(graph, device="device")
+    inputs, dims = block_mask_arguments(graph)
+    params = [names.argument(n) for n in inputs] + [names.size(d) for d in dims] + ["BLOCK_M: int", "BLOCK_N: int",
+                                                                                    "device"]
+    nodes = _block_mask_nodes(graph)
+    in_tile = [n for n in nodes if {"i", "j"} <= set(graph.node(n).dims) and graph.node(n).op != "input"
+               and n in set().union(*(graph.upstream(c) for c in mask.evaluated))]
+    computed = set().union(*(graph.upstream(n) for r in mask.ranges for n in r[1:]),
+                           *(graph.upstream(c) for c in mask.evaluated))   # the bounded rule reads no tensor
+    whole = [n for n in nodes if {"i", "j"} - set(graph.node(n).dims) and graph.node(n).op not in ("input", "size")
+             and n in computed]
+    from ..passes.plan import _labels
+    reads = f"reads {', '.join(inputs)}: computed per call" if inputs else \
+        "reads no input: computed once per shape and block size, cached"
+    lines = ([f"{BLOCK_MASK_CACHE} = {{}}  # (sizes, block sizes, device) -> BlockMask", "", ""]
+             if not mask.per_call else [])
+    lines += _wrapped(f"def {BLOCK_MASK_FUNCTION}(", params, "):")
+    lines.append(f'    """Which BLOCK_M x BLOCK_N tiles {_escaped(_labels(graph, mask.conjuncts))} keep something / '
+                 f'everything in (the plan\'s block mask); {reads}."""')
+    body = []
+    if not mask.per_call:
+        key = ", ".join([names.size(d) for d in dims] + ["BLOCK_M", "BLOCK_N", "str(device)"])
+        body += [f"key = ({key})", f"cached = block_masks.lookup({BLOCK_MASK_CACHE}, key)", "if cached is not None:",
+                 "    return cached"]
+    body += _input_lines(graph, emitter, inputs, cast=False)
+    body += [f"{variable(graph, n)} = {emitter.expression(n, lambda a: variable(graph, a))}{emitter.dims_comment(n)}"
+             for n in whole]
+    axes = ", ".join(str(emitter.axis[d]) for d in ("b", "h", "i", "j"))
+    batch = names.size("b") if "b" in mask.dims else "1"
+    heads = names.size("h") if "h" in mask.dims else "1"
+    body.append(f"tiles = block_masks.Tiles({batch}, {heads}, I, J, BLOCK_M, BLOCK_N, ({axes}), device)")
+    if mask.bounded:
+        first_key, last_key = key_range(graph, None)
+        first_full, last_full = key_range(graph, None, full=True)
+        body += [f"# {_escaped(_labels(graph, mask.bounded))}: the key-block bounds of each query block "
+                 "(the keys its rows can keep, and those all of them keep)",
+                 "key_ranges = []",
+                 "for query_start in range(0, I, BLOCK_M):",
+                 "    query_end = min(query_start + BLOCK_M, I)",
+                 f"    key_ranges.append(({first_key}, {last_key}, {first_full}, {last_full}))",
+                 "tiles.bounds(key_ranges)"]
+    for conjunct, query_side, key_side in mask.ranges:
+        body.append(f"tiles.equal_ranges({variable(graph, query_side)}, {variable(graph, key_side)})  "
+                    f"# {_escaped(_labels(graph, [conjunct]))}: each side's min and max per block")
+    if mask.evaluated:
+        body += _evaluated_lines(graph, emitter, mask, inputs, whole, in_tile)
+    body.append(f"return block_masks.store({BLOCK_MASK_CACHE}, key, tiles.result())" if not mask.per_call
+                else "return tiles.result()")
+    lines += ["    " + line for line in body]
+    return "\n".join(lines) + "\n"
+
+
+def _evaluated_lines(graph: Graph, emitter: _Emitter, mask, inputs, whole, in_tile) -> list[str]:
+    """The loop evaluating the conjuncts no cheaper rule covers, chunk by chunk of whole query blocks."""
+    from ..passes.plan import _labels
+    first_key, last_key = key_range(graph, "BLOCK_N")
+    sliced = {}
+    loop = ["key_start, key_end = " + f"{first_key}, {last_key}  # the keys these rows' bounds allow",
+            "if key_end <= key_start:", "    tiles.skip_rows(query_start, query_end)", "    continue"]
+    readers = set(mask.evaluated).union(*(graph.node(t).args for t in in_tile))
+    for n in inputs + whole:
+        node_dims = graph.node(n).dims
+        if n in emitter.raw or not ({"i", "j"} & set(node_dims)) or n not in readers:
+            continue
+        index = [":"] * (max(emitter.axis[d] for d in ("i", "j") if d in node_dims) + 1)
+        if "i" in node_dims:
+            index[emitter.axis["i"]] = "query_start:query_end"
+        if "j" in node_dims:
+            index[emitter.axis["j"]] = "key_start:key_end"
+        sliced[n] = names.derived("tile", variable(graph, n))
+        loop.append(f"{sliced[n]} = {variable(graph, n)}[{', '.join(index)}]")
+    name = lambda a: sliced.get(a, variable(graph, a))  # noqa: E731
+    loop += [f"{variable(graph, n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}" for n in in_tile]
+    keep = " & ".join(name(c) for c in mask.evaluated)
+    loop.append(f"tiles.add({keep}, query_start, query_end, key_start, key_end)")
+    return ([f"# {_escaped(_labels(graph, mask.evaluated))}: evaluated over whole query blocks x the keys they can keep"]
+            + ["for query_start, query_end in tiles.row_chunks():"] + ["    " + line for line in loop])
+
+
+def _escaped(text: str) -> str:
+    """Spec text inside a generated docstring: as a literal's contents, no quote can end it."""
+    return repr(text)[1:-1].replace('"', '\\"')

@@ -60,9 +60,17 @@ def nvidia_tool(name: str) -> str | None:
 
 
 def _pointer_types(p, elem: str) -> dict:
+    from .triton_fwd import KEY_BLOCK_LISTS, QUERY_BLOCK_LISTS, block_list_args
     types = {t.ptr: {"float": f"*{elem}", "bool": "*i1", "int": "*i64"}[t.dtype] for t in p.tensors + p.materialized}
     types.update({"out_ptr": f"*{elem}", "lse_ptr": "*fp32"})
+    types.update({t.ptr: "*i32" for t in block_list_args(KEY_BLOCK_LISTS + QUERY_BLOCK_LISTS)})
     return types
+
+
+def _block_list_strides() -> set:
+    """Strides of the block mask's lists: their rows hold 1 + blocks entries (no multiple of 16)."""
+    from .triton_fwd import KEY_BLOCK_LISTS, QUERY_BLOCK_LISTS, block_list_args
+    return {s for t in block_list_args(KEY_BLOCK_LISTS + QUERY_BLOCK_LISTS) for s in t.strides}
 
 
 def _unit_strides(tensors) -> set:
@@ -119,6 +127,7 @@ def _signature(p, args, pointer_type, unit_strides, constexpr_names, sizes):
     from . import names
     from .triton_fwd import MIN_DOT_BLOCK
     signature, constexprs, attrs = {}, {}, {}
+    list_strides = _block_list_strides() - set(unit_strides)
     host_type = {a: {"float": "fp32", "int": "i32", "bool": "i1"}.get(dtype_, "fp32") for a, _, dtype_, _ in p.host}
     for index, arg in enumerate(args):
         if arg in pointer_type:
@@ -127,6 +136,8 @@ def _signature(p, args, pointer_type, unit_strides, constexpr_names, sizes):
         elif arg in unit_strides:
             signature[arg] = "constexpr"
             constexprs[arg] = 1
+        elif arg in list_strides:
+            signature[arg] = "i32"
         elif arg.startswith("stride_"):
             signature[arg] = "i32"
             attrs[(index,)] = [["tt.divisibility", 16]]

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from .. import ops
 from ..ir import Graph
 from . import names
-from .triton_fwd import (KEYS, QUERY_TILE_PROGRAM, ArgGroup, CodegenError, KernelPlan, TensorArg, _KernelWriter, _Value, _feature_constexprs, fill,
+from .triton_fwd import (KEY_BLOCK_LISTS, KEYS, QUERY_BLOCK_LISTS, QUERY_TILE_PROGRAM, ArgGroup, CodegenError, KernelPlan,
+                         TensorArg, _KernelWriter, _Value, _feature_constexprs, block_list_args, block_list_lines, fill,
                          _scalar_groups, flat_params, launch_lines, signature_lines,
                          launcher_sizes, plan, tensor_arg)
 
@@ -59,6 +60,7 @@ class BackwardPlan:
     dout: TensorArg          # dO, dims of the output
     atomic: tuple            # inputs whose gradient is atomically accumulated (fp32 buffer)
     exact_delta: bool        # delta needs its own sweep (the plan's delta_sweep: p transformed after softmax)
+    block_lists: list        # [TensorArg]: the block mask's lists, key blocks per query block and transposed
     summed: tuple = ()       # dot operands per KV head whose channels add into one gradient (heads in tile):
                              # fp32 atomic adds into a zeroed buffer
 
@@ -70,8 +72,10 @@ class BackwardPlan:
         pointers = ArgGroup(tuple(t.ptr for t in p.tensors) + ("do_ptr", "lse_ptr", "delta_ptr"),
                             tuple(t.var for t in p.tensors) + ("do", "lse", "delta"))
         groups = [pointers, ArgGroup(tuple(g.ptr for g in self.grads), tuple(g.var for g in self.grads))]
+        if self.block_lists:
+            groups.append(ArgGroup(tuple(t.ptr for t in self.block_lists), tuple(t.var for t in self.block_lists)))
         groups += [ArgGroup(t.strides, (f"*_strides({t.var}, {len(t.dims)})",))
-                   for t in p.tensors + [self.dout] + self.grads]
+                   for t in p.tensors + [self.dout] + self.grads + self.block_lists]
         groups += _scalar_groups(p)
         groups.append(ArgGroup(("BLOCK_M", "BLOCK_N"), ("BLOCK_M", "BLOCK_N"), True))
         groups += _feature_constexprs(p)
@@ -111,7 +115,8 @@ def backward_plan(graph: Graph) -> BackwardPlan:
                      tuple(f"stride_do_{axis}" for axis in range(len(p.out_dims))), "do")
     summed = tuple(t.name for t in differentiable if p.channels and t.per_kv_head and t.name not in atomic)
     return BackwardPlan(p, f"_bwd_dq_{graph.spec.name}", f"_bwd_dkdv_{graph.spec.name}", tuple(t.name for t in differentiable), grads,
-                        dout, tuple(atomic), graph.plan.delta_sweep, summed)
+                        dout, tuple(atomic), graph.plan.delta_sweep,
+                        block_list_args(KEY_BLOCK_LISTS + QUERY_BLOCK_LISTS) if p.block_lists else [], summed)
 
 
 class _BackwardWriter(_KernelWriter):
@@ -452,12 +457,35 @@ class _BackwardWriter(_KernelWriter):
         per_head = self.capture(lambda: (self.values_of_stage("constant", True), self.values_of_stage("k_prologue", True)),
                                 indent=2) if grouped else []
         self.outer = dict(self.memo)
-        key_range = self.capture(self.key_range, indent=3)
+        if self.g.plan.block_mask is not None:
+            self.used_conjuncts = set(self.g.plan.block_mask.conjuncts)
+            query_blocks = self.capture(self.listed_query_blocks, indent=2)
+            indent = 3
+        else:
+            query_blocks = fill(BOUNDED_QUERY_BLOCKS, key_range=self.capture(self.key_range, indent=3))
+            indent = 4
         self.memo = dict(self.outer)
-        tile = self.capture(lambda: (self.row_inputs(with_delta=True), self.tile(False, "dkdv")), indent=4)
+        tile = self.capture(lambda: (self.row_inputs(with_delta=True), self.tile(False, "dkdv")), indent=indent)
         self.memo = dict(self.outer)
-        return "\n".join(fill(DKDV_KERNEL, key_range=key_range, tile=tile, stores=self.capture(self.store_operand_accs),
-                              member=member, per_head=per_head, **head)) + "\n"
+        return "\n".join(fill(DKDV_KERNEL, query_blocks=query_blocks, tile=tile, member=member, per_head=per_head,
+                              stores=self.capture(self.store_operand_accs), **head)) + "\n"
+
+    def listed_query_blocks(self) -> None:
+        """The dkdv kernel's loop over the query blocks the block mask lists for this key block
+        (kept whole first, then partly: the tile applies every mask either way)."""
+        partial, full = QUERY_BLOCK_LISTS
+        self.line("# -- query blocks: the plan's block mask lists those that keep something of this key block --")
+        self.block_list_rows(QUERY_BLOCK_LISTS, "start_n")
+        count_full, count_partial = names.derived("count", full), names.derived("count", partial)
+        self.line(f"for listed in range(0, {count_full} + {count_partial}):")
+        self.indent += 1
+        self.assign("listed_full", f"listed < {count_full}")
+        self.assign("listed_partial", f"tl.maximum(listed - {count_full}, 0)")
+        self.assign("start_m", f"tl.where(listed_full, {self.listed_block(full, 'listed')}, "
+                               f"{self.listed_block(partial, 'listed_partial')})")
+        self.assign("offs_i", "start_m * BLOCK_M + tl.arange(0, BLOCK_M)")
+        self.assign("row_ok", "offs_i < I")
+        self.indent -= 1
 
 
 # ------------------------------------------------------------------------------------- templates
@@ -500,14 +528,18 @@ DKDV_KERNEL = """\
     for member in range(0, {members}):   # the query heads of the KV group: dk', dv' summed in registers
 {member}
 {per_head}
+{query_blocks}
+{tile}
+
+{stores}"""
+
+# the dkdv kernel's query blocks where only the key-block bounds skip: every one, tested against them
+BOUNDED_QUERY_BLOCKS = """\
         for start_m in range(0, tl.cdiv(I, BLOCK_M)):
             offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = offs_i < I
 {key_range}
-            if (start_n * BLOCK_N >= kv_lo) & (start_n * BLOCK_N < kv_hi):   # the forward visited this tile
-{tile}
-
-{stores}"""
+            if (start_n * BLOCK_N >= kv_lo) & (start_n * BLOCK_N < kv_hi):   # the forward visited this tile"""
 
 
 _BWD_HELPERS = '''
@@ -565,6 +597,7 @@ def _launcher(graph: Graph, bp: BackwardPlan) -> str:
     for name, var in grads:
         lines.append(f"        {var}.zero_()")
     lines.append(f"        return {returned}")
+    lines += block_list_lines(graph, p, KEY_BLOCK_LISTS + QUERY_BLOCK_LISTS, "BLOCK_M", "BLOCK_N")
     programs = f"B // {p.streams}" if p.channels else "B * H"
     kv_programs = programs if p.channels else "B * KV_H"    # dkdv: a program per KV head, looping over its group
     for kernel, tiles, count in ((bp.dq_kernel, "triton.cdiv(I, BLOCK_M)", programs),

@@ -74,6 +74,11 @@ PREPASS_BLOCK_N = 64
 
 TRITON_BOUND_CALLS = {"min": "tl.minimum", "max": "tl.maximum", "//": "_floordiv"}   # how a bound is spelled here
 
+# the block mask's lists (runtime/block_masks.BlockMask): per query block the key blocks kept partly / whole
+# (forward, dq), per key block the query blocks (dk/dv); [b?, h?, blocks, 1 + count and indices] int32
+KEY_BLOCK_LISTS = ("kv_blocks", "full_kv_blocks")
+QUERY_BLOCK_LISTS = ("q_blocks", "full_q_blocks")
+
 class CodegenError(NotImplementedError):
     """The graph needs something this code generator does not do (names the schedule or op)."""
 
@@ -99,6 +104,11 @@ def tensor_arg(var: str, name: str, dims, dtype: str = "float", raw: bool = Fals
     pointer `ptr_<var>`, strides `stride_<var>_<axis>` (by position: dims may be spec names)."""
     return TensorArg(name, names.derived("ptr", var), tuple(dims), dtype, raw,
                      tuple(names.derived("stride", f"{var}_{axis}") for axis in range(len(dims))), var, kv_heads)
+
+
+def block_list_args(lists) -> list:
+    """The block mask's lists as kernel tensors (the launcher's variables of the same names)."""
+    return [tensor_arg(name, name, ("b", "h", "blocks", "listed"), "int32") for name in lists]
 
 
 @dataclass(frozen=True)
@@ -178,6 +188,7 @@ class KernelPlan:
     packed: bool = False       # the forward's rows are (query, head of the KV group) pairs (plan.pack_kv_group)
     kv_source: str = "k"       # the per-KV-head input the launcher reads H_kv from
     prepass_kv: bool = True    # the prepass runs per KV head (every value it writes is per KV head)
+    block_lists: list = field(default_factory=list)   # [TensorArg]: the block mask's key-block lists (forward, dq)
 
     @property
     def lse_axes(self) -> str:
@@ -188,7 +199,7 @@ class KernelPlan:
         signature, its launcher's call and its AOT signature are rendered from."""
         lead = self.tensors_by_name()[self.lead].var
         out = TensorArg("out", "out_ptr", self.out_dims, "float", False, self.out_strides, "out")
-        groups = _tensor_groups(self.tensors + self.materialized)
+        groups = _tensor_groups(self.tensors + self.materialized + self.block_lists)
         groups[0] = ArgGroup(groups[0].params + ("out_ptr", "lse_ptr"),
                              groups[0].launch + ("out", "out if lse is None else lse"))
         groups.append(ArgGroup(out.strides, (f"*_strides(out, {len(out.dims)})",)))
@@ -298,7 +309,8 @@ def plan(graph: Graph) -> KernelPlan:
                       sizes, size_sources, features, host, out_feature, materialized,
                       f"_kprologue_{spec.name}" if materialized else "", lead=lead,
                       packed=schedule.pack_kv_group, kv_source=kv_source,
-                      prepass_kv=all(t.per_kv_head or "h" not in t.dims for t in materialized))
+                      prepass_kv=all(t.per_kv_head or "h" not in t.dims for t in materialized),
+                      block_lists=block_list_args(KEY_BLOCK_LISTS) if schedule.block_mask is not None else [])
 
 
 def triton_function_name(graph: Graph) -> str:
@@ -368,6 +380,8 @@ class _KernelWriter:
         self.packed = p.packed                        # rows are (query, head of the KV group)
         self.query_heads = query_head_nodes(graph)    # values that vary with the query head
         self.scope_lines = None       # set while a template's sweeps are rendered apart from the kernel's lines
+        self.block_list = {t.name: t for t in block_list_args(KEY_BLOCK_LISTS + QUERY_BLOCK_LISTS)}
+        self.used_conjuncts: set = set()
 
     # -- shapes
     def axes(self, node_id: str) -> tuple:
@@ -954,7 +968,28 @@ class _KernelWriter:
         for acc in self.accs:
             self.assign(self.acc_names[acc], f"tl.zeros({self.shape(self.acc_axes(acc))}, tl.float32)")
 
+    def block_list_rows(self, lists, block: str) -> None:
+        """Offsets of this program's rows of the block mask's lists (block: start_m or start_n), and
+        their counts; the listed blocks follow each count."""
+        for name in lists:
+            t = self.block_list[name]
+            row = names.derived("row", name)
+            self.assign(row, f"off_b * {t.strides[0]} + off_h * {t.strides[1]} + {block} * {t.strides[2]}")
+            self.assign(names.derived("count", name), f"tl.load({t.ptr} + {row})")
+
+    def listed_block(self, name: str, listed: str) -> str:
+        """The index of the `listed`-th block of a block list row (after its count)."""
+        t = self.block_list[name]
+        return f"tl.load({t.ptr} + {names.derived('row', name)} + (1 + {listed}) * {t.strides[3]})"
+
     def key_range(self):
+        mask = self.g.plan.block_mask
+        if mask is not None:
+            self.line("# -- key blocks: the plan's block mask lists those this query block keeps something in "
+                      "(full: every (i, j) kept) --")
+            self.block_list_rows(KEY_BLOCK_LISTS, "start_m")
+            self.used_conjuncts, self.has_lower = set(mask.conjuncts), False
+            return
         bounds = self.g.key_bounds
         self.line("# -- key blocks: the keep-predicates' interval analysis bounds the keys that rows "
                   "i_first..i_last keep --")
@@ -1006,6 +1041,15 @@ class _KernelWriter:
         body_lines = self.lines
         self.lines, self.indent, self.memo = kernel_lines, kernel_indent, dict(self.outer)
         call = self.inner_function(block, body_lines)
+        if self.g.plan.block_mask is not None:
+            partial, full = KEY_BLOCK_LISTS
+            for name, is_full, what in ((full, True, "listed blocks kept whole: no masks of the block mask's conjuncts"),
+                                        (partial, False, "listed blocks kept partly: every mask")):
+                self.line(f"for listed in range(0, {names.derived('count', name)}):  # {what}")
+                self.line(f"    start_n = {self.listed_block(name, 'listed')} * BLOCK_N")
+                for line in call(is_full):
+                    self.line(f"    {line}")
+            return
         ranges = [("full_lo", "full_hi", True, "blocks fully kept: no masks")]
         if self.has_lower:
             ranges.append(("kv_lo", "full_lo", False, "edge blocks before them"))
@@ -1244,6 +1288,7 @@ def _launcher(graph: Graph, p: KernelPlan, defaults: dict) -> str:
                          f"[{{{p.streams} * H}}, {{{p.streams} * H}}], got {{list({w}.shape)}}')")
     lines.append("    if out.numel() == 0:")
     lines.append("        return out")
+    lines += block_list_lines(graph, p, KEY_BLOCK_LISTS, "BLOCK_M", "BLOCK_N")
     if p.materialized:
         lines.append("    # per-key transforms, computed once for all query tiles (the k-prologue prepass)")
         for t in p.materialized:
@@ -1274,6 +1319,17 @@ def _launcher(graph: Graph, p: KernelPlan, defaults: dict) -> str:
             lines.append(f"    {arg} = {pnames[source]}.shape[{axis}]")
     lines.append(f"    return {lead}.new_empty(({out_shape},))")
     return "\n".join(lines) + "\n"
+
+
+def block_list_lines(graph: Graph, p: KernelPlan, lists, block_m: str, block_n: str) -> list[str]:
+    """Launcher lines computing the plan's block mask at these block sizes and naming its lists."""
+    if graph.plan.block_mask is None:
+        return []
+    from .torch_module import block_mask_call
+    lead = p.tensors_by_name()[p.lead].var
+    call = block_mask_call(graph, block_m, block_n, f"{lead}.device")
+    return [f"    tiles = {call}  # the plan's block mask at these tiles",
+            f"    {', '.join(lists)} = {', '.join(f'tiles.{name}' for name in lists)}"]
 
 
 def launcher_sizes(p: KernelPlan, pnames: dict) -> list[str]:
@@ -1331,7 +1387,11 @@ def triton_functions(graph: Graph, config: dict | None = None) -> str:
     (tiles are constexpr launch arguments, so the kernels do not depend on it)."""
     kernel, p = kernel_source(graph)
     defaults = {**default_config(graph), **{k: int(v) for k, v in (config or {}).items() if k in CONFIG_KEYS}}
-    return kernel + "\n\n" + _launcher(graph, p, defaults)
+    mask = ""
+    if graph.plan.block_mask is not None:   # torch code, run by the launchers (forward and backward)
+        from .torch_module import block_mask_source
+        mask = block_mask_source(graph) + "\n\n"
+    return kernel + "\n\n" + mask + _launcher(graph, p, defaults)
 
 
 def default_config(graph: Graph) -> dict:

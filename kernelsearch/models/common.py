@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SpecError
+from ..errors import SpecError, UsageError
 from ..nn import Attention as AttentionModule
 from . import attention as _attention
+from . import token_inputs as _token_inputs
 
 
 def load_legacy_learned_keys(block: AttentionModule) -> None:
@@ -80,6 +81,26 @@ class LM(nn.Module):
         """The model's attention modules, first layer first."""
         return [m for m in self.modules() if isinstance(m, AttentionModule)]
 
+    # families that pass the inputs of token_inputs() to their attention (others refuse specs that need them)
+    makes_token_inputs = False
+
+    def token_input_rules(self) -> tuple:
+        """Which of the spec's inputs this LM makes from its tokens (models/token_inputs.py); a
+        UsageError for one it cannot make."""
+        layers = self.attention_layers()
+        learned = set(layers[0].learned.keys()) if layers else set()
+        rules = _token_inputs.token_input_rules(self.attn.spec, learned, self.family)
+        if rules and not self.makes_token_inputs:
+            raise UsageError(
+                f"the {self.family} LM does not pass {', '.join(r.name for r in rules)} to its attention, "
+                f"which {self.attn.spec.name} requires; the mesh_tf family makes them from its tokens "
+                f"(--model mesh_tf)")
+        return rules
+
+    def token_inputs(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The spec's per-call inputs made from tokens [b, n] (document ids, a prefix length)."""
+        return _token_inputs.make(self.token_input_rules(), tokens)
+
     def forward_with_aux(self, x: torch.Tensor, mask: torch.Tensor | None = None):
         """(logits, auxiliary loss or None); families with an auxiliary loss override this."""
         return self(x, mask=mask), None
@@ -88,6 +109,9 @@ class LM(nn.Module):
         """tokens [b, n + 1] -> (total loss, {"ce": ..., "aux": ...})."""
         x, labels = tokens[:, :-1], tokens[:, 1:]
         logits, aux = self.forward_with_aux(x, mask=None if mask is None else mask[:, :-1])
+        counted = _token_inputs.loss_mask(self.token_input_rules(), x)    # [b, n] or None: all count
+        if counted is not None:
+            labels = labels.masked_fill(~counted, -100)       # cross_entropy's ignore_index
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
         parts = {"ce": ce.detach()}
         if aux is not None:

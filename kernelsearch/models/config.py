@@ -190,4 +190,6 @@ def build_model(cfg: ModelConfig, backend: str = "auto"):
     """The family's LM for this config; fixes ``cfg.model["max_seq_len"]`` if it was implied."""
     cls = family_class(cfg.family)
     cfg.model = cfg.model_kwargs()
-    return cls(spec=cfg.spec, backend=backend, attn_params=cfg.attn_params, **cfg.model)
+    model = cls(spec=cfg.spec, backend=backend, attn_params=cfg.attn_params, **cfg.model)
+    model.token_input_rules()       # a spec input the family cannot make is refused now, not mid-training
+    return model

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import Attention as AttentionModule, merge_heads, split_heads
+from ..nn import Attention as AttentionModule, merge_heads, required_learnable, split_heads
 from .common import LM
 
 
@@ -50,14 +50,16 @@ class Attention(AttentionModule):
     """The seed's projections (its names) around the spec's attention."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, attn, kv_heads: int | None = None):
-        super().__init__(attn, heads=heads, dim_head=dim_head, kv_heads=kv_heads, projections=False, learned=[])
+        # a foreign spec's required tables (T5's bias_table, sink logits) are learned per layer
+        super().__init__(attn, heads=heads, dim_head=dim_head, kv_heads=kv_heads, projections=False,
+                         learned=required_learnable(attn))
         self.to_qkv = _linear(dim, (heads + 2 * self.kv_heads) * dim_head, bias=False)
         self.combine_output = _linear(heads * dim_head, dim)
 
-    def forward(self, x, mask=None):
+    def forward(self, x, mask=None, **inputs):
         sizes = [self.heads * self.dim_head, self.kv_heads * self.dim_head, self.kv_heads * self.dim_head]
         q, k, v = (split_heads(t, n // self.dim_head) for t, n in zip(self.to_qkv(x).split(sizes, dim=-1), sizes))
-        o = self.attend(q, k, v, mask=mask)
+        o = self.attend(q, k, v, mask=mask, **inputs)
         return self.combine_output(merge_heads(o.to(x.dtype)))
 
 
@@ -74,6 +76,7 @@ class FeedForward(nn.Module):
 class MeshTFLM(LM):
     family = "mesh_tf"
     native_spec = "softmax.yaml"
+    makes_token_inputs = True
 
     def __init__(self, *, spec, backend="auto", attn_params=None, num_tokens=256,
                  max_seq_len=256, dim=128, depth=2, heads=4, dim_head=32, ff_mult=4, kv_heads=None):
@@ -92,8 +95,9 @@ class MeshTFLM(LM):
 
     def forward(self, x, mask=None):
         n = x.shape[1]
+        inputs = self.token_inputs(x)          # document ids, a prefix length: what the spec needs
         x = self.wte(x) + self.wpe(torch.arange(n, device=x.device))
         for norm1, attn, norm2, ff in self.layers:
-            x = attn(norm1(x), mask=mask) + x
+            x = attn(norm1(x), mask=mask, **inputs) + x
             x = ff(norm2(x)) + x
         return self.to_logits(x)

@@ -11,7 +11,7 @@ import ast
 
 import networkx as nx
 
-from .. import ops
+from .. import nearest, ops
 from ..errors import SpecError
 from ..exprs import INDEX_VARIABLES, OPS, SIZES
 from ..ir import Graph, Node
@@ -61,9 +61,9 @@ class _Builder:
             return self.add(name, Node("size", attrs={"dim": name.lower()}, location=where, dtype="int"))
         if name in ("True", "False", "None"):
             raise AssertionError("constants are ast.Constant")
-        from ..spec import _suggest
         known = set(spec.graph) | set(spec.inputs) | set(spec.params) | set(INDEX_VARIABLES) | self.sizes
-        raise SpecError(f"undefined name '{name}' (in the definition of '{owner}')", where, _suggest(name, known))
+        raise SpecError(f"undefined name '{name}' (in the definition of '{owner}')", where,
+                        nearest.undefined_name(name, known))
 
     def entry(self, name: str) -> str:
         entry = self.spec.graph[name]
@@ -121,7 +121,7 @@ class _Builder:
         if isinstance(e, ast.Subscript):
             if not isinstance(e.value, ast.Name) or e.value.id not in self.spec.inputs:
                 raise SpecError("only inputs can be indexed (a bias table gathered by index expressions)",
-                                where, "e.g. `pos_bias_table[h, abs(i - j)]`")
+                                where, self._indexing_hint(e.value))
             table = self.name(e.value.id, e.value, owner)
             indices = e.slice.elts if isinstance(e.slice, ast.Tuple) else [e.slice]
             decl = self.spec.inputs[e.value.id]
@@ -137,6 +137,17 @@ class _Builder:
             raise SpecError("a list may only appear as softmax's keep=[...]", where,
                             "combine predicates with &, or pass them as softmax(s, keep=[a, b])")
         raise SpecError(f"{type(e).__name__} is not allowed here", where)
+
+    def _indexing_hint(self, value: ast.expr) -> str:
+        name = value.id if isinstance(value, ast.Name) else None
+        if name in self.spec.graph or name in self.spec.params:
+            return (f"'{name}' needs no index: values broadcast by their dim names "
+                    "(write it as it is; gather only from an input table, e.g. `pos_bias_table[h, abs(i - j)]`)")
+        if name is not None:
+            return (f"'{name}' is not declared: declare it under inputs with its dims (e.g. `{name}: {{shape: [b, i], "
+                    f"dtype: int}}`) and use it by name - inputs broadcast by their dims (`q_doc == k_doc`); "
+                    "index only tables, e.g. `pos_bias_table[h, abs(i - j)]`")
+        return "e.g. `pos_bias_table[h, abs(i - j)]`"
 
     def call(self, e: ast.Call, owner: str) -> str:
         where = e.location

@@ -16,6 +16,11 @@ predicates over b, h, i, j; no cross-head mixing, nothing between softmax and do
             node they are made of must be an elementwise op, an index, a gather, an input over
             b, h, i, j or a host scalar (nothing over a feature dim)
 
+FlexAttention also runs scores that are any elementwise function of dot(q', k') and such
+per-element terms (soft-capping: cap * tanh(s / cap), a bias scaled after it is added, ...):
+its score_mod then evaluates the whole path from the dot to the scores per score, with the dot
+as FlexAttention's score (scale 1). SDPA runs only the scaled dot plus a bias.
+
 Recognising them reads the graph's structure, never a spec's name. Code generators
 (codegen/torch_module.py) render the `LibraryForm`; they decide none of this.
 """
@@ -50,6 +55,11 @@ class LibraryForm:
     flex: str | None           # why FlexAttention cannot express it (None: it can)
     full_blocks: bool          # every keep conjunct is one the key-block bounds come from: blocks inside
                                # the bounds of every row of a block are kept whole (no mask_mod there)
+    sdpa: str | None = None    # why SDPA cannot express it (None: it can)
+    score_function: tuple = () # () when the scores are dot * scale + biases; else the nodes from
+                               # dot(q', k') to the scores in order (all elementwise; the dot first),
+                               # FlexAttention's score_mod with the dot as its score (scale, biases empty)
+    score_terms: tuple = ()    # the score function's other operands (host scalars or over b, h, i, j)
 
 
 def _is_host_scalar(graph: Graph, node_id: str) -> bool:
@@ -87,6 +97,28 @@ def _split_scores(graph: Graph, node_id: str):
                 dot, scale, biases, arithmetic = found
                 return dot, scale, biases + [other], arithmetic + [node_id]
     return f"the scores are made by '{node.op}', not a scaled dot(q, k) plus a bias"
+
+
+def _score_function(graph: Graph, scores: str):
+    """(dot, path, terms) when the scores are an elementwise function of one dot(q, k) over
+    [b, h, i, j] and of terms that do not depend on it (path: the dot, then every node between
+    it and the scores, in order; terms: their other operands), or a reason string."""
+    behind = graph.upstream(scores)
+    dots = [n for n in behind if graph.node(n).op == "dot" and set(graph.node(n).dims) == SCORE_DIMS]
+    if len(dots) != 1:
+        return "the scores are not made from one dot(q, k)"
+    (dot,) = dots
+    path = [n for n in graph.ids() if n in behind and dot in graph.upstream(n)]
+    terms = []
+    for n in path[1:]:
+        node = graph.node(n)
+        if not ops.is_elementwise(node.op):
+            return f"the scores are made by '{node.op}', which is not elementwise"
+        terms += [a for a in node.args if a not in path and a not in terms]
+    for n in path[:-1]:
+        if set(graph.users(n)) - set(path):
+            return f"'{n}' is used besides the scores"
+    return dot, tuple(path), tuple(terms)
 
 
 def _flex_reason(graph: Graph, roots) -> str | None:
@@ -141,8 +173,13 @@ def library_form(graph: Graph) -> LibraryForm | str:
         return "values are computed from the probabilities besides dot(p, v)"
     scores, *keeps = graph.node(softmax).args
     found = _split_scores(graph, scores)
-    if isinstance(found, str):
-        return found
+    sdpa, function, terms = None, (), ()
+    if isinstance(found, str):   # not a scaled dot plus a bias: FlexAttention may still run it
+        general = _score_function(graph, scores)
+        if isinstance(general, str):
+            return f"{found} (SDPA); {general} (FlexAttention)"
+        dot, function, terms = general
+        sdpa, found = found, (dot, [], [], list(function))
     dot, scale, biases, arithmetic = found
     query, key = graph.node(dot).args
     feature = graph.node(query).dims[-1:]
@@ -161,17 +198,18 @@ def library_form(graph: Graph) -> LibraryForm | str:
             return f"'{n}' is used besides the scores"
     if set(graph.users(scores)) != {softmax} or set(graph.users(softmax)) != {reduction}:
         return "the scores or probabilities are used besides softmax and dot(p, v)"
-    for term in biases + keeps:
+    for term in biases + keeps + list(terms):
         if not set(graph.node(term).dims) <= SCORE_DIMS:
             return f"'{term}' varies over more than b, h, i, j"
         if dot in graph.upstream(term):
             return f"'{term}' depends on the scores"
     return LibraryForm(query=query, key=key, value=value, scale=tuple(scale), biases=tuple(biases),
                        keeps=tuple(keeps), score_nodes=tuple(arithmetic), reduction=reduction,
-                       causal_row=_causal_row(graph, tuple(keeps), biases),
-                       flex=_flex_reason(graph, biases + keeps),
+                       causal_row=_causal_row(graph, tuple(keeps), biases) if sdpa is None else None,
+                       flex=_flex_reason(graph, biases + keeps + list(terms)),
                        full_blocks=bool(keeps) and {c for k in keeps for c in conjuncts(graph, k)}
-                       <= set(graph.key_bounds.conjuncts_used))
+                       <= set(graph.key_bounds.conjuncts_used),
+                       sdpa=sdpa, score_function=function, score_terms=terms)
 
 
 def lowerings(graph: Graph) -> tuple[str, ...]:
@@ -179,16 +217,21 @@ def lowerings(graph: Graph) -> tuple[str, ...]:
     form = library_form(graph)
     if isinstance(form, str):
         return ()
-    return ("sdpa",) + (("flex",) if form.flex is None else ())
+    return (("sdpa",) if form.sdpa is None else ()) + (("flex",) if form.flex is None else ())
 
 
 def sdpa_visits_skippable_keys(graph: Graph) -> bool:
-    """True when the keep-predicates bound the keys (causal, windows: the chunked lowering skips
-    key blocks) but the SDPA call gets them as a materialised mask and visits every key; False
-    for SDPA's own causal mask (is_causal) and for graphs without key bounds."""
+    """True when the keep-predicates bound the keys (causal, windows) or make a block mask
+    (document ids, prefix LM: passes/block_mask.py) - the chunked lowering skips key blocks - but
+    the SDPA call gets them as a materialised mask and visits every key; False for SDPA's own
+    causal mask (is_causal) and for graphs that skip no key block."""
     form = library_form(graph)
     bounds = graph.key_bounds
-    if isinstance(form, str) or (bounds.lower is None and bounds.upper is None):
+    if isinstance(form, str) or form.sdpa is not None:
+        return False
+    if graph.plan.block_mask is not None:
+        return True
+    if bounds.lower is None and bounds.upper is None:
         return False
     return form.causal_row is None
 
@@ -198,4 +241,4 @@ def why_not(graph: Graph, lowering: str) -> str | None:
     form = library_form(graph)
     if isinstance(form, str):
         return form
-    return form.flex if lowering == "flex" else None
+    return form.flex if lowering == "flex" else form.sdpa

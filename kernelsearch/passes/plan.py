@@ -26,6 +26,10 @@
                    programs (they hold every head already) and graphs with a per-query-head value
                    over keys but not queries (it would need [rows, keys, features] tiles); those
                    read KV head h // G per program or channel
+    block mask     keep conjuncts over i and j the key bounds miss (document ids, prefix-or-causal,
+                   neighbourhoods): which tiles keep something / everything, computed at run time
+                   per block size - cached per shape when they read no input, per call when they
+                   do (passes/block_mask.py); the kernels visit only the listed tiles
 
 Code generators (codegen/) render the plan; they decide none of this.
 """
@@ -34,6 +38,7 @@ from __future__ import annotations
 from .. import ops
 from ..exprs import INDEX_VARIABLES
 from ..ir import Graph, Plan
+from .block_mask import block_mask_plan, mask_conjuncts_unbounded
 from .bounds import key_block_bounds
 from .schedule import HEADS_IN_TILE, head_groups, schedule_of
 
@@ -128,9 +133,12 @@ def query_head_nodes(graph: Graph) -> set[str]:
     return out
 
 
-def pack_kv_group(graph: Graph, schedule: str) -> tuple[bool, str]:
+def pack_kv_group(graph: Graph, schedule: str, block_mask) -> tuple[bool, str]:
+    """(pack, why): does the forward pack a KV group's query heads into its programs' rows."""
     if schedule in HEADS_IN_TILE:
         return False, "heads in tile: a program holds every head; each reads KV head h // G"
+    if block_mask is not None:
+        return False, "the block mask lists key blocks per block of one head's queries: each program reads KV head h // G"
     per_query = query_head_nodes(graph)
     for node_id, node in graph.nodes():
         if node_id in per_query and "j" in node.dims and "i" not in node.dims:
@@ -145,14 +153,16 @@ def plan(graph: Graph) -> Graph:
     schedule = schedule_of(graph)
     accs = accumulators(graph)
     count, reason = sweeps(graph, schedule, accs, softmax)
-    packed, pack_reason = pack_kv_group(graph, schedule)
+    bounds = key_block_bounds(graph)
+    block_mask = block_mask_plan(graph, bounds, schedule in HEADS_IN_TILE)
+    packed, pack_reason = pack_kv_group(graph, schedule, block_mask)
     graph.plan = Plan(
         schedule=schedule, sweeps=count, sweeps_reason=reason,
         heads_in_tile=schedule in HEADS_IN_TILE, head_groups=head_groups(graph),
         accumulators=accs, prepass=prepass(graph, accs), host=host_scalars(graph),
-        key_bounds=key_block_bounds(graph),
+        key_bounds=bounds,
         delta_sweep=any(graph.node(a).args[0] != softmax for a in accs),
-        pack_kv_group=packed, pack_reason=pack_reason)
+        block_mask=block_mask, pack_kv_group=packed, pack_reason=pack_reason)
     return graph
 
 
@@ -208,7 +218,25 @@ def describe_plan(graph: Graph) -> list[str]:
                      f"from {_labels(graph, bounds.conjuncts_used)})")
     else:
         lines.append("keys     every key block of every row (no keep-predicate bounds them)")
+    lines += _describe_block_mask(graph)
     lines.append("backward delta = rowsum(p * dp) " + ("in a sweep of its own" if p.delta_sweep else "= rowsum(dO * O)"))
     lines.append(f"kv heads {'packed' if p.pack_kv_group else 'not packed'}: {p.pack_reason}  (grouped KV heads, "
                  "G = H / H_kv at the call; the backward's dk/dv programs sum a group's heads in registers)")
     return lines
+
+
+def _describe_block_mask(graph: Graph) -> list[str]:
+    mask = graph.plan.block_mask
+    if mask is None:
+        missed = mask_conjuncts_unbounded(graph, graph.plan.key_bounds)
+        if not missed:
+            return []
+        return [f"blocks   no block mask for {_labels(graph, missed)}: heads in tile (a program holds every head); "
+                "its masks apply in every tile"]
+    others = [c for c in mask.conjuncts if c not in mask.unbounded]
+    over = ", ".join(mask.dims + ("query block", "key block"))
+    when = (f"per call (reads {', '.join(mask.inputs)})" if mask.per_call
+            else "once per shape and block size (reads no input; cached)")
+    return [f"blocks   block mask of {_labels(graph, mask.unbounded)}"
+            + (f" (with {_labels(graph, others)})" if others else "")
+            + f" over [{over}]: {when}; tiles it keeps nothing in are skipped, tiles it keeps whole run without its masks"]

@@ -6,7 +6,9 @@ process inside the `target.Problem`. It answers, in the tuner's process:
 - ``backend``: the backend name records are written under (``torch``, ``triton``);
 - ``load_spec(spec_path, params) -> (spec, resolved params)``: the spec (``name``, ``sha256``,
   ``path``, ``inputs``, ``params``, ``tune``), SpecError/UsageError for bad input;
-- ``space(spec, sizes, direction, dtype) -> SearchSpace``: the knobs to search for this problem;
+- ``space(spec, sizes, direction, dtype, params=, present=, device=) -> SearchSpace``: the knobs to search
+  for this problem: the spec with the ``params`` given (--param) and the optional inputs ``present`` that
+  the trials give, timed on ``device`` (its default config is the one the backend runs without a record);
 - ``defaults``: None, or the tuner's defaults for it (shape, dtype, trials, time budgets), as
   in `study.DEFAULTS`;
 
@@ -15,6 +17,8 @@ and, in a trial process, ``open(problem) -> evaluator backend`` with:
 - ``spec``; ``inputs(sizes, seed, optional, device) -> dict`` of tensors;
 - ``build(config) -> callable`` (``attn(q, k, v, **inputs)``, with ``last_config``);
 - ``reference() -> callable``: the float64 definition the output is checked against;
+- ``recorded(config, present) -> config`` (optional): what a record of ``config`` runs for calls
+  with the optional inputs ``present``, which the final check of a winner then checks;
 - ``feasibility(config) -> dict | None``: a check before anything runs (the AOT compile for a
   GPU architecture); raises `policy.TrialFailure` for a config that cannot compile or fit;
 - ``synthetic_time(config) -> float | None``: a modelled time instead of a measurement (test
@@ -58,11 +62,24 @@ class KernelsearchTarget:
 
     defaults = None   # the study's, per target (cpu, cuda)
 
-    def space(self, spec: Any, sizes: Mapping[str, int], direction: str, dtype: str) -> SearchSpace:
-        return backend_space(self.backend, spec, sizes, direction, dtype)
+    def space(self, spec: Any, sizes: Mapping[str, int], direction: str, dtype: str,
+              params: Mapping[str, Any] | None = None, present: tuple = (), device: str = "cuda") -> SearchSpace:
+        return backend_space(self.backend, spec, sizes, direction, dtype, params=params, present=present,
+                             device=device)
 
     def open(self, problem: Any) -> "KernelsearchBackend":
         return KernelsearchBackend(problem)
+
+
+def _lowerings(backend: str, graph: Any) -> tuple:
+    """The lowerings a backend can run for a graph (its `lowering` knob's values that fit it)."""
+    if backend == "torch":
+        from ..codegen.torch_module import lowerings
+
+        return lowerings(graph)
+    from ..backends.triton_backend import lowerings
+
+    return lowerings(graph)
 
 
 class KernelsearchBackend:
@@ -100,11 +117,26 @@ class KernelsearchBackend:
     def reference(self) -> Callable:
         return self.reference_fn
 
+    def recorded(self, config: Mapping[str, Any], present=None) -> dict:
+        """The config `load` runs, with `config` recorded, for calls giving the optional inputs
+        `present` (None: all): `config` where its lowering can run that call's graph, else the
+        backend's defaults for the call (``{"lowering": None}``: the runtime skips a record whose
+        lowering cannot run the call, e.g. an sdpa record of talking heads timed without its
+        head-mixing inputs). The final check of a winner checks this."""
+        from ..backends import knobs
+        from ..compiler import compile_graph
+
+        graph = compile_graph(self.spec, dict(self.p.params), present)
+        lowering = knobs.validate_config(self.p.backend, dict(config), self.p.sizes).get("lowering")
+        if lowering is None or lowering in _lowerings(self.p.backend, graph):
+            return dict(config)
+        return {"lowering": None}
+
     def feasibility(self, config: Mapping[str, Any]) -> dict | None:
         """The Triton kernels compiled for the device's architecture (sm_90 without a GPU) at the
         tuned sizes: TrialFailure when they do not compile or their shared memory does not fit."""
-        if self.p.backend != "triton":
-            return None
+        if self.p.backend != "triton" or config.get("lowering", "triton") != "triton":
+            return None   # no Triton kernel to compile: PyTorch's own (sdpa, flex) or the torch backend
         from ..codegen.triton_aot import aot_check, is_resource_error
 
         arch = 90

@@ -57,6 +57,8 @@ __all__ = [
     "fix_choices",
     "restrict",
     "nearest_untried",
+    "study_graph",
+    "torch_lowerings",
 ]
 
 
@@ -91,6 +93,21 @@ class SearchSpace:
             if k.active(cfg):
                 cfg[k.name] = k.default
         return cfg
+
+    def lowering_defaults(self) -> list[dict]:
+        """For each value of a ``lowering`` knob, the default config of that lowering (its other
+        knobs at their defaults): every lowering, PyTorch's own kernels included, is timed in the
+        study whatever the sampler does (the warm start queues them after the default)."""
+        if "lowering" not in self.names:
+            return []
+        out = []
+        for value in self.knob("lowering").choices:
+            cfg: dict[str, Any] = {}
+            for k in self.knobs:
+                if k.active(cfg):
+                    cfg[k.name] = value if k.name == "lowering" else k.default
+            out.append(cfg)
+        return out
 
     def canonical(self, config: Mapping[str, Any]) -> dict:
         """Keep the active knobs, in declaration order; unknown keys are dropped."""
@@ -238,10 +255,32 @@ def _nearest(choices: Sequence[Any], want: Any) -> Any:
 
 
 def _tuned_knob(knob: Knob, choices: Sequence[Any], sizes: Mapping[str, int], schedule: str | None,
-                name: str | None = None) -> Knob:
-    """A declared knob with the choices the tuner tries here and the backend's default nearest among them."""
-    default = _nearest(tuple(choices), knob.default_for(sizes, schedule))
-    return Knob(name or knob.name, tuple(choices), default, knob.when, knob.doc, knob.allowed)
+                name: str | None = None, default: Any = None) -> Knob:
+    """A declared knob with the choices the tuner tries here and its default: ``default`` when
+    given (the config `load` runs without a record: it is always among the choices, so that the
+    study times exactly that config), else the backend's default nearest among the choices."""
+    choices = tuple(choices)
+    if default is None:
+        default = _nearest(choices, knob.default_for(sizes, schedule))
+    elif default not in choices:
+        choices = _inserted(choices, default)
+    return Knob(name or knob.name, choices, default, knob.when, knob.doc, knob.allowed)
+
+
+def _inserted(choices: tuple, value: Any) -> tuple:
+    """``choices`` with ``value`` added, in order when they are numbers."""
+    numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices + (value,))
+    return tuple(sorted(choices + (value,))) if numeric else choices + (value,)
+
+
+def study_graph(spec: Any, params: Mapping[str, Any] | None = None, present=None):
+    """The folded graph a study times: the spec with the params it gives (overrides of the
+    spec's defaults, as `load` takes them) and the optional inputs it gives (`present`; None:
+    every optional input). Its lowerings, schedule and defaults are the space's, as they are
+    `load`'s for those calls."""
+    from ..compiler import compile_graph
+
+    return compile_graph(spec, dict(params or {}), present)
 
 
 def _torch_choices(knob: Knob, spec_tune: Mapping[str, Sequence], sizes: Mapping[str, int]) -> tuple:
@@ -256,71 +295,91 @@ def _torch_choices(knob: Knob, spec_tune: Mapping[str, Sequence], sizes: Mapping
     return tuple(spec_tune.get(knob.name, knob.choices))
 
 
-def torch_lowerings(spec: Any, direction: str = "fwd", dtype: str = "float32", params=None, present=None) -> tuple:
-    """The lowerings the torch backend can run for this spec's graph (the library kernels only
-    where passes/library.py says they fit; FlexAttention has no CPU backward and runs float32,
-    bfloat16 and float16 only). `present` None: every optional input given."""
-    from ..backends.library_calls import FLEX_CPU_DTYPES
+def torch_lowerings(spec: Any, direction: str = "fwd", dtype: str = "float32", params=None, present=None,
+                    graph=None) -> tuple:
+    """The lowerings the torch backend can run for this spec's graph at these params and
+    optional inputs (`study_graph`; or `graph` itself): the library kernels only where
+    passes/library.py says they fit; FlexAttention has no CPU backward and runs float32,
+    bfloat16 and float16 only."""
     from ..codegen.torch_module import lowerings
-    from ..compiler import compile_graph
 
-    found = lowerings(compile_graph(spec, params, present))
-    flex_runs = direction == "fwd" and dtype in {str(t).removeprefix("torch.") for t in FLEX_CPU_DTYPES}
-    return tuple(lowering for lowering in found if lowering != "flex" or flex_runs)
+    found = lowerings(graph if graph is not None else study_graph(spec, params, present))
+    return _runnable(found, "cpu", direction, dtype)
 
 
-def torch_space(spec: Any, sizes: Mapping[str, int], direction: str = "fwd", dtype: str = "float32") -> SearchSpace:
-    """CPU target: the torch backend's knobs (lowering, CHUNK_N, CHUNK_M, compile; see knobs.py),
-    the spec's ``tune:`` choices for those it names, the lowerings its graph can run
-    (`torch_lowerings`). (A compiled chunked config compiles one step per chunk shape, not the
-    unrolled loops: its compile time does not grow with N.)"""
+def _runnable(lowerings: tuple, device_type: str, direction: str, dtype: str) -> tuple:
+    """The lowerings that run calls of this direction and dtype on this kind of device
+    (FlexAttention: `library_calls.flex_runs`)."""
+    import torch
+
+    from ..backends.library_calls import flex_runs
+
+    runs = flex_runs(device_type, getattr(torch, dtype), direction == "fwd+bwd")
+    return tuple(lowering for lowering in lowerings if lowering != "flex" or runs)
+
+
+def torch_space(spec: Any, sizes: Mapping[str, int], direction: str = "fwd", dtype: str = "float32",
+                params: Mapping[str, Any] | None = None, present=None) -> SearchSpace:
+    """CPU target: the torch backend's knobs (lowering, CHUNK_N, CHUNK_M, compile; see knobs.py)
+    for the graph of these params and optional inputs (`study_graph`): the spec's ``tune:``
+    choices for the knobs it names, the lowerings this graph can run (`torch_lowerings`), and as
+    the default the config `load` runs for it without a record (`torch_backend.complete_config`).
+    (A compiled chunked config compiles one step per chunk shape, not the unrolled loops: its
+    compile time does not grow with N.)"""
+    from ..backends.torch_backend import complete_config
+
+    graph = study_graph(spec, params, present)
     spec_tune = dict(getattr(spec, "tune", None) or {})
     spec_tune.setdefault("lowering", tuple(lowering for lowering in declared.TORCH_LOWERINGS
-                                           if lowering in torch_lowerings(spec, direction, dtype)))
-    knobs = [_tuned_knob(k, _torch_choices(k, spec_tune, sizes), sizes, None) for k in declared.knobs("torch")]
+                                           if lowering in torch_lowerings(spec, direction, dtype, graph=graph)))
+    default = complete_config(None, sizes, graph)
+    knobs: list[Knob] = []
+    for k in declared.knobs("torch"):
+        active = k.name in default   # knobs the default leaves inactive keep the nearest choice
+        knobs.append(_tuned_knob(k, _torch_choices(k, spec_tune, sizes), sizes, None,
+                                 default=default[k.name] if active else None))
     return SearchSpace(knobs, [], target="cpu")
 
 
 def triton_space(spec: Any, sizes: Mapping[str, int], direction: str = "fwd", dtype: str = "float16",
-                 schedule: str | None = None) -> SearchSpace:
-    """CUDA target: the Triton kernels' tiles, warps and stages (knobs.py); with ``direction ==
-    "fwd+bwd"`` the backward kernels' knobs too, with the spec's choices for them or else the
-    forward ones. Tiles are multiples of 16 and no larger than the padded sequence they tile;
-    shared memory is measured by the feasibility hook (AOT compile). ``schedule`` (the graph's)
-    picks the defaults; None: the schedule of the spec at its default params with every optional
-    input given (the heads-mixing inputs of talking heads make it heads-in-tile)."""
-    if schedule is None:
-        from ..compiler import compile_graph
+                 schedule: str | None = None, params: Mapping[str, Any] | None = None,
+                 present=None, device: str = "cuda") -> SearchSpace:
+    """CUDA target: the lowering - the generated Triton kernels, or PyTorch's own SDPA and
+    FlexAttention where they fit the graph of these params and optional inputs (`study_graph`)
+    and run on ``device`` (Triton's interpreter: the CPU) - and for the Triton kernels their
+    tiles, warps and stages (knobs.py); with ``direction == "fwd+bwd"`` the backward kernels'
+    knobs too, with the spec's choices for them or else the forward ones. Tiles are multiples of
+    16 and no larger than the padded sequence they tile; shared memory is measured by the
+    feasibility hook (AOT compile). The default is the config `load` runs without a record: the
+    declared defaults for that graph's schedule (``schedule`` given: that one)."""
+    from ..backends.triton_backend import lowerings
 
-        schedule = compile_graph(spec).schedule
+    graph = study_graph(spec, params, present)
+    schedule = schedule or graph.schedule
     spec_tune = dict(getattr(spec, "tune", None) or {})
-    names = declared.TRITON_FWD_KNOBS + (declared.TRITON_BWD_KNOBS if direction == "fwd+bwd" else ())
+    spec_tune["lowering"] = _runnable(lowerings(graph), "cpu" if device.startswith("cpu") else "cuda",
+                                      direction, dtype)
+    names = ("lowering",) + declared.TRITON_FWD_KNOBS + (declared.TRITON_BWD_KNOBS if direction == "fwd+bwd" else ())
     forward_of = dict(zip(declared.TRITON_BWD_KNOBS, declared.TRITON_FWD_KNOBS))
     by_name = {k.name: k for k in declared.knobs("triton")}
+    default = declared.default_config("triton", sizes, schedule)
     knobs = []
     for name in names:
         knob = by_name[name]
         choices = spec_tune.get(name) or spec_tune.get(forward_of.get(name, name)) or knob.choices
-        knobs.append(_tuned_knob(knob, choices, sizes, schedule))
-    space = SearchSpace(knobs, declared.tile_constraints(names, sizes), target="cuda")
-    # The default must be valid; if the declared default is ruled out, take the first valid one.
-    if space.violations(space.default()):
-        valid = space.enumerate()
-        if valid:
-            first = valid[0]
-            space.knobs = [Knob(k.name, k.choices, first.get(k.name, k.default), k.when, k.doc, k.allowed)
-                           for k in knobs]
-            space._valid = None
-    return space
+        knobs.append(_tuned_knob(knob, choices, sizes, schedule, default=default[name]))
+    return SearchSpace(knobs, declared.tile_constraints(names, sizes), target="cuda")
 
 
 def backend_space(backend: str, spec: Any, sizes: Mapping[str, int], direction: str = "fwd",
-                  dtype: str = "float32", schedule: str | None = None) -> SearchSpace:
-    """The search space of a backend's declared knobs for this problem."""
+                  dtype: str = "float32", schedule: str | None = None, params: Mapping[str, Any] | None = None,
+                  present=None, device: str = "cuda") -> SearchSpace:
+    """The search space of a backend's declared knobs for this problem: the spec at ``params``
+    with the optional inputs ``present`` (None: all of them), timed on ``device``."""
     if backend == "torch":
-        return torch_space(spec, sizes, direction, dtype)
+        return torch_space(spec, sizes, direction, dtype, params, present)
     if backend == "triton":
-        return triton_space(spec, sizes, direction, dtype, schedule)
+        return triton_space(spec, sizes, direction, dtype, schedule, params, present, device)
     raise ValueError(f"the {backend} backend has no knobs to tune")
 
 

@@ -12,8 +12,9 @@ parsing. What it does, in order:
    (`records.params_tag`: the resolved params and the optional inputs timed, so that e.g.
    ``--param causal=false`` is a study of its own; `SearchSpace.signature`: Optuna cannot change
    a parameter's choices within a study, so ``--only`` searches in a study of its own, and so on);
-3. warm start, once per study: enqueue the default config and the best configs recorded for
-   the nearest shape buckets with the same params (`records.neighbours`);
+3. warm start, once per study: enqueue the default config, the default of each lowering
+   (`SearchSpace.lowering_defaults`: PyTorch's own kernels are always compared) and the best
+   configs recorded for the nearest shape buckets with the same params (`records.neighbours`);
 4. run ``--workers`` worker threads until the study holds ``--trials`` counted trials or
    ``--timeout`` seconds passed (on the CPU their trial processes build side by side but time
    one at a time: `target.CpuLock`). Each worker owns a `trial.TrialRunner` (a child process) and
@@ -246,7 +247,12 @@ def resolve(opts: TuneOptions) -> Resolved:
         warnings.warn("float16 on the CPU is slow and not what the CPU backend is for", stacklevel=2)
     device = "cuda" if target == "cuda" and not interpret else "cpu"
     dev_name = rec.device_name(device)
-    space = adapter.space(spec, sizes, opts.direction, dtype)
+    present = tuple(sorted(n for n, d in dict(spec.inputs).items() if getattr(d, "optional", False))) \
+        if opts.optional_inputs else ()
+    # the space of the graph the trials time: these params, these optional inputs (its lowerings,
+    # schedule and default config are that graph's, as they are `load`'s for those calls)
+    space = adapter.space(spec, sizes, opts.direction, dtype, params=dict(opts.params), present=present,
+                          device=device)
     if opts.only:
         try:
             space = fix_choices(space, opts.only)
@@ -263,8 +269,6 @@ def resolve(opts: TuneOptions) -> Resolved:
         timeout = None
     storage = parse_storage(opts.storage)
     bucket = rec.shape_bucket(sizes)
-    present = tuple(sorted(n for n, d in dict(spec.inputs).items() if getattr(d, "optional", False))) \
-        if opts.optional_inputs else ()
     tag = rec.params_tag(params, present)
     name = study_name(spec.name, spec.sha256, backend, dev_name, bucket, dtype, opts.direction, tag,
                       space.signature())
@@ -435,12 +439,13 @@ class _Study:
                     "sizes": r.sizes, "dtype": r.dtype, "direction": r.direction,
                     "params": _params_in_words(r.params), "present": list(r.present), "params_tag": r.params_tag,
                     "space": r.space.as_dict(), "default": r.space.default(), "created": time.time()}
-            configs = [r.space.default()]
+            configs = [r.space.default()] + r.space.lowering_defaults()
             if self.opts.warm_start:
                 for bucket, cs in rec.neighbours(r.spec.sha256, r.backend, r.device_name, r.bucket, r.dtype,
                                                  r.direction, k=3, params_tag=r.params_tag):
                     configs += cs[:2]
-            for c in restrict(r.space, configs)[: max(1, min(len(configs), r.trials // 3 + 1))]:
+            queued = max(1, min(r.trials, max(len(r.space.lowering_defaults()), r.trials // 3 + 1)))
+            for c in restrict(r.space, configs)[:queued]:
                 study.enqueue_trial(c, user_attrs={"ks_warm": True}, skip_if_exists=True)
             study.set_user_attr("ks_meta", meta)
 

@@ -315,7 +315,8 @@ class Evaluator:
         cpu = CpuLock(self.p.cpu_lock, lambda phase: None)
         try:
             cpu.hold("shared", "check")
-            fn = self._get_fn(config)
+            recorded = getattr(self.backend, "recorded", None)   # what a record of it runs with them
+            fn = self._get_fn(recorded(config, None) if recorded is not None else config)
             self._check(fn, seed, required=False, optional=True)
             return {"ok": True}
         except Exception as e:  # noqa: BLE001 - the policy decides
