@@ -111,6 +111,9 @@ class Plan:
         """The normalisers that keep row statistics (softmaxes), in order: the planes of the saved lse."""
         return tuple(n for n in self.normalisers if n.statistics)
 
+    pack_kv_group: bool = False      # grouped KV heads: a forward program's rows are (query, head of the KV
+                                     # group) pairs, so each K/V tile is loaded once for the whole group
+    pack_reason: str = ""            # why (not), in words
     # tiles listed from keep conjuncts the bounds miss (None: the bounds are all); left out of the
     # repr (so plans without one keep their fingerprints) and fingerprinted on its own
     block_mask: BlockMaskPlan | None = field(default=None, repr=False)
