@@ -553,3 +553,23 @@ def test_sinks_with_a_block_mask(tmp_path, interpreter):  # noqa: F811
     for backend, config in (("reference", None), ("torch", {"lowering": "chunked", "CHUNK_N": 16, "CHUNK_M": 16})):
         _on_eager_backend(case.id, str(path), {}, given, expected, expected_grads, dout, backend, config)
     _on_triton(case.id, str(path), {}, given, expected, expected_grads, dout)
+
+
+@pytest.mark.parametrize("name", ["sinks", "sigmoid", "diff_attn"])
+def test_grouped_kv_heads(name, interpreter):  # noqa: F811
+    """gpt-oss has sinks with grouped KV heads: k, v (and k2) with 2 heads for q's 4, on every backend
+    (the definition repeats them per query head; their gradients sum over the group)."""
+    case = Case(name, {}, (2, 4, 17, 33, 16), mask=True)
+    given = make_inputs(case)
+    for n in ("k", "v", "k2"):
+        if n in given:
+            given[n] = given[n][:, :2].clone()
+    definition = DEFINITIONS[name]
+
+    def repeated(**t):
+        t = {n: x.repeat_interleave(2, dim=1) if n in ("k", "v", "k2") else x for n, x in t.items()}
+        return definition(**t)
+    expected, expected_grads, dout = _expected(case, given, repeated)
+    for backend, config in (("reference", None), ("torch", {"lowering": "chunked", "CHUNK_N": 16, "CHUNK_M": 8})):
+        _on_eager_backend(case.id, spec_path(name), {}, given, expected, expected_grads, dout, backend, config)
+    _on_triton(case.id, spec_path(name), {}, given, expected, expected_grads, dout)
