@@ -908,7 +908,8 @@ class _KernelWriter:
         for name in lists:
             t = self.block_list[name]
             row = names.derived("row", name)
-            self.assign(row, f"off_b * {t.strides[0]} + off_h * {t.strides[1]} + {block} * {t.strides[2]}")
+            program = f"sample * {t.strides[0]}" if self.channels else f"off_b * {t.strides[0]} + off_h * {t.strides[1]}"
+            self.assign(row, f"{program} + {block} * {t.strides[2]}")
             self.assign(names.derived("count", name), f"tl.load({t.ptr} + {row})")
 
     def listed_block(self, name: str, listed: str) -> str:
@@ -1258,6 +1259,8 @@ def block_list_lines(graph: Graph, p: KernelPlan, lists, block_m: str, block_n: 
     from .torch_module import block_mask_call
     lead = p.tensors_by_name()[p.lead].var
     call = block_mask_call(graph, block_m, block_n, f"{lead}.device")
+    if p.channels:   # a program holds a sample's channels: its lists are per sample
+        call += f".per_sample({graph.plan.block_mask.streams})"
     return [f"    tiles = {call}  # the plan's block mask at these tiles",
             f"    {', '.join(lists)} = {', '.join(f'tiles.{name}' for name in lists)}"]
 
