@@ -18,6 +18,13 @@ from .spec import Spec
 QKV = ("q", "k", "v")
 
 
+def per_key_head(dims) -> bool:
+    """An input over heads and keys but not queries (k, v, a per-key bias [b, h, j]): it may have
+    H_kv heads, H_kv dividing q's H; query head h reads its head h // (H // H_kv) (grouped-query
+    attention; H_kv = 1 is multi-query). Inputs with h but no j stay per query head."""
+    return "h" in dims and "j" in dims and "i" not in dims
+
+
 def check_call(spec: Spec, tensors: Mapping, params: Mapping | None = None) -> dict[str, int]:
     """Check one call's tensors against the spec's inputs; return the size of every dim (lower case).
 
@@ -31,6 +38,7 @@ def check_call(spec: Spec, tensors: Mapping, params: Mapping | None = None) -> d
     q = tensors["q"]
     sizes: dict[str, int] = {}
     origin: dict[str, str] = {}
+    kv_heads: list[tuple[str, int]] = []     # (input, heads) of the per-key-head inputs
     for name, decl in spec.inputs.items():
         tensor = tensors.get(name)
         if tensor is None:
@@ -38,12 +46,18 @@ def check_call(spec: Spec, tensors: Mapping, params: Mapping | None = None) -> d
         dims = _check_tensor(spec, name, tensor, q)
         for dim, size in zip(dims, tensor.shape):
             broadcast = size == 1 and name not in QKV    # other inputs may broadcast over a dim
+            if dim == "h" and per_key_head(dims):
+                if not broadcast:
+                    kv_heads.append((name, size))
+                continue
             if dim in sizes and sizes[dim] != size and not (broadcast and dim in ("b", "h")):
                 raise ValueError(f"{spec.name} attention: dim '{dim}' of input '{name}' has size {size}, but "
                                  f"input '{origin[dim]}' gave it size {sizes[dim]} (the spec declares both "
                                  f"with the dim '{dim}': they must agree)")
             if dim not in sizes and not broadcast:
                 sizes[dim], origin[dim] = size, name
+    if kv_heads:
+        _check_kv_heads(spec, sizes.get("h"), kv_heads)
     dtypes = [tensors[n].dtype for n in QKV]
     if len(set(dtypes)) > 1:
         raise TypeError(f"{spec.name} attention: q, k and v must have one dtype, got "
@@ -51,6 +65,27 @@ def check_call(spec: Spec, tensors: Mapping, params: Mapping | None = None) -> d
     if params:
         _check_dims_named_after_params(spec, check_param_values(spec, params, sizes), sizes, origin)
     return sizes
+
+
+def _check_kv_heads(spec: Spec, heads: int | None, kv_heads: list[tuple[str, int]]) -> None:
+    """The per-key-head inputs agree on H_kv, and H_kv divides q's heads H."""
+    first, size = kv_heads[0]
+    for name, other in kv_heads[1:]:
+        if other != size:
+            raise ValueError(f"{spec.name} attention: input '{name}' has {other} heads, but input '{first}' has "
+                             f"{size}: the inputs over heads and keys ({', '.join(n for n, _ in kv_heads)}) share "
+                             f"one number of KV heads H_kv")
+    if heads is not None and (size == 0 or heads % size):
+        raise ValueError(f"{spec.name} attention: input '{first}' has {size} heads, which does not divide the "
+                         f"{heads} heads of q; grouped KV heads need H % H_kv == 0 (query head h reads KV head "
+                         f"h // (H / H_kv))")
+
+
+def kv_groups(spec: Spec, tensors: Mapping) -> int:
+    """G = H / H_kv: how many query heads share a KV head in this call (1 without grouping)."""
+    heads = tensors["q"].shape[1]
+    kv = tensors["k"].shape[1]
+    return heads // kv if kv else 1
 
 
 def _check_dims_named_after_params(spec: Spec, values: Mapping, sizes: Mapping[str, int], origin: Mapping) -> None:
@@ -126,11 +161,14 @@ def check_param_values(spec: Spec, params: Mapping, sizes: Mapping[str, int]) ->
 
 
 def input_shape(spec: Spec, name: str, sizes: dict, params: dict | None = None) -> list[int]:
-    """The shape of input `name` at sizes {B, H, I, J, D, ...} (upper-case dim names)."""
+    """The shape of input `name` at sizes {B, H, I, J, D, ...} (upper-case dim names; `H_KV`, when
+    given, is the heads of the inputs over heads and keys: k, v and per-key biases)."""
     decl = spec.inputs[name]
     shape = []
     for dim in decl.shape:
         size = sizes.get(dim.upper())
+        if dim == "h" and per_key_head(decl.shape) and "H_KV" in sizes:
+            size = sizes["H_KV"]
         if size is None and dim in spec.params and spec.params[dim].type == "int":   # a dim named after a param
             value = (params or {}).get(dim, spec.params[dim].default)
             size = value if isinstance(value, int) else None

@@ -102,6 +102,9 @@ class Plan:
     host: tuple[str, ...]            # scalars computed from sizes and params on the host, passed to kernels
     key_bounds: KeyBlockBounds       # which key blocks a query block needs, and from which conjuncts
     delta_sweep: bool                # backward: rowsum(p * dp) needs a sweep of its own (p transformed first)
+    pack_kv_group: bool = False      # grouped KV heads: a forward program's rows are (query, head of the KV
+                                     # group) pairs, so each K/V tile is loaded once for the whole group
+    pack_reason: str = ""            # why (not), in words
     # tiles listed from keep conjuncts the bounds miss (None: the bounds are all); left out of the
     # repr (so plans without one keep their fingerprints) and fingerprinted on its own
     block_mask: BlockMaskPlan | None = field(default=None, repr=False)

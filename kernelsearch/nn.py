@@ -26,9 +26,10 @@ A model with projections of its own (a fused qkv Linear, gates: the seed LMs in
 ``kernelsearch/models``) subclasses it with ``projections=False`` and calls ``attend(q, k, v,
 **inputs)`` between them, with ``split_heads``/``merge_heads`` for the layout.
 
-**Grouped KV heads** (``kv_heads``): the spec decides. A spec whose k and v have their own head
-dim gets ``kv_heads`` heads from ``to_k``/``to_v``; a spec whose k and v share q's heads (every
-spec until the language has grouped heads) refuses ``kv_heads != heads``.
+**Grouped KV heads** (``kv_heads``, dividing ``heads``): ``to_k``/``to_v`` make ``kv_heads``
+heads and k, v go to the attention as they are - every spec takes k and v with fewer heads than q
+(query head h reads KV head h // (heads / kv_heads); ``kv_heads=1`` is multi-query attention), and
+no backend copies them per query head.
 
 The attention itself is ``kernelsearch.load(spec, backend=, config=, **params)``: the same
 config look-up (``config=`` or the tuned records), shared by every module with the same
@@ -47,7 +48,7 @@ from torch import nn
 from . import ops
 from .errors import UsageError
 
-__all__ = ["Attention", "LearnedInput", "has_grouped_kv_heads", "learned_inputs", "required_learnable", "merge_heads", "shared_attention",
+__all__ = ["Attention", "LearnedInput", "learned_inputs", "required_learnable", "merge_heads", "shared_attention",
            "split_heads"]
 
 
@@ -72,12 +73,6 @@ def _roles(spec) -> dict[str, str]:
     """Dim names of the call: batch, heads, queries, keys, KV heads and the feature dim."""
     q, k = spec.inputs["q"].shape, spec.inputs["k"].shape
     return {"batch": q[0], "heads": q[1], "query": q[2], "key": k[2], "kv_heads": k[1], "feature": q[-1]}
-
-
-def has_grouped_kv_heads(spec) -> bool:
-    """True when the spec's k and v have a head dim of their own (KV heads shared by groups of q heads)."""
-    roles = _roles(spec)
-    return roles["kv_heads"] != roles["heads"]
 
 
 def _init_rule(users: list) -> str:
@@ -125,7 +120,9 @@ def learned_inputs(attention, heads: int, dim_head: int, kv_heads: int | None = 
     spec = attention.spec
     roles = _roles(spec)
     call_dims = {roles["batch"], roles["query"], roles["key"]}
-    known = {roles["heads"]: heads, roles["kv_heads"]: kv_heads or heads, roles["feature"]: dim_head}
+    graph = attention.graph(None)                      # every optional input present
+    # a learned input has no key dim, so it is never per KV head: its head dim has the query heads
+    known = {roles["heads"]: heads, roles["feature"]: dim_head}
     known.update({n: v for n, v in attention.params.items() if isinstance(v, int) and not isinstance(v, bool)})
     known.update(sizes or {})
     candidates = _learnable(attention)
@@ -231,16 +228,9 @@ class Attention(nn.Module):
         return spec
 
     def _check_kv_heads(self, kv_heads: int) -> int:
-        if kv_heads == self.heads:
-            return kv_heads
-        if not has_grouped_kv_heads(self.spec):
-            raise UsageError(
-                f"{self.spec.name} has no grouped KV heads: its k and v have q's heads "
-                f"([{', '.join(self.spec.inputs['k'].shape)}]), so kv_heads must equal heads ({self.heads}), "
-                f"not {kv_heads}. Repeat the KV heads before the call (einops.repeat) or use a spec "
-                f"whose k and v have their own head dim")
         if kv_heads < 1 or self.heads % kv_heads:
-            raise UsageError(f"kv_heads ({kv_heads}) must divide heads ({self.heads})")
+            raise UsageError(f"kv_heads ({kv_heads}) must divide heads ({self.heads}): query head h reads "
+                             f"KV head h // (heads / kv_heads)")
         return kv_heads
 
     def extra_repr(self) -> str:

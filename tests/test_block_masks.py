@@ -72,7 +72,27 @@ graph:
   o: dot(p, v)
 outputs: [o]
 """
-SPEC_TEXT = {"neighbourhood": NEIGHBOURHOOD, "head_window": HEAD_WINDOW}
+SHARPENED_DOCUMENTS = """\
+name: sharpened_documents
+summary: Document masking with squared probabilities - not linear in p, so two sweeps (exact softmax) and a delta sweep.
+params:
+  scale: {type: float, default: "D ** -0.5"}
+  causal: {type: bool, default: true}
+inputs:
+  q: [b, h, i, d]
+  k: [b, h, j, d]
+  v: [b, h, j, d]
+  q_doc: {shape: [b, i], dtype: int}
+  k_doc: {shape: [b, j], dtype: int}
+  mask: {shape: [b, j], dtype: bool, optional: true}
+graph:
+  s: dot(q, k) * scale
+  causal_keep: (j <= i + J - I) if causal else None
+  p: softmax(s, keep=[q_doc == k_doc, causal_keep, mask])
+  o: dot(p * p, v)
+outputs: [o]
+"""
+SPEC_TEXT = {"neighbourhood": NEIGHBOURHOOD, "head_window": HEAD_WINDOW, "sharpened_documents": SHARPENED_DOCUMENTS}
 
 
 # ------------------------------------------------------------------------- the definitions (float64)
@@ -91,7 +111,7 @@ def keep_parts(spec: str, params: dict, given: dict) -> list:
     i, j, position = _grid(I, J)
     causal = params.get("causal", spec not in ("neighbourhood",))
     parts = [(j <= position).expand(B, H, I, J)] if causal else []
-    if spec == "document":
+    if spec in ("document", "sharpened_documents"):
         parts.append(given["q_doc"][:, None, :, None] == given["k_doc"][:, None, None, :])
     elif spec == "prefix_lm" and causal:
         parts = [(j <= position) | (j[None] < given["prefix_len"][:, None, None])[:, None]]
@@ -115,12 +135,12 @@ def keep_of(spec: str, params: dict, given: dict) -> torch.Tensor:
     return keep
 
 
-def attend(q, k, v, keep, scale=None):
-    """softmax over the kept keys; a row that keeps nothing gives 0."""
+def attend(q, k, v, keep, scale=None, power=1):
+    """softmax over the kept keys (to the `power`); a row that keeps nothing gives 0."""
     s = torch.einsum("bhid,bhjd->bhij", q, k) * (q.shape[-1] ** -0.5 if scale is None else scale)
     empty = ~keep.any(-1, keepdim=True)
     p = torch.softmax(torch.where(empty, 0.0, s.masked_fill(~keep, float("-inf"))), dim=-1)
-    return torch.einsum("bhij,bhjd->bhid", p.masked_fill(empty, 0.0), v)
+    return torch.einsum("bhij,bhjd->bhid", p.masked_fill(empty, 0.0) ** power, v)
 
 
 # ------------------------------------------------------------------------------------- the cases
@@ -148,7 +168,7 @@ def make_inputs(case: Case, seed: int = 0, stray: bool = True) -> dict:
     given = {n: torch.randn(B, H, size, D, generator=g, dtype=torch.float64) for n, size in (("q", I), ("k", J), ("v", J))}
     if case.mask:
         given["mask"] = torch.rand(B, J, generator=g) < 0.8
-    if case.spec == "document":
+    if case.spec in ("document", "sharpened_documents"):
         # uneven documents; the queries are the last I keys, one of them (stray) in a document without keys
         k_doc = torch.cumsum(torch.rand(B, J, generator=g) < 0.25, dim=1)
         q_doc = k_doc[:, J - I:].clone()
@@ -169,12 +189,14 @@ CASES = [
     Case("neighbourhood", {"causal": True, "width": 4}, (2, 1, 17, 21, 16)),
     Case("head_window", {"window": 5}, (1, 3, 18, 33, 16), mask=True),
     Case("head_window", {"causal": False}, (1, 2, 20, 20, 16)),
+    Case("sharpened_documents", {}, (1, 2, 17, 33, 16), mask=True),
 ]
 
 
 def _expected(case: Case, given: dict):
     leaves = {n: t.clone().requires_grad_() if t.is_floating_point() else t for n, t in given.items()}
-    out = attend(leaves["q"], leaves["k"], leaves["v"], keep_of(case.spec, case.params, given), case.params.get("scale"))
+    out = attend(leaves["q"], leaves["k"], leaves["v"], keep_of(case.spec, case.params, given), case.params.get("scale"),
+                 power=2 if case.spec == "sharpened_documents" else 1)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     out.backward(dout)
     return out.detach(), {n: t.grad for n, t in leaves.items() if t.is_floating_point()}, dout
@@ -475,3 +497,12 @@ def test_the_generated_files_show_the_mask_they_run():
     triton_source = triton_file(graph).source
     assert "tiles = block_mask(in_q_doc, in_k_doc, B, I, J, BLOCK_M, BLOCK_N, in_q.device)" in triton_source
     assert "for listed in range(0, count_kv_blocks)" in triton_source
+
+
+def test_the_torch_default_prefers_the_skipping_chunked_lowering_at_length():
+    """SDPA would get the document mask materialised and visit every key: from COMPILE_MIN_SCORES
+    scores the default is the chunked lowering, which skips the tiles the block mask leaves out."""
+    from kernelsearch.backends.torch_backend import default_config
+    graph = _graph(Case("document", {"causal": False}))
+    assert default_config(graph, {"b": 1, "h": 4, "i": 4096, "j": 4096, "d": 64})["lowering"] == "chunked"
+    assert default_config(graph, {"b": 1, "h": 4, "i": 512, "j": 512, "d": 64})["lowering"] == "sdpa"

@@ -1,4 +1,4 @@
-"""The gallery (issue 13 item 7): specs/alibi, softcap, sliding_window, document, prefix_lm and
+"""The gallery (issue 13 item 7): specs/gqa, alibi, softcap, sliding_window, document, prefix_lm and
 t5_bias, each against an independent float64 PyTorch definition written here (nothing from
 kernelsearch) on every backend: reference, torch materialized and chunked, Triton forward and
 backward in the interpreter - outputs and the gradients of every float input (bias_table
@@ -54,6 +54,13 @@ def _scores(q, k, scale):
 def _causal(I, J, causal):
     i, j, position = _positions(I, J)
     return j <= position if causal else torch.ones(I, J, dtype=torch.bool)
+
+
+def gqa(q, k, v, mask=None, scale=None, causal=True):
+    """k, v: [b, h_kv, j, d]; query head h reads KV head h // (H / H_kv) (copied here: the definition)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return _attend(_scores(q, k, scale), _causal(q.shape[2], k.shape[2], causal), v, mask)
 
 
 def alibi(q, k, v, mask=None, scale=None, causal=True):
@@ -121,7 +128,7 @@ def t5_bias(q, k, v, bias_table, mask=None, scale=None, num_buckets=32, max_dist
     return _attend(s, keep, v, mask)
 
 
-DEFINITIONS = {f.__name__: f for f in (alibi, softcap, sliding_window, document, prefix_lm, t5_bias)}
+DEFINITIONS = {f.__name__: f for f in (gqa, alibi, softcap, sliding_window, document, prefix_lm, t5_bias)}
 
 
 # ------------------------------------------------------------------------------------- the cases
@@ -132,15 +139,20 @@ class Case:
     params: dict = field(default_factory=dict)
     sizes: tuple = (2, 2, 17, 33, 16)          # B, H, I, J, D
     mask: bool = False
+    kv_heads: int | None = None                # k, v heads (None: H)
 
     @property
     def id(self) -> str:
         B, H, I, J, D = self.sizes
         params = ",".join(f"{k}={v}" for k, v in self.params.items())
-        return f"{self.spec}[{params}]-{I}x{J}" + ("-mask" if self.mask else "")
+        heads = f"-{H}q{self.kv_heads}kv" if self.kv_heads else ""
+        return f"{self.spec}[{params}]-{I}x{J}{heads}" + ("-mask" if self.mask else "")
 
 
 CASES = [
+    Case("gqa", mask=True, sizes=(2, 4, 17, 33, 16), kv_heads=2),
+    Case("gqa", {"causal": False, "scale": 0.5}, (1, 4, 20, 20, 16), kv_heads=1),     # multi-query
+    Case("gqa", {}, (2, 2, 17, 33, 16)),                                              # plain: H_kv = H
     Case("alibi", mask=True),
     Case("alibi", {"causal": False, "scale": 0.5}, (1, 4, 20, 20, 16)),
     Case("softcap", {"cap": 2.0}, mask=True),
@@ -163,7 +175,9 @@ def make_inputs(case: Case, seed: int = 0) -> dict:
     """float64 inputs of a case: q, k, v, the spec's own inputs and (if the case has one) a mask."""
     g = torch.Generator().manual_seed(seed)
     B, H, I, J, D = case.sizes
-    given = {name: torch.randn(B, H, n, D, generator=g, dtype=torch.float64) for name, n in (("q", I), ("k", J), ("v", J))}
+    heads = {"q": H, "k": case.kv_heads or H, "v": case.kv_heads or H}
+    given = {name: torch.randn(B, heads[name], n, D, generator=g, dtype=torch.float64)
+             for name, n in (("q", I), ("k", J), ("v", J))}
     if case.mask:
         given["mask"] = torch.rand(B, J, generator=g) < 0.75
     if case.spec == "document":        # sorted document ids of the keys; the queries are the last I of them
@@ -209,6 +223,7 @@ def _case_param(case):
 def test_the_gallery_is_the_issue_s_contract():
     """Names, params (with their defaults) and inputs exactly as issue 13 gives them."""
     expected_params = {
+        "gqa": {"scale": "D ** (-0.5)", "causal": True},
         "alibi": {"scale": "D ** (-0.5)", "causal": True},
         "softcap": {"scale": "D ** (-0.5)", "cap": 30.0, "causal": True},
         "sliding_window": {"scale": "D ** (-0.5)", "window": 1024, "causal": True},

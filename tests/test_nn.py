@@ -53,6 +53,22 @@ def test_projections_are_a_standard_multi_head_attention():
         torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_kv_heads_project_grouped_keys_and_values(kv_heads):
+    """kv_heads < heads: to_k, to_v make kv_heads heads, passed as they are (no repeat); query head h
+    reads KV head h // (heads / kv_heads) - the definition here repeats them."""
+    module = Attention(spec_path("gqa"), heads=4, kv_heads=kv_heads, dim=32, backend="torch").double()
+    assert module.to_k.out_features == module.to_v.out_features == kv_heads * 8
+    x = _x()
+    q = rearrange(module.to_q(x), "b n (h d) -> b h n d", h=4)
+    k, v = (rearrange(p(x), "b n (h d) -> b h n d", h=kv_heads).repeat_interleave(4 // kv_heads, 1)
+            for p in (module.to_k, module.to_v))
+    s = torch.einsum("bhid,bhjd->bhij", q, k) * 8 ** -0.5
+    s = s.masked_fill(torch.ones(13, 13, dtype=torch.bool).triu(1), float("-inf"))
+    expected = module.to_out(rearrange(torch.softmax(s, -1) @ v, "b h n d -> b n (h d)"))
+    torch.testing.assert_close(module(x), expected)
+
+
 def test_gradients_reach_learned_inputs_and_match_the_reference():
     mask = torch.rand(4, 11, generator=torch.Generator().manual_seed(3)) < 0.8
     grads = {}
@@ -113,8 +129,8 @@ def test_a_loaded_attention_is_used_as_it_is():
 
 
 def test_clear_refusals():
-    with pytest.raises(UsageError, match=r"softmax has no grouped KV heads.*kv_heads must equal heads \(4\), not 2"):
-        Attention(spec_path("softmax"), heads=4, kv_heads=2, dim=32)
+    with pytest.raises(UsageError, match=r"kv_heads \(3\) must divide heads \(4\)"):
+        Attention(spec_path("softmax"), heads=4, kv_heads=3, dim=32)
     with pytest.raises(UsageError, match=r"'pos_bias_table' \[h, n\] needs the size of its dim 'n': pass sizes="):
         Attention(spec_path("local"), heads=2, dim=32)
     with pytest.raises(UsageError, match="needs dim_head, or a dim divisible by heads"):

@@ -24,8 +24,15 @@ def flex_runs(device_type: str, dtype: torch.dtype, backward: bool) -> bool:
 _compiled_flex = torch.compile(flex_attention, dynamic=False)
 
 
+def grouped(query, key) -> bool:
+    """k and v have fewer heads than q (grouped KV heads): the kernels' enable_gqa reads KV head
+    h // (H / H_kv) for query head h, without copying k and v."""
+    return key.shape[-3] != query.shape[-3]
+
+
 def sdpa(query, key, value, mask, scale: float, causal: bool):
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, is_causal=causal)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, is_causal=causal,
+                                          enable_gqa=grouped(query, key))
 
 
 def block_mask(key_ranges: list, I: int, J: int, mask_mod) -> BlockMask:
@@ -72,5 +79,7 @@ def flex(query, key, value, score_mod, mask: BlockMask, scale: float):
         # prologue ("too many values to unpack"); clone/contiguous are elided, a one-term sum is
         # not: each operand becomes a 4-d buffer of its own (O(N d), once)
         query, key, value = (torch.sum(t.unsqueeze(0), 0) for t in (query, key, value))
-        return flex_attention(query, key, value, score_mod=score_mod, block_mask=mask, scale=scale)
-    return _compiled_flex(query, key, value, score_mod=score_mod, block_mask=mask, scale=scale)
+        return flex_attention(query, key, value, score_mod=score_mod, block_mask=mask, scale=scale,
+                              enable_gqa=grouped(query, key))
+    return _compiled_flex(query, key, value, score_mod=score_mod, block_mask=mask, scale=scale,
+                          enable_gqa=grouped(query, key))

@@ -8,6 +8,7 @@ import torch
 
 from .. import ops as registry
 from ..ir import Graph
+from ..inputs import per_key_head
 from ..layout import bind, input_dims, layout_of, raw_inputs
 from . import torch_ops as ops
 
@@ -36,6 +37,13 @@ class NodeEvaluator:
         self.layout = layout_of(graph)
         self.raw = raw_inputs(graph)
         self.target_dims = {t: graph.node(t).dims for t in self.targets}
+        # grouped KV heads: per-KV-head inputs are read per query head (h // G) where a needed value
+        # meets the query heads; values of the KV side alone (the training path's k prologue) keep H_kv heads
+        from ..passes.plan import query_head_nodes
+        query_heads = query_head_nodes(graph)
+        kv_inputs = {n for n, node, _ in self.steps if node.op == "input" and n not in self.raw
+                     and per_key_head(graph.spec.inputs[n].shape)}
+        self.expand_kv = any(n in query_heads and graph.upstream(n) & kv_inputs for n, _, _ in self.steps)
 
     def __call__(self, tensors: dict) -> dict:
         graph, layout, raw = self.graph, self.layout, self.raw
@@ -46,18 +54,26 @@ class NodeEvaluator:
         values = {}
         for node_id, node, contracted in self.steps:
             values[node_id] = _evaluate_node(node_id, node, [values[a] for a in node.args], tensors, contracted,
-                                             graph, sizes, layout, axis, raw, dtype, device)
-        return {t: _in_own_dims(values[t], self.target_dims[t], layout, sizes) for t in self.targets}
+                                             graph, sizes, layout, axis, raw, dtype, device, self.expand_kv)
+        # values of the KV side alone keep their heads (H_kv, or 1: the kernels broadcast a size-1 dim)
+        keep = () if self.expand_kv else ("h",)
+        return {t: _in_own_dims(values[t], self.target_dims[t], layout, sizes, keep) for t in self.targets}
 
 
-def _evaluate_node(node_id, node, args, tensors, contracted, graph, sizes, layout, axis, raw, dtype, device):
+def _evaluate_node(node_id, node, args, tensors, contracted, graph, sizes, layout, axis, raw, dtype, device,
+                   expand_kv=True):
     """One op, on values in the aligned layout."""
     op = node.op
     if op == "input":
         tensor = tensors[node_id]
         if tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        return tensor if node_id in raw else ops.align(tensor, input_dims(graph, node_id, tensor), layout)
+        if node_id in raw:
+            return tensor
+        dims = input_dims(graph, node_id, tensor)
+        if expand_kv and per_key_head(dims):   # grouped KV heads: query head h reads KV head h // (H / H_kv)
+            tensor = ops.query_heads(tensor, dims.index("h"), sizes["h"])
+        return ops.align(tensor, dims, layout)
     if op == "const":
         return node.attrs["value"]
     if op == "size":
@@ -83,8 +99,11 @@ def _last_dim(graph: Graph, node) -> str | None:
     return dims[-1] if dims else None
 
 
-def _in_own_dims(value, dims, layout, sizes) -> torch.Tensor:
-    """A value of the aligned layout (size-1 axes where it does not vary) with exactly its dims."""
-    value = torch.as_tensor(value).expand(*[sizes[d] if d in dims else 1 for d in layout])
+def _in_own_dims(value, dims, layout, sizes, keep=()) -> torch.Tensor:
+    """A value of the aligned layout (size-1 axes where it does not vary) with exactly its dims
+    (those in `keep` with the size the value has)."""
+    value = torch.as_tensor(value)
+    value = value.reshape([1] * len(layout)) if value.ndim == 0 else value
+    value = value.expand(*[sizes[d] if d in dims and d not in keep else -1 for d in layout])
     squeeze = tuple(n for n, d in enumerate(layout) if d not in dims)
     return value.squeeze(squeeze) if squeeze else value

@@ -11,12 +11,45 @@ import torch
 import torch.nn.functional as F
 
 
-def align(tensor: torch.Tensor, dims: tuple[str, ...], layout: tuple[str, ...]) -> torch.Tensor:
-    """A tensor with named `dims` (in layout order) viewed with one axis per layout dim."""
+def align(tensor: torch.Tensor, dims: tuple[str, ...], layout: tuple[str, ...], group: int | None = None) -> torch.Tensor:
+    """A tensor with named `dims` (in layout order) viewed with one axis per layout dim.
+
+    group (a grouped layout: the axis after h is a query head's place in its KV group): the
+    tensor's heads are split into [heads / group, group] - group = G for a per-query-head tensor
+    ([KV_H, G]), 1 for a per-KV-head one ([KV_H, 1]: it broadcasts over the group, no copy)."""
     shape = [1] * len(layout)
     for dim, size in zip(dims, tensor.shape):
         shape[layout.index(dim)] = size
-    return tensor.reshape(shape) if tensor.is_contiguous() else tensor.reshape(shape)
+    if group is not None:
+        axis = layout.index("h")
+        if shape[axis] != 1:
+            shape[axis:axis + 2] = [shape[axis] // group, group]
+    return tensor.reshape(shape)
+
+
+def head_index(kv_heads: int, group: int, axis: int, rank: int, device) -> torch.Tensor:
+    """The query head h = kv_head * group + member over the grouped layout's axes (axis, axis + 1)."""
+    shape = [1] * rank
+    shape[axis:axis + 2] = [kv_heads, group]
+    return torch.arange(kv_heads * group, device=device).reshape(shape)
+
+
+def merge_groups(x: torch.Tensor, axis: int, kv_heads: int, group: int) -> torch.Tensor:
+    """[.., KV_H, G, ..] (either possibly broadcast, size 1) -> [.., H, ..]: a view when x varies along both."""
+    shape = list(x.shape)
+    shape[axis:axis + 2] = [kv_heads, group]
+    return x.expand(shape).flatten(axis, axis + 1)
+
+
+def query_heads(tensor: torch.Tensor, axis: int, heads: int) -> torch.Tensor:
+    """A per-KV-head tensor (H_kv entries along `axis`) read by each of the `heads` query heads: query
+    head h takes KV head h // (heads / H_kv). The reference's definition of grouped KV heads (it
+    copies; the generated lowerings broadcast instead: `align(..., group=...)`)."""
+    kv_heads = tensor.shape[axis]
+    if kv_heads in (1, heads):
+        return tensor
+    group = torch.arange(heads, device=tensor.device) // (heads // kv_heads)
+    return tensor.index_select(axis, group)
 
 
 def index(size: int, axis: int, rank: int, device) -> torch.Tensor:
@@ -141,12 +174,18 @@ def masked_softmax(scores: torch.Tensor, keep: torch.Tensor | None, axis: int) -
     return (weights / torch.where(total > 0, total, torch.ones_like(total))).movedim(-1, axis)
 
 
-def mix_heads(x: torch.Tensor, weight: torch.Tensor, streams: int, batch_axis: int, head_axis: int) -> torch.Tensor:
+def mix_heads(x: torch.Tensor, weight: torch.Tensor, streams: int, batch_axis: int, head_axis: int,
+              group: int | None = None) -> torch.Tensor:
     """Mix the (streams * h) heads of each sample; the batch axis is laid out (b s).
 
     weight[out, in] is a 1x1 convolution over heads, heads ordered stream-major (s h).
+    group: x is in a grouped layout ([.., KV_H, G, ..]: the heads are merged for the mixing, then split).
     """
     assert head_axis == batch_axis + 1
+    if group is not None:
+        heads = weight.shape[0] // streams
+        merged = merge_groups(x, head_axis, heads // group, group)
+        return mix_heads(merged, weight, streams, batch_axis, head_axis).unflatten(head_axis, (-1, group))
     shape = list(x.shape)
     batch, heads = shape[batch_axis], shape[head_axis]
     channels = streams * heads

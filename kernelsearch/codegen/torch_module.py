@@ -10,7 +10,10 @@ Two lowerings of the same graph:
                    passes): memory grows with the sequence length, not its square.
 
 Values live in the aligned layout of torch_ops (one axis per layout dim, size 1 where a value does
-not vary), so every op is one line of ordinary torch. The generated code runs under
+not vary), so every op is one line of ordinary torch. Grouped KV heads: in the generated lowerings
+the head axis is two, (KV head, member of its group) = [H_kv, G]; per-query-head values fill both,
+per-KV-head ones (k, v, a [b, h, j] bias) have size 1 on the second, so they broadcast over the
+group and are never copied G times (torch.einsum folds the group into the rows of its matmul). The generated code runs under
 torch.compile(fullgraph=True): no data-dependent Python control flow, no host syncs.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 
 from .. import ops
 from ..ir import Graph
+from ..inputs import per_key_head
 from ..layout import layout_of, raw_inputs
 from ..passes import library
 from ..passes.bounds import render_bound
@@ -37,6 +41,8 @@ def lowerings(graph: Graph) -> tuple[str, ...]:
 
 
 LEAD = names.argument("q")     # the tensor whose dtype and device every allocation follows
+GROUP = "h.group"              # the layout axis after h in the grouped layout: a query head's place in its KV group
+GROUP_SIZES = {"h": "KV_H", GROUP: "G"}   # their sizes' variables in generated code (H stays q's heads)
 
 
 def variable(graph: Graph, node_id: str) -> str:
@@ -48,12 +54,29 @@ def variable(graph: Graph, node_id: str) -> str:
 
 
 class _Emitter:
-    def __init__(self, graph: Graph, device: str = f"{LEAD}.device"):
+    """grouped: the head axis is (KV head, group member) - the materialized and chunked lowerings;
+    the library kernels (and the block mask) take k and v with their KV heads as they are (enable_gqa)."""
+
+    def __init__(self, graph: Graph, device: str = f"{LEAD}.device", grouped: bool = False, library: bool = False):
         self.graph = graph
         self.device = device          # the expression of the device index tensors are made on
-        self.layout = layout_of(graph)
+        layout = layout_of(graph)
+        self.grouped = grouped and "h" in layout
+        self.library = library        # a library lowering: per-KV-head inputs besides k, v are read per query head
+        if self.grouped:
+            at = layout.index("h") + 1
+            layout = layout[:at] + (GROUP,) + layout[at:]
+        self.layout = layout
         self.axis = {dim: n for n, dim in enumerate(self.layout)}
         self.raw = raw_inputs(graph)
+
+    def size(self, dim: str) -> str:
+        """The variable holding the size of a layout axis."""
+        return GROUP_SIZES[dim] if self.grouped and dim in GROUP_SIZES else names.size(dim)
+
+    def with_group(self, dims) -> tuple:
+        """A value's layout axes: its dims, and the group axis with h."""
+        return tuple(dims) + ((GROUP,) if self.grouped and "h" in dims else ())
 
     def dims_comment(self, node_id: str) -> str:
         dims = self.graph.node(node_id).dims
@@ -68,6 +91,8 @@ class _Emitter:
             return repr(node.attrs["value"])
         if op == "index":
             dim = node.attrs["dim"]
+            if dim == "h" and self.grouped:   # query head = KV head * G + member
+                return f"ops.head_index(KV_H, G, {self.axis[dim]}, {len(self.layout)}, {self.device})"
             return f"ops.index({names.size(dim)}, {self.axis[dim]}, {len(self.layout)}, {self.device})"
         if ops.is_elementwise(op):   # the op's torch rendering (ops.py); Python's on host scalars
             scalar = all(not graph.node(a).dims for a in node.args)
@@ -88,8 +113,9 @@ class _Emitter:
             return (f"ops.xpos({args[0]}, {args[1]}, {feature}, scale_base={float(node.attrs['scale_base'])!r}, "
                     f"inverse={node.attrs['inverse']})")
         if op == "mix_heads":
+            group = ", group=G" if self.grouped else ""
             return (f"ops.mix_heads({args[0]}, {args[1]}, streams={node.attrs['streams']}, "
-                    f"batch_axis={self.axis['b']}, head_axis={self.axis['h']})")
+                    f"batch_axis={self.axis['b']}, head_axis={self.axis['h']}{group})")
         raise NotImplementedError(f"torch codegen: no rule for op '{op}'")
 
 
@@ -107,6 +133,9 @@ def _size_lines(graph: Graph, emitter: _Emitter, arguments: list[str]) -> list[s
         targets = ", ".join(names.size(d) if d in dims else "_" for d in decl.shape)
         lines.append(f"{targets} = {names.argument(name)}.shape")
         known.update(dims)
+    if emitter.grouped:    # k: [b, h_kv, j, d] (spec.py: k is always that); G query heads per KV head
+        lines.append(f"KV_H = {names.argument('k')}.shape[1]")
+        lines.append("G = H // KV_H if KV_H else 1  # query heads per KV head (inputs.check_call: KV_H divides H)")
     return lines
 
 
@@ -120,7 +149,8 @@ def torch_source(graph: Graph, lowering: str) -> str:
     """Source of `def <lowering>(in_q, in_k, in_v, <inputs>, CHUNK_N=..., CHUNK_M=...)` for this graph."""
     if lowering not in lowerings(graph):
         raise ValueError(f"lowering {lowering!r} cannot run this graph; its lowerings are {lowerings(graph)}")
-    emitter = _Emitter(graph)
+    in_library = lowering in library.LIBRARY_LOWERINGS
+    emitter = _Emitter(graph, grouped=not in_library, library=in_library)
     arguments = graph_inputs(graph)
     extra = ", CHUNK_N: int = 128, CHUNK_M: int = 0" if lowering == "chunked" else ""
     lines = [f"def {lowering}({', '.join(names.argument(n) for n in arguments)}{extra}):"]
@@ -158,13 +188,24 @@ def _input_lines(graph: Graph, emitter: _Emitter, arguments, cast: bool = True) 
             body.append(f"if {argument}.ndim == {len(dims) - 1}:")
             body.append(f"    {argument} = {argument}.unsqueeze(0)")
         to = f".to({LEAD}.dtype)" if cast and graph.spec.inputs[input_name].dtype == "float" and input_name != "q" else ""
-        body.append(f"{value} = ops.align({argument}{to}, {dims!r}, {tuple(emitter.layout)!r})")
+        group = ""
+        if "h" in dims and emitter.grouped:   # per KV head: size 1 along the group axis (broadcast, no copy)
+            group = ", group=1" if per_key_head(dims) else ", group=G"
+        elif emitter.library and per_key_head(dims) and input_name not in ("k", "v"):
+            # library kernels take grouped k and v (enable_gqa); another per-KV-head input (a [b, h, j]
+            # bias) is read per query head in their masks
+            argument = f"ops.query_heads({argument}, {dims.index('h') - len(dims)}, H)"   # from the end: b? may be left out
+        body.append(f"{value} = ops.align({argument}{to}, {dims!r}, {tuple(emitter.layout)!r}{group})")
     return body
 
 
 def _out_lines(graph: Graph, emitter: _Emitter, result: str) -> list[str]:
     out_dims = graph.node(graph.output).dims
-    squeeze = tuple(n for n, d in enumerate(emitter.layout) if d not in out_dims)
+    kept = emitter.with_group(out_dims)
+    squeeze = tuple(n for n, d in enumerate(emitter.layout) if d not in kept)
+    if emitter.grouped and "h" in out_dims:   # [.., KV_H, G, ..] -> [.., H, ..]
+        return [f"return ops.merge_groups({result}.squeeze({squeeze}), {out_dims.index('h')}, KV_H, G)"
+                f"  # [{', '.join(out_dims)}]"]
     return [f"return {result}.squeeze({squeeze})  # [{', '.join(out_dims)}]"]
 
 
@@ -342,7 +383,8 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> tuple[list[StepFunction], 
     assert tuple(s.name for s in steps) == step_names(graph)
 
     def shape_of(dims):
-        return "[" + ", ".join("query_rows" if d == "i" and d in dims else names.size(d) if d in dims else "1"
+        dims = emitter.with_group(dims)
+        return "[" + ", ".join("query_rows" if d == "i" and d in dims else emitter.size(d) if d in dims else "1"
                                for d in emitter.layout) + "]"
 
     lines.append("# query rows in chunks of CHUNK_M (0: all), each over the key chunks its rows can keep")

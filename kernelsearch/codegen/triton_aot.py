@@ -106,7 +106,7 @@ def aot_signature_backward(bp, config: dict, sizes: dict, dtype: str):
     pointers = _pointer_types(p, elem)
     pointers.update({"do_ptr": f"*{elem}", "delta_ptr": "*fp32"})
     for name, g in zip(bp.differentiable, bp.grads):
-        pointers[g.ptr] = "*fp32" if name in bp.atomic else f"*{elem}"
+        pointers[g.ptr] = "*fp32" if name in bp.atomic or name in bp.summed else f"*{elem}"
     signature, constexprs, attrs = _signature(p, bp.runtime_args(), pointers,
                                               _unit_strides(list(p.tensors) + [bp.dout] + list(bp.grads)),
                                               bp.constexpr_args(), sizes)

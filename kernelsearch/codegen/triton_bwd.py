@@ -12,10 +12,15 @@ CodegenError naming it.
                    dp' = dO @ v'^T; post-softmax ops reversed -> dp; ds = p * (dp - delta)
                    score ops reversed: dq' += ds_q @ k'; bias inputs, gathered tables and
                    mixing weights get their gradients here (fp32 atomic adds)
-    dkdv kernel  a program per key tile; it loops over the query blocks and skips those whose key
-                 range (the same interval analysis) leaves this key block out, so blocks the
-                 forward skipped cost nothing here either:
+    dkdv kernel  a program per key tile (per batch * KV head); it loops over the query heads of
+                 its KV group (grouped KV heads: G = H / H_kv, 1 without grouping) and, for each,
+                 over the query blocks, skipping those whose key range (the same interval
+                 analysis) leaves this key block out, so blocks the forward skipped cost nothing
+                 here either:
                    dv' += p'^T @ dO; dk' += ds_k^T @ q'
+                 dk', dv' of a KV head sum its group's query heads in registers: stored once, no
+                 atomics. (Heads-in-tile programs hold every channel: there the per-KV-head
+                 gradients are fp32 atomic adds of each channel's sum.)
 
 When p goes straight into p @ v, delta = rowsum(dO * O) is computed by the launcher and the dq
 and dkdv kernels are independent; otherwise the dq kernel writes delta first and runs first.
@@ -56,7 +61,8 @@ class BackwardPlan:
     atomic: tuple            # inputs whose gradient is atomically accumulated (fp32 buffer)
     exact_delta: bool        # delta needs its own sweep (the plan's delta_sweep: p transformed after softmax)
     block_lists: list        # [TensorArg]: the block mask's lists, key blocks per query block and transposed
-
+    summed: tuple = ()       # dot operands per KV head whose channels add into one gradient (heads in tile):
+                             # fp32 atomic adds into a zeroed buffer
 
     def args(self) -> list:
         """The dq and dkdv kernels' parameters and launch arguments ([ArgGroup]; both kernels take the
@@ -107,15 +113,17 @@ def backward_plan(graph: Graph) -> BackwardPlan:
             atomic.append(t.name)
     dout = TensorArg("dO", "do_ptr", p.out_dims, "float", False,
                      tuple(f"stride_do_{axis}" for axis in range(len(p.out_dims))), "do")
+    summed = tuple(t.name for t in differentiable if p.channels and t.per_kv_head and t.name not in atomic)
     return BackwardPlan(p, f"_bwd_dq_{graph.spec.name}", f"_bwd_dkdv_{graph.spec.name}", tuple(t.name for t in differentiable), grads,
                         dout, tuple(atomic), graph.plan.delta_sweep,
-                        block_list_args(KEY_BLOCK_LISTS + QUERY_BLOCK_LISTS) if p.block_lists else [])
+                        block_list_args(KEY_BLOCK_LISTS + QUERY_BLOCK_LISTS) if p.block_lists else [], summed)
 
 
 class _BackwardWriter(_KernelWriter):
     def __init__(self, graph: Graph, bp: BackwardPlan):
         super().__init__(graph, bp.forward)
         self.bp = bp
+        self.packed = False    # a backward program is one query head (the dkdv kernel loops over the group)
         (self.acc,) = self.accs
         self.p_mixed, self.v_operand = graph.node(self.acc).args
         self.grad_of = dict(zip(bp.differentiable, bp.grads))
@@ -164,9 +172,11 @@ class _BackwardWriter(_KernelWriter):
     def header(self, kernel: str) -> list[str]:
         return signature_lines(kernel, self.bp.args())
 
-    def values_of_stage(self, stage: str) -> None:
+    def values_of_stage(self, stage: str, query_head: bool | None = None) -> None:
+        """The stage's values (query_head: only those that vary with the query head, or only those that do not)."""
         for node_id in self.g.ids():
-            if self.g.node(node_id).stage == stage and self._in_kernel(node_id):
+            if self.g.node(node_id).stage == stage and self._in_kernel(node_id) and \
+                    (query_head is None or (node_id in self.query_heads) == query_head):
                 self.value(node_id)
 
     def weights(self) -> None:
@@ -372,6 +382,9 @@ class _BackwardWriter(_KernelWriter):
     def store_operand_accs(self) -> None:
         for name, acc in self.operand_accs.items():
             pointer, mask = self.grad_pointer(name, self.axes(name))
+            if name in self.bp.summed:   # channels of one KV group add into one gradient
+                self.line(f"tl.atomic_add({pointer}, {acc}, mask={mask})  # d {name}: summed over the KV group")
+                continue
             self.line(f"tl.store({pointer}, {acc}.to({self.grad_of[name].ptr}.dtype.element_ty), mask={mask})")
 
     # -- the kernels
@@ -393,7 +406,7 @@ class _BackwardWriter(_KernelWriter):
                     self.assign(self.weight_accs[weight], "tl.zeros([CP, CP], tl.float32)")
         head = fill(DQ_HEAD, signature=header, doc=f"{self.g.spec.name} backward, per query tile: dq' and the "
                     "gradients of bias, tables and mixing weights.", program=self.capture(self.batch_and_heads),
-                    features=self.capture(self.feature_offsets), lead_ptr=self.tensor[p.lead].ptr,
+                    rows=self.capture(self.rows), features=self.capture(self.feature_offsets), lead_ptr=self.tensor[p.lead].ptr,
                     per_program=self.capture(lambda: (self.values_of_stage("constant"), self.weights())),
                     q_prologue=self.capture(lambda: self.values_of_stage("q_prologue")),
                     row_inputs=self.capture(lambda: self.row_inputs(with_delta=not bp.exact_delta)),
@@ -430,24 +443,31 @@ class _BackwardWriter(_KernelWriter):
         bp, p = self.bp, self.p
         self.lines, self.memo, self.indent = [], {}, 1
         header = self.header(bp.dkdv_kernel)
+        grouped = not self.channels   # a program per (batch, KV head), looping over the group's query heads
+        kv_side = None if self.channels else False
         head = dict(signature=header, doc=f"{self.g.spec.name} backward, per key tile: dk', dv' over the query "
-                    "blocks that keep it.", program=self.capture(self.batch_and_heads),
+                    "heads of its KV group and the query blocks that keep it.",
+                    program=self.capture(lambda: self.batch_and_heads(per_kv_head=grouped)),
                     features=self.capture(self.feature_offsets), lead_ptr=self.tensor[p.lead].ptr,
-                    per_program=self.capture(lambda: (self.values_of_stage("constant"), self.weights())),
-                    k_prologue=self.capture(lambda: self.values_of_stage("k_prologue")),
-                    accumulators=self.capture(lambda: self.init_operand_accs("j")))
+                    per_program=self.capture(lambda: (self.values_of_stage("constant", kv_side), self.weights())),
+                    k_prologue=self.capture(lambda: self.values_of_stage("k_prologue", kv_side)),
+                    accumulators=self.capture(lambda: self.init_operand_accs("j")),
+                    members="G" if grouped else "1")
+        member = ["        off_h = off_hkv * G + member  # the query head"] if grouped else []
+        per_head = self.capture(lambda: (self.values_of_stage("constant", True), self.values_of_stage("k_prologue", True)),
+                                indent=2) if grouped else []
         self.outer = dict(self.memo)
         if self.g.plan.block_mask is not None:
             self.used_conjuncts = set(self.g.plan.block_mask.conjuncts)
-            query_blocks = self.capture(self.listed_query_blocks)
-            indent = 2
-        else:
-            query_blocks = fill(BOUNDED_QUERY_BLOCKS, key_range=self.capture(self.key_range, indent=2))
+            query_blocks = self.capture(self.listed_query_blocks, indent=2)
             indent = 3
+        else:
+            query_blocks = fill(BOUNDED_QUERY_BLOCKS, key_range=self.capture(self.key_range, indent=3))
+            indent = 4
         self.memo = dict(self.outer)
         tile = self.capture(lambda: (self.row_inputs(with_delta=True), self.tile(False, "dkdv")), indent=indent)
         self.memo = dict(self.outer)
-        return "\n".join(fill(DKDV_KERNEL, query_blocks=query_blocks, tile=tile,
+        return "\n".join(fill(DKDV_KERNEL, query_blocks=query_blocks, tile=tile, member=member, per_head=per_head,
                               stores=self.capture(self.store_operand_accs), **head)) + "\n"
 
     def listed_query_blocks(self) -> None:
@@ -505,6 +525,9 @@ DKDV_KERNEL = """\
 {k_prologue}
 {accumulators}
 
+    for member in range(0, {members}):   # the query heads of the KV group: dk', dv' summed in registers
+{member}
+{per_head}
 {query_blocks}
 {tile}
 
@@ -512,11 +535,11 @@ DKDV_KERNEL = """\
 
 # the dkdv kernel's query blocks where only the key-block bounds skip: every one, tested against them
 BOUNDED_QUERY_BLOCKS = """\
-    for start_m in range(0, tl.cdiv(I, BLOCK_M)):
-        offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = offs_i < I
+        for start_m in range(0, tl.cdiv(I, BLOCK_M)):
+            offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = offs_i < I
 {key_range}
-        if (start_n * BLOCK_N >= kv_lo) & (start_n * BLOCK_N < kv_hi):   # the forward visited this tile"""
+            if (start_n * BLOCK_N >= kv_lo) & (start_n * BLOCK_N < kv_hi):   # the forward visited this tile"""
 
 
 _BWD_HELPERS = '''
@@ -563,20 +586,23 @@ def _launcher(graph: Graph, bp: BackwardPlan) -> str:
     for name, g in zip(bp.differentiable, bp.grads):
         var = g.var
         grads.append((name, var))
-        if name in bp.atomic:
+        if name in bp.atomic or name in bp.summed:
             lines.append(f"    {var} = torch.zeros({pnames[name]}.shape, dtype=torch.float32, device={lead}.device)")
         else:
             lines.append(f"    {var} = _empty({pnames[name]}.shape, {pnames[name]}, poison)")
     # atomically accumulated gradients are fp32: returned in their input's dtype
-    returned = f"[{', '.join(var if n not in bp.atomic else f'{var}.to({pnames[n]}.dtype)' for n, var in grads)}]"
+    fp32 = set(bp.atomic) | set(bp.summed)
+    returned = f"[{', '.join(var if n not in fp32 else f'{var}.to({pnames[n]}.dtype)' for n, var in grads)}]"
     lines.append("    if B * H * I * J == 0:")
     for name, var in grads:
         lines.append(f"        {var}.zero_()")
     lines.append(f"        return {returned}")
     lines += block_list_lines(graph, p, KEY_BLOCK_LISTS + QUERY_BLOCK_LISTS, "BLOCK_M", "BLOCK_N")
     programs = f"B // {p.streams}" if p.channels else "B * H"
-    for kernel, tiles in ((bp.dq_kernel, "triton.cdiv(I, BLOCK_M)"), (bp.dkdv_kernel, "triton.cdiv(J, BLOCK_N)")):
-        lines.append(f"    ({kernel} if wrap is None else wrap({kernel}))[({tiles}, {programs})](")
+    kv_programs = programs if p.channels else "B * KV_H"    # dkdv: a program per KV head, looping over its group
+    for kernel, tiles, count in ((bp.dq_kernel, "triton.cdiv(I, BLOCK_M)", programs),
+                                 (bp.dkdv_kernel, "triton.cdiv(J, BLOCK_N)", kv_programs)):
+        lines.append(f"    ({kernel} if wrap is None else wrap({kernel}))[({tiles}, {count})](")
         lines += launch_lines(bp.args())
         lines.append("        num_warps=num_warps, num_stages=num_stages,")
         lines.append("    )")

@@ -27,6 +27,16 @@ for the layout (which tensors, strides, sizes), the flags (schedule, sweeps) and
       post        post-softmax ops, then acc += dot(p, v) (fp32 accumulation)
     epilogue      o = acc / l, epilogue ops, masked store
 
+Grouped KV heads (k, v and other per-key inputs with H_kv heads, G = H / H_kv query heads each):
+G is a runtime argument (one compiled kernel serves every group size; Triton's JIT specialises
+G = 1 as it does any int argument equal to 1). Per-KV-head tensors are addressed with
+off_hkv = off_h // G. Where the plan packs the group (plan.pack_kv_group), a forward program is
+(block of packed rows, batch * KV head): row r is query r // G of the group's head r % G
+(FlashAttention-3's PackGQA), so every K/V tile a program loads serves the G heads of its group
+at once - rather than a loop over the group's heads inside the program, which would reload each
+tile G times or keep G accumulators; packing keeps the one-accumulator template and fills small-I
+(decoding) tiles. off_h is then a per-row value, and so is every per-query-head value without i.
+
 Two kernel shapes, chosen from the schedule:
 
     per-head      one_pass: a program is (query tile, batch * head); values are 2-D tiles.
@@ -49,7 +59,9 @@ from dataclasses import dataclass, field
 
 from .. import ops
 from ..ir import Graph
+from ..inputs import per_key_head
 from ..layout import raw_inputs
+from ..passes.plan import query_head_nodes
 from ..passes.bounds import conjuncts, render_bound
 from . import names
 
@@ -80,13 +92,18 @@ class TensorArg:
     raw: bool                  # a gather table or a mixing weight (indexed, not a value)
     strides: tuple             # stride argument names, one per declared dim
     var: str = ""              # the launcher's variable holding the tensor
+    kv_heads: bool | None = None   # indexed by KV head (None: when its dims say so, inputs.per_key_head)
+
+    @property
+    def per_kv_head(self) -> bool:
+        return per_key_head(self.dims) if self.kv_heads is None else self.kv_heads
 
 
-def tensor_arg(var: str, name: str, dims, dtype: str = "float", raw: bool = False) -> TensorArg:
+def tensor_arg(var: str, name: str, dims, dtype: str = "float", raw: bool = False, kv_heads=None) -> TensorArg:
     """A tensor argument whose launcher variable is `var` (a namespaced name, codegen/names.py):
     pointer `ptr_<var>`, strides `stride_<var>_<axis>` (by position: dims may be spec names)."""
     return TensorArg(name, names.derived("ptr", var), tuple(dims), dtype, raw,
-                     tuple(names.derived("stride", f"{var}_{axis}") for axis in range(len(dims))), var)
+                     tuple(names.derived("stride", f"{var}_{axis}") for axis in range(len(dims))), var, kv_heads)
 
 
 def block_list_args(lists) -> list:
@@ -111,6 +128,7 @@ def _tensor_groups(tensors) -> list:
 
 def _scalar_groups(p) -> list:
     groups = [ArgGroup(tuple(a for a, _ in p.sizes), tuple(a for a, _ in p.sizes))]
+    groups.append(ArgGroup(("G",), ("G",)))    # query heads per KV head: a runtime int (see the module doc)
     if p.host:
         groups.append(ArgGroup(tuple(a for a, _, _, _ in p.host), tuple(a for a, _, _, _ in p.host)))
     return groups
@@ -167,6 +185,9 @@ class KernelPlan:
     prepass_kernel: str = ""
     notes: list = field(default_factory=list)
     lead: str = "q"            # the query-side input whose dtype and device the kernels follow
+    packed: bool = False       # the forward's rows are (query, head of the KV group) pairs (plan.pack_kv_group)
+    kv_source: str = "k"       # the per-KV-head input the launcher reads H_kv from
+    prepass_kv: bool = True    # the prepass runs per KV head (every value it writes is per KV head)
     block_lists: list = field(default_factory=list)   # [TensorArg]: the block mask's key-block lists (forward, dq)
 
     @property
@@ -247,7 +268,7 @@ def plan(graph: Graph) -> KernelPlan:
     for t in ranked:
         decl = spec.inputs[t.name]
         for k, dim in enumerate(decl.shape):
-            if dim in decl.optional_dims:
+            if dim in decl.optional_dims or dim == "h" and t.per_kv_head:   # H: the query heads
                 continue
             size_sources.setdefault(dim, (t.name, k - len(decl.shape)))
     used_dims = set(size_sources)
@@ -277,12 +298,18 @@ def plan(graph: Graph) -> KernelPlan:
     kernel = f"_fwd_{spec.name}"
     lead = next(t.name for t in tensors if t.dtype == "float" and not t.raw and "i" in t.dims)
     materialized = []
+    query_heads = query_head_nodes(graph)
     for node_id in schedule.prepass:
         dims = graph.node(node_id).dims
-        materialized.append(tensor_arg(names.derived("pre", value_names.of(node_id)), node_id, dims))
+        materialized.append(tensor_arg(names.derived("pre", value_names.of(node_id)), node_id, dims,
+                                       kv_heads="h" in dims and node_id not in query_heads))
+    kv_source = sorted((t for t in tensors if t.per_kv_head and not t.raw and t.dtype == "float"),
+                       key=lambda t: t.name not in ("k", "v"))[0].name
     return KernelPlan(kernel, graph.schedule, channels, exact, streams, tensors, out_dims, out_strides,
                       sizes, size_sources, features, host, out_feature, materialized,
                       f"_kprologue_{spec.name}" if materialized else "", lead=lead,
+                      packed=schedule.pack_kv_group, kv_source=kv_source,
+                      prepass_kv=all(t.per_kv_head or "h" not in t.dims for t in materialized),
                       block_lists=block_list_args(KEY_BLOCK_LISTS) if schedule.block_mask is not None else [])
 
 
@@ -350,6 +377,8 @@ class _KernelWriter:
         self.channels = p.channels
         self.materialized = {t.name: t for t in p.materialized}
         self.in_prepass = False
+        self.packed = p.packed                        # rows are (query, head of the KV group)
+        self.query_heads = query_head_nodes(graph)    # values that vary with the query head
         self.scope_lines = None       # set while a template's sweeps are rendered apart from the kernel's lines
         self.block_list = {t.name: t for t in block_list_args(KEY_BLOCK_LISTS + QUERY_BLOCK_LISTS)}
         self.used_conjuncts: set = set()
@@ -360,6 +389,8 @@ class _KernelWriter:
         axes = []
         if self.channels and ("b" in dims or "h" in dims):
             axes.append("c")
+        if self.packed and "i" not in dims and node_id in self.query_heads:
+            axes.append("i")       # packed rows: the query head varies along the rows
         for d in ("i", "j"):
             if d in dims:
                 axes.append(d)
@@ -434,6 +465,8 @@ class _KernelWriter:
             dim = node.attrs["dim"]
             if dim in ("i", "j"):
                 result = self.offsets(dim, 0)
+            elif dim == "h":
+                result = self.head(kv=False)
             elif self.channels:
                 result = _Value(f"off_{dim}", ("c",), "int")
             else:
@@ -499,12 +532,27 @@ class _KernelWriter:
     def shape(self, axes) -> str:
         return "[" + ", ".join(self.block(a) for a in axes) + "]"
 
+    def head(self, kv: bool) -> _Value:
+        """The query head (off_h) or KV head (off_hkv = off_h // G) of the program, its channels
+        (heads in tile), or its rows (packed KV groups: the query head varies along them)."""
+        name = "off_hkv" if kv else "off_h"
+        if self.channels:
+            return _Value(name, ("c",), "int")
+        if self.packed and not kv:
+            return _Value(name, ("i",), "int")
+        return _Value(name, (), "int")
+
     # -- memory
     def index_terms(self, t: TensorArg, axes, variant, index_of=None):
         """Offset terms and mask terms of input t at the program's tile, broadcast to `axes`."""
         terms, masks = [], []
         for dim, stride in zip(t.dims, t.strides):
             if index_of is not None and dim in index_of:
+                continue
+            if dim == "h":
+                terms.append(f"{self.view(self.head(kv=t.per_kv_head), axes)} * {stride}")
+                if self.channels and "c" in axes and self.axis_mask("c").expr not in masks:
+                    masks.append(self.view(self.axis_mask("c"), axes))
                 continue
             if dim in ("b", "h"):
                 if self.channels:
@@ -747,7 +795,8 @@ class _KernelWriter:
         head = fill(FORWARD_HEAD, signature=header, doc=f"{g.spec.name}: schedule {g.schedule}, "
                     f"{'heads-in-tile' if p.channels else 'per-head'} programs, "
                     f"{'two sweeps (exact softmax)' if p.exact else 'online softmax'}.",
-                    program=self.capture(self.batch_and_heads), features=self.capture(self.feature_offsets),
+                    program=self.capture(lambda: self.batch_and_heads(per_kv_head=self.packed)),
+                    rows=self.capture(self.rows), features=self.capture(self.feature_offsets),
                     lead_ptr=self.tensor[p.lead].ptr, per_program=self.capture(per_program),
                     q_prologue=self.capture(q_prologue), key_range=self.capture(self.key_range),
                     stat_shape=self.shape(stat_axes))
@@ -828,8 +877,10 @@ class _KernelWriter:
     def emit(self, lines: list) -> None:
         self.lines += lines
 
-    def batch_and_heads(self) -> None:
-        """off_b, off_h of the program (axis 1): one (batch, head), or every channel of a sample."""
+    def batch_and_heads(self, per_kv_head: bool = False) -> None:
+        """off_b, off_h (query head), off_hkv (KV head) of the program (axis 1): one (batch, head), or
+        every channel of a sample; per_kv_head (packed KV groups, the dkdv kernel): one (batch, KV
+        head), off_h set per row or per group member later."""
         if self.channels:
             S = self.p.streams
             self.line(f"sample = tl.program_id(1)          # programs hold all {S} * H (stream, head) channels")
@@ -838,10 +889,27 @@ class _KernelWriter:
             self.assign("c_ok", "offs_c < C")
             self.assign("off_b", f"sample * {S} + offs_c // H", "batch is laid out (b s)")
             self.assign("off_h", "offs_c % H")
+            self.assign("off_hkv", "off_h // G", "grouped KV heads: G query heads per KV head")
+        elif per_kv_head:
+            self.line("off_bh = tl.program_id(1)")
+            self.assign("KV_H", "H // G", "KV heads; G query heads share each")
+            self.assign("off_b", "(off_bh // KV_H).to(tl.int64)", "64-bit: base offsets of large tensors")
+            self.assign("off_hkv", "(off_bh % KV_H).to(tl.int64)")
         else:
             self.line("off_bh = tl.program_id(1)")
             self.assign("off_b", "(off_bh // H).to(tl.int64)", "64-bit: base offsets of large tensors")
             self.assign("off_h", "(off_bh % H).to(tl.int64)")
+            self.assign("off_hkv", "off_h // G", "grouped KV heads: G query heads per KV head")
+
+    def rows(self) -> None:
+        """offs_i and row_ok of the program's query tile (packed: rows are (query, head of the group))."""
+        if self.packed:
+            self.assign("offs_m", "start_m * BLOCK_M + tl.arange(0, BLOCK_M)", "packed row = query * G + member")
+            self.assign("offs_i", "offs_m // G")
+            self.assign("off_h", "off_hkv * G + offs_m % G", "each row's query head")
+        else:
+            self.assign("offs_i", "start_m * BLOCK_M + tl.arange(0, BLOCK_M)")
+        self.assign("row_ok", "offs_i < I")
 
     def lse_offsets(self) -> tuple[str, str]:
         """Offsets and mask of the row statistics ([B, H, I] fp32, contiguous) of the program's rows."""
@@ -852,15 +920,13 @@ class _KernelWriter:
     def prepass(self) -> str:
         """The k-prologue prepass: one program per (key block, batch * head) writes the materialized values."""
         p, g = self.p, self.g
-        self.in_prepass, self.channels = True, False
+        self.in_prepass, self.channels, self.packed = True, False, False
         self.lines, self.memo, self.indent = [], {}, 1
         header = signature_lines(p.prepass_kernel, p.prepass_args())
         computed = ", ".join(t.var for t in p.materialized)
         self.line(f'"""{g.spec.name}: per-key values computed once ({computed}), stored in the dot dtype."""')
         self.line("start_n = tl.program_id(0)")
-        self.line("off_bh = tl.program_id(1)")
-        self.assign("off_b", "(off_bh // H).to(tl.int64)")
-        self.assign("off_h", "(off_bh % H).to(tl.int64)")
+        self.batch_and_heads(per_kv_head=p.prepass_kv)
         self.assign("offs_j", "start_n * BLOCK_N + tl.arange(0, BLOCK_N)")
         self.assign("col_ok", "offs_j < J")
         self.feature_offsets()
@@ -870,7 +936,7 @@ class _KernelWriter:
             terms, masks = self.index_terms(t, v.axes, 0)
             self.line(f"tl.store({t.ptr} + {' + '.join(terms)}, {self.f32(v)}.to(DOT_DTYPE), "
                       f"mask={' & '.join(dict.fromkeys(masks))})")
-        self.in_prepass, self.channels = False, p.channels
+        self.in_prepass, self.channels, self.packed = False, p.channels, p.packed
         return "\n".join(header + self.lines) + "\n"
 
     def feature_offsets(self) -> None:
@@ -927,8 +993,12 @@ class _KernelWriter:
         bounds = self.g.key_bounds
         self.line("# -- key blocks: the keep-predicates' interval analysis bounds the keys that rows "
                   "i_first..i_last keep --")
-        self.assign("i_first", "start_m * BLOCK_M")
-        self.assign("i_last", "tl.minimum(i_first + BLOCK_M, I) - 1")
+        if self.packed:   # rows start_m * BLOCK_M .. + BLOCK_M - 1 are queries (row // G)
+            self.assign("i_first", "(start_m * BLOCK_M) // G")
+            self.assign("i_last", "tl.minimum((start_m * BLOCK_M + BLOCK_M - 1) // G, I - 1)")
+        else:
+            self.assign("i_first", "start_m * BLOCK_M")
+            self.assign("i_last", "tl.minimum(i_first + BLOCK_M, I) - 1")
         lower = upper = full_lower = full_upper = None
         try:
             if bounds is not None and bounds.lower is not None:
@@ -1069,8 +1139,7 @@ QUERY_TILE_PROGRAM = """\
     \"\"\"{doc}\"\"\"
     start_m = tl.program_id(0)
 {program}
-    offs_i = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_i < I
+{rows}
 {features}
     DOT_DTYPE = {lead_ptr}.dtype.element_ty"""
 
@@ -1223,17 +1292,18 @@ def _launcher(graph: Graph, p: KernelPlan, defaults: dict) -> str:
     if p.materialized:
         lines.append("    # per-key transforms, computed once for all query tiles (the k-prologue prepass)")
         for t in p.materialized:
-            shape = ", ".join(names.size(d) for d in t.dims)
+            shape = ", ".join("KV_H" if d == "h" and t.per_kv_head else names.size(d) for d in t.dims)
             lines.append(f"    {t.var} = torch.empty(({shape},), dtype={lead}.dtype, device={lead}.device)")
         lines.append(f"    prepass = {p.prepass_kernel} if wrap is None else wrap({p.prepass_kernel})")
-        lines.append(f"    prepass[(max(1, triton.cdiv(J, {PREPASS_BLOCK_N})), B * H)](")
+        lines.append(f"    prepass[(max(1, triton.cdiv(J, {PREPASS_BLOCK_N})), B * {'KV_H' if p.prepass_kv else 'H'})](")
         lines += launch_lines(p.prepass_args())
         lines.append("        num_warps=4,")
         lines.append("    )")
     if p.channels:
         lines.append(f"    grid = (triton.cdiv(I, BLOCK_M), B // {p.streams})")
     else:
-        lines.append("    grid = (triton.cdiv(I, BLOCK_M), B * H)")
+        lines.append("    grid = (triton.cdiv(I * G, BLOCK_M), B * KV_H)  # rows: (query, head of the KV group)"
+                     if p.packed else "    grid = (triton.cdiv(I, BLOCK_M), B * H)")
     lines.append(f"    kernel = {p.kernel} if wrap is None else wrap({p.kernel})")
     lines.append("    kernel[grid](")
     lines += launch_lines(p.forward_args())
@@ -1268,6 +1338,8 @@ def launcher_sizes(p: KernelPlan, pnames: dict) -> list[str]:
     for arg, dim in p.sizes:
         source, axis = p.size_sources[dim]
         lines.append(f"    {arg} = {pnames[source]}.shape[{axis}]")
+    lines.append(f"    KV_H = {pnames[p.kv_source]}.shape[1]")
+    lines.append("    G = H // KV_H if KV_H else 1  # query heads per KV head (inputs.check_call: KV_H divides H)")
     for arg, node_id, dtype, expr in p.host:
         lines.append(f"    {arg} = {expr}")
     return lines

@@ -21,9 +21,8 @@ mask with), under ``name``. What a layer passes is mapped onto the spec:
   sliding windows, packed sequences, static caches, a 4-D mask you pass — are refused, never
   ignored. Fully-masked query rows (left padding) give 0, not what sdpa gives: compare logits at
   the kept positions.
-- **grouped KV heads** (GQA/MQA, k and v with fewer heads): repeated to the query heads before
-  the call while the spec has no grouped heads of its own (``kernelsearch.nn.has_grouped_kv_heads``);
-  a spec with them gets k and v as they are.
+- **grouped KV heads** (GQA/MQA, k and v with fewer heads): passed as they are - every spec takes
+  k and v with H_kv heads (query head h reads KV head h // (H / H_kv)), never copied per query head.
 - **dropout**: none in kernelsearch attention; a non-zero ``attention_dropout`` while training is
   refused (set ``config.attention_dropout = 0.0``). Soft-capping, sinks (``s_aux``) and sliding
   windows passed by a layer are refused too.
@@ -86,10 +85,7 @@ def _mask_function(name: str):
 
 
 def _attention_function(name: str, spec, backend: str, config: dict | None, params: dict):
-    from einops import repeat
-
-    from ..nn import has_grouped_kv_heads, shared_attention
-    grouped = has_grouped_kv_heads(spec)
+    from ..nn import shared_attention
 
     def kernelsearch_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                                scaling: float | None = None, is_causal: bool | None = None, **kwargs):
@@ -110,11 +106,6 @@ def _attention_function(name: str, spec, backend: str, config: dict | None, para
             raise UsageError(f"attn_implementation={name!r}: the layer is causal, and {spec.path} has no "
                              f"`causal` param")
         attention = shared_attention(spec, backend, config, call_params)
-        if not grouped and key.shape[1] != query.shape[1]:
-            # until the spec language has grouped KV heads: query head h reads KV head h // groups
-            groups = query.shape[1] // key.shape[1]
-            key = repeat(key, "b g j d -> b (g r) j d", r=groups)
-            value = repeat(value, "b g j d -> b (g r) j d", r=groups)
         inputs = {}
         if attention_mask is not None:
             if attention_mask.dim() != 2:

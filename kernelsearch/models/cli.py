@@ -41,6 +41,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int("--batch-size"), help="sequences per step")
     p.add_argument("--seq-len", type=positive_int("--seq-len"), help="bytes per sequence")
     p.add_argument("--lr", type=positive_float("--lr"), help="Adam learning rate")
+    p.add_argument("--kv-heads", type=positive_int("--kv-heads"),
+                   help="key/value heads, dividing the query heads (grouped-query attention; 1: multi-query); "
+                        "families with a kv_heads hyperparameter (mesh_tf)")
     p.add_argument("--sample-len", type=non_negative_int("--sample-len"), help="bytes to sample after training")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, batches and sampling (default 0)")
@@ -65,6 +68,12 @@ def run(args) -> int:
                        ("lr", "lr"), ("sample_len", "sample_len")):
         if getattr(args, flag) is not None:
             setattr(t, attr, getattr(args, flag))
+    if args.kv_heads is not None:
+        from .config import family_hyperparameters
+        if "kv_heads" not in family_hyperparameters(cfg.family):
+            raise UsageError(f"--kv-heads: the {cfg.family} family has no grouped KV heads "
+                             f"(the mesh_tf family has: --model mesh_tf)")
+        cfg.model["kv_heads"] = args.kv_heads
     if cfg.model.get("max_seq_len") is not None and t.seq_len > cfg.model["max_seq_len"]:
         raise UsageError(f"--seq-len {t.seq_len} exceeds the model's max_seq_len {cfg.model['max_seq_len']}")
     device = args.device or _train.default_device()

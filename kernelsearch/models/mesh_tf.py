@@ -7,6 +7,10 @@
 - FF: Linear(d, 4d, bias) -> tanh-approximate GELU (``mtf.gelu``) -> Linear(4d, d, bias);
 - no final norm; logits Linear with bias. Linear weights ~ N(0, 1/sqrt(fan_in)), biases 0.
 
+Grouped KV heads (``kv_heads``, default ``heads``: the seed): the qkv Linear makes ``heads``
+query heads and ``kv_heads`` key and value heads (q | k | v contiguous), passed to the spec as
+they are (``specs/gqa.yaml``, or any spec: query head h reads KV head h // (heads / kv_heads)).
+
 Seed attention params (with ``specs/softmax.yaml``): ``scale = 1`` (the seed's einsum does not
 scale scores). The seed's ``dim_head`` argument is the number of heads; here ``heads`` is the
 number of heads and ``dim_head`` the head size.
@@ -45,14 +49,16 @@ class ScaleNorm(nn.Module):
 class Attention(AttentionModule):
     """The seed's projections (its names) around the spec's attention."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, attn):
+    def __init__(self, dim: int, heads: int, dim_head: int, attn, kv_heads: int | None = None):
         # a foreign spec's required tables (T5's bias_table, sink logits) are learned per layer
-        super().__init__(attn, heads=heads, dim_head=dim_head, projections=False, learned=required_learnable(attn))
-        self.to_qkv = _linear(dim, 3 * heads * dim_head, bias=False)
+        super().__init__(attn, heads=heads, dim_head=dim_head, kv_heads=kv_heads, projections=False,
+                         learned=required_learnable(attn))
+        self.to_qkv = _linear(dim, (heads + 2 * self.kv_heads) * dim_head, bias=False)
         self.combine_output = _linear(heads * dim_head, dim)
 
     def forward(self, x, mask=None, **inputs):
-        q, k, v = (split_heads(t, self.heads) for t in self.to_qkv(x).chunk(3, dim=-1))
+        sizes = [self.heads * self.dim_head, self.kv_heads * self.dim_head, self.kv_heads * self.dim_head]
+        q, k, v = (split_heads(t, n // self.dim_head) for t, n in zip(self.to_qkv(x).split(sizes, dim=-1), sizes))
         o = self.attend(q, k, v, mask=mask, **inputs)
         return self.combine_output(merge_heads(o.to(x.dtype)))
 
@@ -73,7 +79,7 @@ class MeshTFLM(LM):
     makes_token_inputs = True
 
     def __init__(self, *, spec, backend="auto", attn_params=None, num_tokens=256,
-                 max_seq_len=256, dim=128, depth=2, heads=4, dim_head=32, ff_mult=4):
+                 max_seq_len=256, dim=128, depth=2, heads=4, dim_head=32, ff_mult=4, kv_heads=None):
         super().__init__(spec=spec, backend=backend, attn_params=attn_params,
                          num_tokens=num_tokens, max_seq_len=max_seq_len)
         attn = self.build_attention(structural={"causal": True}, seed={"scale": 1.0})
@@ -82,7 +88,7 @@ class MeshTFLM(LM):
         nn.init.xavier_uniform_(self.wte.weight)     # tf.get_variable's default initializer
         nn.init.xavier_uniform_(self.wpe.weight)
         self.layers = nn.ModuleList([
-            nn.ModuleList([ScaleNorm(dim), Attention(dim, heads, dim_head, attn),
+            nn.ModuleList([ScaleNorm(dim), Attention(dim, heads, dim_head, attn, kv_heads),
                            ScaleNorm(dim), FeedForward(dim, ff_mult)])
             for _ in range(depth)])
         self.to_logits = _linear(dim, num_tokens)

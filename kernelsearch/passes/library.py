@@ -230,12 +230,17 @@ def lowerings(graph: Graph) -> tuple[str, ...]:
 
 
 def sdpa_visits_skippable_keys(graph: Graph) -> bool:
-    """True when the keep-predicates bound the keys (causal, windows: the chunked lowering skips
-    key blocks) but the SDPA call gets them as a materialised mask and visits every key; False
-    for SDPA's own causal mask (is_causal) and for graphs without key bounds."""
+    """True when the keep-predicates bound the keys (causal, windows) or make a block mask
+    (document ids, prefix LM: passes/block_mask.py) - the chunked lowering skips key blocks - but
+    the SDPA call gets them as a materialised mask and visits every key; False for SDPA's own
+    causal mask (is_causal) and for graphs that skip no key block."""
     form = library_form(graph)
     bounds = graph.key_bounds
-    if isinstance(form, str) or form.sdpa is not None or (bounds.lower is None and bounds.upper is None):
+    if isinstance(form, str) or form.sdpa is not None:
+        return False
+    if graph.plan.block_mask is not None:
+        return True
+    if bounds.lower is None and bounds.upper is None:
         return False
     return form.causal_row is None
 

@@ -18,6 +18,14 @@
                    come from (those need no mask in blocks they keep whole)
     delta sweep    backward: delta = rowsum(p * dp) needs a sweep of its own when p is transformed
                    before dot(p, v); otherwise it is rowsum(dO * O)
+    KV groups      grouped KV heads (k, v with H_kv heads, H_kv dividing H; a runtime size): the
+                   forward packs the G = H / H_kv query heads of a KV head into its programs'
+                   rows - row r of a tile is query r // G of head r % G, FlashAttention-3's
+                   PackGQA - so each K/V tile is loaded once per group, not G times. Per-query-head
+                   values without i (an ALiBi slope) become per-row values. Not packed: heads-in-tile
+                   programs (they hold every head already) and graphs with a per-query-head value
+                   over keys but not queries (it would need [rows, keys, features] tiles); those
+                   read KV head h // G per program or channel
     block mask     keep conjuncts over i and j the key bounds miss (document ids, prefix-or-causal,
                    neighbourhoods): which tiles keep something / everything, computed at run time
                    per block size - cached per shape when they read no input, per call when they
@@ -107,6 +115,38 @@ def host_scalars(graph: Graph) -> tuple[str, ...]:
     return tuple(n for n in graph.ids() if on_host(n))
 
 
+def query_head_nodes(graph: Graph) -> set[str]:
+    """The nodes that vary with the query head: an index h, an input over h that is not per KV head
+    (inputs.per_key_head), and whatever is computed from one. A node over h that is not among them
+    varies with the KV head only (k, v, their transforms, a [b, h, j] bias)."""
+    from ..inputs import per_key_head
+    out: set[str] = set()
+    for node_id, node in graph.nodes():
+        if node.op == "index" and node.attrs["dim"] == "h":
+            out.add(node_id)
+        elif node.op == "input":
+            dims = graph.spec.inputs[node_id].shape if node_id in graph.spec.inputs else node.dims
+            if "h" in dims and not per_key_head(dims):
+                out.add(node_id)
+        elif "h" in node.dims and (node.op == "mix_heads" or any(a in out for a in node.args)):
+            out.add(node_id)
+    return out
+
+
+def pack_kv_group(graph: Graph, schedule: str, block_mask) -> tuple[bool, str]:
+    """(pack, why): does the forward pack a KV group's query heads into its programs' rows."""
+    if schedule in HEADS_IN_TILE:
+        return False, "heads in tile: a program holds every head; each reads KV head h // G"
+    if block_mask is not None:
+        return False, "the block mask lists key blocks per block of one head's queries: each program reads KV head h // G"
+    per_query = query_head_nodes(graph)
+    for node_id, node in graph.nodes():
+        if node_id in per_query and "j" in node.dims and "i" not in node.dims:
+            return False, (f"{_label(graph, node_id)} varies with the query head over keys: each program is one "
+                           "query head and reads KV head h // G")
+    return True, "a program's rows are (query, head of the KV group): each K/V tile is loaded once per group"
+
+
 def plan(graph: Graph) -> Graph:
     graph = graph.copy()
     (softmax,) = graph.find("softmax")
@@ -114,13 +154,15 @@ def plan(graph: Graph) -> Graph:
     accs = accumulators(graph)
     count, reason = sweeps(graph, schedule, accs, softmax)
     bounds = key_block_bounds(graph)
+    block_mask = block_mask_plan(graph, bounds, schedule in HEADS_IN_TILE)
+    packed, pack_reason = pack_kv_group(graph, schedule, block_mask)
     graph.plan = Plan(
         schedule=schedule, sweeps=count, sweeps_reason=reason,
         heads_in_tile=schedule in HEADS_IN_TILE, head_groups=head_groups(graph),
         accumulators=accs, prepass=prepass(graph, accs), host=host_scalars(graph),
         key_bounds=bounds,
         delta_sweep=any(graph.node(a).args[0] != softmax for a in accs),
-        block_mask=block_mask_plan(graph, bounds, schedule in HEADS_IN_TILE))
+        block_mask=block_mask, pack_kv_group=packed, pack_reason=pack_reason)
     return graph
 
 
@@ -178,6 +220,8 @@ def describe_plan(graph: Graph) -> list[str]:
         lines.append("keys     every key block of every row (no keep-predicate bounds them)")
     lines += _describe_block_mask(graph)
     lines.append("backward delta = rowsum(p * dp) " + ("in a sweep of its own" if p.delta_sweep else "= rowsum(dO * O)"))
+    lines.append(f"kv heads {'packed' if p.pack_kv_group else 'not packed'}: {p.pack_reason}  (grouped KV heads, "
+                 "G = H / H_kv at the call; the backward's dk/dv programs sum a group's heads in registers)")
     return lines
 
 
