@@ -561,11 +561,11 @@ def _flex_call(graph: Graph, emitter: _Emitter, form, mod_nodes: set) -> list[st
 
     index_args = ", ".join(_MOD_INDEX[d] for d in ("b", "h", "i", "j"))
     score_mod = "None"
-    if form.score_function:   # the scores as a function of dot(q', k'), FlexAttention's score (scale 1)
-        dot, *path = form.score_function
-        lines.append(f"def score_mod(score, {index_args}):  # the scores from q.k, per score")
+    if form.score_function:   # the scores as a function of dot(q', k') * scale, FlexAttention's score
+        scaled, *path = form.score_function
+        lines.append(f"def score_mod(score, {index_args}):  # the scores from q.k * scale, per score")
         lines += body(form.score_terms)
-        lines.append(f"    {variable(graph, dot)} = score")
+        lines.append(f"    {variable(graph, scaled)} = score")
         for n in path:
             node = graph.node(n)
             text = ops.render(node.op, "torch", [element(a) if a not in form.score_function else variable(graph, a)
