@@ -737,7 +737,8 @@ def _evaluated_lines(graph: Graph, emitter: _Emitter, mask, inputs, whole, in_ti
     loop += [f"{variable(graph, n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}" for n in in_tile]
     keep = " & ".join(name(c) for c in mask.evaluated)
     loop.append(f"tiles.add({keep}, query_start, query_end, key_start, key_end)")
-    return ([f"# {_escaped(_labels(graph, mask.evaluated))}: evaluated over whole query blocks x the keys they can keep"]
+    comment = f"# {_escaped(_labels(graph, mask.evaluated))}: evaluated over whole query blocks x the keys they can keep"
+    return ([comment]
             + ["for query_start, query_end in tiles.row_chunks():"] + ["    " + line for line in loop])
 
 

@@ -974,7 +974,8 @@ class _KernelWriter:
         for name in lists:
             t = self.block_list[name]
             row = names.derived("row", name)
-            program = f"sample * {t.strides[0]}" if self.channels else f"off_b * {t.strides[0]} + off_h * {t.strides[1]}"
+            program = f"sample * {t.strides[0]}" if self.channels else \
+                f"off_b * {t.strides[0]} + off_h * {t.strides[1]}"
             self.assign(row, f"{program} + {block} * {t.strides[2]}")
             self.assign(names.derived("count", name), f"tl.load({t.ptr} + {row})")
 
@@ -1044,7 +1045,8 @@ class _KernelWriter:
         call = self.inner_function(block, body_lines)
         if self.g.plan.block_mask is not None:
             partial, full = KEY_BLOCK_LISTS
-            for name, is_full, what in ((full, True, "listed blocks kept whole: no masks of the block mask's conjuncts"),
+            for name, is_full, what in ((full, True,
+                                         "listed blocks kept whole: no masks of the block mask's conjuncts"),
                                         (partial, False, "listed blocks kept partly: every mask")):
                 self.line(f"for listed in range(0, {names.derived('count', name)}):  # {what}")
                 self.line(f"    start_n = {self.listed_block(name, 'listed')} * BLOCK_N")
