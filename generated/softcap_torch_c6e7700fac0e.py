@@ -116,14 +116,12 @@ def flex(in_q, in_k, in_v):
     v_cap = 30.0
     t26_scale = -0.5
     t27_scale = (size_d ** t26_scale)
-    library_scale = float(1.0)
+    library_scale = float(t27_scale * (1 / v_cap))
     library_query = v_q.squeeze((3,))  # [b, h, i, d]
     library_key = v_k.squeeze((2,))  # [b, h, j, d]
     library_value = v_v.squeeze((2,))  # [b, h, j, d]
-    def score_mod(score, batch, head, query_index, key_index):  # the scores from q.k, per score
-        t4_s = score
-        t6_s = (t4_s * t27_scale)
-        t7_s = (t6_s / v_cap)
+    def score_mod(score, batch, head, query_index, key_index):  # the scores from q.k * scale, per score
+        t7_s = score
         t8_s = torch.tanh(t7_s)
         v_s = (v_cap * t8_s)
         return v_s

@@ -81,6 +81,8 @@ class BlockMaskPlan:
     bounded: tuple[str, ...] = ()
     ranges: tuple[tuple[str, str, str], ...] = ()
     evaluated: tuple[str, ...] = ()
+    streams: int | None = None       # heads in tile: a program holds a sample's streams x heads; the
+                                     # kernels' lists are per sample (any / all over its channels)
 
     @property
     def per_call(self) -> bool:

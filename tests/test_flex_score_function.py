@@ -103,6 +103,10 @@ def test_a_score_function_is_offered_flex_and_refused_sdpa(source, params, why):
         graph = attention.graph(present)
         assert library.lowerings(graph) == ("flex",)
         assert why in library.why_not(graph, "sdpa") and library.why_not(graph, "flex") is None
+        # softcap's leading `* scale / cap` is FlexAttention's scale; the per-head cap's sum is not a product
+        form = library.library_form(graph)
+        assert [op for op, _ in form.scale] == (["mul", "div"] if why == "tanh" else [])
+        assert graph.node(form.score_function[-1]).op == "mul" and len(form.score_function) == (3 if why == "tanh" else 6)
     tensors = random_inputs(attention.spec, dict(B=1, H=2, I=4, J=5, D=8))
     with pytest.raises(ConfigError, match=f"lowering='sdpa' cannot run .*{why}.*its lowerings are materialized, chunked, flex"):
         attention(**tensors)

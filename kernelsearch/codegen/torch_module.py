@@ -617,11 +617,11 @@ def _flex_call(graph: Graph, emitter: _Emitter, form, mod_nodes: set) -> list[st
 
     index_args = ", ".join(_MOD_INDEX[d] for d in ("b", "h", "i", "j"))
     score_mod = "None"
-    if form.score_function:   # the scores as a function of dot(q', k'), FlexAttention's score (scale 1)
-        dot, *path = form.score_function
-        lines.append(f"def score_mod(score, {index_args}):  # the scores from q.k, per score")
+    if form.score_function:   # the scores as a function of dot(q', k') * scale, FlexAttention's score
+        scaled, *path = form.score_function
+        lines.append(f"def score_mod(score, {index_args}):  # the scores from q.k * scale, per score")
         lines += body(form.score_terms)
-        lines.append(f"    {variable(graph, dot)} = score")
+        lines.append(f"    {variable(graph, scaled)} = score")
         for n in path:
             node = graph.node(n)
             text = ops.render(node.op, "torch", [element(a) if a not in form.score_function else variable(graph, a)
@@ -793,7 +793,8 @@ def _evaluated_lines(graph: Graph, emitter: _Emitter, mask, inputs, whole, in_ti
     loop += [f"{variable(graph, n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}" for n in in_tile]
     keep = " & ".join(name(c) for c in mask.evaluated)
     loop.append(f"tiles.add({keep}, query_start, query_end, key_start, key_end)")
-    return ([f"# {_escaped(_labels(graph, mask.evaluated))}: evaluated over whole query blocks x the keys they can keep"]
+    comment = f"# {_escaped(_labels(graph, mask.evaluated))}: evaluated over whole query blocks x the keys they can keep"
+    return ([comment]
             + ["for query_start, query_end in tiles.row_chunks():"] + ["    " + line for line in loop])
 
 

@@ -1010,7 +1010,9 @@ class _KernelWriter:
         for name in lists:
             t = self.block_list[name]
             row = names.derived("row", name)
-            self.assign(row, f"off_b * {t.strides[0]} + off_h * {t.strides[1]} + {block} * {t.strides[2]}")
+            program = f"sample * {t.strides[0]}" if self.channels else \
+                f"off_b * {t.strides[0]} + off_h * {t.strides[1]}"
+            self.assign(row, f"{program} + {block} * {t.strides[2]}")
             self.assign(names.derived("count", name), f"tl.load({t.ptr} + {row})")
 
     def listed_block(self, name: str, listed: str) -> str:
@@ -1079,7 +1081,8 @@ class _KernelWriter:
         call = self.inner_function(block, body_lines)
         if self.g.plan.block_mask is not None:
             partial, full = KEY_BLOCK_LISTS
-            for name, is_full, what in ((full, True, "listed blocks kept whole: no masks of the block mask's conjuncts"),
+            for name, is_full, what in ((full, True,
+                                         "listed blocks kept whole: no masks of the block mask's conjuncts"),
                                         (partial, False, "listed blocks kept partly: every mask")):
                 self.line(f"for listed in range(0, {names.derived('count', name)}):  # {what}")
                 self.line(f"    start_n = {self.listed_block(name, 'listed')} * BLOCK_N")
@@ -1402,6 +1405,8 @@ def block_list_lines(graph: Graph, p: KernelPlan, lists, block_m: str, block_n: 
     from .torch_module import block_mask_call
     lead = p.tensors_by_name()[p.lead].var
     call = block_mask_call(graph, block_m, block_n, f"{lead}.device")
+    if p.channels:   # a program holds a sample's channels: its lists are per sample
+        call += f".per_sample({graph.plan.block_mask.streams})"
     return [f"    tiles = {call}  # the plan's block mask at these tiles",
             f"    {', '.join(lists)} = {', '.join(f'tiles.{name}' for name in lists)}"]
 

@@ -18,8 +18,8 @@ predicates over b, h, i, j; no cross-head mixing, nothing between softmax and do
 
 FlexAttention also runs scores that are any elementwise function of dot(q', k') and such
 per-element terms (soft-capping: cap * tanh(s / cap), a bias scaled after it is added, ...):
-its score_mod then evaluates the whole path from the dot to the scores per score, with the dot
-as FlexAttention's score (scale 1). SDPA runs only the scaled dot plus a bias.
+its score_mod then evaluates the path from the scaled dot to the scores per score, the scaled
+dot being FlexAttention's score. SDPA runs only the scaled dot plus a bias.
 
 Recognising them reads the graph's structure, never a spec's name. Code generators
 (codegen/torch_module.py) render the `LibraryForm`; they decide none of this.
@@ -57,8 +57,8 @@ class LibraryForm:
                                # the bounds of every row of a block are kept whole (no mask_mod there)
     sdpa: str | None = None    # why SDPA cannot express it (None: it can)
     score_function: tuple = () # () when the scores are dot * scale + biases; else the nodes from
-                               # dot(q', k') to the scores in order (all elementwise; the dot first),
-                               # FlexAttention's score_mod with the dot as its score (scale, biases empty)
+                               # dot(q', k') * scale (its first: FlexAttention's score) to the scores
+                               # in order, all elementwise: FlexAttention's score_mod (biases empty)
     score_terms: tuple = ()    # the score function's other operands (host scalars or over b, h, i, j)
 
 
@@ -100,9 +100,10 @@ def _split_scores(graph: Graph, node_id: str):
 
 
 def _score_function(graph: Graph, scores: str):
-    """(dot, path, terms) when the scores are an elementwise function of one dot(q, k) over
-    [b, h, i, j] and of terms that do not depend on it (path: the dot, then every node between
-    it and the scores, in order; terms: their other operands), or a reason string."""
+    """(dot, path, scale, terms) when the scores are an elementwise function of one dot(q, k)
+    over [b, h, i, j] and of terms that do not depend on it (path: the dot, then every node
+    between it and the scores, in order; scale: the path's leading products with host scalars,
+    ((op, factor), ...); terms: the other operands), or a reason string."""
     behind = graph.upstream(scores)
     dots = [n for n in behind if graph.node(n).op == "dot" and set(graph.node(n).dims) == SCORE_DIMS]
     if len(dots) != 1:
@@ -118,7 +119,15 @@ def _score_function(graph: Graph, scores: str):
     for n in path[:-1]:
         if set(graph.users(n)) - set(path):
             return f"'{n}' is used besides the scores"
-    return dot, tuple(path), tuple(terms)
+    scale = []   # leading products with host scalars: FlexAttention's own scale
+    while len(scale) + 1 < len(path) and len(graph.users(path[len(scale)])) == 1:
+        node, operand = graph.node(path[len(scale) + 1]), path[len(scale)]
+        factors = [f for f in node.args if f != operand]
+        if node.op not in _SCALE_OPS or len(factors) != 1 or not _is_host_scalar(graph, factors[0]) \
+                or (node.op == "div" and node.args[0] != operand):
+            break
+        scale.append((node.op, factors[0]))
+    return dot, tuple(path), tuple(scale), tuple(terms)
 
 
 def _flex_reason(graph: Graph, roots) -> str | None:
@@ -185,8 +194,8 @@ def library_form(graph: Graph) -> LibraryForm | str:
         general = _score_function(graph, scores)
         if isinstance(general, str):
             return f"{found} (SDPA); {general} (FlexAttention)"
-        dot, function, terms = general
-        sdpa, found = found, (dot, [], [], list(function))
+        dot, path, scaled, terms = general
+        sdpa, found, function = found, (dot, list(scaled), [], list(path)), path[len(scaled):]
     dot, scale, biases, arithmetic = found
     query, key = graph.node(dot).args
     feature = graph.node(query).dims[-1:]

@@ -42,7 +42,7 @@ from .. import ops
 from ..exprs import INDEX_VARIABLES
 from ..normalisers import normalisers as find_normalisers
 from ..ir import Graph, Plan
-from .block_mask import block_mask_plan, mask_conjuncts_unbounded
+from .block_mask import block_mask_plan
 from .bounds import key_block_bounds
 from .schedule import HEADS_IN_TILE, head_groups, schedule_of
 
@@ -185,11 +185,12 @@ def plan(graph: Graph) -> Graph:
     accs = accumulators(graph)
     count, reason, reduced_by = sweeps(graph, schedule, accs, norms)
     bounds = key_block_bounds(graph)
-    block_mask = block_mask_plan(graph, bounds, schedule in HEADS_IN_TILE)
+    groups = head_groups(graph)
+    block_mask = block_mask_plan(graph, bounds, (groups or 1) if schedule in HEADS_IN_TILE else None)
     packed, pack_reason = pack_kv_group(graph, schedule, block_mask)
     graph.plan = Plan(
         schedule=schedule, sweeps=count, sweeps_reason=reason,
-        heads_in_tile=schedule in HEADS_IN_TILE, head_groups=head_groups(graph),
+        heads_in_tile=schedule in HEADS_IN_TILE, head_groups=groups,
         accumulators=accs, prepass=prepass(graph, accs), host=host_scalars(graph),
         key_bounds=bounds, delta_sweep=delta_sweep(graph, accs, norms),
         normalisers=norms, reduced_by=reduced_by,
@@ -271,15 +272,12 @@ def describe_plan(graph: Graph) -> list[str]:
 def _describe_block_mask(graph: Graph) -> list[str]:
     mask = graph.plan.block_mask
     if mask is None:
-        missed = mask_conjuncts_unbounded(graph, graph.plan.key_bounds)
-        if not missed:
-            return []
-        return [f"blocks   no block mask for {_labels(graph, missed)}: heads in tile (a program holds every head); "
-                "its masks apply in every tile"]
+        return []
     others = [c for c in mask.conjuncts if c not in mask.unbounded]
     over = ", ".join(mask.dims + ("query block", "key block"))
     when = (f"per call (reads {', '.join(mask.inputs)})" if mask.per_call
             else "once per shape and block size (reads no input; cached)")
     return [f"blocks   block mask of {_labels(graph, mask.unbounded)}"
             + (f" (with {_labels(graph, others)})" if others else "")
-            + f" over [{over}]: {when}; tiles it keeps nothing in are skipped, tiles it keeps whole run without its masks"]
+            + f" over [{over}]: {when}; tiles it keeps nothing in are skipped, tiles it keeps whole run without its masks"
+            + (f"; the kernels read it per sample ({mask.streams} stream(s) x H heads per program)" if mask.streams else "")]
