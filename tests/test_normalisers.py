@@ -322,12 +322,24 @@ def test_a_param_default_may_call_an_elementwise_op_of_sizes():
     assert values["bias"] == pytest.approx(-math.log(40))
 
 
-def test_a_dot_of_a_combination_of_softmaxes_takes_two_sweeps():
-    """diff_attn writes dot(p1 - lam * p2, v): not distributed; exact row statistics of both first."""
+def test_a_dot_of_a_combination_of_softmaxes_is_distributed_into_one_sweep():
+    """diff_attn writes dot(p1 - lam * p2, v): the distribute pass makes it dot(p1, v) - dot(lam * p2, v),
+    each reduction linear in one softmax, so both stay online in one key sweep."""
     graph = _graph(spec_path("diff_attn"))
     assert [n.kind for n in graph.plan.normalisers] == ["softmax", "softmax"]
-    assert graph.plan.sweeps == 2 and "not distributed" in graph.plan.sweeps_reason
+    assert graph.plan.sweeps == 1 and graph.plan.reduced_by == (0, 1)
     assert graph.plan.delta_sweep and len(graph.plan.statistics) == 2
+    assert graph.node(graph.output).op == "sub" and graph.node(graph.output).name == "o"
+
+
+def test_a_combination_that_varies_along_the_keys_is_not_distributed(tmp_path):
+    """where(j < 3, p1, p2) picks per key: no reduction of one softmax's values computes it - two sweeps."""
+    path = tmp_path / "picked.yaml"
+    path.write_text(open(spec_path("diff_attn")).read().replace("o: dot(p1 - lam * p2, v)",
+                                                                 "o: dot(where(j < 3, p1, lam * p2), v)"))
+    graph = _graph(str(path))
+    assert graph.plan.sweeps == 2 and "not distributed" in graph.plan.sweeps_reason
+    assert graph.node(graph.output).op == "dot"
 
 
 @pytest.mark.parametrize("text, message, hint", [

@@ -6,6 +6,8 @@
     fold          specialise to param values and present optional inputs; fold constants
     infer         again, on the specialised graph
     validate      again: folding may have changed what reaches the output
+    distribute    dot(p1 - lam * p2, v) -> dot(p1, v) - lam * dot(p2, v): each reduction of one
+                  normaliser's values, so that several softmaxes share one online key sweep
     classify      the stage of each node (q_prologue, k_prologue, score, keep, softmax, ...)
     plan          every decision about how the graph runs, made once (graph.plan): schedule
                   (one_pass | heads_in_tile | two_pass), sweeps, accumulators, prepass, host
@@ -21,6 +23,7 @@ import sys
 from ..ir import Graph
 from .build import build
 from .classify import classify
+from .distribute_dots import distribute_dots
 from .fold import fold
 from .infer import infer
 from .plan import describe_plan, plan
@@ -33,6 +36,7 @@ PIPELINE = (
     ("fold", fold),
     ("infer", infer),
     ("validate", validate),
+    ("distribute", distribute_dots),
     ("classify", classify),
     ("plan", plan),
 )
