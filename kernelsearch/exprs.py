@@ -178,6 +178,9 @@ def check_size_expression(expr: ast.expr, path: str, where: SourceLocation) -> N
         if isinstance(node, ast.Name) and node.id in INDEX_VARIABLES:
             raise SpecError(f"a param default cannot use the index variable '{node.id}' (a param is one number)",
                             node.location, "use sizes and other params, e.g. `D ** -0.5`")
+        if isinstance(node, ast.Call) and OPS[node.func.id].lowering == "elementwise" \
+                and OPS[node.func.id].scalar is not None and OPS[node.func.id].python is not None and not node.keywords:
+            continue    # an elementwise op of sizes and params (`-log(J)`): the registry's meaning on numbers
         if isinstance(node, (ast.Call, ast.Subscript, ast.List, ast.Tuple)):
-            raise SpecError("a param default expression is arithmetic over sizes and params", node.location,
-                            "e.g. `D ** -0.5` or `0 if causal else 1`")
+            raise SpecError("a param default expression is arithmetic over sizes and params, and elementwise "
+                            "ops of them", node.location, "e.g. `D ** -0.5`, `-log(J)` or `0 if causal else 1`")

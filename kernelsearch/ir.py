@@ -81,6 +81,8 @@ class BlockMaskPlan:
     bounded: tuple[str, ...] = ()
     ranges: tuple[tuple[str, str, str], ...] = ()
     evaluated: tuple[str, ...] = ()
+    streams: int | None = None       # heads in tile: a program holds a sample's streams x heads; the
+                                     # kernels' lists are per sample (any / all over its channels)
 
     @property
     def per_call(self) -> bool:
@@ -102,6 +104,15 @@ class Plan:
     host: tuple[str, ...]            # scalars computed from sizes and params on the host, passed to kernels
     key_bounds: KeyBlockBounds       # which key blocks a query block needs, and from which conjuncts
     delta_sweep: bool                # backward: rowsum(p * dp) needs a sweep of its own (p transformed first)
+    normalisers: tuple = ()          # the row normalisers (normalisers.Normaliser: kind, scores, sink, keeps)
+    reduced_by: tuple = ()           # one sweep: per accumulator, the position in `normalisers` of the one it is
+                                     # linear in (its online rescaling and final division); () with two sweeps
+
+    @property
+    def statistics(self) -> tuple:
+        """The normalisers that keep row statistics (softmaxes), in order: the planes of the saved lse."""
+        return tuple(n for n in self.normalisers if n.statistics)
+
     pack_kv_group: bool = False      # grouped KV heads: a forward program's rows are (query, head of the KV
                                      # group) pairs, so each K/V tile is loaded once for the whole group
     pack_reason: str = ""            # why (not), in words

@@ -29,8 +29,9 @@ def layout_of(graph: Graph) -> tuple[str, ...]:
     for node_id, node in graph.nodes():
         if node_id not in raw:
             used.update(node.dims)
-    for name in ("q", "k", "v"):
-        used.update(graph.spec.inputs[name].shape)
+    for name in ("q", "k", "v"):   # (a core graph's q may be a cut value, an input of another name)
+        if name in graph.spec.inputs:
+            used.update(graph.spec.inputs[name].shape)
     return tuple(d for d in graph.dim_order if d in used)
 
 

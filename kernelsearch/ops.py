@@ -83,6 +83,11 @@ class Op:
     conjunction: bool = False            # holds when every argument does (keep-predicates split at it)
     unit: float | None = None            # commutative ops: u with op(x, u) == x (x + 0, x * 1): what a learned
                                          # input that meets the graph only here starts at to change nothing
+    normaliser: str | None = None        # a row normaliser (kernelsearch/normalisers.py): the op between the scores
+                                         # and dot(p, v) that takes keep-predicates; "softmax": with row statistics
+                                         # (max, sum: online or exact); "masked": none (p is x where kept, else 0)
+    dataflow: tuple[str, ...] = ()       # keyword parameters that are graph values, not constants (keep=[...],
+                                         # sinks=x); their order is the order of the node's arguments after x
 
     @property
     def callable(self) -> bool:
@@ -234,6 +239,10 @@ _ELEMENTWISE = (
     elementwise("sigmoid", "elementwise 1 / (1 + exp(-x))", torch.sigmoid, _sigmoid,
                 torch="torch.sigmoid({0})", python="(1 / (1 + math.exp(-{0})))", triton="tl.sigmoid({0})",
                 grad=("{g} * {out} * (1.0 - {out})",)),
+    elementwise("relu", "elementwise max(x, 0) (ReLU attention: masked(relu(s), keep=[...]))", torch.relu,
+                lambda x: max(x, 0.0) if isinstance(x, float) else max(x, 0),
+                torch="torch.relu({0})", python="max({0}, 0.0)", triton="tl.maximum({0}, 0.0)",
+                grad=("tl.where({x0} > 0.0, {g}, 0.0)",)),
     elementwise("tanh", "elementwise tanh", torch.tanh, math.tanh,
                 torch="torch.tanh({0})", python="math.tanh({0})", triton="_tanh({0})", helpers=("_tanh",),
                 grad=("{g} * (1.0 - {out} * {out})",)),
@@ -294,24 +303,40 @@ class ReferenceContext:
     dtype: Any
 
 
-def _ref_softmax(args, ctx):
-    scores, *keeps = args
+def _combined_keep(args, roles):
     keep = None
-    for predicate in keeps:
-        keep = predicate if keep is None else keep & predicate
-    return torch_ops.masked_softmax(scores, keep, ctx.axis["j"])
+    for predicate, role in zip(args, roles):
+        if role == "keep":
+            keep = predicate if keep is None else keep & predicate
+    return keep
 
 
-def _structural(name, positional, doc, rule, reference, absent="absent", linear=None, **keywords) -> Op:
+def _ref_softmax(args, ctx):
+    roles = ctx.attrs["roles"]
+    sink = next((a for a, role in zip(args, roles) if role == "sinks"), None)
+    return torch_ops.masked_softmax(args[0], _combined_keep(args, roles), ctx.axis["j"], sink)
+
+
+def _ref_masked(args, ctx):
+    return torch_ops.masked(args[0], _combined_keep(args, ctx.attrs["roles"]))
+
+
+def _structural(name, positional, doc, rule, reference, absent="absent", linear=None, normaliser=None,
+                dataflow=(), **keywords) -> Op:
     return Op(name, tuple(positional), doc, keywords, rule=rule, lowering="structural", reference=reference,
-              absent=absent, linear=linear)
+              absent=absent, linear=linear, normaliser=normaliser, dataflow=tuple(dataflow))
 
 
 _STRUCTURAL = (
     _structural("dot", ["a", "b"], "contract the last dim of a with the same dim of b", "dot",
                 lambda args, ctx: torch_ops.dot(args[0], args[1], ctx.axis[ctx.contracted]), absent="error"),
-    _structural("softmax", ["x"], "softmax over j; keep: predicate(s), False entries get probability 0", "softmax",
-                _ref_softmax, absent="drop", keep=None, over="j"),
+    _structural("softmax", ["x"], "softmax over j; keep: predicate(s), False entries get probability 0; sinks: an "
+                "extra logit per row in the denominator only (a value without i or j; sinks=0 is softmax plus one)",
+                "normaliser", _ref_softmax, absent="drop", normaliser="softmax", dataflow=("keep", "sinks"),
+                keep=None, sinks=None, over="j"),
+    _structural("masked", ["x"], "x where every keep-predicate holds, 0 elsewhere: a normaliser without row "
+                "statistics (sigmoid attention: masked(sigmoid(s), keep=[...]))", "normaliser", _ref_masked,
+                absent="drop", normaliser="masked", dataflow=("keep",), keep=None),
     _structural("gather", ["table", "index"], "table[index, ...]: a table gathered at integer index expressions",
                 "gather", lambda args, ctx: torch_ops.gather(args[0].to(ctx.dtype), args[1:], ctx.table)),
     _structural("l2norm", ["x"], "x / max(||x||, eps) along the feature dim, in `groups` contiguous chunks",

@@ -368,8 +368,9 @@ def _check_param_defaults(params: dict[str, Param], inputs: dict[str, InputDecl]
         if not param.default_is_expression:
             continue
         uses[param.name] = []
+        ops_called = {id(n.func) for n in ast.walk(param.default) if isinstance(n, ast.Call)}   # `log` in -log(J)
         for node in ast.walk(param.default):
-            if not isinstance(node, ast.Name):
+            if not isinstance(node, ast.Name) or id(node) in ops_called:
                 continue
             if node.id in params:
                 uses[param.name].append(node.id)

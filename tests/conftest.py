@@ -10,7 +10,8 @@ sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)  # specs/ and generated/ paths are relative to the checkout
 
 SEEDS = ["softmax", "cosine_sim", "memory_efficient", "local", "talking_heads"]
-GALLERY = ["gqa", "alibi", "softcap", "sliding_window", "document", "prefix_lm", "t5_bias"]   # issue 13's, tests/test_gallery.py
+GALLERY = ["gqa", "alibi", "softcap", "sliding_window", "document", "prefix_lm", "t5_bias",   # issue 13's, tests/test_gallery.py
+           "sinks", "sigmoid", "diff_attn"]                                                 # tests/test_normalisers.py
 SPECS = SEEDS + GALLERY
 
 

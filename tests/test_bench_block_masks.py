@@ -57,3 +57,18 @@ def test_the_report_has_a_row_per_scenario_and_tile(capsys):
     assert bench.main(["--sizes", "64", "--blocks", "16x16,32x16", "--scenarios", "document,softmax"]) == 0
     out = capsys.readouterr().out
     assert out.count("| document, 64 documents") == 4 and out.count("| softmax, causal | 64 |") == 2
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_block_mask_visits_the_needed_document_tiles(causal):
+    """With document ids in order, the block mask's tiles are exactly the needed ones (the brute
+    force over the definition); prefix_lm's too."""
+    ids = bench.document_ids(N, 6)
+    scenario = _scenario("document", {"causal": causal}, lambda n: {"q_doc": ids, "k_doc": ids})
+    graph, tensors = bench.graph_and_tensors(scenario, N)
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
+    keep = (ids[0][:, None] == ids[0][None, :]) & ((j <= i) if causal else True)
+    assert torch.equal(bench.masked_blocks(graph, tensors, TILE, TILE), _brute_force_tiles(keep))
+    prefix = _scenario("prefix_lm", {}, lambda n: {"prefix_len": torch.tensor([30])})
+    graph, tensors = bench.graph_and_tensors(prefix, N)
+    assert torch.equal(bench.masked_blocks(graph, tensors, TILE, TILE), _brute_force_tiles((j <= i) | (j < 30)))

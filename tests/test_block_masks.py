@@ -21,6 +21,7 @@ import kernelsearch
 from kernelsearch.backends import loader
 from kernelsearch.codegen.files import torch_file, triton_file
 from kernelsearch.compiler import compile_graph
+from kernelsearch.runtime import block_masks
 from kernelsearch.spec import load_spec, parse_spec
 from tests.test_ops import interpreter  # noqa: F401 (a fixture)
 
@@ -92,7 +93,29 @@ graph:
   o: dot(p * p, v)
 outputs: [o]
 """
-SPEC_TEXT = {"neighbourhood": NEIGHBOURHOOD, "head_window": HEAD_WINDOW, "sharpened_documents": SHARPENED_DOCUMENTS}
+TALKING_DOCUMENTS = """\
+name: talking_documents
+summary: Document masking with talking heads - logits mixed across a sample's (stream, head) channels; a program holds them all.
+params:
+  scale: {type: float, default: "D ** -0.5"}
+  causal: {type: bool, default: true}
+  num_streams: {type: int, default: 2}
+inputs:
+  q: [b, h, i, d]
+  k: [b, h, j, d]
+  v: [b, h, j, d]
+  q_doc: {shape: [b, i], dtype: int}
+  k_doc: {shape: [b, j], dtype: int}
+  pre_mix: {shape: [mix_out, mix_in]}
+graph:
+  s: dot(q * scale, k)
+  s_mixed: mix_heads(s, pre_mix, streams=num_streams)
+  causal_keep: (j <= i + J - I) if causal else None
+  p: softmax(s_mixed, keep=[q_doc == k_doc, causal_keep])
+  o: dot(p, v)
+outputs: [o]
+"""
+SPEC_TEXT = {"talking_documents": TALKING_DOCUMENTS, "neighbourhood": NEIGHBOURHOOD, "head_window": HEAD_WINDOW, "sharpened_documents": SHARPENED_DOCUMENTS}
 
 
 # ------------------------------------------------------------------------- the definitions (float64)
@@ -111,7 +134,7 @@ def keep_parts(spec: str, params: dict, given: dict) -> list:
     i, j, position = _grid(I, J)
     causal = params.get("causal", spec not in ("neighbourhood",))
     parts = [(j <= position).expand(B, H, I, J)] if causal else []
-    if spec in ("document", "sharpened_documents"):
+    if spec in ("document", "sharpened_documents", "talking_documents"):
         parts.append(given["q_doc"][:, None, :, None] == given["k_doc"][:, None, None, :])
     elif spec == "prefix_lm" and causal:
         parts = [(j <= position) | (j[None] < given["prefix_len"][:, None, None])[:, None]]
@@ -168,7 +191,19 @@ def make_inputs(case: Case, seed: int = 0, stray: bool = True) -> dict:
     given = {n: torch.randn(B, H, size, D, generator=g, dtype=torch.float64) for n, size in (("q", I), ("k", J), ("v", J))}
     if case.mask:
         given["mask"] = torch.rand(B, J, generator=g) < 0.8
-    if case.spec in ("document", "sharpened_documents"):
+    if case.spec == "talking_documents":
+        B, H = case.sizes[:2]
+        given["pre_mix"] = torch.eye(2 * H, dtype=torch.float64) + 0.3 * torch.randn(2 * H, 2 * H, generator=g,
+                                                                                     dtype=torch.float64)
+    if case.spec == "talking_documents":
+        # the two streams of a sample cut their documents differently (one at every 16 keys, one
+        # not at all): a program holding both must visit the tiles of either
+        J = case.sizes[3]
+        j = torch.arange(J)
+        k_doc = torch.stack([j // 16, torch.zeros_like(j), j // 20, (j // 7) % 2][:case.sizes[0]])
+        given.update(k_doc=k_doc, q_doc=k_doc[:, J - case.sizes[2]:].clone())
+        return given
+    if case.spec in ("document", "sharpened_documents", "talking_documents"):
         # uneven documents; the queries are the last I keys, one of them (stray) in a document without keys
         k_doc = torch.cumsum(torch.rand(B, J, generator=g) < 0.25, dim=1)
         q_doc = k_doc[:, J - I:].clone()
@@ -190,13 +225,29 @@ CASES = [
     Case("head_window", {"window": 5}, (1, 3, 18, 33, 16), mask=True),
     Case("head_window", {"causal": False}, (1, 2, 20, 20, 16)),
     Case("sharpened_documents", {}, (1, 2, 17, 33, 16), mask=True),
+    Case("talking_documents", {}, (4, 2, 40, 48, 16)),          # 2 samples of 2 streams x 2 heads
 ]
+
+
+def talking(q, k, v, keep, pre_mix, streams=2):
+    """Logits mixed across a sample's (stream, head) channels (the batch is laid out (b s)), then
+    softmax over the kept keys (rows that keep nothing give 0)."""
+    B, H, I, _ = q.shape
+    s = torch.einsum("bhid,bhjd->bhij", q * q.shape[-1] ** -0.5, k)
+    s = torch.einsum("oc,ncij->noij", pre_mix, s.reshape(B // streams, streams * H, I, -1)).reshape(B, H, I, -1)
+    empty = ~keep.any(-1, keepdim=True)
+    p = torch.softmax(torch.where(empty, 0.0, s.masked_fill(~keep, float("-inf"))), dim=-1)
+    return torch.einsum("bhij,bhjd->bhid", p.masked_fill(empty, 0.0), v)
 
 
 def _expected(case: Case, given: dict):
     leaves = {n: t.clone().requires_grad_() if t.is_floating_point() else t for n, t in given.items()}
-    out = attend(leaves["q"], leaves["k"], leaves["v"], keep_of(case.spec, case.params, given), case.params.get("scale"),
-                 power=2 if case.spec == "sharpened_documents" else 1)
+    keep = keep_of(case.spec, case.params, given)
+    if case.spec == "talking_documents":
+        out = talking(leaves["q"], leaves["k"], leaves["v"], keep, leaves["pre_mix"])
+    else:
+        out = attend(leaves["q"], leaves["k"], leaves["v"], keep, case.params.get("scale"),
+                     power=2 if case.spec == "sharpened_documents" else 1)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     out.backward(dout)
     return out.detach(), {n: t.grad for n, t in leaves.items() if t.is_floating_point()}, dout
@@ -211,7 +262,7 @@ def _run(attention, given: dict, dout):
 
 def _check(case, out, grads, expected, expected_grads):
     torch.testing.assert_close(out, expected, **FP32, msg=lambda m: f"{case.id} output: {m}")
-    assert set(grads) == set(expected_grads) == {"q", "k", "v"}, case.id
+    assert set(grads) == set(expected_grads) == {"q", "k", "v"} | ({"pre_mix"} if "pre_mix" in grads else set())
     for name, grad in expected_grads.items():
         torch.testing.assert_close(grads[name], grad, **FP32_GRAD, msg=lambda m: f"{case.id} d{name}: {m}")
 
@@ -393,7 +444,7 @@ def test_the_chunked_lowering_visits_only_the_chunk_pairs_that_keep_something(ca
     assert len(with_mask.calls) < len(without.calls)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[-1]], ids=lambda c: c.id)
 def test_the_kernels_read_the_lists(case, interpreter, monkeypatch):  # noqa: F811
     """The forward kernel visits only the listed tiles: with every list emptied it keeps nothing
     (rows give 0), and with the lists of the true mask it gives the definition's output."""
@@ -402,17 +453,35 @@ def test_the_kernels_read_the_lists(case, interpreter, monkeypatch):  # noqa: F8
     module = interpreter.load_module(triton_file(graph), interpret=True)
     args = [given[n].float() if given[n].is_floating_point() else given[n] for n in module_inputs(graph)]
     out = module.forward(*args, BLOCK_M=16, BLOCK_N=16)
-    expected = attend(given["q"], given["k"], given["v"], keep_of(case.spec, case.params, given))
+    keep = keep_of(case.spec, case.params, given)
+    expected = talking(given["q"], given["k"], given["v"], keep, given["pre_mix"]) if "pre_mix" in given else \
+        attend(given["q"], given["k"], given["v"], keep)
     torch.testing.assert_close(out.double(), expected, **FP32)
     true_mask = module.block_mask
 
     def emptied(*a):
         mask = true_mask(*a)
-        zero = lambda t: torch.zeros_like(t)  # noqa: E731
-        return type(mask)(mask.block_m, mask.block_n, mask.keeps, mask.keeps_all, zero(mask.kv_blocks),
-                          zero(mask.full_kv_blocks), zero(mask.q_blocks), zero(mask.full_q_blocks))
+        nothing = torch.zeros_like(mask.keeps)
+        return block_masks.from_tiles(nothing, nothing, mask.block_m, mask.block_n)
     monkeypatch.setattr(module, "block_mask", emptied)
     assert module.forward(*args, BLOCK_M=16, BLOCK_N=16).abs().max().item() == 0.0
+
+
+def test_heads_in_tile_programs_read_the_mask_per_sample():
+    """A program holds a sample's streams x heads: a tile is listed when some channel keeps
+    something in it, whole when every channel keeps all of it."""
+    case = CASES[-1]
+    given = make_inputs(case, stray=False)
+    graph = _graph(case)
+    assert graph.plan.heads_in_tile and graph.plan.block_mask.streams == 2
+    mask = _mask_args(loader.import_file(torch_file(graph)), graph, given, 16, 16)
+    some, every = _tiles(keep_of(case.spec, case.params, given), 16, 16)    # [4 = (2 samples x 2 streams), 2, ...]
+    assert not torch.equal(some[0], some[1])       # the streams of a sample differ
+    sample = mask.per_sample(2)
+    assert sample.keeps.shape[:2] == (2, 1)
+    assert torch.equal(sample.keeps[:, 0], some.view(2, 2 * 2, *some.shape[2:]).any(1))
+    assert torch.equal(sample.keeps_all[:, 0], every.view(2, 2 * 2, *every.shape[2:]).all(1))
+    assert "per_sample(2)" in triton_file(graph).source
 
 
 def module_inputs(graph):

@@ -231,11 +231,17 @@ def test_the_gallery_is_the_issue_s_contract():
         "prefix_lm": {"scale": "D ** (-0.5)", "causal": True},
         "t5_bias": {"scale": "D ** (-0.5)", "num_buckets": 32, "max_distance": 128, "bidirectional": True,
                     "causal": False},
+        "sinks": {"scale": "D ** (-0.5)", "causal": True, "window": 0},
+        "sigmoid": {"scale": "D ** (-0.5)", "causal": True, "bias": "-log(J)"},
+        "diff_attn": {"scale": "D ** (-0.5)", "causal": True},
     }
     expected_inputs = {
         "document": {"q_doc": ("int", ("b", "i")), "k_doc": ("int", ("b", "j"))},
         "prefix_lm": {"prefix_len": ("int", ("b",))},
         "t5_bias": {"bias_table": ("float", ("h", "num_buckets"))},
+        "sinks": {"sinks": ("float", ("h",))},
+        "diff_attn": {"q2": ("float", ("b", "h", "i", "d")), "k2": ("float", ("b", "h", "j", "d")),
+                      "lam": ("float", ("h",))},
     }
     import ast
     for name in GALLERY:

@@ -158,20 +158,39 @@ def gather_unchecked(table: torch.Tensor, indices: list) -> torch.Tensor:
     return table[tuple(torch.broadcast_tensors(*indices))]
 
 
-def masked_softmax(scores: torch.Tensor, keep: torch.Tensor | None, axis: int) -> torch.Tensor:
+def masked_softmax(scores: torch.Tensor, keep: torch.Tensor | None, axis: int, sink=None) -> torch.Tensor:
     """softmax over `axis`; dropped entries get probability 0, and rows with nothing kept are all 0.
+
+    sink: an extra logit per row (broadcast against the scores, size 1 along `axis`) that takes part
+    in the denominator only, exp(sink) + sum exp(s): its probability is not returned, so a row with
+    nothing kept and a sink is all 0 as well.
 
     Computed with `axis` moved last (a view when the dims after it have size 1, as the feature dim
     of scores does): CPU softmax and reductions along the contiguous last dim run ~7x faster."""
     scores = scores.movedim(axis, -1)
-    if keep is None or scores.shape[-1] == 0:   # no keys (J = 0): every row keeps none, amax would fail
+    if sink is None and (keep is None or scores.shape[-1] == 0):   # no keys (J = 0): amax would fail
         return torch.softmax(scores, dim=-1).movedim(-1, axis)
-    scores = scores.masked_fill(~keep.movedim(axis, -1), float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
+    if keep is not None:
+        scores = scores.masked_fill(~keep.movedim(axis, -1), float("-inf"))
+    if scores.shape[-1]:
+        row_max = scores.amax(dim=-1, keepdim=True)
+    else:
+        row_max = torch.full(scores.shape[:-1] + (1,), float("-inf"), dtype=scores.dtype, device=scores.device)
+    if sink is not None:
+        sink = torch.as_tensor(sink, dtype=scores.dtype, device=scores.device)
+        sink = sink.movedim(axis, -1) if sink.ndim == scores.ndim else sink
+        row_max = torch.maximum(row_max, sink)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)
     total = weights.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        total = total + torch.exp(sink - row_max)
     return (weights / torch.where(total > 0, total, torch.ones_like(total))).movedim(-1, axis)
+
+
+def masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """x where `keep` holds, 0 elsewhere (a normaliser without row statistics)."""
+    return x if keep is None else torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def mix_heads(x: torch.Tensor, weight: torch.Tensor, streams: int, batch_axis: int, head_axis: int,

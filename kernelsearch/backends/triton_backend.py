@@ -261,11 +261,14 @@ class TritonTraining:
                      "int num_stages_bwd, bool poison) -> (Tensor, Tensor)"
         bwd_schema = f"(Tensor do, Tensor out, Tensor lse, {tensors}, {knobs}, bool poison) -> Tensor[]"
         make, wrap = library_op_kind(self.interpret)
+        # the saved row log-sum-exp: one [B, H, I] plane per softmax (the plan's row statistics)
+        planes = len(self.core.plan.statistics)
+        lse_shape = (lambda out: (planes,) + tuple(out[:-1])) if planes > 1 else (lambda out: tuple(out[:-1]))
 
         def forward(*args):
             tensors, (bm, bn, warps, stages, _, _, _, _, poison) = args[:count], args[count:]
             out_shape = module.forward_fake(*tensors).shape
-            lse = torch.empty(out_shape[:-1], dtype=torch.float32, device=tensors[0].device)
+            lse = torch.empty(lse_shape(out_shape), dtype=torch.float32, device=tensors[0].device)
             out = module.forward(*tensors, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
                                  poison=poison, lse=lse, wrap=wrap)
             return out, lse
@@ -283,7 +286,7 @@ class TritonTraining:
             @fwd_op.register_fake
             def _(*args):
                 out = module.forward_fake(*args[:count])
-                return out, out.new_empty(out.shape[:-1], dtype=torch.float32)
+                return out, out.new_empty(lse_shape(out.shape), dtype=torch.float32)
 
             @bwd_op.register_fake
             def _(do, out, lse, *args):

@@ -22,7 +22,7 @@ import ast
 import builtins
 from dataclasses import dataclass
 
-from .. import ops
+from .. import normalisers, ops
 from ..ir import Graph
 from ..inputs import per_key_head
 from ..layout import layout_of, raw_inputs
@@ -215,13 +215,21 @@ def _materialized_body(graph: Graph, emitter: _Emitter) -> list[str]:
     for node_id, node in graph.nodes():
         if node.op in ("input", "size"):
             continue
-        if node.op == "softmax":
-            keep = _combine_keeps(node.args[1:], name)
-            lines.append(f"{name(node_id)} = ops.masked_softmax({name(node.args[0])}, {keep}, "
-                         f"{emitter.axis['j']}){emitter.dims_comment(node_id)}")
+        if normalisers.is_normaliser(node.op):
+            lines.append(f"{name(node_id)} = {_normalised(normalisers.normaliser(graph, node_id), name, emitter)}"
+                         f"{emitter.dims_comment(node_id)}")
             continue
         lines.append(f"{name(node_id)} = {emitter.expression(node_id, name)}{emitter.dims_comment(node_id)}")
     return lines + _out_lines(graph, emitter, name(graph.output))
+
+
+def _normalised(n, name, emitter: _Emitter) -> str:
+    """A normaliser computed whole (kernelsearch/normalisers.py)."""
+    keep = _combine_keeps(n.keeps, name)
+    if not n.statistics:
+        return f"ops.masked({name(n.scores)}, {keep})"
+    sink = "" if n.sink is None else f", {name(n.sink)}"
+    return f"ops.masked_softmax({name(n.scores)}, {keep}, {emitter.axis['j']}{sink})"
 
 
 def _combine_keeps(keeps, name) -> str:
@@ -291,20 +299,23 @@ def step_names(graph: Graph) -> tuple[str, ...]:
 
 def _chunked_body(graph: Graph, emitter: _Emitter) -> tuple[list[StepFunction], list[str]]:
     """Query rows in chunks, keys in chunks: prologues once, scores per tile, online softmax (one
-    sweep) or exact row statistics first (two), as the plan says. Returns the step functions
-    (the work of one tile) and the lowering's body (prologues, the loops, the epilogue)."""
-    (softmax,) = graph.find("softmax")
+    sweep) or exact row statistics first (two), as the plan says - each softmax its own row
+    statistics (row_max, row_sum, suffixed by its position), masked normalisers none. Returns
+    the step functions (the work of one tile) and the lowering's body (prologues, the loops, the
+    epilogue)."""
+    plan = graph.plan
+    norms = plan.normalisers
+    norm_nodes = {n.node for n in norms}
     axis_i, axis_j = emitter.axis["i"], emitter.axis["j"]
-    after = graph.downstream(softmax) - {softmax}
-    (reduction,) = graph.plan.accumulators   # the key reduction: dot(p, v)
-    probabilities, values = graph.node(reduction).args
+    after = set().union(*(graph.downstream(n) for n in norm_nodes)) - norm_nodes
+    accs = plan.accumulators   # the key reductions: dot(p, v)
     loop_nodes = [n for n, node in graph.nodes()
                   if node.stage in LOOP_STAGES and node.op not in ("input",)]
-    post_nodes = [n for n, node in graph.nodes() if node.stage == "post_softmax" and n != reduction]
-    loop_set = set(loop_nodes) | set(post_nodes) | {softmax}
-    epilogue = [n for n, node in graph.nodes() if n in after and n != reduction and n not in post_nodes]
+    post_nodes = [n for n, node in graph.nodes() if node.stage == "post_softmax" and n not in accs]
+    loop_set = set(loop_nodes) | set(post_nodes) | norm_nodes
+    epilogue = [n for n, node in graph.nodes() if n in after and n not in accs and n not in post_nodes]
     before = [n for n, node in graph.nodes()
-              if n not in loop_set and n not in epilogue and n != reduction and node.op not in ("input", "size")]
+              if n not in loop_set and n not in epilogue and n not in accs and node.op not in ("input", "size")]
 
     def key_sliced(n: str) -> str:
         return names.derived("chunk", variable(graph, n))
@@ -322,13 +333,17 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> tuple[list[StepFunction], 
 
     lines = [variable(graph, n) + " = " + emitter.expression(n, lambda a: variable(graph, a))
              + emitter.dims_comment(n) for n in before]
-    used = {a for n in loop_set | {reduction} for a in graph.node(n).args if a not in loop_set}
+    used = {a for n in loop_set | set(accs) for a in graph.node(n).args if a not in loop_set}
     chunk_inputs = sorted({a for a in used if "j" in graph.node(a).dims}, key=lambda n: graph.node(n).order)
     row_inputs = sorted({a for a in used if "i" in graph.node(a).dims and "j" not in graph.node(a).dims},
                         key=lambda n: graph.node(n).order)
     first_key, last_key = key_range(graph, "CHUNK_N")
-    scores = graph.node(softmax).args[0]
-    keep = _combine_keeps(graph.node(softmax).args[1:], name)
+    # the generator's own names of each normaliser's statistics and each accumulator
+    suffix = {n.node: "" if k == 0 else f"_{k}" for k, n in enumerate(norms)}
+    statistics = [n for n in norms if n.statistics]
+    acc_name = {a: "accumulator" + ("" if k == 0 else f"_{k}") for k, a in enumerate(accs)}
+    out_list = {a: "outputs" + ("" if k == 0 else f"_{k}") for k, a in enumerate(accs)}
+    row_state = tuple(f"row_{what}{suffix[n.node]}" for n in statistics for what in ("max", "sum"))
 
     def key_loop(step: StepFunction) -> list[str]:
         out = [f"for key_start in range({first_key}, {last_key}, CHUNK_N):  # the keys these rows can keep",
@@ -346,40 +361,63 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> tuple[list[StepFunction], 
         return out + ["    " + line for line in step.call()]
 
     logits = [f"{name(n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}" for n in loop_nodes]
-    masked = name(scores) if keep == "None" else f"{name(scores)}.masked_fill(~({keep}), float('-inf'))"
-    logits.append(f"logits = {masked}  # dropped keys: -inf")
-    statistics = [
-        f"chunk_max = torch.maximum(row_max, logits.amax({axis_j}, keepdim=True))",
-        "safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))",
-    ]
-    if graph.plan.sweeps == 1:
-        body = logits + statistics + [
-            "weights = torch.exp(logits - safe_max)",
-            "rescale = torch.exp(row_max - safe_max)  # 0 while a row has kept nothing",
-            f"row_sum = row_sum * rescale + weights.sum({axis_j}, keepdim=True)",
-        ]
-        reduced = "weights"
-        if post_nodes:   # linear in p (the plan says so): applied to the unnormalised weights, divided at the end
-            body.append(f"{variable(graph, softmax)} = weights{emitter.dims_comment(softmax)}")
-            body += [f"{name(n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}" for n in post_nodes]
-            reduced = name(probabilities)
-        body += [f"accumulator = accumulator * rescale + ops.dot({reduced}, {name(values)}, {axis_j})",
-                 "row_max = chunk_max"]
+
+    def masked_logits(n) -> list[str]:
+        keep, x = _combine_keeps(n.keeps, name), suffix[n.node]
+        masked = name(n.scores) if keep == "None" else f"{name(n.scores)}.masked_fill(~({keep}), float('-inf'))"
+        return [f"logits{x} = {masked}  # dropped keys: -inf",
+                f"chunk_max{x} = torch.maximum(row_max{x}, logits{x}.amax({axis_j}, keepdim=True))",
+                f"safe_max{x} = torch.where(torch.isfinite(chunk_max{x}), chunk_max{x}, torch.zeros_like(chunk_max{x}))"]
+
+    post = [f"{name(n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}" for n in post_nodes]
+    if plan.sweeps == 1:
+        body = list(logits)
+        for n in norms:
+            x, p = suffix[n.node], variable(graph, n.node)
+            if not n.statistics:
+                body.append(f"{p} = {_normalised(n, name, emitter)}{emitter.dims_comment(n.node)}")
+                continue
+            body += masked_logits(n) + [
+                f"{p} = torch.exp(logits{x} - safe_max{x})  # unnormalised: divided by row_sum{x} at the end",
+                f"rescale{x} = torch.exp(row_max{x} - safe_max{x})  # 0 while a row has kept nothing",
+                f"row_sum{x} = row_sum{x} * rescale{x} + {p}.sum({axis_j}, keepdim=True)",
+            ]
+        body += post   # linear in the normaliser's p (the plan says so): applied to the unnormalised weights
+        for a, k in zip(accs, plan.reduced_by):
+            probabilities, values = graph.node(a).args
+            rescale = f" * rescale{suffix[norms[k].node]}" if norms[k].statistics else ""
+            body.append(f"{acc_name[a]} = {acc_name[a]}{rescale} + ops.dot({name(probabilities)}, {name(values)}, "
+                        f"{axis_j})")
+        body += [f"row_max{suffix[n.node]} = chunk_max{suffix[n.node]}" for n in statistics]
         steps = [step_function("chunk_step", "One tile of the online softmax: row statistics and accumulator "
-                               "updated by one key chunk.", body, ("row_max", "row_sum", "accumulator"))]
+                               "updated by one key chunk.", body, row_state + tuple(acc_name[a] for a in accs))]
     else:
-        first = logits + statistics + [
-            f"row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum({axis_j}, keepdim=True)",
-            "row_max = chunk_max",
-        ]
-        second = logits + [f"{variable(graph, softmax)} = torch.exp(logits - safe_max) / row_sum"
-                           f"{emitter.dims_comment(softmax)}"]
-        second += [f"{name(n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}" for n in post_nodes]
-        second.append(f"accumulator = accumulator + ops.dot({name(probabilities)}, {name(values)}, {axis_j})")
+        first = list(logits)
+        for n in statistics:
+            x = suffix[n.node]
+            first += masked_logits(n) + [
+                f"row_sum{x} = row_sum{x} * torch.exp(row_max{x} - safe_max{x}) + torch.exp(logits{x} - safe_max{x})"
+                f".sum({axis_j}, keepdim=True)",
+                f"row_max{x} = chunk_max{x}",
+            ]
+        second = list(logits)
+        for n in norms:
+            x, p = suffix[n.node], variable(graph, n.node)
+            if not n.statistics:
+                second.append(f"{p} = {_normalised(n, name, emitter)}{emitter.dims_comment(n.node)}")
+                continue
+            keep = _combine_keeps(n.keeps, name)
+            masked = name(n.scores) if keep == "None" else f"{name(n.scores)}.masked_fill(~({keep}), float('-inf'))"
+            second += [f"logits{x} = {masked}  # dropped keys: -inf",
+                       f"{p} = torch.exp(logits{x} - safe_max{x}) / row_sum{x}{emitter.dims_comment(n.node)}"]
+        second += post
+        for a in accs:
+            probabilities, values = graph.node(a).args
+            second.append(f"{acc_name[a]} = {acc_name[a]} + ops.dot({name(probabilities)}, {name(values)}, {axis_j})")
         steps = [step_function("statistics_step", "Pass 1, one tile: the exact row max and sum updated by one key "
-                               "chunk.", first, ("row_max", "row_sum")),
+                               "chunk.", first, row_state),
                  step_function("chunk_step", "Pass 2, one tile: normalised probabilities, what follows softmax, "
-                               "and the key reduction.", second, ("accumulator",))]
+                               "and the key reduction.", second, tuple(acc_name[a] for a in accs))]
     assert tuple(s.name for s in steps) == step_names(graph)
 
     def shape_of(dims):
@@ -395,34 +433,52 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> tuple[list[StepFunction], 
                   "# are skipped (not while torch.compile traces a caller: no host sync there; the masks still apply)",
                   "visits = None if block_mask is None or torch.compiler.is_compiling() else \\",
                   f"    {call}.visited_tiles()"]
-    lines.append("outputs = []")
+    lines += [f"{out_list[a]} = []" for a in accs]
     lines.append("for query_start in range(0, I, row_step):")
     body = ["query_end = min(query_start + row_step, I)", "query_rows = query_end - query_start"]
     for n in row_inputs:
         index = ", ".join([":"] * axis_i + ["query_start:query_end"])
         body.append(f"{row_sliced(n)} = {variable(graph, n)}[{index}]")
-    score_dims = [d for d in graph.node(scores).dims if d != "j"]
-    body.append(f"row_max = torch.full({shape_of(score_dims)}, float('-inf'), dtype={LEAD}.dtype, device={LEAD}.device)"
-                f"  # per row: [{', '.join(score_dims)}]")
-    body.append(f"row_sum = torch.zeros({shape_of(score_dims)}, dtype={LEAD}.dtype, device={LEAD}.device)")
-    body.append(f"accumulator = torch.zeros({shape_of(graph.node(reduction).dims)}, dtype={LEAD}.dtype, device={LEAD}.device)")
-    if graph.plan.sweeps == 1:
+    allocate = f"dtype={LEAD}.dtype, device={LEAD}.device"
+    for n in statistics:
+        x = suffix[n.node]
+        score_dims = [d for d in graph.node(n.scores).dims if d != "j"]
+        shape = shape_of(score_dims)
+        if n.sink is None:
+            body.append(f"row_max{x} = torch.full({shape}, float('-inf'), {allocate})  # per row: [{', '.join(score_dims)}]")
+            body.append(f"row_sum{x} = torch.zeros({shape}, {allocate})")
+        else:   # the sink is a logit every row starts with: exp(sink - row_max) = 1 in the sum
+            body.append(f"row_max{x} = torch.zeros({shape}, {allocate}) + {name(n.sink)}  # per row: "
+                        f"[{', '.join(score_dims)}], from the sink")
+            body.append(f"row_sum{x} = torch.ones({shape}, {allocate})")
+    for a in accs:
+        body.append(f"{acc_name[a]} = torch.zeros({shape_of(graph.node(a).dims)}, {allocate})")
+    if plan.sweeps == 1:
         body += key_loop(steps[0])
-        body += ["# rows that kept no key give 0",
-                 "outputs.append(accumulator / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)))"]
+        body.append("# rows that kept no key give 0")
+        for a, k in zip(accs, plan.reduced_by):
+            if norms[k].statistics:
+                total = f"row_sum{suffix[norms[k].node]}"
+                body.append(f"{out_list[a]}.append({acc_name[a]} / torch.where({total} > 0, {total}, "
+                            f"torch.ones_like({total})))")
+            else:
+                body.append(f"{out_list[a]}.append({acc_name[a]})")
     else:
         # pass 1: exact row statistics; pass 2: normalised probabilities, transformed, times v
         body.append("# pass 1: row max and sum of every head")
         body += key_loop(steps[0])
-        body += ["safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))",
-                 "row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))",
-                 "# pass 2: probabilities, what follows softmax, and the key reduction"]
+        for n in statistics:
+            x = suffix[n.node]
+            body += [f"safe_max{x} = torch.where(torch.isfinite(row_max{x}), row_max{x}, torch.zeros_like(row_max{x}))",
+                     f"row_sum{x} = torch.where(row_sum{x} > 0, row_sum{x}, torch.ones_like(row_sum{x}))"]
+        body.append("# pass 2: probabilities, what follows softmax, and the key reduction")
         body += key_loop(steps[1])
-        body.append("outputs.append(accumulator)")
+        body += [f"{out_list[a]}.append({acc_name[a]})" for a in accs]
     lines += ["    " + line for line in body]
-    empty = shape_of(graph.node(reduction).dims).replace("query_rows", "0")
-    lines.append(f"{variable(graph, reduction)} = torch.cat(outputs, {axis_i}) if outputs else "
-                 f"torch.zeros({empty}, dtype={LEAD}.dtype, device={LEAD}.device)")
+    for a in accs:
+        empty = shape_of(graph.node(a).dims).replace("query_rows", "0")
+        lines.append(f"{variable(graph, a)} = torch.cat({out_list[a]}, {axis_i}) if {out_list[a]} else "
+                     f"torch.zeros({empty}, {allocate})")
     for n in epilogue:
         lines.append(f"{variable(graph, n)} = {emitter.expression(n, lambda a: variable(graph, a))}"
                      f"{emitter.dims_comment(n)}")
@@ -461,7 +517,7 @@ def _library_body(graph: Graph, emitter: _Emitter, lowering: str) -> list[str]:
     assert not isinstance(form, str), form
     assert lowering == "flex" or form.sdpa is None, form.sdpa
     mask_roots = list(form.biases) + list(form.keeps) + list(form.score_terms)
-    structural = set(form.score_nodes) | set(graph.find("softmax")) | {form.reduction}
+    structural = set(form.score_nodes) | {n.node for n in graph.plan.normalisers} | {form.reduction}
     epilogue = [n for n in graph.ids() if n != form.reduction and form.reduction in graph.upstream(n)]
     rest = [form.query, form.key, form.value] + [f for _, f in form.scale] + epilogue
     needed_elsewhere = set(rest).union(*(graph.upstream(n) for n in rest))
@@ -737,7 +793,8 @@ def _evaluated_lines(graph: Graph, emitter: _Emitter, mask, inputs, whole, in_ti
     loop += [f"{variable(graph, n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}" for n in in_tile]
     keep = " & ".join(name(c) for c in mask.evaluated)
     loop.append(f"tiles.add({keep}, query_start, query_end, key_start, key_end)")
-    return ([f"# {_escaped(_labels(graph, mask.evaluated))}: evaluated over whole query blocks x the keys they can keep"]
+    comment = f"# {_escaped(_labels(graph, mask.evaluated))}: evaluated over whole query blocks x the keys they can keep"
+    return ([comment]
             + ["for query_start, query_end in tiles.row_chunks():"] + ["    " + line for line in loop])
 
 

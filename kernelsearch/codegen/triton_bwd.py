@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import ops
+from .. import normalisers, ops
 from ..ir import Graph
 from . import names
 from .triton_fwd import (KEY_BLOCK_LISTS, KEYS, QUERY_BLOCK_LISTS, QUERY_TILE_PROGRAM, ArgGroup, CodegenError, KernelPlan,
@@ -125,6 +125,7 @@ class _BackwardWriter(_KernelWriter):
         self.bp = bp
         self.packed = False    # a backward program is one query head (the dkdv kernel loops over the group)
         (self.acc,) = self.accs
+        self.statistics = [n for n in self.norms if n.statistics]
         self.p_mixed, self.v_operand = graph.node(self.acc).args
         self.grad_of = dict(zip(bp.differentiable, bp.grads))
         diff = set(self.grad_of)
@@ -185,45 +186,72 @@ class _BackwardWriter(_KernelWriter):
             self.weight_tile(self.g.node(mix).args[1], transposed=True)
 
     def row_inputs(self, with_delta: bool) -> None:
-        """dO, the log-sum-exp and delta of the current query rows."""
+        """dO, and each softmax's log-sum-exp and delta of the current query rows."""
         out_axes = self.axes(self.g.output)
         terms, masks = self.index_terms(self.bp.dout, out_axes, 0)
         self.assign("do_tile", f"tl.load(do_ptr + {' + '.join(terms)}, mask={' & '.join(dict.fromkeys(masks))}, "
                                "other=0.0)", f"[{', '.join(self.g.node(self.g.output).dims)}] dO")
         self.memo[("dO", 0)] = _Value("do_tile", out_axes, "native")
-        offs, mask = self.lse_offsets()
-        self.assign("lse_i", f"tl.load(lse_ptr + {offs}, mask={mask}, other=float('inf'))",
-                    "log2 units; +inf: no key kept, p = 0")
-        if with_delta:
-            self.assign("delta_i", f"tl.load(delta_ptr + {offs}, mask={mask}, other=0.0)", "rowsum(p * dp)")
+        for plane, n in enumerate(self.statistics):
+            x = self.suffix[n.node]
+            offs, mask = self.lse_offsets(plane)
+            self.assign(f"lse_i{x}", f"tl.load(lse_ptr + {offs}, mask={mask}, other=float('inf'))",
+                        "log2 units; +inf: no key kept, p = 0")
+            if with_delta:
+                self.assign(f"delta_i{x}", f"tl.load(delta_ptr + {offs}, mask={mask}, other=0.0)", "rowsum(p * dp)")
 
     # -- one (query block, key block) tile
     def tile(self, full: bool, kind: str) -> None:
-        """kind: delta (accumulate rowsum(p * dp)) | dq | dkdv."""
-        g = self.g
-        scores_id = g.node(self.softmax).args[0]
-        keeps = g.node(self.softmax).args[1:]
-        self.masked_scores(scores_id, keeps, self.score_axes, full)
-        self.assign("p_tile", f"tl.exp2(s_tile - lse_i{self.expand})", "the forward's probabilities")
-        self.memo[(self.softmax, 0)] = _Value("p_tile", self.score_axes, "f32")
+        """kind: delta (accumulate rowsum(p * dp) of every softmax) | dq | dkdv."""
+        for n in self.norms:
+            x = self.suffix[n.node]
+            self.masked_scores(n.scores, n.keeps, self.score_axes, full, x, n.statistics)
+            if n.statistics:
+                self.assign(f"p_tile{x}", f"tl.exp2(s_tile{x} - lse_i{x}{self.expand})", "the forward's probabilities")
+            self.memo[(n.node, 0)] = _Value(f"p_tile{x}", self.score_axes, "f32")
         p_mixed = self.value(self.p_mixed)
         v = self.value(self.v_operand)
         v_mma = self.broadcast_channels(self.mma_operand(self.v_operand), v)
         self.assign("dp_tile", f"tl.dot(do_tile, {self.trans(v_mma, self.score_axes)}, input_precision=DOT_PRECISION)",
                     "d p' = dO @ v'^T")
-        grads = self.propagate({self.p_mixed: [_Value("dp_tile", self.score_axes, "f32")]}, kind, stop=self.softmax)
-        dp = grads[self.softmax]
+        grads = self.propagate({self.p_mixed: [_Value("dp_tile", self.score_axes, "f32")]}, kind,
+                               stop={n.node for n in self.norms})
         if kind == "delta":
-            self.assign("delta_acc", f"delta_acc + tl.sum(p_tile * {dp.expr}, axis={self.last})")
+            for n in self.statistics:
+                if n.node in grads:
+                    x = self.suffix[n.node]
+                    self.assign(f"delta_acc{x}", f"delta_acc{x} + tl.sum(p_tile{x} * {grads[n.node].expr}, axis={self.last})")
             return
-        self.assign("ds_tile", f"p_tile * ({dp.expr} - delta_i{self.expand})", "softmax backward")
+        seeds: dict = {}
+        for n in self.norms:
+            if n.node not in grads:
+                continue
+            x, dp = self.suffix[n.node], grads[n.node].expr
+            if n.statistics:
+                self.assign(f"ds_tile{x}", f"p_tile{x} * ({dp} - delta_i{x}{self.expand})", "softmax backward")
+            else:
+                self.assign(f"ds_tile{x}", f"tl.where(keep_tile{x}, {dp}, 0.0)", "masked backward: kept entries only")
+            seeds.setdefault(n.scores, []).append(_Value(f"ds_tile{x}", self.score_axes, "f32"))
         if kind == "dkdv" and self.v_operand in self.grad_of:
             pm = self.f32v(p_mixed, self.score_axes)
             if p_mixed.axes != self.score_axes:
                 pm = f"tl.broadcast_to({pm}, {self.shape(self.score_axes)})"
             self.accumulate(self.v_operand, f"tl.dot({self.mma(self.trans(pm, self.score_axes))}, do_tile, "
                                             "input_precision=DOT_PRECISION)")
-        self.propagate({scores_id: [_Value("ds_tile", self.score_axes, "f32")]}, kind, stop=None)
+        self.propagate(seeds, kind, stop=())
+
+    def sink_gradients(self) -> None:
+        """d sink = -sum over the rows of p_sink * delta, p_sink = exp(sink - lse): the sink takes mass
+        from every key of its rows (dq kernel, after the key sweep; atomically summed over query tiles)."""
+        for plane, n in enumerate(self.statistics):
+            if n.sink is None or n.sink not in self.needs_grad:
+                continue
+            x = self.suffix[n.node]
+            sink = self.f32v(self.value(n.sink), self.stat_axes)
+            self.assign(f"p_sink{x}", f"tl.exp2(({sink}) * LOG2E - lse_i{x})", "the sink's probability per row")
+            row_axis = len(self.stat_axes) - 1
+            self.propagate({n.sink: [_Value(f"-tl.sum(p_sink{x} * delta_i{x}, axis={row_axis})",
+                                            self.stat_axes[:-1], "f32")]}, "dq", stop=())
 
     def accumulate(self, name: str, update: str) -> None:
         acc = self.operand_accs[name]
@@ -232,7 +260,7 @@ class _BackwardWriter(_KernelWriter):
     # -- reverse mode over a tile's ops
     def propagate(self, seeds: dict, kind: str, stop) -> dict:
         """Push gradients from `seeds` back through the tile's ops in reverse order; returns the
-        gradient reaching `stop` (the softmax) if any."""
+        gradients reaching the nodes in `stop` (the normalisers), by node."""
         grads = {k: list(v) for k, v in seeds.items()}
         result = {}
         for node_id in reversed(self.g.ids()):
@@ -241,7 +269,7 @@ class _BackwardWriter(_KernelWriter):
             node = self.g.node(node_id)
             axes = self.axes(node_id)
             total = self.total(node_id, grads.pop(node_id), axes)
-            if node_id == stop:
+            if node_id in stop:
                 result[node_id] = total
                 continue
             for arg, contribution in self.rule(node_id, node, total, axes, kind):
@@ -277,8 +305,8 @@ class _BackwardWriter(_KernelWriter):
             return []
         if op == "mix_heads":
             return self.mix_grad(node_id, node, gv, axes, kind)
-        if op in ("softmax",):
-            raise CodegenError("triton backward: a second softmax in the tile")
+        if normalisers.is_normaliser(op):
+            raise CodegenError(f"triton backward: a normaliser ({op}) reached past the normalisers")
         if op not in ops.OPS or ops.OPS[op].grad is None:
             raise CodegenError(f"triton backward: no derivative rule for op '{op}' (node '{node_id}'); "
                                f"ops with rules: dot, gather, mix_heads, softmax, {', '.join(ops.differentiable())}")
@@ -418,9 +446,14 @@ class _BackwardWriter(_KernelWriter):
             return self.capture(lambda: self.sweep(lambda full: self.tile(full, kind), f"{bp.dq_kernel}_{block}"))
         sweeps = []
         if bp.exact_delta:
-            offsets, mask = self.lse_offsets()
-            sweeps = fill(DELTA_SWEEP, stat_shape=self.shape(self.stat_axes), delta=[KEYS], lse_offsets=offsets,
-                          lse_mask=mask)
+            init, store = [], []
+            for plane, n in enumerate(self.statistics):
+                offsets, mask = self.lse_offsets(plane)
+                slots = dict(x=self.suffix[n.node], stat_shape=self.shape(self.stat_axes), lse_offsets=offsets,
+                             lse_mask=mask)
+                init += fill(DELTA_INIT, **slots)
+                store += fill(DELTA_STORE, **slots)
+            sweeps = fill(DELTA_SWEEP, delta_init=init, delta=[KEYS], delta_store=store)
             at = sweeps.index(KEYS)
             self.scope_lines += sweeps[:at]
             sweeps[at:at + 1] = sweep("delta", "delta_block")
@@ -429,6 +462,7 @@ class _BackwardWriter(_KernelWriter):
         self.scope_lines = None
 
         def stores():
+            self.sink_gradients()
             self.store_operand_accs()
             for weight, acc in self.weight_accs.items():
                 t = self.grad_of[weight]
@@ -501,12 +535,19 @@ DQ_HEAD = QUERY_TILE_PROGRAM + """
 {key_range}"""
 
 DELTA_SWEEP = """\
-    # -- sweep 1 of 2: delta = rowsum(p * dp), p transformed after softmax --
-    delta_acc = tl.zeros({stat_shape}, tl.float32)
+    # -- sweep 1 of 2: delta = rowsum(p * dp) of every softmax, p transformed after it --
+{delta_init}
 {delta}
-    delta_i = delta_acc
-    tl.store(delta_ptr + {lse_offsets}, delta_i, mask={lse_mask})  # for the dkdv kernel
+{delta_store}
     # -- sweep 2 of 2: gradients --"""
+
+# per softmax ({x}: its suffix; plane {lse_offsets} of delta, as of lse)
+DELTA_INIT = """\
+    delta_acc{x} = tl.zeros({stat_shape}, tl.float32)"""
+
+DELTA_STORE = """\
+    delta_i{x} = delta_acc{x}
+    tl.store(delta_ptr + {lse_offsets}, delta_i{x}, mask={lse_mask})  # for the dkdv kernel"""
 
 DQ_TAIL = """\
 
@@ -578,8 +619,12 @@ def _launcher(graph: Graph, bp: BackwardPlan) -> str:
     lines.append('    poison: fill the gradients the kernels store (not accumulate) with NaN first."""')
     lines += launcher_sizes(p, pnames)
     lines.append(f"    do = do.to({lead}.dtype)")
+    softmaxes = len(graph.plan.statistics)
     if bp.exact_delta:
-        lines.append(f"    delta = torch.empty((B, H, I), dtype=torch.float32, device={lead}.device)  # the dq kernel writes it")
+        lines.append(f"    delta = torch.empty(({softmaxes}, B, H, I), dtype=torch.float32, device={lead}.device)  "
+                     "# the dq kernel writes it")
+    elif not softmaxes:
+        lines.append("    delta = lse  # unused: no row statistics (masked normalisers)")
     else:
         lines.append("    delta = (do.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O) = rowsum(p * dp)")
     grads = []

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .. import ops
+from .. import normalisers, ops
 from ..ir import Graph
 from ..inputs import per_key_head
 from ..layout import raw_inputs
@@ -368,7 +368,8 @@ class _KernelWriter:
         self.tensor = {t.name: t for t in p.tensors}
         self.host = {node_id for _, node_id, _, _ in p.host}
         self.features = dict(p.features)
-        (self.softmax,) = graph.find("softmax")
+        self.norms = graph.plan.normalisers       # the row normalisers (kernelsearch/normalisers.py)
+        self.suffix = {n.node: "" if k == 0 else f"_{k}" for k, n in enumerate(self.norms)}   # of their tile names
         self.accs = list(graph.plan.accumulators)
         self.lines: list[str] = []
         self.indent = 1
@@ -471,8 +472,8 @@ class _KernelWriter:
                 result = _Value(f"off_{dim}", ("c",), "int")
             else:
                 result = _Value(f"off_{dim}", (), "int")
-        elif op == "softmax":
-            result = self.memo[(node_id, 0)]   # set by the softmax section of the key loop
+        elif normalisers.is_normaliser(op):
+            result = self.memo[(node_id, 0)]   # set by the normaliser section of the key loop
         elif node_id in self.acc_names:
             result = self.memo[(node_id, 0)]   # set after the key loop
         elif node_id in self.materialized and not self.in_prepass:
@@ -791,48 +792,69 @@ class _KernelWriter:
 
         score_axes = tuple(a for a in ("c", "i", "j") if a == "c" and p.channels or a in ("i", "j"))
         stat_axes = score_axes[:-1]
-        flags = dict(last=len(score_axes) - 1, expand=f"[{', '.join([':'] * len(stat_axes) + ['None'])}]")
+        flags = dict(last=len(score_axes) - 1, expand=f"[{', '.join([':'] * len(stat_axes) + ['None'])}]",
+                     stat_shape=self.shape(stat_axes))
+        statistics = [n for n in self.norms if n.statistics]
+
+        def per_softmax(template, **more):
+            """`template` once per softmax normaliser, with its suffix."""
+            return [line for n in statistics for line in fill(template, x=self.suffix[n.node], **flags, **more)]
+
+        def statistics_init():
+            for n in statistics:
+                if n.sink is None:
+                    self.emit(fill(STATISTICS_INIT, x=self.suffix[n.node], **flags))
+                else:
+                    sink = self.f32v(self.value(n.sink), stat_axes)
+                    self.emit(fill(SINK_STATISTICS_INIT, x=self.suffix[n.node], sink=f"({sink})", **flags))
+        kinds = ", ".join(f"{g.node(n.node).op}" for n in self.norms)
         head = fill(FORWARD_HEAD, signature=header, doc=f"{g.spec.name}: schedule {g.schedule}, "
                     f"{'heads-in-tile' if p.channels else 'per-head'} programs, "
-                    f"{'two sweeps (exact softmax)' if p.exact else 'online softmax'}.",
+                    f"{'two sweeps (exact row statistics)' if p.exact else 'one sweep (online)'}; {kinds}.",
                     program=self.capture(lambda: self.batch_and_heads(per_kv_head=self.packed)),
                     rows=self.capture(self.rows), features=self.capture(self.feature_offsets),
                     lead_ptr=self.tensor[p.lead].ptr, per_program=self.capture(per_program),
                     q_prologue=self.capture(q_prologue), key_range=self.capture(self.key_range),
-                    stat_shape=self.shape(stat_axes))
+                    statistics=self.capture(statistics_init))
         self.outer = dict(self.memo)
-        scores_id = g.node(self.softmax).args[0]
-        keeps = g.node(self.softmax).args[1:]
 
-        def scores():
-            self.masked_scores(scores_id, keeps, score_axes, None)
+        def scores(which):
+            for n in which:
+                self.masked_scores(n.scores, n.keeps, score_axes, None, self.suffix[n.node], n.statistics)
 
         def updates():
-            self.memo[(self.softmax, 0)] = _Value("p_tile", score_axes, "f32")
+            for n in self.norms:
+                self.memo[(n.node, 0)] = _Value(f"p_tile{self.suffix[n.node]}", score_axes, "f32")
             for acc in self.accs:
                 self.accumulate(acc, score_axes, flags["expand"])
 
-        def block(template):
-            return lambda full: self.emit(fill(template, scores=self.capture(scores), updates=self.capture(updates),
-                                               **flags))
+        def block(template, which, per_normaliser):
+            return lambda full: self.emit(fill(template, scores=self.capture(lambda: scores(which)),
+                                               statistics=per_softmax(per_normaliser),
+                                               updates=self.capture(updates), **flags))
         # the inner functions may read what the kernel has defined before their loops (_kernel_scope)
         self.scope_lines = head[len(header):]
         if p.exact:
-            stats = self.capture(lambda: self.sweep(block(STATS_BLOCK), f"{p.kernel}_stats_block"))
-            sweeps = fill(EXACT_SWEEPS, stats=stats, accumulators=self.capture(self.init_accumulators), keys=[KEYS])
-            template = EXACT_KEY_BLOCK
+            stats = self.capture(lambda: self.sweep(block(STATS_BLOCK, statistics, STATS_STATISTICS),
+                                                    f"{p.kernel}_stats_block"))
+            sweeps = fill(EXACT_SWEEPS, stats=stats, normalise=per_softmax(EXACT_NORMALISE),
+                          accumulators=self.capture(self.init_accumulators), keys=[KEYS])
+            template = block(EXACT_KEY_BLOCK, self.norms, EXACT_PROBABILITIES)
         else:
             sweeps = fill(ONLINE_SWEEP, accumulators=self.capture(self.init_accumulators), keys=[KEYS])
-            template = ONLINE_KEY_BLOCK
+            template = block(ONLINE_KEY_BLOCK, self.norms, ONLINE_STATISTICS)
         self.scope_lines += sweeps[:sweeps.index(KEYS)]
-        keys = self.capture(lambda: self.sweep(block(template), f"{p.kernel}_key_block"))
+        keys = self.capture(lambda: self.sweep(template, f"{p.kernel}_key_block"))
         sweeps[sweeps.index(KEYS):sweeps.index(KEYS) + 1] = keys
         self.scope_lines = None
 
         def epilogue():
             for acc in self.accs:
                 name = self.names.of(acc)
-                value = self.acc_names[acc] if p.exact else f"{self.acc_names[acc]} / l_safe{flags['expand']}"
+                normaliser = self.acc_normaliser(acc)
+                value = self.acc_names[acc]
+                if normaliser is not None and normaliser.statistics:   # online: divided by its row sum
+                    value += f" / l_safe{self.suffix[normaliser.node]}{flags['expand']}"
                 self.assign(name, value, f"[{', '.join(g.node(acc).dims)}]")
                 self.memo[(acc, 0)] = _Value(name, self.acc_axes(acc), "f32")
             self.value(g.output)
@@ -840,11 +862,19 @@ class _KernelWriter:
         out, out_axes = self.value(g.output), self.axes(g.output)
         terms, masks = self.index_terms(TensorArg("out", "out_ptr", p.out_dims, "float", False, p.out_strides),
                                         out_axes, 0)
-        lse_offsets, lse_mask = self.lse_offsets()
-        tail = fill(EXACT_TAIL if p.exact else ONLINE_TAIL, epilogue=lines, out_offsets=" + ".join(terms),
-                    out_mask=" & ".join(dict.fromkeys(masks)), out=self.f32(out), lse_offsets=lse_offsets,
-                    lse_mask=lse_mask)
+        lse = []
+        for plane, n in enumerate(statistics):
+            lse_offsets, lse_mask = self.lse_offsets(plane)
+            lse += fill(LSE_STORE, x=self.suffix[n.node], lse_offsets=lse_offsets, lse_mask=lse_mask)
+        tail = fill(TAIL, normalise=[] if p.exact else per_softmax(ONLINE_NORMALISE), epilogue=lines,
+                    out_offsets=" + ".join(terms), out_mask=" & ".join(dict.fromkeys(masks)), out=self.f32(out), lse=lse)
         return "\n".join(head + sweeps + tail) + "\n"
+
+    def acc_normaliser(self, acc: str):
+        """With one sweep, the normaliser whose rescaling and final division accumulator `acc` takes
+        (the plan's reduced_by); None with two sweeps (p is exact there)."""
+        reduced_by = self.g.plan.reduced_by
+        return self.norms[reduced_by[self.accs.index(acc)]] if reduced_by else None
 
     def accumulate(self, acc: str, score_axes: tuple, expand: str) -> None:
         """acc += p @ v for one accumulator (post-softmax ops rendered on the way: p may be mixed)."""
@@ -861,7 +891,11 @@ class _KernelWriter:
         if pv.axes != score_axes:
             ptile = f"tl.broadcast_to({ptile}, {self.shape(score_axes)})"
         update = f"tl.dot({ptile}.to(DOT_DTYPE), {vv}, input_precision=DOT_PRECISION)"
-        self.assign(acc_name, f"{acc_name} + {update}" if p.exact else f"{acc_name} * alpha{expand} + {update}")
+        normaliser = self.acc_normaliser(acc)
+        if normaliser is None or not normaliser.statistics:   # exact p, or no row statistics: nothing to rescale
+            self.assign(acc_name, f"{acc_name} + {update}")
+        else:
+            self.assign(acc_name, f"{acc_name} * alpha{self.suffix[normaliser.node]}{expand} + {update}")
 
     def capture(self, render, indent: int = 1) -> list:
         """The lines `render()` emits (at `indent` levels: the kernel body's by default), instead of
@@ -911,11 +945,13 @@ class _KernelWriter:
             self.assign("offs_i", "start_m * BLOCK_M + tl.arange(0, BLOCK_M)")
         self.assign("row_ok", "offs_i < I")
 
-    def lse_offsets(self) -> tuple[str, str]:
-        """Offsets and mask of the row statistics ([B, H, I] fp32, contiguous) of the program's rows."""
+    def lse_offsets(self, plane: int = 0) -> tuple[str, str]:
+        """Offsets and mask of the row statistics ([softmaxes, B, H, I] fp32, contiguous) of the
+        program's rows, in the plane of the `plane`-th softmax."""
+        first = f"{plane} * B * H * I + " if plane else ""
         if self.channels:
-            return "(off_b * H + off_h)[:, None] * I + offs_i[None, :]", "c_ok[:, None] & row_ok[None, :]"
-        return "(off_b * H + off_h) * I + offs_i", "row_ok"
+            return f"{first}(off_b * H + off_h)[:, None] * I + offs_i[None, :]", "c_ok[:, None] & row_ok[None, :]"
+        return f"{first}(off_b * H + off_h) * I + offs_i", "row_ok"
 
     def prepass(self) -> str:
         """The k-prologue prepass: one program per (key block, batch * head) writes the materialized values."""
@@ -974,7 +1010,9 @@ class _KernelWriter:
         for name in lists:
             t = self.block_list[name]
             row = names.derived("row", name)
-            self.assign(row, f"off_b * {t.strides[0]} + off_h * {t.strides[1]} + {block} * {t.strides[2]}")
+            program = f"sample * {t.strides[0]}" if self.channels else \
+                f"off_b * {t.strides[0]} + off_h * {t.strides[1]}"
+            self.assign(row, f"{program} + {block} * {t.strides[2]}")
             self.assign(names.derived("count", name), f"tl.load({t.ptr} + {row})")
 
     def listed_block(self, name: str, listed: str) -> str:
@@ -1043,7 +1081,8 @@ class _KernelWriter:
         call = self.inner_function(block, body_lines)
         if self.g.plan.block_mask is not None:
             partial, full = KEY_BLOCK_LISTS
-            for name, is_full, what in ((full, True, "listed blocks kept whole: no masks of the block mask's conjuncts"),
+            for name, is_full, what in ((full, True,
+                                         "listed blocks kept whole: no masks of the block mask's conjuncts"),
                                         (partial, False, "listed blocks kept partly: every mask")):
                 self.line(f"for listed in range(0, {names.derived('count', name)}):  # {what}")
                 self.line(f"    start_n = {self.listed_block(name, 'listed')} * BLOCK_N")
@@ -1095,10 +1134,12 @@ class _KernelWriter:
     def conjuncts(self, node_id: str) -> list[str]:
         return conjuncts(self.g, node_id)   # split as the key bounds were (passes/bounds.py)
 
-    def masked_scores(self, scores_id, keeps, score_axes, full):
-        """s_tile: the scores in log2 units, -inf where a keep-predicate drops (i, j). full: True /
-        False for a block known to be fully kept or not; None renders both, under IS_FULL_BLOCK
-        (in fully kept blocks only the conjuncts the key bounds did not use still apply)."""
+    def masked_scores(self, scores_id, keeps, score_axes, full, x: str = "", statistics: bool = True):
+        """One normaliser's scores (suffix `x`): for a softmax (`statistics`), s_tile in log2 units,
+        -inf where a keep-predicate drops (i, j); for a masked normaliser, keep_tile and p_tile, the
+        values where kept and 0 elsewhere. full: True / False for a block known to be fully kept or
+        not; None renders both, under IS_FULL_BLOCK (in fully kept blocks only the conjuncts the key
+        bounds did not use still apply)."""
         s = self.value(scores_id)
         s_expr = self.f32v(s, score_axes)
 
@@ -1109,11 +1150,16 @@ class _KernelWriter:
         every = [self.view(_Value("col_ok", ("j",), "bool"), score_axes)] + terms_of(keeps)
 
         def render(terms):
-            if not terms:
-                self.assign("s_tile", f"{s_expr} * LOG2E", "log2 units")
+            if not statistics:   # keep_tile is always defined: the backward masks the gradient with it
+                self.assign(f"keep_tile{x}", " & ".join(terms) if terms else f"tl.full({self.shape(score_axes)}, 1, tl.int1)")
+                self.assign(f"p_tile{x}", f"tl.where(keep_tile{x}, {s_expr}, 0.0)", "kept values; dropped: 0")
                 return
-            self.assign("keep_tile", " & ".join(terms))
-            self.assign("s_tile", f"tl.where(keep_tile, {s_expr} * LOG2E, float('-inf'))", "log2 units; dropped: -inf")
+            if not terms:
+                self.assign(f"s_tile{x}", f"{s_expr} * LOG2E", "log2 units")
+                return
+            self.assign(f"keep_tile{x}", " & ".join(terms))
+            self.assign(f"s_tile{x}", f"tl.where(keep_tile{x}, {s_expr} * LOG2E, float('-inf'))",
+                        "log2 units; dropped: -inf")
         if full is not None:
             render(unbounded if full else every)
             return
@@ -1153,8 +1199,20 @@ FORWARD_HEAD = QUERY_TILE_PROGRAM + """
 
 {key_range}
 
-    m_i = tl.full({stat_shape}, float('-inf'), tl.float32)  # row max (log2 units)
-    l_i = tl.zeros({stat_shape}, tl.float32)  # row sum"""
+{statistics}"""
+
+# the pieces below are per normaliser (kernelsearch/normalisers.py): {x} is its suffix ("" for the
+# first), so that several softmaxes keep their own row statistics side by side
+
+# a softmax's row statistics, before the sweep(s)
+STATISTICS_INIT = """\
+    m_i{x} = tl.full({stat_shape}, float('-inf'), tl.float32)  # row max (log2 units)
+    l_i{x} = tl.zeros({stat_shape}, tl.float32)  # row sum"""
+
+# ... of a softmax with a sink: the sink is a logit every row starts with (it adds to the sum only)
+SINK_STATISTICS_INIT = """\
+    m_i{x} = tl.zeros({stat_shape}, tl.float32) + {sink} * LOG2E  # row max (log2 units): the sink's logit first
+    l_i{x} = tl.full({stat_shape}, 1.0, tl.float32)  # row sum: exp(sink - m) = 1"""
 
 ONLINE_SWEEP = """\
 {accumulators}
@@ -1163,47 +1221,66 @@ ONLINE_SWEEP = """\
 EXACT_SWEEPS = """\
     # -- sweep 1 of 2: exact row statistics --
 {stats}
-    m_use = tl.where(m_i == float('-inf'), 0.0, m_i)
-    inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)  # rows with nothing kept give 0
+{normalise}
 
     # -- sweep 2 of 2: exact probabilities, post-softmax ops, p @ v --
 {accumulators}
 {keys}"""
 
-# one key block (the body of an inner function; offs_j and col_ok come first: see sweep())
+EXACT_NORMALISE = """\
+    m_use{x} = tl.where(m_i{x} == float('-inf'), 0.0, m_i{x})
+    inv_l{x} = tl.where(l_i{x} > 0.0, 1.0 / tl.where(l_i{x} > 0.0, l_i{x}, 1.0), 0.0)  # rows with nothing kept give 0"""
+
+# one key block (the body of an inner function; offs_j and col_ok come first: see sweep()):
+# {scores} renders every normaliser's s_tile (or a masked one's p_tile), {statistics} each softmax's
 ONLINE_KEY_BLOCK = """\
 {scores}
-    m_new = tl.maximum(m_i, tl.max(s_tile, axis={last}))
-    m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
-    alpha = tl.exp2(m_i - m_use)
-    p_tile = tl.exp2(s_tile - m_use{expand})
-    l_i = l_i * alpha + tl.sum(p_tile, axis={last})
-    m_i = m_new
+{statistics}
 {updates}"""
+
+ONLINE_STATISTICS = """\
+    m_new{x} = tl.maximum(m_i{x}, tl.max(s_tile{x}, axis={last}))
+    m_use{x} = tl.where(m_new{x} == float('-inf'), 0.0, m_new{x})  # rows with nothing kept yet
+    alpha{x} = tl.exp2(m_i{x} - m_use{x})
+    p_tile{x} = tl.exp2(s_tile{x} - m_use{x}{expand})
+    l_i{x} = l_i{x} * alpha{x} + tl.sum(p_tile{x}, axis={last})
+    m_i{x} = m_new{x}"""
 
 STATS_BLOCK = """\
 {scores}
-    m_new = tl.maximum(m_i, tl.max(s_tile, axis={last}))
-    m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing kept yet
-    l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s_tile - m_use{expand}), axis={last})
-    m_i = m_new"""
+{statistics}"""
+
+STATS_STATISTICS = """\
+    m_new{x} = tl.maximum(m_i{x}, tl.max(s_tile{x}, axis={last}))
+    m_use{x} = tl.where(m_new{x} == float('-inf'), 0.0, m_new{x})  # rows with nothing kept yet
+    l_i{x} = l_i{x} * tl.exp2(m_i{x} - m_use{x}) + tl.sum(tl.exp2(s_tile{x} - m_use{x}{expand}), axis={last})
+    m_i{x} = m_new{x}"""
 
 EXACT_KEY_BLOCK = """\
 {scores}
-    p_tile = tl.exp2(s_tile - m_use{expand}) * inv_l{expand}
+{statistics}
 {updates}"""
 
-_TAIL = """\
+EXACT_PROBABILITIES = """\
+    p_tile{x} = tl.exp2(s_tile{x} - m_use{x}{expand}) * inv_l{x}{expand}"""
+
+TAIL = """\
 
     # -- epilogue --
-{normalise}{epilogue}
+{normalise}
+{epilogue}
     out_offs = {out_offsets}
     out_mask = {out_mask}
     tl.store(out_ptr + out_offs, {out}.to(out_ptr.dtype.element_ty), mask=out_mask)
+{lse}"""
+
+ONLINE_NORMALISE = """\
+    l_safe{x} = tl.where(l_i{x} > 0.0, l_i{x}, 1.0)  # rows with nothing kept give 0"""
+
+# a softmax's row log-sum-exp for the backward (plane `{plane}` of lse: one per softmax)
+LSE_STORE = """\
     if STORE_LSE:   # row log-sum-exp (log2 units) for the backward; rows with nothing kept: +inf
-        tl.store(lse_ptr + {lse_offsets}, tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float('inf')), mask={lse_mask})"""
-ONLINE_TAIL = _TAIL.replace("{normalise}", "    l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows with nothing kept give 0\n")
-EXACT_TAIL = _TAIL.replace("{normalise}", "")
+        tl.store(lse_ptr + {lse_offsets}, tl.where(l_i{x} > 0.0, m_i{x} + tl.log2(tl.where(l_i{x} > 0.0, l_i{x}, 1.0)), float('inf')), mask={lse_mask})"""
 
 
 KEYS = "<the key sweep>"   # where it goes, while the lines before it tell what its blocks may read
@@ -1328,6 +1405,8 @@ def block_list_lines(graph: Graph, p: KernelPlan, lists, block_m: str, block_n: 
     from .torch_module import block_mask_call
     lead = p.tensors_by_name()[p.lead].var
     call = block_mask_call(graph, block_m, block_n, f"{lead}.device")
+    if p.channels:   # a program holds a sample's channels: its lists are per sample
+        call += f".per_sample({graph.plan.block_mask.streams})"
     return [f"    tiles = {call}  # the plan's block mask at these tiles",
             f"    {', '.join(lists)} = {', '.join(f'tiles.{name}' for name in lists)}"]
 

@@ -2,7 +2,7 @@
 
     build         spec -> graph of op nodes; names resolved, cycles and undefined names reported
     infer         named dims and dtypes of every node; dim mismatches reported
-    validate      one softmax, an output of shape [b, h, i, d]
+    validate      at least one row normaliser (softmax, masked), an output of shape [b, h, i, d]
     fold          specialise to param values and present optional inputs; fold constants
     infer         again, on the specialised graph
     validate      again: folding may have changed what reaches the output

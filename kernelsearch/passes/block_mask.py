@@ -31,8 +31,9 @@ conjuncts together keep nothing in - visited, masked, never wrong):
     evaluated   anything else: the conjunct over chunks of whole query blocks x the keys the
                 bounds allow, counted per tile, O(I * J) without a D factor
 
-Heads-in-tile programs hold every head of a sample: a per-head list cannot drive them, so those
-graphs get no block mask (the plan says so; their tiles apply every mask as before).
+Heads-in-tile programs hold every (stream, head) channel of a sample: their kernels read the
+mask reduced per sample (a tile is visited when some channel keeps something in it, and whole
+when every channel keeps all of it); `streams` says so.
 """
 from __future__ import annotations
 
@@ -47,8 +48,14 @@ def _over_i_and_j(graph: Graph, node_id: str) -> bool:
 
 
 def _keep_conjuncts(graph: Graph) -> list[str]:
-    (softmax,) = graph.find("softmax")
-    return [c for keep in graph.node(softmax).args[1:] for c in conjuncts(graph, keep)]
+    """The conjuncts of the normalisers' keep list (kernelsearch/normalisers.py); none when several
+    normalisers keep different predicates (a tile one of them drops may hold keys another keeps:
+    no block mask then, every tile applies every mask)."""
+    from ..normalisers import normalisers
+    keep_lists = {n.keeps for n in normalisers(graph)}
+    if len(keep_lists) != 1:
+        return []
+    return [c for keep in next(iter(keep_lists)) for c in conjuncts(graph, keep)]
 
 
 def mask_conjuncts_unbounded(graph: Graph, bounds: KeyBlockBounds) -> tuple[str, ...]:
@@ -57,11 +64,11 @@ def mask_conjuncts_unbounded(graph: Graph, bounds: KeyBlockBounds) -> tuple[str,
     return tuple(dict.fromkeys(c for c in _keep_conjuncts(graph) if _over_i_and_j(graph, c) and c not in used))
 
 
-def block_mask_plan(graph: Graph, bounds: KeyBlockBounds, heads_in_tile: bool) -> BlockMaskPlan | None:
+def block_mask_plan(graph: Graph, bounds: KeyBlockBounds, streams: int | None) -> BlockMaskPlan | None:
     """The block mask of a classified graph, or None where the bounds capture every conjunct over
-    i and j (or a program holds every head: heads in tile)."""
+    i and j. streams: the streams a heads-in-tile program holds (None: one head per program)."""
     unbounded = mask_conjuncts_unbounded(graph, bounds)
-    if not unbounded or heads_in_tile:
+    if not unbounded:
         return None
     used = set(bounds.conjuncts_used)
     chosen = tuple(dict.fromkeys(c for c in _keep_conjuncts(graph) if _over_i_and_j(graph, c) or c in used))
@@ -72,7 +79,7 @@ def block_mask_plan(graph: Graph, bounds: KeyBlockBounds, heads_in_tile: bool) -
     ranges = tuple(r for r in (_equal_ranges(graph, c) for c in chosen if c not in used) if r is not None)
     evaluated = tuple(c for c in chosen if c not in used and c not in {r[0] for r in ranges})
     return BlockMaskPlan(conjuncts=chosen, unbounded=unbounded, dims=dims, inputs=inputs, bounded=bounded,
-                         ranges=ranges, evaluated=evaluated)
+                         ranges=ranges, evaluated=evaluated, streams=streams)
 
 
 def _equal_ranges(graph: Graph, conjunct: str) -> tuple[str, str, str] | None:

@@ -177,10 +177,7 @@ def _tree_polarity(graph: Graph, tree) -> int | None:
     return signs.pop() if len(signs) == 1 else (0 if not signs else None)
 
 
-def key_block_bounds(graph: Graph) -> KeyBlockBounds:
-    """The key-block bounds of a classified graph's keep-predicates (passes/plan.py puts them in the plan)."""
-    (softmax,) = graph.find("softmax")
-    keeps = graph.node(softmax).args[1:]
+def _bounds_of_keeps(graph: Graph, keeps) -> KeyBlockBounds:
     lower = upper = None
     used = []
     for keep in keeps:
@@ -195,6 +192,28 @@ def key_block_bounds(graph: Graph) -> KeyBlockBounds:
             else:
                 lower = bound if lower is None else ("max", lower, bound)
     return KeyBlockBounds(lower, upper, tuple(used))
+
+
+def key_block_bounds(graph: Graph) -> KeyBlockBounds:
+    """The key-block bounds of a classified graph's keep-predicates (passes/plan.py puts them in the plan):
+    those of its normalisers' keep lists (kernelsearch/normalisers.py). With several normalisers that keep
+    different predicates, a block is visited when any of them keeps keys there: the lowest lower bound and
+    the highest upper one, and no conjunct is known to hold in whole blocks (every mask applies in them)."""
+    from ..normalisers import normalisers
+    keep_lists = {tuple(n.keeps) for n in normalisers(graph)}
+    if len(keep_lists) == 1:
+        return _bounds_of_keeps(graph, next(iter(keep_lists)))
+    each = [_bounds_of_keeps(graph, keeps) for keeps in sorted(keep_lists)]
+    lower = upper = None
+    if all(b.lower is not None for b in each):
+        lower = each[0].lower
+        for b in each[1:]:
+            lower = ("min", lower, b.lower)
+    if all(b.upper is not None for b in each):
+        upper = each[0].upper
+        for b in each[1:]:
+            upper = ("max", upper, b.upper)
+    return KeyBlockBounds(lower, upper, ())
 
 
 def render_bound(bound, render_node, calls: dict | None = None) -> str:

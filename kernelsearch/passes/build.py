@@ -16,8 +16,8 @@ from ..errors import SpecError
 from ..exprs import INDEX_VARIABLES, OPS, SIZES
 from ..ir import Graph, Node
 
-# keyword arguments evaluated on the graph (tensors); every other keyword is static
-_DATAFLOW_KEYWORDS = {("softmax", "keep")}
+# keyword arguments evaluated on the graph (tensors; ops.Op.dataflow); every other keyword is static
+_DATAFLOW_KEYWORDS = {(op.name, keyword) for op in ops.OPS.values() for keyword in op.dataflow}
 
 
 class _Builder:
@@ -134,8 +134,8 @@ class _Builder:
         if isinstance(e, ast.Call):
             return self.call(e, owner)
         if isinstance(e, (ast.List, ast.Tuple)):
-            raise SpecError("a list may only appear as softmax's keep=[...]", where,
-                            "combine predicates with &, or pass them as softmax(s, keep=[a, b])")
+            raise SpecError("a list may only appear as a normaliser's keep=[...]", where,
+                            "combine predicates with &, or pass them as softmax(s, keep=[a, b]) or masked(x, keep=[a, b])")
         raise SpecError(f"{type(e).__name__} is not allowed here", where)
 
     def _indexing_hint(self, value: ast.expr) -> str:
@@ -154,11 +154,17 @@ class _Builder:
         op = e.func.id
         signature = OPS[op]
         args = tuple(self.expr(a, owner) for a in e.args)
+        roles = signature.positional
         static = {}
         for keyword in e.keywords:
             if (op, keyword.arg) in _DATAFLOW_KEYWORDS:
+                many = keyword.arg == "keep"    # keep=[a, b] or keep=a; every other dataflow keyword is one value
+                if not many and isinstance(keyword.value, (ast.List, ast.Tuple)):
+                    raise SpecError(f"{op}(..., {keyword.arg}=...) takes one value, not a list", keyword.value.location,
+                                    f"e.g. {keyword.arg}=sinks (an input [h]) or {keyword.arg}=0")
                 values = keyword.value.elts if isinstance(keyword.value, (ast.List, ast.Tuple)) else [keyword.value]
                 args = args + tuple(self.expr(v, owner) for v in values)
+                roles = roles + (keyword.arg,) * len(values)
             elif keyword.arg == "over":
                 if not (isinstance(keyword.value, ast.Name) and keyword.value.id == "j"):
                     raise SpecError("softmax is taken over the key dim: over=j", keyword.value.location,
@@ -170,8 +176,10 @@ class _Builder:
                 static[name] = self.temp(owner, Node("const", attrs={"value": default}, location=where))
         # static keyword nodes are arguments too (so that folding sees them); they follow the data args
         data_arity = len(args)
-        node = Node(op, args + tuple(static.values()),
-                    attrs={"static": tuple(static), "data_arity": data_arity}, location=where)
+        attrs = {"static": tuple(static), "data_arity": data_arity}
+        if signature.dataflow:      # which argument is which (normalisers.roles)
+            attrs["roles"] = roles
+        node = Node(op, args + tuple(static.values()), attrs=attrs, location=where)
         return self.temp(owner, node)
 
 

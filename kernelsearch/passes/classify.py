@@ -5,18 +5,19 @@
     k_prologue    per key row: computed per key tile (k, v transforms, key padding)
     score         per (i, j), before softmax: the logits
     keep          per (i, j), boolean: which logits survive (the keep-predicates)
-    softmax       the softmax
-    post_softmax  per (i, j), after softmax: probabilities and what is done to them
+    softmax       a row normaliser (kernelsearch/normalisers.py: softmax, masked)
+    post_softmax  per (i, j), after a normaliser: probabilities and what is done to them
     epilogue      per query row after the key reduction: the output
 """
 from __future__ import annotations
 
+from .. import normalisers
 from ..ir import Graph
 
 
 def stage_of(graph: Graph, node_id: str, after_softmax: set[str]) -> str:
     node = graph.node(node_id)
-    if node.op == "softmax":
+    if normalisers.is_normaliser(node.op):
         return "softmax"
     has_i, has_j = "i" in node.dims, "j" in node.dims
     if node_id in after_softmax:
@@ -32,8 +33,8 @@ def stage_of(graph: Graph, node_id: str, after_softmax: set[str]) -> str:
 
 def classify(graph: Graph) -> Graph:
     graph = graph.copy()
-    (softmax,) = graph.find("softmax")
-    after_softmax = graph.downstream(softmax) - {softmax}
+    found = normalisers.find(graph)
+    after_softmax = set().union(*(graph.downstream(n) for n in found)) - set(found)
     for node_id, node in list(graph.nodes()):
         graph.set(node_id, node.with_(stage=stage_of(graph, node_id, after_softmax)))
     return graph

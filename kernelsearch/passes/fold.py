@@ -96,7 +96,7 @@ def _fold_node(graph: Graph, node_id: str) -> None:
     if "static" in node.attrs:
         data_arity = node.attrs["data_arity"]
         static_args = args[data_arity:]
-        attrs = {}
+        attrs = {"roles": node.attrs["roles"]} if "roles" in node.attrs else {}
         for name, arg in zip(node.attrs["static"], static_args):
             if not _is_const(graph, arg):
                 raise SpecError(f"{op}(..., {name}=...) must be a constant or made of params", node.location,
@@ -112,10 +112,14 @@ def _fold_node(graph: Graph, node_id: str) -> None:
         present_args = [a for a, is_absent in zip(args, absent) if not is_absent]
         _forward(graph, node_id, present_args[0] if present_args else None)
         return
-    if absent_rule == "drop":                          # softmax drops an absent keep-predicate
+    if absent_rule == "drop":                          # normalisers drop an absent keep-predicate (or sink)
         if absent[0]:
             raise SpecError(f"{op} of an absent value", node.location)
-        graph.set(node_id, node.with_(args=tuple(a for a, is_absent in zip(args, absent) if not is_absent)))
+        attrs = dict(node.attrs)
+        if "roles" in attrs:
+            attrs["roles"] = tuple(r for r, is_absent in zip(attrs["roles"], absent) if not is_absent)
+        graph.set(node_id, node.with_(args=tuple(a for a, is_absent in zip(args, absent) if not is_absent),
+                                      attrs=attrs))
         return
     if absent_rule == "first" and any(absent[1:]):     # mix_heads(x, None) is x
         _forward(graph, node_id, args[0])
@@ -197,6 +201,8 @@ def evaluate(expr: ast.expr, env: dict):
         return result
     if isinstance(expr, ast.IfExp):
         return evaluate(expr.body if evaluate(expr.test, env) else expr.orelse, env)
+    if isinstance(expr, ast.Call):          # an elementwise op of the registry, e.g. `-log(J)`
+        return apply(expr.func.id, [evaluate(a, env) for a in expr.args])
     raise TypeError(f"{type(expr).__name__} is not a param default expression")
 
 

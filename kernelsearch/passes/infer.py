@@ -110,20 +110,35 @@ def _infer_node(graph, node_id, node, order):
                             "dot(q, k) contracts d giving [b, h, i, j]; dot(p, v) contracts j giving [b, h, i, d]")
         dims = _union(order, [d for d in a.dims if d != contracted], [d for d in b.dims if d != contracted])
         return dims, "float"
-    if rule == "softmax":
-        x, *keeps = data
+    if rule == "normaliser":
+        from ..normalisers import roles
+        x = data[0]
         if "j" not in x.dims or "i" not in x.dims:
-            raise SpecError(f"softmax needs scores over i and j, got {_fmt(x.dims)}", where,
+            raise SpecError(f"{op} needs scores over i and j, got {_fmt(x.dims)}", where,
                             "apply it to dot(q, k)-shaped scores")
         if x.dtype != "float":
-            raise SpecError("softmax takes float scores", where)
-        for keep in keeps:
-            if keep.op == "absent":
+            raise SpecError(f"{op} takes float scores", where)
+        for value, role in zip(data[1:], roles(node)[1:]):
+            if value.op == "absent":
                 continue
-            if keep.dtype != "bool":
-                raise SpecError(f"keep= takes predicates (bool), got a {keep.dtype} value", where,
+            if role == "sinks":
+                if value.dtype not in ("float", "int"):
+                    raise SpecError(f"softmax's sinks= is a logit (a number), got a {value.dtype} value", where,
+                                    "e.g. sinks=sinks (a float input [h]) or sinks=0 (softmax plus one)")
+                if {"i", "j"} & set(value.dims):
+                    raise SpecError(f"softmax's sinks= has dims {_fmt(value.dims)}; a sink is one extra logit per "
+                                    "row group, without i or j", where,
+                                    "declare it over b and/or h (e.g. `sinks: [h]`); to add a per-key logit, "
+                                    "add a bias to the scores instead")
+                extra = set(value.dims) - set(x.dims)
+                if extra:
+                    raise SpecError(f"softmax's sinks= has dims {sorted(extra)} that the scores {_fmt(x.dims)} lack",
+                                    where, "a sink varies along b and h only, e.g. `sinks: [h]`")
+                continue
+            if value.dtype != "bool":
+                raise SpecError(f"keep= takes predicates (bool), got a {value.dtype} value", where,
                                 "e.g. keep=[j <= i, mask]")
-            extra = set(keep.dims) - set(x.dims)
+            extra = set(value.dims) - set(x.dims)
             if extra:
                 raise SpecError(f"a keep-predicate has dims {sorted(extra)} that the scores {_fmt(x.dims)} lack", where)
         return x.dims, "float"

@@ -171,16 +171,23 @@ def library_form(graph: Graph) -> LibraryForm | str:
     plan = graph.plan
     if plan.heads_in_tile:
         return "heads are mixed (no library kernel mixes heads)"
+    if len(plan.normalisers) != 1:
+        return f"the graph has {len(plan.normalisers)} normalisers (a library kernel has one softmax)"
+    (normaliser,) = plan.normalisers
+    if normaliser.kind != "softmax":
+        return f"its normaliser is {graph.node(normaliser.node).op}(...), not softmax (the library kernels compute a softmax)"
+    if normaliser.sink is not None:
+        return "its softmax has a sink (SDPA and FlexAttention have no extra logit in the denominator)"
     if plan.sweeps != 1 or len(plan.accumulators) != 1:
         return "probabilities are transformed after softmax"
-    (softmax,) = graph.find("softmax")
+    softmax = normaliser.node
     (reduction,) = plan.accumulators
     probabilities, value = graph.node(reduction).args
     if probabilities != softmax:
         return "probabilities are transformed before dot(p, v)"
     if any(node.stage == "post_softmax" and n != reduction for n, node in graph.nodes()):
         return "values are computed from the probabilities besides dot(p, v)"
-    scores, *keeps = graph.node(softmax).args
+    scores, keeps = normaliser.scores, list(normaliser.keeps)
     found = _split_scores(graph, scores)
     sdpa, function, terms = None, (), ()
     if isinstance(found, str):   # not a scaled dot plus a bias: FlexAttention may still run it

@@ -18,6 +18,9 @@
                    come from (those need no mask in blocks they keep whole)
     delta sweep    backward: delta = rowsum(p * dp) needs a sweep of its own when p is transformed
                    before dot(p, v); otherwise it is rowsum(dO * O)
+    normalisers    the row normalisers (kernelsearch/normalisers.py): each softmax keeps its own row
+                   statistics (and its sink), masked ones none; with one sweep, the normaliser each
+                   accumulator is linear in (reduced_by: whose rescaling and division it takes)
     KV groups      grouped KV heads (k, v with H_kv heads, H_kv dividing H; a runtime size): the
                    forward packs the G = H / H_kv query heads of a KV head into its programs'
                    rows - row r of a tile is query r // G of head r % G, FlashAttention-3's
@@ -37,8 +40,9 @@ from __future__ import annotations
 
 from .. import ops
 from ..exprs import INDEX_VARIABLES
+from ..normalisers import normalisers as find_normalisers
 from ..ir import Graph, Plan
-from .block_mask import block_mask_plan, mask_conjuncts_unbounded
+from .block_mask import block_mask_plan
 from .bounds import key_block_bounds
 from .schedule import HEADS_IN_TILE, head_groups, schedule_of
 
@@ -77,15 +81,42 @@ def accumulators(graph: Graph) -> tuple[str, ...]:
                  if node.op == "dot" and graph.node(node.args[0]).dims[-1:] == ("j",))
 
 
-def sweeps(graph: Graph, schedule: str, accs: tuple, softmax: str) -> tuple[int, str]:
-    """(1 or 2, why)."""
+def sweeps(graph: Graph, schedule: str, accs: tuple, norms: tuple) -> tuple[int, str, tuple]:
+    """(1 or 2, why, reduced_by): one online sweep when every accumulator reduces what exactly one
+    normaliser made, linearly when that one keeps row statistics (a softmax's rescaling and final
+    division apply to it); otherwise the exact two-sweep form (row statistics first). A dot of a
+    combination of several normalisers (dot(p1 - lam * p2, v)) is not distributed over them: it
+    takes the two sweeps."""
     if schedule == "two_pass":
-        return 2, "heads are mixed after softmax: every head's rows are normalised exactly first"
+        return 2, "heads are mixed after softmax: every head's rows are normalised exactly first", ()
     memo: dict = {}
+    reduced_by = []
     for acc in accs:
-        if linearity(graph, graph.node(acc).args[0], softmax, memo) is not True:
-            return 2, f"what {_label(graph, acc)} reduces is not linear in the probabilities: they are normalised exactly first"
-    return 1, "online softmax: what reaches dot(p, v) is linear in the probabilities"
+        operand = graph.node(acc).args[0]
+        used = [k for k, n in enumerate(norms) if n.node in graph.upstream(operand)]
+        if len(used) != 1:
+            what = ", ".join(_label(graph, norms[k].node) for k in used) or "no normaliser"
+            return 2, (f"{_label(graph, acc)} reduces a combination of {what}: the dot is not distributed over "
+                       "them, so every row is normalised exactly first (two sweeps)"), ()
+        (k,) = used
+        if norms[k].statistics and linearity(graph, operand, norms[k].node, {**memo}) is not True:
+            return 2, (f"what {_label(graph, acc)} reduces is not linear in the probabilities: they are normalised "
+                       "exactly first"), ()
+        reduced_by.append(k)
+    if not any(n.statistics for n in norms):
+        return 1, "one sweep: no row statistics (masked: p is the kept values themselves)", tuple(reduced_by)
+    several = " (each softmax its own statistics, one key sweep)" if len(norms) > 1 else ""
+    return 1, f"online softmax: what reaches dot(p, v) is linear in the probabilities{several}", tuple(reduced_by)
+
+
+def delta_sweep(graph: Graph, accs: tuple, norms: tuple) -> bool:
+    """The backward's delta = rowsum(p * dp) is rowsum(dO * O) only for one softmax whose p goes
+    straight into the one dot(p, v); otherwise it takes a sweep of its own."""
+    statistics = [n for n in norms if n.statistics]
+    if not statistics:
+        return False    # masked normalisers need no delta
+    direct = len(norms) == 1 and len(accs) == 1 and graph.node(accs[0]).args[0] == norms[0].node
+    return not direct
 
 
 def prepass(graph: Graph, accs: tuple) -> tuple[str, ...]:
@@ -149,19 +180,20 @@ def pack_kv_group(graph: Graph, schedule: str, block_mask) -> tuple[bool, str]:
 
 def plan(graph: Graph) -> Graph:
     graph = graph.copy()
-    (softmax,) = graph.find("softmax")
+    norms = find_normalisers(graph)
     schedule = schedule_of(graph)
     accs = accumulators(graph)
-    count, reason = sweeps(graph, schedule, accs, softmax)
+    count, reason, reduced_by = sweeps(graph, schedule, accs, norms)
     bounds = key_block_bounds(graph)
-    block_mask = block_mask_plan(graph, bounds, schedule in HEADS_IN_TILE)
+    groups = head_groups(graph)
+    block_mask = block_mask_plan(graph, bounds, (groups or 1) if schedule in HEADS_IN_TILE else None)
     packed, pack_reason = pack_kv_group(graph, schedule, block_mask)
     graph.plan = Plan(
         schedule=schedule, sweeps=count, sweeps_reason=reason,
-        heads_in_tile=schedule in HEADS_IN_TILE, head_groups=head_groups(graph),
+        heads_in_tile=schedule in HEADS_IN_TILE, head_groups=groups,
         accumulators=accs, prepass=prepass(graph, accs), host=host_scalars(graph),
-        key_bounds=bounds,
-        delta_sweep=any(graph.node(a).args[0] != softmax for a in accs),
+        key_bounds=bounds, delta_sweep=delta_sweep(graph, accs, norms),
+        normalisers=norms, reduced_by=reduced_by,
         block_mask=block_mask, pack_kv_group=packed, pack_reason=pack_reason)
     return graph
 
@@ -201,8 +233,16 @@ def describe_plan(graph: Graph) -> list[str]:
     p = graph.plan
     heads = f"heads in tile, {p.head_groups} stream(s) per sample" if p.heads_in_tile else "one head per program"
     lines = [f"schedule {p.schedule}: {heads}",
-             f"sweeps   {p.sweeps}: {p.sweeps_reason}",
-             f"reduce   {_labels(graph, p.accumulators) or '(nothing: no dot(p, v))'}"]
+             f"sweeps   {p.sweeps}: {p.sweeps_reason}"]
+    for k, n in enumerate(p.normalisers):
+        what = "row statistics (max, sum)" if n.statistics else "no row statistics (p = x where kept, else 0)"
+        sink = "" if n.sink is None else f", sink {_spelled(graph, n.sink, 'i')} in the denominator"
+        keeps = f", keeps {_labels(graph, n.keeps)}" if n.keeps else ""
+        lines.append(f"norm     {_label(graph, n.node)} = {graph.node(n.node).op}({_label(graph, n.scores)}): "
+                     f"{what}{sink}{keeps}")
+    lines.append(f"reduce   {_labels(graph, p.accumulators) or '(nothing: no dot(p, v))'}"
+                 + ("" if not p.reduced_by or len(p.normalisers) == 1 else
+                    f"  (rescaled by {', '.join(_label(graph, p.normalisers[k].node) for k in p.reduced_by)})"))
     if p.prepass:
         lines.append(f"prepass  {_labels(graph, p.prepass)}  (per-key values written once, not recomputed per query tile)")
     else:
@@ -219,7 +259,11 @@ def describe_plan(graph: Graph) -> list[str]:
     else:
         lines.append("keys     every key block of every row (no keep-predicate bounds them)")
     lines += _describe_block_mask(graph)
-    lines.append("backward delta = rowsum(p * dp) " + ("in a sweep of its own" if p.delta_sweep else "= rowsum(dO * O)"))
+    if not p.statistics:
+        lines.append("backward no delta: no row statistics (d x = d p where kept, else 0)")
+    else:
+        lines.append("backward delta = rowsum(p * dp) " + ("in a sweep of its own" if p.delta_sweep else "= rowsum(dO * O)")
+                     + (" per softmax" if len(p.statistics) > 1 else ""))
     lines.append(f"kv heads {'packed' if p.pack_kv_group else 'not packed'}: {p.pack_reason}  (grouped KV heads, "
                  "G = H / H_kv at the call; the backward's dk/dv programs sum a group's heads in registers)")
     return lines
@@ -228,15 +272,12 @@ def describe_plan(graph: Graph) -> list[str]:
 def _describe_block_mask(graph: Graph) -> list[str]:
     mask = graph.plan.block_mask
     if mask is None:
-        missed = mask_conjuncts_unbounded(graph, graph.plan.key_bounds)
-        if not missed:
-            return []
-        return [f"blocks   no block mask for {_labels(graph, missed)}: heads in tile (a program holds every head); "
-                "its masks apply in every tile"]
+        return []
     others = [c for c in mask.conjuncts if c not in mask.unbounded]
     over = ", ".join(mask.dims + ("query block", "key block"))
     when = (f"per call (reads {', '.join(mask.inputs)})" if mask.per_call
             else "once per shape and block size (reads no input; cached)")
     return [f"blocks   block mask of {_labels(graph, mask.unbounded)}"
             + (f" (with {_labels(graph, others)})" if others else "")
-            + f" over [{over}]: {when}; tiles it keeps nothing in are skipped, tiles it keeps whole run without its masks"]
+            + f" over [{over}]: {when}; tiles it keeps nothing in are skipped, tiles it keeps whole run without its masks"
+            + (f"; the kernels read it per sample ({mask.streams} stream(s) x H heads per program)" if mask.streams else "")]

@@ -12,7 +12,8 @@ runs when no gradient is needed.
 `cuts` are the ids of float values computed from inputs without a query-key pair (stages
 constant, q_prologue, k_prologue) that a tile op (score, keep, softmax, post-softmax, epilogue)
 uses; `core` is the graph with each of them turned into an input of the same dims, declared
-(first, in graph order) in a copy of the spec, and everything only they needed removed.
+(first, in graph order) in a copy of the spec, and everything only they needed removed; a linear
+combination of key reductions over one v becomes one reduction (passes/factor_dots.py).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass, replace
 
 from ..ir import Graph, Node
 from ..spec import InputDecl
+from .factor_dots import factor_dots
 from .plan import plan
 
 ROW_STAGES = ("constant", "q_prologue", "k_prologue")
@@ -57,4 +59,5 @@ def split_prologue(graph: Graph) -> PrologueSplit:
         if name in core and core.node(name).op == "input" and name not in decls:
             decls[name] = decl
     core.spec = replace(graph.spec, inputs=decls)
+    core = factor_dots(core)   # dot(p1, v) - lam * dot(p2, v) -> dot(p1 - lam * p2, v): one output reduction
     return PrologueSplit(plan(core), tuple(cuts))   # planned again: what was computed per key is now read

@@ -74,6 +74,16 @@ class BlockMask:
         lowering holds every b and h in a chunk), as Python lists (one host sync per call)."""
         return self.keeps.any(0).any(0).tolist()
 
+    def per_sample(self, streams: int) -> "BlockMask":
+        """The mask a heads-in-tile program reads: one per sample of `streams` batch entries (the
+        batch is laid out (b s)) and all their heads - some channel keeps something / every
+        channel keeps everything."""
+        keeps, keeps_all = self.keeps.any(1, keepdim=True), self.keeps_all.all(1, keepdim=True)
+        if keeps.shape[0] > 1:
+            samples = (keeps.shape[0] // streams, streams) + tuple(keeps.shape[1:])
+            keeps, keeps_all = keeps.view(samples).any(1), keeps_all.view(samples).all(1)
+        return from_tiles(keeps, keeps_all, self.block_m, self.block_n)
+
     def fraction_visited(self) -> float:
         """The tiles visited (kept partly or whole) per (b?, h?), over all tiles."""
         return self.keeps.float().mean().item() if self.keeps.numel() else 0.0
