@@ -97,10 +97,10 @@ class KernelsearchBackend:
         self.reference_fn = load(problem.spec_path, backend="reference", **problem.params)
         self.spec = self.reference_fn.spec
         self.expected_errors: dict[type, str] = {torch.OutOfMemoryError: "out_of_resources"}
-        if problem.backend == "torch":
-            from torch._dynamo.exc import BackendCompilerFailed
+        from torch._dynamo.exc import BackendCompilerFailed
 
-            self.expected_errors[BackendCompilerFailed] = "compile_error"   # Inductor refused compile=True
+        # Inductor refused a compile: the torch backend's compile=True, or FlexAttention (both backends)
+        self.expected_errors[BackendCompilerFailed] = "compile_error"
         if problem.backend == "triton":
             from triton.compiler.errors import CompilationError
             from triton.runtime.errors import OutOfResources
