@@ -342,7 +342,8 @@ def test_the_readme_shows_the_t5_bucket_as_the_spec_has_it():
     assert block.strip() and all(line in spec_lines for line in block.splitlines()), block
 
 
-@pytest.mark.parametrize("name", ["alibi", "softcap", "sliding_window", "document", "prefix_lm", "t5_bias"])
+@pytest.mark.parametrize("name", ["alibi", "softcap", "sliding_window", "document", "prefix_lm", "t5_bias",
+                                  "sinks", "sigmoid", "diff_attn", "gqa"])
 def test_gallery_specs_train_a_language_model(name, capsys):
     """`kernelsearch lm` trains mesh-tensorflow's LM around them (document ids and the prefix length
     are made from the tokens: tests/test_token_inputs.py)."""

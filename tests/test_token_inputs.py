@@ -90,3 +90,17 @@ outputs: [o]
     attn = kernelsearch.load(spec, backend="torch")
     with pytest.raises(UsageError, match=r"cannot make the input 'pair' \[b, i, j\] \(int\).*int \[b\]"):
         token_inputs.token_input_rules(attn.spec, set(), "mesh_tf")
+
+
+def test_inputs_shaped_like_q_or_k_are_projected_per_layer():
+    """diff_attn's q2 (like q) and k2 (like k, so at the KV heads) are projections of the layer's
+    input; lam [h] is learned; nothing is made from tokens."""
+    model = _model("diff_attn", kv_heads=1)
+    layer = model.attention_layers()[0]
+    assert token_inputs.projected_inputs(model.attn.spec) == {"q2": "query", "k2": "key"}
+    assert {n: t.out_features for n, t in layer.to_inputs.items()} == {"q2": 2 * 16, "k2": 1 * 16}
+    assert list(layer.learned) == ["lam"] and model.token_input_rules() == ()
+    tokens = torch.randint(1, 256, (2, 17))
+    loss, _ = model.loss(tokens)
+    loss.backward()
+    assert layer.to_inputs["k2"].weight.grad.abs().sum() > 0 and layer.learned["lam"].grad is not None

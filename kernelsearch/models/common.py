@@ -89,7 +89,8 @@ class LM(nn.Module):
         UsageError for one it cannot make."""
         layers = self.attention_layers()
         learned = set(layers[0].learned.keys()) if layers else set()
-        rules = _token_inputs.token_input_rules(self.attn.spec, learned, self.family)
+        projected = set(getattr(layers[0], "to_inputs", {}).keys()) if layers else set()
+        rules = _token_inputs.token_input_rules(self.attn.spec, learned, self.family, projected)
         if rules and not self.makes_token_inputs:
             raise UsageError(
                 f"the {self.family} LM does not pass {', '.join(r.name for r in rules)} to its attention, "

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..nn import Attention as AttentionModule, merge_heads, required_learnable, split_heads
 from .common import LM
+from .token_inputs import projected_inputs
 
 
 def _linear(dim_in: int, dim_out: int, bias: bool = True) -> nn.Linear:
@@ -55,11 +56,16 @@ class Attention(AttentionModule):
                          learned=required_learnable(attn))
         self.to_qkv = _linear(dim, (heads + 2 * self.kv_heads) * dim_head, bias=False)
         self.combine_output = _linear(heads * dim_head, dim)
+        # a foreign spec's inputs shaped like q or k (differential attention's q2, k2): projected as they are
+        self.to_inputs = nn.ModuleDict({
+            name: _linear(dim, (heads if role == "query" else self.kv_heads) * dim_head, bias=False)
+            for name, role in projected_inputs(attn.spec).items()})
 
     def forward(self, x, mask=None, **inputs):
         sizes = [self.heads * self.dim_head, self.kv_heads * self.dim_head, self.kv_heads * self.dim_head]
         q, k, v = (split_heads(t, n // self.dim_head) for t, n in zip(self.to_qkv(x).split(sizes, dim=-1), sizes))
-        o = self.attend(q, k, v, mask=mask, **inputs)
+        projected = {name: split_heads(to(x), to.out_features // self.dim_head) for name, to in self.to_inputs.items()}
+        o = self.attend(q, k, v, mask=mask, **inputs, **projected)
         return self.combine_output(merge_heads(o.to(x.dtype)))
 
 

@@ -38,19 +38,29 @@ KINDS = {("int", ("b", "i")): "document_ids", ("int", ("b", "j")): "document_ids
 _DESCRIBED = "int [b, i] or [b, j] (the document of each position) and int [b] (a prefix length)"
 
 
-def token_input_rules(spec, learned: set[str], family: str) -> tuple[TokenInput, ...]:
-    """The inputs of `spec` the LM makes per call: its required inputs other than q, k, v and the
-    layer's learned ones. UsageError for one it cannot make."""
+def projected_inputs(spec) -> dict[str, str]:
+    """name -> "query" | "key": the required float inputs shaped like q or like k (differential
+    attention's q2, k2), which a model projects from its activations as it does q and k."""
+    roles = {tuple(spec.inputs["q"].shape): "query", tuple(spec.inputs["k"].shape): "key"}
+    return {name: roles[tuple(decl.shape)] for name, decl in spec.inputs.items()
+            if name not in ("q", "k", "v") and not decl.optional and decl.dtype == "float"
+            and tuple(decl.shape) in roles}
+
+
+def token_input_rules(spec, learned: set[str], family: str, projected: set[str] = frozenset()) -> tuple[TokenInput, ...]:
+    """The inputs of `spec` the LM makes per call from its tokens: its required inputs other than
+    q, k, v, the layer's learned ones and those it projects. UsageError for one it cannot make."""
     rules = []
     for name, decl in spec.inputs.items():
-        if decl.optional or name in ("q", "k", "v") or name in learned:
+        if decl.optional or name in ("q", "k", "v") or name in learned or name in projected:
             continue
         kind = KINDS.get((decl.dtype, tuple(d.rstrip("?") for d in decl.shape)))
         if kind is None:
             raise UsageError(
                 f"the {family} LM cannot make the input '{name}' [{', '.join(decl.shape)}] ({decl.dtype}) "
-                f"that {spec.name} requires: an LM makes {_DESCRIBED} from its tokens, and learns float "
-                f"inputs without b, i, j dims; make '{name}' optional in the spec or one of those")
+                f"that {spec.name} requires: an LM makes {_DESCRIBED} from its tokens, projects float "
+                f"inputs shaped like q or k, and learns float inputs without b, i, j dims; make '{name}' "
+                f"optional in the spec or one of those")
         rules.append(TokenInput(name, kind))
     return tuple(rules)
 
