@@ -13,7 +13,6 @@ import difflib
 SPELLINGS = {
     "clamp": "minimum(maximum(x, low), high)",
     "clip": "minimum(maximum(x, low), high)",
-    "relu": "maximum(x, 0.0)",
     "softplus": "log(1 + exp(x))",
     "silu": "x * sigmoid(x)",
     "swish": "x * sigmoid(x)",

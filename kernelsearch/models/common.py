@@ -90,7 +90,9 @@ class LM(nn.Module):
         layers = self.attention_layers()
         learned = set(layers[0].learned.keys()) if layers else set()
         projected = set(getattr(layers[0], "to_inputs", {}).keys()) if layers else set()
-        rules = _token_inputs.token_input_rules(self.attn.spec, learned, self.family, projected)
+        # a family that makes no token inputs may pass other inputs itself (talking heads' head_mean)
+        rules = _token_inputs.token_input_rules(self.attn.spec, learned, self.family, projected,
+                                                strict=self.makes_token_inputs)
         if rules and not self.makes_token_inputs:
             raise UsageError(
                 f"the {self.family} LM does not pass {', '.join(r.name for r in rules)} to its attention, "

@@ -47,14 +47,18 @@ def projected_inputs(spec) -> dict[str, str]:
             and tuple(decl.shape) in roles}
 
 
-def token_input_rules(spec, learned: set[str], family: str, projected: set[str] = frozenset()) -> tuple[TokenInput, ...]:
+def token_input_rules(spec, learned: set[str], family: str, projected: set[str] = frozenset(),
+                      strict: bool = True) -> tuple[TokenInput, ...]:
     """The inputs of `spec` the LM makes per call from its tokens: its required inputs other than
-    q, k, v, the layer's learned ones and those it projects. UsageError for one it cannot make."""
+    q, k, v, the layer's learned ones and those it projects. UsageError for one it cannot make
+    (strict; otherwise it is left to the family, which may pass it itself)."""
     rules = []
     for name, decl in spec.inputs.items():
         if decl.optional or name in ("q", "k", "v") or name in learned or name in projected:
             continue
         kind = KINDS.get((decl.dtype, tuple(d.rstrip("?") for d in decl.shape)))
+        if kind is None and not strict:
+            continue
         if kind is None:
             raise UsageError(
                 f"the {family} LM cannot make the input '{name}' [{', '.join(decl.shape)}] ({decl.dtype}) "
