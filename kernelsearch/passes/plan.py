@@ -264,8 +264,10 @@ def describe_plan(graph: Graph) -> list[str]:
     else:
         lines.append("backward delta = rowsum(p * dp) " + ("in a sweep of its own" if p.delta_sweep else "= rowsum(dO * O)")
                      + (" per softmax" if len(p.statistics) > 1 else ""))
+    backward = ("programs holding every head add each head's dk/dv into its KV head atomically" if p.heads_in_tile
+                else "the backward's dk/dv programs sum a group's heads in registers")
     lines.append(f"kv heads {'packed' if p.pack_kv_group else 'not packed'}: {p.pack_reason}  (grouped KV heads, "
-                 "G = H / H_kv at the call; the backward's dk/dv programs sum a group's heads in registers)")
+                 f"G = H / H_kv at the call; {backward})")
     return lines
 
 
