@@ -362,10 +362,14 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> tuple[list[StepFunction], 
 
     logits = [f"{name(n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}" for n in loop_nodes]
 
-    def masked_logits(n) -> list[str]:
-        keep, x = _combine_keeps(n.keeps, name), suffix[n.node]
+    def logits_line(n) -> str:
+        keep = _combine_keeps(n.keeps, name)
         masked = name(n.scores) if keep == "None" else f"{name(n.scores)}.masked_fill(~({keep}), float('-inf'))"
-        return [f"logits{x} = {masked}  # dropped keys: -inf",
+        return f"logits{suffix[n.node]} = {masked}  # dropped keys: -inf"
+
+    def masked_logits(n) -> list[str]:
+        x = suffix[n.node]
+        return [logits_line(n),
                 f"chunk_max{x} = torch.maximum(row_max{x}, logits{x}.amax({axis_j}, keepdim=True))",
                 f"safe_max{x} = torch.where(torch.isfinite(chunk_max{x}), chunk_max{x}, torch.zeros_like(chunk_max{x}))"]
 
@@ -406,9 +410,7 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> tuple[list[StepFunction], 
             if not n.statistics:
                 second.append(f"{p} = {_normalised(n, name, emitter)}{emitter.dims_comment(n.node)}")
                 continue
-            keep = _combine_keeps(n.keeps, name)
-            masked = name(n.scores) if keep == "None" else f"{name(n.scores)}.masked_fill(~({keep}), float('-inf'))"
-            second += [f"logits{x} = {masked}  # dropped keys: -inf",
+            second += [logits_line(n),
                        f"{p} = torch.exp(logits{x} - safe_max{x}) / row_sum{x}{emitter.dims_comment(n.node)}"]
         second += post
         for a in accs:
