@@ -185,6 +185,16 @@ class Graph:
         for arg in node.args:
             self.nx_graph.add_edge(arg, node_id)
 
+    def add_intermediate(self, owner: str, node: Node) -> str:
+        """Add a node a pass computes for the graph entry `owner` (or one of its intermediates): id
+        `<entry>.<n>` as the builder names intermediates (codegen/names.py), ordered after every node."""
+        entry = owner.split(".")[0]
+        order = max((self.node(n).order for n in self.nx_graph), default=0) + 1
+        while f"{entry}.{order}" in self.nx_graph:
+            order += 1
+        self.set(f"{entry}.{order}", node.with_(order=order))
+        return f"{entry}.{order}"
+
     def replace_uses(self, old: str, new: str) -> None:
         """Point every user of `old` at `new` (and the output too)."""
         for user in self.users(old):

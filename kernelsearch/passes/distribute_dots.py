@@ -23,19 +23,12 @@ def distribute_dots(graph: Graph) -> Graph:
     if len(norms) < 2:
         return graph
     work = graph.copy()
-    counter = [max(work.node(n).order for n in work.ids())]
 
     def made_by(node_id: str) -> set[str]:
         return norms & graph.upstream(node_id)
 
     def add(node: Node, like: str) -> str:
-        counter[0] += 1
-        node_id = f"{like.split('.')[0]}.{counter[0]}"     # an intermediate of the entry (codegen/names.py)
-        while node_id in work:
-            counter[0] += 1
-            node_id = f"{like.split('.')[0]}.{counter[0]}"
-        work.set(node_id, node.with_(order=counter[0], name=None))
-        return node_id
+        return work.add_intermediate(like, node.with_(name=None))
 
     def coefficient(node_id: str) -> bool:
         """Constant along the keys and made by no normaliser: it may move out of the reduction."""

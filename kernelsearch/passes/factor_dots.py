@@ -26,16 +26,9 @@ def factor_dots(graph: Graph) -> Graph:
         return graph
     (value,) = values
     work = graph.copy()
-    counter = [max(work.node(n).order for n in work.ids())]
 
     def add(op: str, args: tuple, like: str) -> str:
-        counter[0] += 1
-        node_id = f"{like.split('.')[0]}.{counter[0]}"     # an intermediate of the entry (codegen/names.py)
-        while node_id in work:
-            counter[0] += 1
-            node_id = f"{like.split('.')[0]}.{counter[0]}"
-        work.set(node_id, Node(op, args, location=work.node(like).location, order=counter[0]))
-        return node_id
+        return work.add_intermediate(like, Node(op, args, location=work.node(like).location))
 
     def coefficient(node_id: str) -> bool:
         dims = set(graph.node(node_id).dims)
