@@ -84,9 +84,13 @@ class LM(nn.Module):
     # families that pass the inputs of token_inputs() to their attention (others refuse specs that need them)
     makes_token_inputs = False
 
+    _token_rules: tuple | None = None     # decided once: the layers' learned and projected inputs are fixed
+
     def token_input_rules(self) -> tuple:
         """Which of the spec's inputs this LM makes from its tokens (models/token_inputs.py); a
-        UsageError for one it cannot make."""
+        UsageError for one it cannot make. Every forward and loss reads it: it is decided once."""
+        if self._token_rules is not None:
+            return self._token_rules
         layers = self.attention_layers()
         learned = set(layers[0].learned.keys()) if layers else set()
         projected = set(getattr(layers[0], "to_inputs", {}).keys()) if layers else set()
@@ -98,6 +102,7 @@ class LM(nn.Module):
                 f"the {self.family} LM does not pass {', '.join(r.name for r in rules)} to its attention, "
                 f"which {self.attn.spec.name} requires; the mesh_tf family makes them from its tokens "
                 f"(--model mesh_tf)")
+        self._token_rules = rules
         return rules
 
     def token_inputs(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
