@@ -9,10 +9,11 @@ import torch
 from .backends.knobs import validate_config
 from .compiler import compile_graph, resolve_params
 from .errors import SpecError, UsageError
-from .inputs import check_call
+from .inputs import call_signature, check_call
 from .spec import Spec, load_spec, parse_spec
 
 BACKENDS = ("reference", "torch", "triton")
+MAX_CHECKED_SIGNATURES = 256   # call signatures whose check is remembered (a model sees a handful)
 
 
 def _pick_backend(backend: str) -> str:
@@ -46,6 +47,8 @@ class Attention:
         validate_config(backend, config)
         self.config = dict(config) if config else None
         self.last_config: dict | None = None
+        # the sizes of each call signature already checked: a call like the last one pays no check
+        self._checked: dict[tuple, dict[str, int]] = {}
         # one implementation per combination of present optional inputs, built now: a call traced by
         # torch.compile must find plain tensor code, not the compiler
         from .codegen.module import presence_sets
@@ -59,18 +62,33 @@ class Attention:
 
     def __call__(self, q, k, v, **inputs):
         given = {"q": q, "k": k, "v": v, **inputs}
-        check_call(self.spec, given, self.params)   # names, types, dtypes, devices, sizes, size-dependent defaults
+        sizes = self._check(given)
         present = frozenset(n for n in self.spec.optional_inputs if inputs.get(n) is not None)
-        return self._implementations[present]({n: t for n, t in given.items() if t is not None})
+        return self._implementations[present]({n: t for n, t in given.items() if t is not None}, sizes)
+
+    def _check(self, given: dict) -> dict[str, int]:
+        """check_call (names, types, dtypes, devices, sizes, size-dependent defaults) once per call
+        signature; its outcome depends on nothing else (the params are fixed at load)."""
+        if torch.compiler.is_compiling():
+            return check_call(self.spec, given, self.params)   # traced once: no memo in the graph
+        signature = call_signature(given)
+        sizes = self._checked.get(signature) if signature is not None else None
+        if sizes is None:
+            sizes = check_call(self.spec, given, self.params)
+            if signature is not None:
+                if len(self._checked) >= MAX_CHECKED_SIGNATURES:
+                    self._checked.clear()
+                self._checked[signature] = sizes
+        return dict(sizes)
 
     def _build(self, graph):
         if self.backend == "reference":
             from .backends import reference
             evaluator = reference.NodeEvaluator(graph, [graph.output])   # the graph walked once, here
 
-            def run_reference(tensors):
+            def run_reference(tensors, sizes=None):
                 self.last_config = {}
-                return evaluator(tensors)[graph.output]
+                return evaluator(tensors, sizes)[graph.output]
             return run_reference
         if self.backend == "torch":
             from .backends import torch_backend

@@ -67,6 +67,19 @@ def check_call(spec: Spec, tensors: Mapping, params: Mapping | None = None) -> d
     return sizes
 
 
+def call_signature(tensors: Mapping) -> tuple | None:
+    """What check_call's outcome depends on: each argument's name, shape, dtype and device; None
+    when an argument is neither a tensor nor None (the check then runs and says what is wrong)."""
+    signature = []
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            return None
+        signature.append((name, tuple(tensor.shape), tensor.dtype, tensor.device))
+    return tuple(signature)
+
+
 def _check_kv_heads(spec: Spec, heads: int | None, kv_heads: list[tuple[str, int]]) -> None:
     """The per-key-head inputs agree on H_kv, and H_kv divides q's heads H."""
     first, size = kv_heads[0]

@@ -197,6 +197,31 @@ def test_api_bad_input_raises_naming_the_argument(call, error, needles):
         assert needle in str(info.value), str(info.value)
 
 
+def test_calls_after_a_good_one_are_still_checked(monkeypatch):
+    """The check of a call signature is remembered (a model's repeated calls pay none); any other
+    signature - another shape, dtype or device, a bad argument - is checked as the first call was."""
+    import kernelsearch.api as api
+    attention = _cosine()
+    q, k, v = _qkv()
+    calls = []
+    real_check = api.check_call
+    monkeypatch.setattr(api, "check_call", lambda *a, **kw: calls.append(1) or real_check(*a, **kw))
+    expected = attention(q, k, v)
+    for _ in range(3):
+        torch.testing.assert_close(attention(q, k, v), expected)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="dim 'd'"):
+        attention(q, k, torch.randn(1, 2, 4, 6))
+    with pytest.raises(TypeError, match="dtype"):
+        attention(q, k.double(), v)
+    with pytest.raises(TypeError, match="'v'"):
+        attention(q, k, None)
+    with pytest.raises(ValueError, match="'mask'"):
+        attention(q, k, v, mask=torch.ones(1, 5, dtype=torch.bool))
+    attention(q[:, :, :3], k, v)    # a new shape: checked once more
+    assert len(calls) == 6
+
+
 def test_load_takes_spec_text():
     q, k, v = _qkv()
     from_text = kernelsearch.load(SOFTMAX_TEXT, backend="reference")(q.double(), k.double(), v.double())

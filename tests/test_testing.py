@@ -49,7 +49,7 @@ def test_low_precision_tolerance_comes_from_the_eager_low_precision_error():
 def _broken(attn, damage):
     """attn with `damage(o)` applied to its output (for every combination of present inputs)."""
     for present, run in list(attn._implementations.items()):
-        attn._implementations[present] = lambda tensors, run=run: damage(run(tensors))
+        attn._implementations[present] = lambda tensors, sizes=None, run=run: damage(run(tensors, sizes))
     return attn
 
 

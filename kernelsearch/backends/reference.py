@@ -45,9 +45,10 @@ class NodeEvaluator:
                      and per_key_head(graph.spec.inputs[n].shape)}
         self.expand_kv = any(n in query_heads and graph.upstream(n) & kv_inputs for n, _, _ in self.steps)
 
-    def __call__(self, tensors: dict) -> dict:
+    def __call__(self, tensors: dict, sizes: dict | None = None) -> dict:
+        """The targets' values; `sizes`: the call's dim sizes when the caller checked it already."""
         graph, layout, raw = self.graph, self.layout, self.raw
-        sizes = bind(graph, tensors)
+        sizes = bind(graph, tensors) if sizes is None else sizes
         q = tensors["q"]
         dtype, device = q.dtype, q.device
         axis = {dim: n for n, dim in enumerate(layout)}

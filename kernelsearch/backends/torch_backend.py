@@ -125,14 +125,22 @@ def build(graph: Graph, attention):
         functions.get(lowering, compiled=False)   # generate now, not while a caller is being traced
     arguments = functions.file.inputs
 
-    def run(tensors: dict):
-        sizes = bind(graph, tensors)
+    completed: dict = {}   # (sizes, chosen knobs) -> the complete config: the defaults decided once per shape
+
+    def run(tensors: dict, sizes: dict | None = None):
+        sizes = bind(graph, tensors) if sizes is None else sizes
         chosen = attention.config
         if not chosen:
             chosen = tuned_config(graph, sizes, tensors["q"].dtype, tensors["q"].device)
             if chosen and (chosen.get("lowering") not in available or not record_usable(chosen, tensors)):
                 chosen = None
-        config = complete_config(chosen, sizes, graph, available, masks_bounds)
+        if torch.compiler.is_compiling():
+            config = complete_config(chosen, sizes, graph, available, masks_bounds)
+        else:
+            key = (tuple(sizes.items()), tuple(sorted(chosen.items())) if chosen else None)
+            if key not in completed:
+                completed[key] = complete_config(chosen, sizes, graph, available, masks_bounds)
+            config = dict(completed[key])
         attention.last_config = config
         function = functions.get(config["lowering"], bool(config["compile"]))
         args = [tensors[n] for n in arguments]

@@ -334,13 +334,13 @@ def build(graph: Graph, attention):
     except CodegenError as e:
         training, why_not = None, str(e)
 
-    def run(tensors: dict):
+    def run(tensors: dict, sizes: dict | None = None):
         q = tensors["q"]
         if not forward.interpret and q.device.type != "cuda":
             raise RuntimeError(f"{graph.spec.name}: the triton backend runs on CUDA tensors (got {q.device}); "
                                "set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU "
                                "in Triton's interpreter, or use backend='torch'")
-        sizes = bind(graph, tensors)
+        sizes = bind(graph, tensors) if sizes is None else sizes
         config = resolve_config(attention, graph, sizes, tensors["q"], available, tensors)
         if attention is not None:
             attention.last_config = dict(config)
