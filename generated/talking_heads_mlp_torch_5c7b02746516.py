@@ -10,7 +10,7 @@ from kernelsearch.backends import torch_ops as ops
 
 INPUTS = ('q', 'k', 'v', 'mask', 'head_mean', 'pre_up_a', 'pre_up_b', 'pre_down_a', 'pre_down_b', 'post_up_a', 'post_up_b', 'post_down_a', 'post_down_b')  # what every lowering takes, after in_
 LOWERINGS = ('materialized', 'chunked')  # the functions below (library kernels where they fit)
-STEPS = ('statistics_step', 'chunk_step')  # chunked()'s step functions (compiled alone)
+STEPS = ('statistics_step', 'chunk_step', 'whole_rows_step')  # chunked()'s step functions (compiled alone)
 
 
 def materialized(in_q, in_k, in_v, in_mask, in_head_mean, in_pre_up_a, in_pre_up_b, in_pre_down_a, in_pre_down_b, in_post_up_a, in_post_up_b, in_post_down_a, in_post_down_b):
@@ -132,7 +132,49 @@ def chunk_step(rows_t5_s, chunk_v_k, v_head_mean, G, v_eps, v_pre_up_a, v_pre_do
     return accumulator
 
 
-def chunked(in_q, in_k, in_v, in_mask, in_head_mean, in_pre_up_a, in_pre_up_b, in_pre_down_a, in_pre_down_b, in_post_up_a, in_post_up_b, in_post_down_a, in_post_down_b, CHUNK_N: int = 128, CHUNK_M: int = 0, statistics_step=statistics_step, chunk_step=chunk_step):
+def whole_rows_step(rows_t5_s, chunk_v_k, v_head_mean, G, v_eps, v_pre_up_a, v_pre_down_a,
+    v_pre_up_b, v_pre_down_b, chunk_v_mask, row_max, row_sum, v_post_up_a, v_post_down_a,
+    v_post_up_b, v_post_down_b, accumulator, chunk_v_v):
+    """Both passes over one key chunk holding every key the rows keep: the scores computed once."""
+    v_s = ops.dot(rows_t5_s, chunk_v_k, 5)  # [b, h, i, j]
+    t8_s_normed = (v_s * v_s)  # [b, h, i, j]
+    t11_s_normed = ops.mix_heads(t8_s_normed, v_head_mean, streams=2, batch_axis=0, head_axis=1, group=G)  # [b, h, i, j]
+    t13_s_normed = (t11_s_normed + v_eps)  # [b, h, i, j]
+    t14_s_normed = torch.rsqrt(t13_s_normed)  # [b, h, i, j]
+    v_s_normed = (v_s * t14_s_normed)  # [b, h, i, j]
+    t17_s_hidden = ops.mix_heads(v_s_normed, v_pre_up_a, streams=2, batch_axis=0, head_axis=1, group=G)  # [b, h, i, j]
+    t18_s_hidden = torch.nn.functional.gelu(t17_s_hidden)  # [b, h, i, j]
+    t20_s_hidden = ops.mix_heads(t18_s_hidden, v_pre_down_a, streams=2, batch_axis=0, head_axis=1, group=G)  # [b, h, i, j]
+    t22_s_hidden = ops.mix_heads(v_s_normed, v_pre_up_b, streams=2, batch_axis=0, head_axis=1, group=G)  # [b, h, i, j]
+    t23_s_hidden = torch.nn.functional.gelu(t22_s_hidden)  # [b, h, i, j]
+    t25_s_hidden = ops.mix_heads(t23_s_hidden, v_pre_down_b, streams=2, batch_axis=0, head_axis=1, group=G)  # [b, h, i, j]
+    v_s_hidden = (t20_s_hidden + t25_s_hidden)  # [b, h, i, j]
+    t27_s_mixed = (v_s + v_s_hidden)  # [b, h, i, j]
+    logits = t27_s_mixed.masked_fill(~(chunk_v_mask), float('-inf'))  # dropped keys: -inf
+    chunk_max = torch.maximum(row_max, logits.amax(4, keepdim=True))
+    safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+    row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum(4, keepdim=True)
+    row_max = chunk_max
+    row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    v_p = torch.exp(logits - safe_max) / row_sum  # [b, h, i, j]
+    t41_p_normed = (v_p * v_p)  # [b, h, i, j]
+    t42_p_normed = ops.mix_heads(t41_p_normed, v_head_mean, streams=2, batch_axis=0, head_axis=1, group=G)  # [b, h, i, j]
+    t43_p_normed = (t42_p_normed + v_eps)  # [b, h, i, j]
+    t44_p_normed = torch.rsqrt(t43_p_normed)  # [b, h, i, j]
+    v_p_normed = (v_p * t44_p_normed)  # [b, h, i, j]
+    t47_p_hidden = ops.mix_heads(v_p_normed, v_post_up_a, streams=2, batch_axis=0, head_axis=1, group=G)  # [b, h, i, j]
+    t48_p_hidden = torch.nn.functional.gelu(t47_p_hidden)  # [b, h, i, j]
+    t50_p_hidden = ops.mix_heads(t48_p_hidden, v_post_down_a, streams=2, batch_axis=0, head_axis=1, group=G)  # [b, h, i, j]
+    t52_p_hidden = ops.mix_heads(v_p_normed, v_post_up_b, streams=2, batch_axis=0, head_axis=1, group=G)  # [b, h, i, j]
+    t53_p_hidden = torch.nn.functional.gelu(t52_p_hidden)  # [b, h, i, j]
+    t55_p_hidden = ops.mix_heads(t53_p_hidden, v_post_down_b, streams=2, batch_axis=0, head_axis=1, group=G)  # [b, h, i, j]
+    v_p_hidden = (t50_p_hidden + t55_p_hidden)  # [b, h, i, j]
+    t57_p_mixed = (v_p + v_p_hidden)  # [b, h, i, j]
+    accumulator = accumulator + ops.dot(t57_p_mixed, chunk_v_v, 4)
+    return accumulator
+
+
+def chunked(in_q, in_k, in_v, in_mask, in_head_mean, in_pre_up_a, in_pre_up_b, in_pre_down_a, in_pre_down_b, in_post_up_a, in_post_up_b, in_post_down_a, in_post_down_b, CHUNK_N: int = 128, CHUNK_M: int = 0, statistics_step=statistics_step, chunk_step=chunk_step, whole_rows_step=whole_rows_step):
     """The chunked lowering (schedule two_pass)."""
     B, H, I, size_d = in_q.shape
     _, _, J, _ = in_k.shape
@@ -166,24 +208,35 @@ def chunked(in_q, in_k, in_v, in_mask, in_head_mean, in_pre_up_a, in_pre_up_b, i
         row_max = torch.full([B, KV_H, G, query_rows, 1, 1], float('-inf'), dtype=in_q.dtype, device=in_q.device)  # per row: [b, h, i]
         row_sum = torch.zeros([B, KV_H, G, query_rows, 1, 1], dtype=in_q.dtype, device=in_q.device)
         accumulator = torch.zeros([B, KV_H, G, query_rows, 1, size_d], dtype=in_q.dtype, device=in_q.device)
-        # pass 1: row max and sum of every head
-        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
-            key_end = min(key_start + CHUNK_N, J)
-            chunk_v_k = v_k[:, :, :, :, key_start:key_end]
-            chunk_v_mask = v_mask[:, :, :, :, key_start:key_end]
-            row_max, row_sum = statistics_step(rows_t5_s, chunk_v_k, v_head_mean, G, v_eps, v_pre_up_a,
-                v_pre_down_a, v_pre_up_b, v_pre_down_b, chunk_v_mask, row_max, row_sum)
-        safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-        # pass 2: probabilities, what follows softmax, and the key reduction
-        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
-            key_end = min(key_start + CHUNK_N, J)
-            chunk_v_k = v_k[:, :, :, :, key_start:key_end]
-            chunk_v_mask = v_mask[:, :, :, :, key_start:key_end]
-            chunk_v_v = v_v[:, :, :, :, key_start:key_end]
-            accumulator = chunk_step(rows_t5_s, chunk_v_k, v_head_mean, G, v_eps, v_pre_up_a, v_pre_down_a,
-                v_pre_up_b, v_pre_down_b, chunk_v_mask, row_sum, safe_max, v_post_up_a, v_post_down_a,
-                v_post_up_b, v_post_down_b, accumulator, chunk_v_v)
+        key_chunks = range(0, J, CHUNK_N)
+        if len(key_chunks) == 1:  # one key chunk holds the rows' keys: both passes in one step
+            for key_start in key_chunks:  # the keys these rows can keep
+                key_end = min(key_start + CHUNK_N, J)
+                chunk_v_k = v_k[:, :, :, :, key_start:key_end]
+                chunk_v_mask = v_mask[:, :, :, :, key_start:key_end]
+                chunk_v_v = v_v[:, :, :, :, key_start:key_end]
+                accumulator = whole_rows_step(rows_t5_s, chunk_v_k, v_head_mean, G, v_eps, v_pre_up_a,
+                    v_pre_down_a, v_pre_up_b, v_pre_down_b, chunk_v_mask, row_max, row_sum, v_post_up_a,
+                    v_post_down_a, v_post_up_b, v_post_down_b, accumulator, chunk_v_v)
+        else:
+            # pass 1: row max and sum of every head
+            for key_start in key_chunks:  # the keys these rows can keep
+                key_end = min(key_start + CHUNK_N, J)
+                chunk_v_k = v_k[:, :, :, :, key_start:key_end]
+                chunk_v_mask = v_mask[:, :, :, :, key_start:key_end]
+                row_max, row_sum = statistics_step(rows_t5_s, chunk_v_k, v_head_mean, G, v_eps, v_pre_up_a,
+                    v_pre_down_a, v_pre_up_b, v_pre_down_b, chunk_v_mask, row_max, row_sum)
+            safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+            row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+            # pass 2: probabilities, what follows softmax, and the key reduction
+            for key_start in key_chunks:  # the keys these rows can keep
+                key_end = min(key_start + CHUNK_N, J)
+                chunk_v_k = v_k[:, :, :, :, key_start:key_end]
+                chunk_v_mask = v_mask[:, :, :, :, key_start:key_end]
+                chunk_v_v = v_v[:, :, :, :, key_start:key_end]
+                accumulator = chunk_step(rows_t5_s, chunk_v_k, v_head_mean, G, v_eps, v_pre_up_a, v_pre_down_a,
+                    v_pre_up_b, v_pre_down_b, chunk_v_mask, row_sum, safe_max, v_post_up_a, v_post_down_a,
+                    v_post_up_b, v_post_down_b, accumulator, chunk_v_v)
         outputs.append(accumulator)
     v_o = torch.cat(outputs, 3) if outputs else torch.zeros([B, KV_H, G, 0, 1, size_d], dtype=in_q.dtype, device=in_q.device)
     return ops.merge_groups(v_o.squeeze((4,)), 1, KV_H, G)  # [b, h, i, d]

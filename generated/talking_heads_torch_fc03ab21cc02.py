@@ -10,7 +10,7 @@ from kernelsearch.backends import torch_ops as ops
 
 INPUTS = ('q', 'k', 'v', 'pre_mix', 'post_mix')  # what every lowering takes, after in_
 LOWERINGS = ('materialized', 'chunked')  # the functions below (library kernels where they fit)
-STEPS = ('statistics_step', 'chunk_step')  # chunked()'s step functions (compiled alone)
+STEPS = ('statistics_step', 'chunk_step', 'whole_rows_step')  # chunked()'s step functions (compiled alone)
 
 
 def materialized(in_q, in_k, in_v, in_pre_mix, in_post_mix):
@@ -61,7 +61,24 @@ def chunk_step(rows_t5_s, chunk_v_k, v_pre_mix, G, row_sum, safe_max, v_post_mix
     return accumulator
 
 
-def chunked(in_q, in_k, in_v, in_pre_mix, in_post_mix, CHUNK_N: int = 128, CHUNK_M: int = 0, statistics_step=statistics_step, chunk_step=chunk_step):
+def whole_rows_step(rows_t5_s, chunk_v_k, v_pre_mix, G, row_max, row_sum, v_post_mix, accumulator,
+    chunk_v_v):
+    """Both passes over one key chunk holding every key the rows keep: the scores computed once."""
+    v_s = ops.dot(rows_t5_s, chunk_v_k, 5)  # [b, h, i, j]
+    t10_s_mixed = ops.mix_heads(v_s, v_pre_mix, streams=2, batch_axis=0, head_axis=1, group=G)  # [b, h, i, j]
+    logits = t10_s_mixed  # dropped keys: -inf
+    chunk_max = torch.maximum(row_max, logits.amax(4, keepdim=True))
+    safe_max = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+    row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max).sum(4, keepdim=True)
+    row_max = chunk_max
+    row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    v_p = torch.exp(logits - safe_max) / row_sum  # [b, h, i, j]
+    t25_p_mixed = ops.mix_heads(v_p, v_post_mix, streams=2, batch_axis=0, head_axis=1, group=G)  # [b, h, i, j]
+    accumulator = accumulator + ops.dot(t25_p_mixed, chunk_v_v, 4)
+    return accumulator
+
+
+def chunked(in_q, in_k, in_v, in_pre_mix, in_post_mix, CHUNK_N: int = 128, CHUNK_M: int = 0, statistics_step=statistics_step, chunk_step=chunk_step, whole_rows_step=whole_rows_step):
     """The chunked lowering (schedule two_pass)."""
     B, H, I, size_d = in_q.shape
     _, _, J, _ = in_k.shape
@@ -86,20 +103,29 @@ def chunked(in_q, in_k, in_v, in_pre_mix, in_post_mix, CHUNK_N: int = 128, CHUNK
         row_max = torch.full([B, KV_H, G, query_rows, 1, 1], float('-inf'), dtype=in_q.dtype, device=in_q.device)  # per row: [b, h, i]
         row_sum = torch.zeros([B, KV_H, G, query_rows, 1, 1], dtype=in_q.dtype, device=in_q.device)
         accumulator = torch.zeros([B, KV_H, G, query_rows, 1, size_d], dtype=in_q.dtype, device=in_q.device)
-        # pass 1: row max and sum of every head
-        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
-            key_end = min(key_start + CHUNK_N, J)
-            chunk_v_k = v_k[:, :, :, :, key_start:key_end]
-            row_max, row_sum = statistics_step(rows_t5_s, chunk_v_k, v_pre_mix, G, row_max, row_sum)
-        safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-        # pass 2: probabilities, what follows softmax, and the key reduction
-        for key_start in range(0, J, CHUNK_N):  # the keys these rows can keep
-            key_end = min(key_start + CHUNK_N, J)
-            chunk_v_k = v_k[:, :, :, :, key_start:key_end]
-            chunk_v_v = v_v[:, :, :, :, key_start:key_end]
-            accumulator = chunk_step(rows_t5_s, chunk_v_k, v_pre_mix, G, row_sum, safe_max, v_post_mix,
-                accumulator, chunk_v_v)
+        key_chunks = range(0, J, CHUNK_N)
+        if len(key_chunks) == 1:  # one key chunk holds the rows' keys: both passes in one step
+            for key_start in key_chunks:  # the keys these rows can keep
+                key_end = min(key_start + CHUNK_N, J)
+                chunk_v_k = v_k[:, :, :, :, key_start:key_end]
+                chunk_v_v = v_v[:, :, :, :, key_start:key_end]
+                accumulator = whole_rows_step(rows_t5_s, chunk_v_k, v_pre_mix, G, row_max, row_sum, v_post_mix,
+                    accumulator, chunk_v_v)
+        else:
+            # pass 1: row max and sum of every head
+            for key_start in key_chunks:  # the keys these rows can keep
+                key_end = min(key_start + CHUNK_N, J)
+                chunk_v_k = v_k[:, :, :, :, key_start:key_end]
+                row_max, row_sum = statistics_step(rows_t5_s, chunk_v_k, v_pre_mix, G, row_max, row_sum)
+            safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+            row_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+            # pass 2: probabilities, what follows softmax, and the key reduction
+            for key_start in key_chunks:  # the keys these rows can keep
+                key_end = min(key_start + CHUNK_N, J)
+                chunk_v_k = v_k[:, :, :, :, key_start:key_end]
+                chunk_v_v = v_v[:, :, :, :, key_start:key_end]
+                accumulator = chunk_step(rows_t5_s, chunk_v_k, v_pre_mix, G, row_sum, safe_max, v_post_mix,
+                    accumulator, chunk_v_v)
         outputs.append(accumulator)
     v_o = torch.cat(outputs, 3) if outputs else torch.zeros([B, KV_H, G, 0, 1, size_d], dtype=in_q.dtype, device=in_q.device)
     return ops.merge_groups(v_o.squeeze((4,)), 1, KV_H, G)  # [b, h, i, d]

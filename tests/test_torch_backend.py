@@ -53,9 +53,11 @@ def test_matches_reference(case, config, optional):
 
 
 @pytest.mark.parametrize("name", list(PARAMS))
-def test_fully_masked_rows_give_zero(name):
-    """Our documented choice: a query row that keeps no key outputs 0 (as FlashAttention does)."""
-    attention = kernelsearch.load(spec_path(name), backend="torch", config={"lowering": "chunked", "CHUNK_N": 8})
+@pytest.mark.parametrize("chunk_n", [8, 32], ids=["key-chunks", "one-key-chunk"])
+def test_fully_masked_rows_give_zero(name, chunk_n):
+    """Our documented choice: a query row that keeps no key outputs 0 (as FlashAttention does),
+    with several key chunks and with one holding every key (two-pass graphs: whole_rows_step)."""
+    attention = kernelsearch.load(spec_path(name), backend="torch", config={"lowering": "chunked", "CHUNK_N": chunk_n})
     tensors = random_inputs(attention.spec, dict(B=2, H=2, I=5, J=19, D=16), dtype=torch.float64, optional=["mask"])
     tensors["mask"][0] = False   # sample 0: every key dropped
     tensors["mask"][1] = True    # sample 1: every key kept
@@ -102,14 +104,20 @@ def test_gradcheck_chunked():
 
 
 def test_default_lowering_switches_to_chunked_for_long_sequences():
-    """Without SDPA (heads mixed): materialized for short sequences, chunked and compiled beyond."""
+    """Without SDPA (heads mixed before softmax: two passes): materialized for short sequences;
+    beyond, chunked and compiled with every key in one chunk (whole_rows_step: one scores tile
+    for both passes) while 64 query rows' scores stay under 2**23; then key chunks."""
     attention = kernelsearch.load(spec_path("talking_heads"), backend="torch")
+    assert attention.graph().plan.sweeps == 2
     small = random_inputs(attention.spec, dict(B=2, H=1, I=8, J=8, D=8))
     attention(**small)
     assert attention.last_config == {"lowering": "materialized", "compile": False}
-    for n, compiled in ((1100, False), (4096, True)):   # compiled from 2**26 scores (b h i j)
+    for n in (1100, 4096, 32768):
         config = torch_backend.default_config(attention.graph(), {"b": 2, "h": 2, "i": n, "j": n, "d": 8})
-        assert (config["lowering"], config["compile"], config["CHUNK_M"]) == ("chunked", compiled, 256)
+        assert config == {"lowering": "chunked", "CHUNK_N": n, "CHUNK_M": 64, "compile": True}
+    config = torch_backend.default_config(attention.graph(), {"b": 2, "h": 2, "i": 40000, "j": 40000, "d": 8})
+    assert (config["lowering"], config["compile"], config["CHUNK_M"]) == ("chunked", True, 256)
+    assert config["CHUNK_N"] < 40000
 
 
 def test_default_config_is_sdpa_where_it_fits_and_chunked_for_windows():
@@ -158,3 +166,28 @@ def test_shape_mismatch_is_a_clear_error():
         attention(q, k, v)
     with pytest.raises(TypeError, match="unexpected input"):
         attention(q, k, k, attn_bias=q)
+
+
+@pytest.mark.parametrize("chunk_n, steps", [(8, {"statistics_step", "chunk_step"}), (32, {"whole_rows_step"})])
+def test_two_pass_rows_whose_keys_fit_one_chunk_take_one_step(chunk_n, steps, monkeypatch):
+    """A two-pass graph (talking heads) computes each tile's scores twice, once per pass, unless one
+    key chunk holds every key of the query chunk: then whole_rows_step runs both passes on one
+    scores tile. Both paths agree with the reference."""
+    spec = spec_path("talking_heads")
+    generated = kernelsearch.load(spec, backend="torch", config={"lowering": "chunked", "CHUNK_N": chunk_n,
+                                                                 "CHUNK_M": 4})
+    run = generated._implementations[frozenset({"pre_mix", "post_mix"})]
+    module = run.functions.module
+    called = set()
+    for name in module.STEPS:
+        step = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, step=step, name=name: called.add(name) or step(*a))
+    # the steps are defaults of chunked(): call it with the spied ones
+    spied = {name: getattr(module, name) for name in module.STEPS}
+    reference = kernelsearch.load(spec, backend="reference")
+    tensors = random_inputs(reference.spec, dict(B=2, H=2, I=9, J=19, D=16), dtype=torch.float64, seed=3,
+                            optional=["pre_mix", "post_mix"])
+    arguments = [tensors[n] for n in run.functions.file.inputs]
+    got = module.chunked(*arguments, CHUNK_N=chunk_n, CHUNK_M=4, **spied)
+    torch.testing.assert_close(got, reference(**tensors), rtol=1e-10, atol=1e-10)
+    assert called == steps

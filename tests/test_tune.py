@@ -120,7 +120,7 @@ def test_cpu_space_keeps_compiled_chunked_configs_at_long_sequences():
 
     spec = kernelsearch.load("specs/softmax.yaml", backend="reference").spec
     small = torch_space(spec, {"B": 1, "H": 4, "I": 512, "J": 512, "D": 64})
-    assert len(small.enumerate()) == 26   # materialized 2 + chunked 18 + sdpa 2 + flex 2 (x compile)
+    assert len(small.enumerate()) == 36   # materialized 2 + chunked 28 + sdpa 2 + flex 2 (x compile)
     big = torch_space(spec, {"B": 1, "H": 4, "I": 8192, "J": 8192, "D": 64})
     compiled = [c for c in big.enumerate() if c["compile"] and c["lowering"] == "chunked"]
     eager = [c for c in big.enumerate() if not c["compile"] and c["lowering"] == "chunked"]
@@ -558,7 +558,8 @@ def _tune_spec(spec: str, sizes: dict):
 
     out = io.StringIO()
     res = tune(TuneOptions(spec=spec, target="cpu", shape=sizes, sampler="grid", progress=False, seed=0,
-                           only={"compile": [False], "CHUNK_N": [32, 64], "lowering": ["materialized", "chunked"]},
+                           only={"compile": [False], "CHUNK_N": [32, 64], "CHUNK_M": [0],
+                                 "lowering": ["materialized", "chunked"]},
                            retime_repeats=2, out=out))
     return res, out.getvalue()
 

@@ -175,11 +175,17 @@ DEFAULT_CHUNK_M = 256              # query rows per chunk: causal / windowed spe
 
 
 WINDOW_CHUNK = 128   # query rows and keys per chunk when windows bound the keys from below
+# two-pass graphs (heads mixed around softmax): every key in one chunk, so that whole_rows_step computes
+# each scores tile once (talking heads, b*h = 8, compiled, 1 thread: N=1024 45 ms with 64-row chunks
+# against 70 ms for two passes over 256-key chunks; N=4096 ~0.9 s against ~1.2 s), while one query
+# chunk's scores stay under WHOLE_ROWS_MAX_SCORES (32 MiB in fp32)
+WHOLE_ROWS_CHUNK_M = 64
+WHOLE_ROWS_MAX_SCORES = 1 << 23
 COMPILE_MIN_SCORES = 1 << 26   # score elements per call from which the default compiles (b h N^2: 4 x 4096^2)
 
 
 def torch_defaults(sizes: Mapping[str, int], lowerings: tuple = ("materialized", "chunked"),
-                   windowed: bool = False, sdpa_masks_bounds: bool = False) -> dict:
+                   windowed: bool = False, sdpa_masks_bounds: bool = False, two_pass: bool = False) -> dict:
     """What the torch backend runs without a config or a tuned record: a heuristic from the sizes
     and the graph (its lowerings, and whether its keep-predicates bound the keys from below, as
     windows do), picking what the tuner found on the bench shapes (b=1, h=4, d=64, fp32, one
@@ -196,6 +202,10 @@ def torch_defaults(sizes: Mapping[str, int], lowerings: tuple = ("materialized",
       chunked lowering compiled 256 ms), or make a block mask (document, 64 documents, N=4096,
       bidirectional / causal: SDPA 432 / 361 ms, the chunked lowering's 128 x 128 chunks 183 / 67 ms
       eager, 100 / 35 ms compiled);
+    - two-pass graphs (heads mixed before softmax: its statistics need every head's scores) beyond
+      MATERIALIZE_MAX_SCORES: chunked and compiled, each query chunk of WHOLE_ROWS_CHUNK_M rows with
+      all its keys in one chunk (one scores tile for both passes) while that stays under
+      WHOLE_ROWS_MAX_SCORES scores;
     - else (heads mixed, scores transformed) materialized up to MATERIALIZE_MAX_SCORES scores,
       then chunked (memory linear in N), compiled from COMPILE_MIN_SCORES.
 
@@ -209,6 +219,10 @@ def torch_defaults(sizes: Mapping[str, int], lowerings: tuple = ("materialized",
         return {"lowering": "sdpa", "compile": False}
     if "sdpa" in lowerings:
         return {"lowering": "chunked", "compile": True}
+    keys = size_of(sizes, "j", size_of(sizes, "i"))
+    whole_rows = size_of(sizes, "b") * size_of(sizes, "h") * WHOLE_ROWS_CHUNK_M * keys
+    if two_pass and scores > MATERIALIZE_MAX_SCORES and whole_rows <= WHOLE_ROWS_MAX_SCORES:
+        return {"lowering": "chunked", "CHUNK_N": keys, "CHUNK_M": WHOLE_ROWS_CHUNK_M, "compile": True}
     if scores > MATERIALIZE_MAX_SCORES:
         return {"lowering": "chunked", "compile": compiled}
     return {"lowering": "materialized", "compile": False}
@@ -240,7 +254,7 @@ TORCH_KNOBS = (
          allowed=OneOf(TORCH_LOWERINGS)),
     Knob("CHUNK_N", (32, 64, 128, 256, 512, 1024, 2048, 4096), _default_chunk_n, when=_CHUNKED,
          doc="key chunk size", allowed=AtLeast(1, "keys per chunk")),
-    Knob("CHUNK_M", (0, 128, 512), _default_chunk_m, when=_CHUNKED,
+    Knob("CHUNK_M", (0, 64, 128, 512), _default_chunk_m, when=_CHUNKED,
          doc="query rows per chunk (0: all)", allowed=AtLeast(0, "query rows per chunk; 0: all rows at once")),
     Knob("compile", (False, True), False, doc="torch.compile", allowed=OneOf((False, True))),
 )

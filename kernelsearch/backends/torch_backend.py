@@ -47,7 +47,7 @@ def complete_config(config: dict | None, sizes: dict, graph: Graph | None = None
         available = torch_module.lowerings(graph) if available is None else available
         masks_bounds = sdpa_masks_bounds(graph, available) if masks_bounds is None else masks_bounds
         defaults = knobs.torch_defaults(sizes, available, windowed=graph.key_bounds.lower is not None,
-                                        sdpa_masks_bounds=masks_bounds)
+                                        sdpa_masks_bounds=masks_bounds, two_pass=graph.plan.sweeps == 2)
         given = {**defaults, **{k: v for k, v in (config or {}).items() if v is not None}}
     full = knobs.validate_config("torch", given, sizes)
     if graph is not None:

@@ -293,8 +293,9 @@ def step_function(name: str, doc: str, body: list[str], carried: tuple) -> StepF
 
 
 def step_names(graph: Graph) -> tuple[str, ...]:
-    """The step functions of the chunked lowering (the plan's sweeps: statistics first when two)."""
-    return ("statistics_step", "chunk_step") if graph.plan.sweeps == 2 else ("chunk_step",)
+    """The step functions of the chunked lowering (the plan's sweeps: statistics first when two,
+    and both sweeps in one step for query chunks whose keys fit one key chunk)."""
+    return ("statistics_step", "chunk_step", "whole_rows_step") if graph.plan.sweeps == 2 else ("chunk_step",)
 
 
 def _chunked_body(graph: Graph, emitter: _Emitter) -> tuple[list[StepFunction], list[str]]:
@@ -345,8 +346,8 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> tuple[list[StepFunction], 
     out_list = {a: "outputs" + ("" if k == 0 else f"_{k}") for k, a in enumerate(accs)}
     row_state = tuple(f"row_{what}{suffix[n.node]}" for n in statistics for what in ("max", "sum"))
 
-    def key_loop(step: StepFunction) -> list[str]:
-        out = [f"for key_start in range({first_key}, {last_key}, CHUNK_N):  # the keys these rows can keep",
+    def key_loop(step: StepFunction, keys: str = f"range({first_key}, {last_key}, CHUNK_N)") -> list[str]:
+        out = [f"for key_start in {keys}:  # the keys these rows can keep",
                "    key_end = min(key_start + CHUNK_N, J)"]
         if graph.plan.block_mask is not None:
             out += ["    if visits is not None and not visits[query_start // row_step][key_start // CHUNK_N]:",
@@ -373,6 +374,11 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> tuple[list[StepFunction], 
                 f"chunk_max{x} = torch.maximum(row_max{x}, logits{x}.amax({axis_j}, keepdim=True))",
                 f"safe_max{x} = torch.where(torch.isfinite(chunk_max{x}), chunk_max{x}, torch.zeros_like(chunk_max{x}))"]
 
+    def nothing_kept_lines() -> list[str]:
+        """Pass 2 divides by the exact row sums: 1 where a row kept nothing (its weights are all 0)."""
+        return [f"row_sum{suffix[n.node]} = torch.where(row_sum{suffix[n.node]} > 0, row_sum{suffix[n.node]}, "
+                f"torch.ones_like(row_sum{suffix[n.node]}))" for n in statistics]
+
     post = [f"{name(n)} = {emitter.expression(n, name)}{emitter.dims_comment(n)}" for n in post_nodes]
     if plan.sweeps == 1:
         body = list(logits)
@@ -396,30 +402,38 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> tuple[list[StepFunction], 
         steps = [step_function("chunk_step", "One tile of the online softmax: row statistics and accumulator "
                                "updated by one key chunk.", body, row_state + tuple(acc_name[a] for a in accs))]
     else:
-        first = list(logits)
+        statistics_lines = []
         for n in statistics:
             x = suffix[n.node]
-            first += masked_logits(n) + [
+            statistics_lines += masked_logits(n) + [
                 f"row_sum{x} = row_sum{x} * torch.exp(row_max{x} - safe_max{x}) + torch.exp(logits{x} - safe_max{x})"
                 f".sum({axis_j}, keepdim=True)",
                 f"row_max{x} = chunk_max{x}",
             ]
-        second = list(logits)
-        for n in norms:
-            x, p = suffix[n.node], variable(graph, n.node)
-            if not n.statistics:
-                second.append(f"{p} = {_normalised(n, name, emitter)}{emitter.dims_comment(n.node)}")
-                continue
-            second += [logits_line(n),
-                       f"{p} = torch.exp(logits{x} - safe_max{x}) / row_sum{x}{emitter.dims_comment(n.node)}"]
-        second += post
-        for a in accs:
-            probabilities, values = graph.node(a).args
-            second.append(f"{acc_name[a]} = {acc_name[a]} + ops.dot({name(probabilities)}, {name(values)}, {axis_j})")
+        def normalised(masked_logits_known: bool) -> list[str]:
+            lines = []
+            for n in norms:
+                x, p = suffix[n.node], variable(graph, n.node)
+                if not n.statistics:
+                    lines.append(f"{p} = {_normalised(n, name, emitter)}{emitter.dims_comment(n.node)}")
+                    continue
+                lines += ([] if masked_logits_known else [logits_line(n)]) + [
+                    f"{p} = torch.exp(logits{x} - safe_max{x}) / row_sum{x}{emitter.dims_comment(n.node)}"]
+            lines += post
+            for a in accs:
+                probabilities, values = graph.node(a).args
+                lines.append(f"{acc_name[a]} = {acc_name[a]} + ops.dot({name(probabilities)}, {name(values)}, "
+                             f"{axis_j})")
+            return lines
+
+        accumulated = tuple(acc_name[a] for a in accs)
         steps = [step_function("statistics_step", "Pass 1, one tile: the exact row max and sum updated by one key "
-                               "chunk.", first, row_state),
+                               "chunk.", logits + statistics_lines, row_state),
                  step_function("chunk_step", "Pass 2, one tile: normalised probabilities, what follows softmax, "
-                               "and the key reduction.", second, tuple(acc_name[a] for a in accs))]
+                               "and the key reduction.", logits + normalised(False), accumulated),
+                 step_function("whole_rows_step", "Both passes over one key chunk holding every key the rows keep: "
+                               "the scores computed once.", logits + statistics_lines + nothing_kept_lines()
+                               + normalised(True), accumulated)]
     assert tuple(s.name for s in steps) == step_names(graph)
 
     def shape_of(dims):
@@ -467,14 +481,19 @@ def _chunked_body(graph: Graph, emitter: _Emitter) -> tuple[list[StepFunction], 
                 body.append(f"{out_list[a]}.append({acc_name[a]})")
     else:
         # pass 1: exact row statistics; pass 2: normalised probabilities, transformed, times v
-        body.append("# pass 1: row max and sum of every head")
-        body += key_loop(steps[0])
+        body.append(f"key_chunks = range({first_key}, {last_key}, CHUNK_N)")
+        body.append("if len(key_chunks) == 1:  # one key chunk holds the rows' keys: both passes in one step")
+        body += ["    " + line for line in key_loop(steps[2], "key_chunks")]
+        body.append("else:")
+        passes = ["# pass 1: row max and sum of every head"] + key_loop(steps[0], "key_chunks")
         for n in statistics:
             x = suffix[n.node]
-            body += [f"safe_max{x} = torch.where(torch.isfinite(row_max{x}), row_max{x}, torch.zeros_like(row_max{x}))",
-                     f"row_sum{x} = torch.where(row_sum{x} > 0, row_sum{x}, torch.ones_like(row_sum{x}))"]
-        body.append("# pass 2: probabilities, what follows softmax, and the key reduction")
-        body += key_loop(steps[1])
+            passes.append(f"safe_max{x} = torch.where(torch.isfinite(row_max{x}), row_max{x}, "
+                          f"torch.zeros_like(row_max{x}))")
+        passes += nothing_kept_lines()
+        passes.append("# pass 2: probabilities, what follows softmax, and the key reduction")
+        passes += key_loop(steps[1], "key_chunks")
+        body += ["    " + line for line in passes]
         body += [f"{out_list[a]}.append({acc_name[a]})" for a in accs]
     lines += ["    " + line for line in body]
     for a in accs:
