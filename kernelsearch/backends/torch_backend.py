@@ -6,7 +6,8 @@ rows per chunk, 0 = all; a query chunk visits only the keys its rows can keep), 
 (wrap in torch.compile(fullgraph=True)). Without a config: the tuned one recorded for this
 device and shape bucket if there is one, else the heuristic of knobs.torch_defaults (windows:
 chunked; else SDPA where it fits; else materialized up to MATERIALIZE_MAX_SCORES score elements
-per call and chunked beyond, so that memory stays linear for long sequences).
+per call and chunked beyond, so that memory stays linear for long sequences: two-pass graphs with
+every key in one chunk, so that each scores tile is computed once).
 """
 from __future__ import annotations
 
