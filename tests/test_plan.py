@@ -267,11 +267,14 @@ def test_post_softmax_ops_match_reference_on_torch(post_specs, name, config):
 
 
 def test_linear_post_softmax_renders_one_sweep(post_specs):
-    """The torch chunked lowering has one key loop when the plan says one sweep."""
+    """The torch chunked lowering has one key loop when the plan says one sweep; with two, a loop
+    per pass, and both passes in whole_rows_step where one key chunk holds the rows' keys."""
     from kernelsearch.codegen.torch_module import torch_source
     one = torch_source(plan_of(str(post_specs["linear_post"])), "chunked")
     two = torch_source(plan_of(str(post_specs["squared_post"])), "chunked")
-    assert one.count("for key_start in range(") == 1 and two.count("for key_start in range(") == 2
+    assert one.count("for key_start in ") == 1 and "whole_rows_step" not in one
+    assert two.count("for key_start in key_chunks:") == 3
+    assert "= whole_rows_step(" in two and "= statistics_step(" in two and "= chunk_step(" in two
 
 
 # ------------------------------------------------------------------------------------ no decisions in codegen

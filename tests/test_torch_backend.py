@@ -10,6 +10,7 @@ import torch
 import kernelsearch
 from kernelsearch.backends import torch_backend
 from kernelsearch.inputs import random_inputs
+from kernelsearch.passes.bounds import window_width
 
 from .conftest import spec_path
 
@@ -106,18 +107,18 @@ def test_gradcheck_chunked():
 def test_default_lowering_switches_to_chunked_for_long_sequences():
     """Without SDPA (heads mixed before softmax: two passes): materialized for short sequences;
     beyond, chunked and compiled with every key in one chunk (whole_rows_step: one scores tile
-    for both passes) while 64 query rows' scores stay under 2**23; then key chunks."""
+    for both passes) while 64 query rows' scores stay under 2**20; then key chunks."""
     attention = kernelsearch.load(spec_path("talking_heads"), backend="torch")
     assert attention.graph().plan.sweeps == 2
     small = random_inputs(attention.spec, dict(B=2, H=1, I=8, J=8, D=8))
     attention(**small)
     assert attention.last_config == {"lowering": "materialized", "compile": False}
-    for n in (1100, 4096, 32768):
+    for n in (1100, 4096):
         config = torch_backend.default_config(attention.graph(), {"b": 2, "h": 2, "i": n, "j": n, "d": 8})
         assert config == {"lowering": "chunked", "CHUNK_N": n, "CHUNK_M": 64, "compile": True}
-    config = torch_backend.default_config(attention.graph(), {"b": 2, "h": 2, "i": 40000, "j": 40000, "d": 8})
+    config = torch_backend.default_config(attention.graph(), {"b": 2, "h": 2, "i": 8192, "j": 8192, "d": 8})
     assert (config["lowering"], config["compile"], config["CHUNK_M"]) == ("chunked", True, 256)
-    assert config["CHUNK_N"] < 40000
+    assert config["CHUNK_N"] < 8192
 
 
 def test_default_config_is_sdpa_where_it_fits_and_chunked_for_windows():
@@ -130,10 +131,17 @@ def test_default_config_is_sdpa_where_it_fits_and_chunked_for_windows():
         assert torch_backend.default_config(graph, {"b": 1, "h": 4, "i": n, "j": n, "d": 64})["lowering"] == lowering
     causal = kernelsearch.load(spec_path("cosine_sim"), backend="torch").graph(frozenset())   # is_causal: no mask
     assert torch_backend.default_config(causal, {"b": 1, "h": 4, "i": 4096, "j": 4096, "d": 64})["lowering"] == "sdpa"
-    local = kernelsearch.load(spec_path("local"), backend="torch")
+    local = kernelsearch.load(spec_path("local"), backend="torch")   # windows of 64 keys, one window back
     for n, compiled in ((512, False), (1024, True)):
         config = torch_backend.default_config(local.graph(), {"b": 1, "h": 4, "i": n, "j": n, "d": 64})
-        assert config == {"lowering": "chunked", "CHUNK_N": 128, "CHUNK_M": 128, "compile": compiled}
+        assert config == {"lowering": "chunked", "CHUNK_N": 64, "CHUNK_M": 64, "compile": compiled}
+    # chunks follow the window's width (passes/bounds.window_width): half of it, 64 to 256
+    for params, width, chunk in (({}, 1024, 256), ({"window": 200}, 200, 64), ({"window": 512, "causal": False},
+                                                                             1023, 256), ({"window": 300}, 300, 128)):
+        graph = kernelsearch.load(spec_path("sliding_window"), backend="torch", **params).graph(frozenset())
+        sizes = {"b": 1, "h": 4, "i": 4096, "j": 4096, "d": 64}
+        assert window_width(graph, sizes) == width
+        assert torch_backend.default_config(graph, sizes)["CHUNK_N"] == chunk, params
 
 
 def test_a_partial_config_takes_the_defaults_for_what_it_leaves_out():
@@ -145,8 +153,8 @@ def test_a_partial_config_takes_the_defaults_for_what_it_leaves_out():
     torch.testing.assert_close(attention(**tensors), reference(**tensors), rtol=1e-10, atol=1e-10)
     assert attention.last_config == {"lowering": "chunked", "CHUNK_N": 64, "CHUNK_M": 256, "compile": False}
     attention = kernelsearch.load(spec_path("local"), backend="torch", config={"compile": False})
-    attention(**tensors)   # no lowering given: the graph's defaults (windows: chunked, 128 x 128)
-    assert attention.last_config == {"lowering": "chunked", "CHUNK_N": 128, "CHUNK_M": 128, "compile": False}
+    attention(**tensors)   # no lowering given: the graph's defaults (windows of 128 keys: chunked, 64 x 64)
+    assert attention.last_config == {"lowering": "chunked", "CHUNK_N": 64, "CHUNK_M": 64, "compile": False}
 
 
 def test_non_contiguous_and_broadcast_inputs():

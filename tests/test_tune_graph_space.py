@@ -90,15 +90,13 @@ def test_the_default_row_is_what_load_runs_without_a_record(ks_home, name, param
 
 
 def test_a_default_chunk_size_the_tuner_would_not_try_is_added_to_its_choices(ks_home):
-    """talking heads with its mixing inputs (a two-pass graph) at N=8192 runs chunked by default
-    with every key in one chunk (CHUNK_N=8192: whole_rows_step); 8192 is not among CHUNK_N's
-    tried choices, so the space holds it for that row."""
-    shape = {"B": 2, "H": 4, "I": 8192, "J": 8192, "D": 64}
+    """talking heads with its mixing inputs at N=4096 (past whole rows in one chunk: 64 rows' scores
+    over 2**20) runs chunked with 256-row query chunks by default; 256 is not among CHUNK_M's tried
+    choices, so the space holds it for that row."""
+    shape = {"B": 2, "H": 4, "I": 4096, "J": 4096, "D": 64}
     space = _resolved("talking_heads", {}, True, shape=shape).space
-    default = space.default()
-    assert (default["lowering"], default["CHUNK_N"], default["CHUNK_M"]) == ("chunked", 8192, 64)
-    assert space.knob("CHUNK_N").choices[-2:] == (4096, 8192)
-    assert space.knob("CHUNK_M").choices == (0, 64, 128, 512)
+    assert space.default()["lowering"] == "chunked" and space.default()["CHUNK_M"] == 256
+    assert space.knob("CHUNK_M").choices == (0, 64, 128, 256, 512)
 
 
 def test_a_library_winner_timed_without_optional_inputs_is_checked_as_its_record_runs(ks_home):

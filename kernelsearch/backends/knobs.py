@@ -25,7 +25,7 @@ from ..errors import UsageError
 __all__ = [
     "ConfigError", "Knob", "Allowed", "OneOf", "AtLeast", "PowerOfTwo", "Constraint", "BACKENDS_WITH_KNOBS",
     "knobs", "knob_names", "default_config", "validate_config", "check_choices", "size_of", "next_pow2",
-    "MATERIALIZE_MAX_SCORES", "CHUNK_MAX_SCORES", "DEFAULT_CHUNK_N", "DEFAULT_CHUNK_M", "WINDOW_CHUNK", "COMPILE_MIN_SCORES", "torch_defaults",
+    "MATERIALIZE_MAX_SCORES", "CHUNK_MAX_SCORES", "DEFAULT_CHUNK_N", "DEFAULT_CHUNK_M", "window_chunk", "COMPILE_MIN_SCORES", "torch_defaults",
     "TRITON_FWD_DEFAULTS", "TRITON_FWD_DEFAULTS_HEADS_IN_TILE", "TRITON_BWD_DEFAULTS",
     "TRITON_BWD_DEFAULTS_HEADS_IN_TILE", "TRITON_FWD_KNOBS", "TRITON_BWD_KNOBS", "HEADS_IN_TILE_SCHEDULES",
     "TORCH_LOWERINGS", "TRITON_LOWERINGS",
@@ -174,26 +174,41 @@ DEFAULT_CHUNK_N = 256
 DEFAULT_CHUNK_M = 256              # query rows per chunk: causal / windowed specs skip the keys a chunk cannot keep
 
 
-WINDOW_CHUNK = 128   # query rows and keys per chunk when windows bound the keys from below
+# query rows and keys per chunk when windows bound the keys from below: half the window's width
+# (the most keys a row keeps) as a power of two, within these (compiled, N=4096, 1 thread: local's
+# 128-key windows 64 x 64 34 ms, 128 x 128 47 ms, flex 36-40 ms; sliding_window's 1024 keys
+# 256 x 256 88 ms, 128 x 128 101 ms, 64 x 64 190 ms)
+WINDOW_CHUNK_MIN, WINDOW_CHUNK_MAX = 64, 256
+
+
+def window_chunk(width: int) -> int:
+    """Query rows and keys per chunk for windows `width` keys wide (see above)."""
+    chunk = WINDOW_CHUNK_MIN
+    while chunk < WINDOW_CHUNK_MAX and chunk * 4 <= width:
+        chunk *= 2
+    return chunk
+
+
 # two-pass graphs (heads mixed around softmax): every key in one chunk, so that whole_rows_step computes
 # each scores tile once (talking heads, b*h = 8, compiled, 1 thread: N=1024 45 ms with 64-row chunks
-# against 70 ms for two passes over 256-key chunks; N=4096 ~0.9 s against ~1.2 s), while one query
-# chunk's scores stay under WHOLE_ROWS_MAX_SCORES (32 MiB in fp32)
+# against 70 ms for two passes over 256-key chunks; N=4096 ~1.0 s, as two passes; N=8192 6.7 s against
+# 4.1 s: the tile leaves the caches), while one query chunk's scores stay under WHOLE_ROWS_MAX_SCORES
+# (4 MiB in fp32)
 WHOLE_ROWS_CHUNK_M = 64
-WHOLE_ROWS_MAX_SCORES = 1 << 23
+WHOLE_ROWS_MAX_SCORES = 1 << 20
 COMPILE_MIN_SCORES = 1 << 26   # score elements per call from which the default compiles (b h N^2: 4 x 4096^2)
 
 
 def torch_defaults(sizes: Mapping[str, int], lowerings: tuple = ("materialized", "chunked"),
-                   windowed: bool = False, sdpa_masks_bounds: bool = False, two_pass: bool = False) -> dict:
+                   window: int | None = None, sdpa_masks_bounds: bool = False, two_pass: bool = False) -> dict:
     """What the torch backend runs without a config or a tuned record: a heuristic from the sizes
-    and the graph (its lowerings, and whether its keep-predicates bound the keys from below, as
-    windows do), picking what the tuner found on the bench shapes (b=1, h=4, d=64, fp32, one
-    thread, N = 1024 and 4096; bench/results/):
+    and the graph (its lowerings, and `window`: the most keys a row keeps where its keep-predicates
+    bound the keys from below, as windows do; passes/bounds.window_width), picking what the tuner
+    found on the bench shapes (b=1, h=4, d=64, fp32, one thread, N = 1024 and 4096; bench/results/):
 
-    - windows: the chunked lowering with 128-row, 128-key chunks visits only the keys near each
-      block (local N=4096: 84 ms eager, 48 ms compiled, against 1225 ms for SDPA, which computes
-      every score, and 53 ms for flex); compiled from MATERIALIZE_MAX_SCORES scores, where the
+    - windows: the chunked lowering with `window_chunk(window)` rows and keys per chunk visits only
+      the keys near each block (local N=4096 compiled: 34 ms, against ~1 s for SDPA, which computes
+      every score, and 36-40 ms for flex); compiled from MATERIALIZE_MAX_SCORES scores, where the
       compile (~3 s) pays for itself (N=1024: 22-36 ms eager, 14-15.5 ms compiled);
     - else SDPA where it fits the graph (its fused kernel: softmax N=4096 171 ms, the generated
       chunked lowering 225 ms at best), except from COMPILE_MIN_SCORES scores when the
@@ -212,9 +227,9 @@ def torch_defaults(sizes: Mapping[str, int], lowerings: tuple = ("materialized",
     Returns the lowering, compile, and the chunk sizes where they differ from the knobs' defaults."""
     scores = size_of(sizes, "b") * size_of(sizes, "h") * size_of(sizes, "i") * size_of(sizes, "j", size_of(sizes, "i"))
     compiled = scores >= COMPILE_MIN_SCORES
-    if windowed and "chunked" in lowerings:
-        return {"lowering": "chunked", "CHUNK_N": WINDOW_CHUNK, "CHUNK_M": WINDOW_CHUNK,
-                "compile": scores >= MATERIALIZE_MAX_SCORES}
+    if window is not None and "chunked" in lowerings:
+        chunk = window_chunk(window)
+        return {"lowering": "chunked", "CHUNK_N": chunk, "CHUNK_M": chunk, "compile": scores >= MATERIALIZE_MAX_SCORES}
     if "sdpa" in lowerings and not (sdpa_masks_bounds and compiled):
         return {"lowering": "sdpa", "compile": False}
     if "sdpa" in lowerings:

@@ -21,6 +21,7 @@ from ..ir import Graph
 from ..layout import bind
 from ..runtime import config_store
 from ..passes import library
+from ..passes.bounds import window_width
 from . import knobs, library_calls, loader
 
 # the knobs, their defaults and limits are declared in knobs.py; these names stay for the generated module
@@ -47,7 +48,7 @@ def complete_config(config: dict | None, sizes: dict, graph: Graph | None = None
     if graph is not None and (config is None or isinstance(config, dict)) and (config or {}).get("lowering") is None:
         available = torch_module.lowerings(graph) if available is None else available
         masks_bounds = sdpa_masks_bounds(graph, available) if masks_bounds is None else masks_bounds
-        defaults = knobs.torch_defaults(sizes, available, windowed=graph.key_bounds.lower is not None,
+        defaults = knobs.torch_defaults(sizes, available, window=window_width(graph, {d.lower(): n for d, n in sizes.items()}),
                                         sdpa_masks_bounds=masks_bounds, two_pass=graph.plan.sweeps == 2)
         given = {**defaults, **{k: v for k, v in (config or {}).items() if v is not None}}
     full = knobs.validate_config("torch", given, sizes)

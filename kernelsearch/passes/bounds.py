@@ -21,6 +21,8 @@ registry (ops.py: `order`, `converse`, `monotone`, `inverse`, `commutative`, `co
 """
 from __future__ import annotations
 
+import operator
+
 from .. import ops
 from ..ir import Graph, KeyBlockBounds
 
@@ -234,3 +236,42 @@ def render_bound(bound, render_node, calls: dict | None = None) -> str:
     if kind in ("min", "max"):
         return f"{kind}({a}, {b})"
     return f"({a} {kind} {b})"
+
+
+_BOUND_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "//": operator.floordiv, "min": min, "max": max}
+
+
+def bound_value(graph: Graph, bound, row: int, sizes) -> int:
+    """A bound tree's value at query row `row` and the call's sizes (lower-case dims): the same
+    tree render_bound renders, computed on the host with each op's meaning on Python numbers."""
+    from .fold import apply
+    kind = bound[0]
+    if kind == "const":
+        return bound[1]
+    if kind == "node":
+        node = graph.node(bound[1])
+        if node.op == "index":
+            return row
+        if node.op == "size":
+            return sizes[node.attrs["dim"].lower()]
+        if node.op == "const":
+            return node.attrs["value"]
+        return apply(node.op, [bound_value(graph, ("node", a), row, sizes) for a in node.args])
+    a, b = (bound_value(graph, x, row, sizes) for x in bound[1:])
+    return _BOUND_OPS[kind](a, b)
+
+
+def window_width(graph: Graph, sizes, rows: int = 256) -> int | None:
+    """The most keys a query row can keep where the key-block bounds hold both ways (windows),
+    over the last `rows` rows (the bounds repeat with the window's period); None without a lower
+    bound. Keys past J count: a row's window is its width wherever it sits."""
+    bounds = graph.key_bounds
+    if bounds.lower is None:
+        return None
+    last_key = sizes["j"] - 1
+    widths = []
+    for row in range(max(0, sizes["i"] - rows), sizes["i"]):
+        upper = last_key if bounds.upper is None else bound_value(graph, bounds.upper, row, sizes)
+        widths.append(upper - bound_value(graph, bounds.lower, row, sizes) + 1)
+    return max(widths, default=None)
+
