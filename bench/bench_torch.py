@@ -277,7 +277,7 @@ class Row:
 
 
 def implementations(variant: Variant, spec, inputs: dict, n: int, chunk_n: int, chunk_m: int,
-                    which: set) -> list[Impl]:
+                    which: set, more_chunks: tuple = ()) -> list[Impl]:
     import kernelsearch
     extra = {name: t for name, t in inputs.items() if name not in ("q", "k", "v")}
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
@@ -306,10 +306,11 @@ def implementations(variant: Variant, spec, inputs: dict, n: int, chunk_n: int, 
             attn = kernelsearch.load(spec, backend="torch", **variant.params)
             return lambda: attn(q, k, v, **extra)
         impls.append(Impl("torch default (no config)", "default", build_default))
+    tiles = [(chunk_m, chunk_n, False)] + [(m, k, True) for m, k in more_chunks]
     for compiled in (False, True):
-        for lowering in ("materialized", "chunked"):
+        for lowering, (chunk_m, chunk_n, compiled_only) in [("materialized", tiles[0])] + [("chunked", t) for t in tiles]:
             key = ("compiled" if compiled else "eager") + "-" + lowering
-            if key not in which:
+            if key not in which or (compiled_only and not compiled):
                 continue
             config = {"lowering": lowering, "compile": compiled}
             if lowering == "chunked":
@@ -410,7 +411,7 @@ def run_cell_group(variant: Variant, n: int, args, history: dict, log) -> list[R
         check, check_name = reference_output(variant, spec, inputs), "reference (float64)"
     gc.collect()
 
-    for impl in implementations(variant, spec, inputs, n, args.chunk_n, args.chunk_m, args.impls):
+    for impl in implementations(variant, spec, inputs, n, args.chunk_n, args.chunk_m, args.impls, args.more_chunks):
         row = Row(variant.name, n, impl.label, impl.kind)
         rows.append(row)
         row.status = skip_reason(variant, impl, n, args, history)
@@ -604,6 +605,9 @@ def parse_args(argv):
     parser.add_argument("--chunk-m", type=int, default=256,
                         help="CHUNK_M of the chunked lowering: query rows per chunk, each visiting only the keys "
                              "its rows can keep (default 256, the backend's; 0 below N = 256 + 1)")
+    parser.add_argument("--more-chunks", default="",
+                        help="more compiled chunked rows, comma-separated CHUNK_MxCHUNK_N tiles (e.g. 512x256,64x64): "
+                             "the tiles a tuner would also try")
     parser.add_argument("--ref-max", type=int, default=2048,
                         help="check against the float64 reference backend up to this N (default 2048)")
     parser.add_argument("--max-mem-gib", type=float, default=1.5,
@@ -627,6 +631,13 @@ def parse_args(argv):
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    try:
+        args.more_chunks = tuple(tuple(int(x) for x in tile.lower().split("x")) for tile in args.more_chunks.split(",")
+                                 if tile.strip())
+        if any(len(tile) != 2 or min(tile) < 0 for tile in args.more_chunks):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--more-chunks {args.more_chunks!r}: give CHUNK_MxCHUNK_N tiles, e.g. 512x256,64x64")
     args.impls = {s.strip() for s in args.impls.split(",") if s.strip()}
     known = set(IMPLS)
     if args.impls - known:
@@ -684,7 +695,8 @@ def main(argv=None) -> int:
         f"{args.time_budget_s:g} s) taken round-robin over the cell's implementations, "
         f"so that load changes hit them alike; median reported, min in the notes.",
         f"- b=1 (talking_heads: 1 sample x 2 streams), h={H}, d={D}, float32, {machine['threads']} torch threads, "
-        f"chunked lowering with CHUNK_N={args.chunk_n} and CHUNK_M={args.chunk_m} (0 where N <= {args.chunk_m}); "
+        f"chunked lowering with CHUNK_N={args.chunk_n} and CHUNK_M={args.chunk_m} (0 where N <= {args.chunk_m})"
+        + "".join(f", and compiled with CHUNK_M={m}, CHUNK_N={k}" for m, k in args.more_chunks) + "; "
         "outputs under `torch.no_grad()`.",
         "- vs best baseline: this row's median over the fastest baseline's (SDPA or compiled flex) median "
         "for the same variant and N in this run; below 1 is faster than PyTorch's own kernels.",
