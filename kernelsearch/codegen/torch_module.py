@@ -27,7 +27,7 @@ from ..ir import Graph
 from ..inputs import per_key_head
 from ..layout import layout_of, raw_inputs
 from ..passes import library
-from ..passes.bounds import render_bound
+from ..passes.bounds import render_bound, scalar_walk
 from . import names
 
 LOOP_STAGES = ("score", "keep")
@@ -680,16 +680,8 @@ def _flex_call(graph: Graph, emitter: _Emitter, form, mod_nodes: set) -> list[st
 
 def scalar_expression(graph: Graph, node_id: str, row: str) -> str:
     """A node over i, sizes and constants as a Python int expression, with i = row."""
-    node = graph.node(node_id)
-    if node.op == "index":
-        return f"({row})"
-    if node.op == "size":
-        return names.size(node.attrs["dim"])
-    if node.op == "const":
-        return repr(node.attrs["value"])
-    if not ops.is_elementwise(node.op):
-        raise NotImplementedError(f"bound expression with op '{node.op}'")
-    return ops.render(node.op, "python", [scalar_expression(graph, a, row) for a in node.args], node.dtype)
+    return scalar_walk(graph, node_id, lambda: f"({row})", names.size, repr,
+                       lambda node, args: ops.render(node.op, "python", args, node.dtype))
 
 
 # -- the plan's block mask (passes/block_mask.py), rendered for the torch and Triton files ----------

@@ -241,6 +241,27 @@ def render_bound(bound, render_node, calls: dict | None = None) -> str:
 _BOUND_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "//": operator.floordiv, "min": min, "max": max}
 
 
+def _unexpected(node_id: str, node):
+    raise NotImplementedError(f"bound expression with op '{node.op}'")
+
+
+def scalar_walk(graph: Graph, node_id: str, index, size, const, elementwise, other=_unexpected):
+    """The one walk over a node built from i, sizes and constants (a bound tree's ("node", id)
+    leaves, a causal row offset): `index()` for i, `size(dim)`, `const(value)`,
+    `elementwise(node, argument results)`, `other(node_id, node)` for anything else. The renderers
+    (generated code, the plan's printout) and the host evaluator below differ only in these."""
+    node = graph.node(node_id)
+    if node.op == "index":
+        return index()
+    if node.op == "size":
+        return size(node.attrs["dim"])
+    if node.op == "const":
+        return const(node.attrs["value"])
+    if not ops.is_elementwise(node.op):
+        return other(node_id, node)
+    return elementwise(node, [scalar_walk(graph, a, index, size, const, elementwise, other) for a in node.args])
+
+
 def bound_value(graph: Graph, bound, row: int, sizes) -> int:
     """A bound tree's value at query row `row` and the call's sizes (lower-case dims): the same
     tree render_bound renders, computed on the host with each op's meaning on Python numbers."""
@@ -249,14 +270,8 @@ def bound_value(graph: Graph, bound, row: int, sizes) -> int:
     if kind == "const":
         return bound[1]
     if kind == "node":
-        node = graph.node(bound[1])
-        if node.op == "index":
-            return row
-        if node.op == "size":
-            return sizes[node.attrs["dim"].lower()]
-        if node.op == "const":
-            return node.attrs["value"]
-        return apply(node.op, [bound_value(graph, ("node", a), row, sizes) for a in node.args])
+        return scalar_walk(graph, bound[1], lambda: row, lambda dim: sizes[dim.lower()], lambda value: value,
+                           lambda node, args: apply(node.op, args))
     a, b = (bound_value(graph, x, row, sizes) for x in bound[1:])
     return _BOUND_OPS[kind](a, b)
 

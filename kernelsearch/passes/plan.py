@@ -43,7 +43,7 @@ from ..exprs import INDEX_VARIABLES
 from ..normalisers import normalisers as find_normalisers
 from ..ir import Graph, Plan
 from .block_mask import block_mask_plan
-from .bounds import key_block_bounds
+from .bounds import key_block_bounds, scalar_walk
 from .schedule import HEADS_IN_TILE, head_groups, schedule_of
 
 __all__ = ["plan", "describe_plan", "linearity"]
@@ -202,16 +202,9 @@ def plan(graph: Graph) -> Graph:
 
 def _spelled(graph: Graph, node_id: str, row: str) -> str:
     """A bound's node as the spec would write it (i = row), for people to read."""
-    node = graph.node(node_id)
-    if node.op == "index":
-        return row
-    if node.op == "size":
-        return node.attrs["dim"].upper()
-    if node.op == "const":
-        return repr(node.attrs["value"])
-    if not ops.is_elementwise(node.op):
-        return node_id
-    return ops.render(node.op, "python", [_spelled(graph, a, row) for a in node.args], node.dtype)
+    return scalar_walk(graph, node_id, lambda: row, str.upper, repr,
+                       lambda node, args: ops.render(node.op, "python", args, node.dtype),
+                       other=lambda other_id, node: other_id)
 
 
 def _label(graph: Graph, node_id: str) -> str:
