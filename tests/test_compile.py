@@ -71,3 +71,16 @@ def test_library_lowerings_compile_fullgraph(name, lowering):
     with torch.no_grad():
         got = compiled(**tensors)
     torch.testing.assert_close(got.double(), expected, rtol=2e-4, atol=2e-5)
+
+
+def test_compiled_whole_rows_step_matches_reference():
+    """Two-pass talking heads with one key chunk holding every key (whole_rows_step), compiled."""
+    torch._dynamo.reset()
+    compiled = kernelsearch.load(spec_path("talking_heads"), backend="torch",
+                                 config={"lowering": "chunked", "CHUNK_N": 64, "CHUNK_M": 8, "compile": True})
+    reference = kernelsearch.load(spec_path("talking_heads"), backend="reference")
+    tensors = random_inputs(reference.spec, dict(B=2, H=2, I=19, J=40, D=16))
+    expected = reference(**{n: t.double() if t.is_floating_point() else t for n, t in tensors.items()})
+    got = compiled(**tensors)
+    torch.testing.assert_close(got.double(), expected, rtol=2e-4, atol=2e-5)
+    assert compiled.last_config["CHUNK_N"] >= 40
