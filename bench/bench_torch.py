@@ -306,22 +306,23 @@ def implementations(variant: Variant, spec, inputs: dict, n: int, chunk_n: int, 
             attn = kernelsearch.load(spec, backend="torch", **variant.params)
             return lambda: attn(q, k, v, **extra)
         impls.append(Impl("torch default (no config)", "default", build_default))
-    tiles = [(chunk_m, chunk_n, False)] + [(m, k, True) for m, k in more_chunks]
+    tiles = [(chunk_m, chunk_n)] + list(more_chunks)   # (CHUNK_M, CHUNK_N); the extra ones compiled only
     for compiled in (False, True):
-        for lowering, (chunk_m, chunk_n, compiled_only) in [("materialized", tiles[0])] + [("chunked", t) for t in tiles]:
+        for lowering, tile in [("materialized", None)] + [("chunked", t) for t in (tiles if compiled else tiles[:1])]:
             key = ("compiled" if compiled else "eager") + "-" + lowering
-            if key not in which or (compiled_only and not compiled):
+            if key not in which:
                 continue
             config = {"lowering": lowering, "compile": compiled}
             if lowering == "chunked":
-                config["CHUNK_N"] = chunk_n
-                config["CHUNK_M"] = chunk_m if n > chunk_m else 0
+                rows, keys = tile
+                config["CHUNK_N"] = keys
+                config["CHUNK_M"] = rows if n > rows else 0
 
             def build(config=config):
                 attn = kernelsearch.load(spec, backend="torch", config=config, **variant.params)
                 return lambda: attn(q, k, v, **extra)
             label = f"torch {'compiled' if compiled else 'eager'} {lowering}" + (
-                f" (CHUNK_N={chunk_n}, CHUNK_M={config['CHUNK_M']})" if lowering == "chunked" else "")
+                f" (CHUNK_N={config['CHUNK_N']}, CHUNK_M={config['CHUNK_M']})" if lowering == "chunked" else "")
             impls.append(Impl(label, "torch", build, lowering, compiled))
     return impls
 

@@ -177,7 +177,7 @@ def test_shape_mismatch_is_a_clear_error():
 
 
 @pytest.mark.parametrize("chunk_n, steps", [(8, {"statistics_step", "chunk_step"}), (32, {"whole_rows_step"})])
-def test_two_pass_rows_whose_keys_fit_one_chunk_take_one_step(chunk_n, steps, monkeypatch):
+def test_two_pass_rows_whose_keys_fit_one_chunk_take_one_step(chunk_n, steps):
     """A two-pass graph (talking heads) computes each tile's scores twice, once per pass, unless one
     key chunk holds every key of the query chunk: then whole_rows_step runs both passes on one
     scores tile. Both paths agree with the reference."""
@@ -187,11 +187,9 @@ def test_two_pass_rows_whose_keys_fit_one_chunk_take_one_step(chunk_n, steps, mo
     run = generated._implementations[frozenset({"pre_mix", "post_mix"})]
     module = run.functions.module
     called = set()
-    for name in module.STEPS:
-        step = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, step=step, name=name: called.add(name) or step(*a))
-    # the steps are defaults of chunked(): call it with the spied ones
-    spied = {name: getattr(module, name) for name in module.STEPS}
+    # the steps are defaults of chunked(): call it with spies that note which ran
+    spied = {name: lambda *a, step=getattr(module, name), name=name: called.add(name) or step(*a)
+             for name in module.STEPS}
     reference = kernelsearch.load(spec, backend="reference")
     tensors = random_inputs(reference.spec, dict(B=2, H=2, I=9, J=19, D=16), dtype=torch.float64, seed=3,
                             optional=["pre_mix", "post_mix"])

@@ -84,6 +84,10 @@ def _polarity(graph: Graph, node_id: str, dim: str) -> int | None:
     return signs.pop() if len(signs) == 1 else None
 
 
+# the ops of bound trees on host integers (render_bound spells them; _instantiate and bound_value compute them)
+_BOUND_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "//": operator.floordiv, "min": min, "max": max}
+
+
 def _instantiate(template, bound, other):
     """An op's inverse template (ops.py) as a bound tree: "u" the bound, "c" the other argument."""
     if template == "u":
@@ -95,7 +99,7 @@ def _instantiate(template, bound, other):
     kind, a, b = template
     a, b = _instantiate(a, bound, other), _instantiate(b, bound, other)
     if a[0] == "const" and b[0] == "const":   # e.g. a divisor's w - 1
-        return ("const", {"+": a[1] + b[1], "-": a[1] - b[1], "*": a[1] * b[1], "//": a[1] // b[1]}[kind])
+        return ("const", _BOUND_OPS[kind](a[1], b[1]))
     return (kind, a, b)
 
 
@@ -236,9 +240,6 @@ def render_bound(bound, render_node, calls: dict | None = None) -> str:
     if kind in ("min", "max"):
         return f"{kind}({a}, {b})"
     return f"({a} {kind} {b})"
-
-
-_BOUND_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "//": operator.floordiv, "min": min, "max": max}
 
 
 def _unexpected(node_id: str, node):
